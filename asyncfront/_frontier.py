@@ -1,0 +1,405 @@
+"""Axes and frontiers: the vector clocks that carry causal history.
+
+An *axis* is a 64-bit integer naming one timeline (a device queue, a collective
+channel, a host context). A :class:`Frontier` maps axes to epochs and says "everything
+up to this epoch on each of these axes has happened before me". Everything here is
+pure and synchronous.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import NamedTuple
+
+__all__ = (
+    "DEFAULT_FRONTIER_CAPACITY",
+    "AxisFields",
+    "Domain",
+    "Frontier",
+    "Order",
+    "axis",
+    "axis_fields",
+    "axis_name",
+    "set_axis_name",
+)
+
+DEFAULT_FRONTIER_CAPACITY = 64
+"""Default number of entries an operation's frontier may hold before truncation."""
+
+_BYTE = 0xFF
+_ORDINAL_MASK = (1 << 40) - 1
+
+
+class Domain(enum.IntEnum):
+    """What kind of timeline an axis names (bits 47:40 of the axis)."""
+
+    QUEUE = 0
+    COLLECTIVE = 1
+    HOST = 3
+
+
+class AxisFields(NamedTuple):
+    """The decoded fields of an axis."""
+
+    incarnation: int
+    node: int
+    domain: int
+    ordinal: int
+
+    @property
+    def device(self) -> int:
+        """Device index of a queue axis (bits 39:32)."""
+        return (self.ordinal >> 32) & _BYTE
+
+    @property
+    def queue(self) -> int:
+        """Queue index of a queue axis (bits 31:24)."""
+        return (self.ordinal >> 24) & _BYTE
+
+
+def _check_byte(label: str, value: int) -> None:
+    if not 0 <= value <= _BYTE:
+        raise ValueError(f"axis {label} must be in 0..255, got {value}")
+
+
+def axis(
+    node: int = 0,
+    domain: Domain | int = Domain.QUEUE,
+    device: int = 0,
+    queue: int = 0,
+    incarnation: int = 0,
+    *,
+    ordinal: int | None = None,
+) -> int:
+    """Build an axis: ``[63:56] incarnation | [55:48] node | [47:40] domain | [39:0] ordinal``.
+
+    For queue axes the ordinal is ``device << 32 | queue << 24``; other domains may pass
+    ``ordinal`` directly (any 40-bit value).
+    """
+    _check_byte("incarnation", incarnation)
+    _check_byte("node", node)
+    _check_byte("domain", int(domain))
+    if ordinal is None:
+        _check_byte("device", device)
+        _check_byte("queue", queue)
+        ordinal = device << 32 | queue << 24
+    elif not 0 <= ordinal <= _ORDINAL_MASK:
+        raise ValueError(f"axis ordinal must fit in 40 bits, got {ordinal}")
+    return incarnation << 56 | node << 48 | int(domain) << 40 | ordinal
+
+
+def axis_fields(value: int) -> AxisFields:
+    """Decode an axis into its fields."""
+    return AxisFields(
+        incarnation=(value >> 56) & _BYTE,
+        node=(value >> 48) & _BYTE,
+        domain=(value >> 40) & _BYTE,
+        ordinal=value & _ORDINAL_MASK,
+    )
+
+
+_AXIS_NAMES: dict[int, str] = {}
+
+
+def set_axis_name(value: int, name: str) -> None:
+    """Give an axis a human-readable name used by reprs and traces."""
+    _AXIS_NAMES[value] = name
+
+
+def axis_name(value: int) -> str:
+    """The name given to an axis, or a decoded form such as ``q(n0.d1.q2#0)``."""
+    name = _AXIS_NAMES.get(value)
+    if name is not None:
+        return name
+    fields = axis_fields(value)
+    if fields.domain == Domain.QUEUE:
+        return f"q(n{fields.node}.d{fields.device}.q{fields.queue}#{fields.incarnation})"
+    try:
+        label = Domain(fields.domain).name.lower()
+    except ValueError:
+        label = f"domain{fields.domain}"
+    return f"{label}(n{fields.node}.{fields.ordinal}#{fields.incarnation})"
+
+
+class Order(enum.Enum):
+    """How two frontiers relate in the causal partial order."""
+
+    EQUAL = "equal"
+    BEFORE = "before"
+    AFTER = "after"
+    CONCURRENT = "concurrent"
+
+
+def _merge_scan(
+    a_axes: tuple[int, ...],
+    a_epochs: tuple[int, ...],
+    b_axes: tuple[int, ...],
+    b_epochs: tuple[int, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    axes: list[int] = []
+    epochs: list[int] = []
+    i = j = 0
+    na, nb = len(a_axes), len(b_axes)
+    while i < na and j < nb:
+        x, y = a_axes[i], b_axes[j]
+        if x == y:
+            axes.append(x)
+            ea, eb = a_epochs[i], b_epochs[j]
+            epochs.append(ea if ea >= eb else eb)
+            i += 1
+            j += 1
+        elif x < y:
+            axes.append(x)
+            epochs.append(a_epochs[i])
+            i += 1
+        else:
+            axes.append(y)
+            epochs.append(b_epochs[j])
+            j += 1
+    if i < na:
+        axes.extend(a_axes[i:])
+        epochs.extend(a_epochs[i:])
+    if j < nb:
+        axes.extend(b_axes[j:])
+        epochs.extend(b_epochs[j:])
+    return tuple(axes), tuple(epochs)
+
+
+def _covers(
+    a_axes: tuple[int, ...],
+    a_epochs: tuple[int, ...],
+    b_axes: tuple[int, ...],
+    b_epochs: tuple[int, ...],
+) -> bool:
+    """True when every entry of b is at most the same axis in a (a dominates b)."""
+    if len(b_axes) > len(a_axes):
+        return False
+    i = 0
+    na = len(a_axes)
+    for y, eb in zip(b_axes, b_epochs, strict=True):
+        while i < na and a_axes[i] < y:
+            i += 1
+        if i == na or a_axes[i] != y or a_epochs[i] < eb:
+            return False
+        i += 1
+    return True
+
+
+class Frontier:
+    """An immutable vector clock: ``(axis, epoch)`` entries sorted by axis.
+
+    Every stored epoch is positive; a missing axis reads as epoch 0. Frontiers form a
+    lattice under :meth:`merge` (component-wise max) ordered by :meth:`dominates`.
+
+    Args:
+        entries: a mapping ``{axis: epoch}`` or an iterable of ``(axis, epoch)`` pairs.
+            Zero epochs are dropped; negative epochs and repeated axes are errors.
+    """
+
+    __slots__ = ("_axes", "_epochs", "_hash")
+
+    _axes: tuple[int, ...]
+    _epochs: tuple[int, ...]
+    _hash: int | None
+
+    def __init__(self, entries: Mapping[int, int] | Iterable[tuple[int, int]] = ()) -> None:
+        items = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
+        items.sort()
+        axes: list[int] = []
+        epochs: list[int] = []
+        for ax, epoch in items:
+            if not isinstance(ax, int) or not isinstance(epoch, int):
+                raise TypeError(
+                    f"frontier entries must be (int, int) pairs, got ({ax!r}, {epoch!r})"
+                )
+            if epoch < 0:
+                raise ValueError(f"epoch for axis {axis_name(ax)} must be >= 0, got {epoch}")
+            if axes and axes[-1] == ax:
+                raise ValueError(f"axis {axis_name(ax)} appears twice in frontier entries")
+            if epoch:
+                axes.append(ax)
+                epochs.append(epoch)
+        self._axes = tuple(axes)
+        self._epochs = tuple(epochs)
+        self._hash = None
+
+    @classmethod
+    def _make(cls, axes: tuple[int, ...], epochs: tuple[int, ...]) -> Frontier:
+        """Build from already sorted, validated tuples (no checks: internal fast path)."""
+        self = object.__new__(cls)
+        self._axes = axes
+        self._epochs = epochs
+        self._hash = None
+        return self
+
+    @classmethod
+    def single(cls, axis: int, epoch: int) -> Frontier:
+        """The frontier ``{axis: epoch}``."""
+        if epoch <= 0:
+            return EMPTY
+        return cls._make((axis,), (epoch,))
+
+    # -- queries ---------------------------------------------------------------------
+
+    def get(self, axis: int) -> int:
+        """The epoch of ``axis``, 0 when absent."""
+        axes = self._axes
+        lo, hi = 0, len(axes)
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if axes[mid] < axis:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(axes) and axes[lo] == axis:
+            return self._epochs[lo]
+        return 0
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        """The axes present, in ascending order."""
+        return self._axes
+
+    def __len__(self) -> int:
+        return len(self._axes)
+
+    def __bool__(self) -> bool:
+        return bool(self._axes)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return zip(self._axes, self._epochs, strict=True)
+
+    def __contains__(self, axis: object) -> bool:
+        return isinstance(axis, int) and self.get(axis) > 0
+
+    def as_dict(self) -> dict[int, int]:
+        """The entries as a new ``{axis: epoch}`` dict."""
+        return dict(zip(self._axes, self._epochs, strict=True))
+
+    # -- algebra ---------------------------------------------------------------------
+
+    def merge(self, other: Frontier) -> Frontier:
+        """Component-wise maximum: the causal history of both."""
+        a_axes, b_axes = self._axes, other._axes
+        if a_axes is b_axes or a_axes == b_axes:
+            a_e, b_e = self._epochs, other._epochs
+            if a_e == b_e:
+                return self
+            return Frontier._make(a_axes, tuple(map(max, a_e, b_e)))
+        if not b_axes:
+            return self
+        if not a_axes:
+            return other
+        axes, epochs = _merge_scan(a_axes, self._epochs, b_axes, other._epochs)
+        return Frontier._make(axes, epochs)
+
+    __or__ = merge
+
+    def dominates(self, other: Frontier) -> bool:
+        """True when every entry of ``other`` is at most the same axis here."""
+        a_axes, b_axes = self._axes, other._axes
+        if a_axes is b_axes or a_axes == b_axes:
+            return all(map(operator.ge, self._epochs, other._epochs))
+        if not b_axes:
+            return True
+        return _covers(a_axes, self._epochs, b_axes, other._epochs)
+
+    def __ge__(self, other: object) -> bool:
+        if not isinstance(other, Frontier):
+            return NotImplemented
+        return self.dominates(other)
+
+    def __le__(self, other: object) -> bool:
+        if not isinstance(other, Frontier):
+            return NotImplemented
+        return other.dominates(self)
+
+    def __gt__(self, other: object) -> bool:
+        if not isinstance(other, Frontier):
+            return NotImplemented
+        return self != other and self.dominates(other)
+
+    def __lt__(self, other: object) -> bool:
+        if not isinstance(other, Frontier):
+            return NotImplemented
+        return self != other and other.dominates(self)
+
+    def compare(self, other: Frontier) -> Order:
+        """Where this frontier stands relative to ``other``."""
+        if self == other:
+            return Order.EQUAL
+        if other.dominates(self):
+            return Order.BEFORE
+        if self.dominates(other):
+            return Order.AFTER
+        return Order.CONCURRENT
+
+    def undominated(self, other: Frontier) -> Frontier:
+        """The entries of ``other`` this frontier does not cover: the waits still needed."""
+        if self.dominates(other):
+            return EMPTY
+        axes: list[int] = []
+        epochs: list[int] = []
+        get = self.get
+        for ax, epoch in zip(other._axes, other._epochs, strict=True):
+            if get(ax) < epoch:
+                axes.append(ax)
+                epochs.append(epoch)
+        return Frontier._make(tuple(axes), tuple(epochs))
+
+    def with_epoch(self, axis: int, epoch: int) -> Frontier:
+        """A copy where ``axis`` reads at least ``epoch``."""
+        axes = self._axes
+        if axis in axes:
+            i = axes.index(axis)
+            epochs = self._epochs
+            if epochs[i] >= epoch:
+                return self
+            return Frontier._make(axes, (*epochs[:i], epoch, *epochs[i + 1 :]))
+        return self.merge(Frontier.single(axis, epoch))
+
+    def truncated(self, capacity: int, keep: int | None = None) -> Frontier:
+        """A valid lower bound with at most ``capacity`` entries.
+
+        Drops the smallest-epoch entries (never ``keep``): claiming less causal
+        knowledge than we have is always safe.
+        """
+        if capacity < 1:
+            raise ValueError(f"frontier capacity must be >= 1, got {capacity}")
+        n = len(self._axes)
+        if n <= capacity:
+            return self
+        ranked = sorted(
+            range(n),
+            key=lambda i: (self._axes[i] == keep, self._epochs[i], self._axes[i]),
+            reverse=True,
+        )
+        kept = sorted(ranked[:capacity])
+        return Frontier._make(
+            tuple(self._axes[i] for i in kept), tuple(self._epochs[i] for i in kept)
+        )
+
+    # -- identity --------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Frontier):
+            return NotImplemented
+        return self._axes == other._axes and self._epochs == other._epochs
+
+    def __hash__(self) -> int:
+        h = self._hash
+        if h is None:
+            h = self._hash = hash((self._axes, self._epochs))
+        return h
+
+    def __repr__(self) -> str:
+        body = ", ".join(
+            f"{axis_name(a)}: {e}" for a, e in zip(self._axes, self._epochs, strict=True)
+        )
+        return f"Frontier({{{body}}})"
+
+
+EMPTY = Frontier()
+"""The empty frontier: no causal knowledge."""

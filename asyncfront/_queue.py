@@ -1,0 +1,458 @@
+"""Device queues: one task per queue consuming a FIFO of submissions.
+
+For each submission the queue awaits its waits, merges their frontiers, advances its
+own axis, runs the work on the device, then signals every semaphore in ``signals`` with
+the resulting frontier. Submitting never waits, so a whole pipeline can be queued
+before any of it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._frontier import Frontier, axis_name
+from ._semaphore import SemaphoreFailedError, TimelineSemaphore
+
+if TYPE_CHECKING:
+    from ._runtime import Runtime
+    from .devices._base import Device
+
+__all__ = (
+    "DeviceQueue",
+    "QueueStatistics",
+    "StalledError",
+    "Submission",
+    "SubmissionState",
+)
+
+SemaphoreValue = tuple[TimelineSemaphore, int]
+
+
+class StalledError(RuntimeError):
+    """Work could never run: it waits on a semaphore that nothing left will signal."""
+
+
+class SubmissionState(enum.Enum):
+    """Where a submission is in its life."""
+
+    PENDING = "pending"  # queued behind earlier submissions
+    WAITING = "waiting"  # at the head of its queue, waiting on semaphores
+    READY = "ready"  # waits satisfied, waiting for a device slot
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+_DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
+
+
+class Submission:
+    """One unit of work on a queue; awaitable for its result.
+
+    Attributes:
+        queue: the queue it was submitted to.
+        name: a label for traces and logs.
+        epoch: its epoch on the queue's axis (assigned at submission, exact by FIFO).
+        waits / signals: ``(semaphore, value)`` pairs.
+        cost: the work's cost for fake devices (seconds at speed 1.0), or None.
+        frontier: the causal history it ran with (set once its waits are met).
+        submitted_at / started_at / finished_at: runtime clock readings.
+    """
+
+    __slots__ = (
+        "_exception",
+        "_futures",
+        "_result",
+        "args",
+        "cost",
+        "epoch",
+        "finished_at",
+        "fn",
+        "frontier",
+        "kwargs",
+        "name",
+        "queue",
+        "signals",
+        "started_at",
+        "state",
+        "submitted_at",
+        "waits",
+    )
+
+    def __init__(
+        self,
+        queue: DeviceQueue,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        waits: tuple[SemaphoreValue, ...],
+        signals: tuple[SemaphoreValue, ...],
+        name: str,
+        cost: float | None,
+        epoch: int,
+        submitted_at: float,
+    ) -> None:
+        self.queue = queue
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+        self.waits = waits
+        self.signals = signals
+        self.name = name
+        self.cost = cost
+        self.epoch = epoch
+        self.submitted_at = submitted_at
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.frontier: Frontier | None = None
+        self.state = SubmissionState.PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._futures: list[asyncio.Future[None]] | None = None
+
+    def done(self) -> bool:
+        """Whether the submission completed or failed."""
+        return self.state in _DONE
+
+    def result(self) -> Any:
+        """The work's result; raises its error, or ``InvalidStateError`` if not done."""
+        if self.state is SubmissionState.COMPLETED:
+            return self._result
+        if self.state is SubmissionState.FAILED:
+            assert self._exception is not None
+            raise self._exception
+        raise asyncio.InvalidStateError(f"submission {self.name!r} is {self.state.value}")
+
+    def exception(self) -> BaseException | None:
+        """The error the submission failed with, or None."""
+        return self._exception
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self.state not in _DONE:
+            fut: asyncio.Future[None] = self.queue._loop.create_future()
+            if self._futures is None:
+                self._futures = [fut]
+            else:
+                self._futures.append(fut)
+            yield from fut.__await__()
+        return self.result()
+
+    def _wake(self) -> None:
+        futures = self._futures
+        if futures is not None:
+            self._futures = None
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _finish(self, result: Any) -> None:
+        self._result = result
+        self.state = SubmissionState.COMPLETED
+        if self._futures is not None:
+            self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exception = exc
+        self.state = SubmissionState.FAILED
+        if self._futures is not None:
+            self._wake()
+
+    def __repr__(self) -> str:
+        return (
+            f"<Submission {self.name!r} on {self.queue.name!r} epoch={self.epoch} "
+            f"{self.state.value}>"
+        )
+
+
+@dataclass(frozen=True)
+class QueueStatistics:
+    """A snapshot of a queue's state."""
+
+    name: str
+    device: str
+    priority: int
+    submitted_epoch: int
+    completed_epoch: int
+    pending: int
+    blocked: bool
+
+
+class DeviceQueue:
+    """An in-order timeline of work on one device, with its own axis.
+
+    Created by :meth:`asyncfront.Runtime.queue`. Higher ``priority`` wins the device's
+    slots when several queues have ready work.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        device: Device,
+        axis: int,
+        priority: int,
+        name: str,
+        frontier_capacity: int,
+    ) -> None:
+        self.runtime = runtime
+        self.device = device
+        self.axis = axis
+        self.priority = priority
+        self.name = name
+        self._capacity = frontier_capacity
+        self._loop = asyncio.get_running_loop()
+        self._fifo: deque[Submission] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._next_epoch = 1
+        self._completed_epoch = 0
+        self._frontier = Frontier()
+        self._blocked: tuple[TimelineSemaphore, int, asyncio.Future[Frontier]] | None = None
+        self._running = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- public --------------------------------------------------------------------
+
+    @property
+    def frontier(self) -> Frontier:
+        """The frontier of the most recently started submission."""
+        return self._frontier
+
+    @property
+    def submitted_epoch(self) -> int:
+        """The epoch of the latest submission: the axis reads this once the queue drains."""
+        return self._next_epoch - 1
+
+    @property
+    def completed_epoch(self) -> int:
+        """The epoch of the latest finished submission."""
+        return self._completed_epoch
+
+    def submit(
+        self,
+        fn: Callable[..., Any] | None = None,
+        *args: Any,
+        waits: Iterable[SemaphoreValue] = (),
+        signals: Iterable[SemaphoreValue] = (),
+        name: str | None = None,
+        cost: float | None = None,
+        **kwargs: Any,
+    ) -> Submission:
+        """Queue work and return its :class:`Submission` at once (never waits).
+
+        ``fn`` runs on the device with ``args``/``kwargs`` once every ``(semaphore,
+        value)`` in ``waits`` is reached; then every pair in ``signals`` is signalled
+        with the submission's frontier. ``fn=None`` is a pure barrier/signal.
+
+        Raises:
+            RuntimeError: the queue or its runtime is closed.
+            TypeError / ValueError: malformed waits or signals, or a signal value that
+                the semaphore has already reached.
+        """
+        if self._closed:
+            raise RuntimeError(f"queue {self.name!r} is closed")
+        waits_t = tuple(waits) if waits else ()
+        signals_t = tuple(signals) if signals else ()
+        if waits_t:
+            _check_pairs("waits", waits_t)
+        if signals_t:
+            _check_pairs("signals", signals_t)
+            for sem, value in signals_t:
+                if value <= sem._value:
+                    raise ValueError(
+                        f"queue {self.name!r}: signal value {value} for semaphore "
+                        f"{sem.name!r} must exceed its current value {sem._value}"
+                    )
+        if cost is not None and cost < 0:
+            raise ValueError(f"cost must be >= 0, got {cost}")
+        if name is None:
+            name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
+        epoch = self._next_epoch
+        self._next_epoch = epoch + 1
+        sub = Submission(
+            self,
+            fn,
+            args,
+            kwargs,
+            waits_t,
+            signals_t,
+            name,
+            cost,
+            epoch,
+            self._loop.time(),
+        )
+        self._fifo.append(sub)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)
+        runtime = self.runtime
+        if runtime._log_debug:
+            runtime._log.debug(
+                "submit", queue=self.name, submission=name, epoch=epoch, waits=len(waits_t)
+            )
+        return sub
+
+    def statistics(self) -> QueueStatistics:
+        """A frozen snapshot of epochs, pending work and whether the head is blocked."""
+        return QueueStatistics(
+            name=self.name,
+            device=self.device.name,
+            priority=self.priority,
+            submitted_epoch=self._next_epoch - 1,
+            completed_epoch=self._completed_epoch,
+            pending=len(self._fifo) + (1 if self._running or self._blocked else 0),
+            blocked=self._blocked is not None,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<DeviceQueue {self.name!r} axis={axis_name(self.axis)} on {self.device.name!r} "
+            f"priority={self.priority} epochs {self._completed_epoch}/{self._next_epoch - 1}>"
+        )
+
+    # -- the consumer task ---------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self._fifo) or self._running or self._blocked is not None
+
+    async def _run(self) -> None:
+        fifo = self._fifo
+        loop = self._loop
+        runtime = self.runtime
+        completed = runtime._completed_epochs
+        tracer = runtime.trace
+        axis = self.axis
+        device = self.device
+        try:
+            while True:
+                if not fifo:
+                    runtime._queue_settled()
+                    wakeup = self._wakeup = loop.create_future()
+                    await wakeup
+                    continue
+                sub = fifo.popleft()
+                self._running = True
+                try:
+                    frontier = self._frontier
+                    if sub.waits:
+                        sub.state = SubmissionState.WAITING
+                        for sem, value in sub.waits:
+                            if sem._failure is None and sem._value >= value:
+                                frontier = frontier.merge(sem._frontier)
+                            else:
+                                frontier = frontier.merge(await self._wait(sem, value))
+                    frontier = frontier.with_epoch(axis, sub.epoch)
+                    if len(frontier) > self._capacity:
+                        frontier = frontier.truncated(self._capacity, keep=axis)
+                    self._frontier = sub.frontier = frontier
+                    if sub.fn is None and sub.cost is None:
+                        sub.started_at = sub.finished_at = loop.time()
+                        result = None
+                    else:
+                        sub.state = SubmissionState.READY
+                        await device.acquire(self.priority)
+                        try:
+                            sub.state = SubmissionState.RUNNING
+                            sub.started_at = loop.time()
+                            if runtime._log_debug:
+                                runtime._log.debug(
+                                    "start", queue=self.name, submission=sub.name, epoch=sub.epoch
+                                )
+                            result = await device.execute(sub)
+                        finally:
+                            device.release()
+                        sub.finished_at = loop.time()
+                    for sem, value in sub.signals:
+                        sem.signal(value, frontier)
+                        if runtime._log_debug:
+                            runtime._log.debug(
+                                "signal", queue=self.name, semaphore=sem.name, value=value
+                            )
+                    sub._finish(result)
+                except asyncio.CancelledError:
+                    self._fail(sub, StalledError(f"runtime closed before {sub.name!r} finished"))
+                    raise
+                except Exception as exc:
+                    self._fail(sub, exc)
+                finally:
+                    self._running = False
+                self._completed_epoch = sub.epoch
+                completed[axis] = sub.epoch
+                tracer._add(sub)
+        finally:
+            self._closed = True
+            closing = StalledError(f"queue {self.name!r} closed before this work ran")
+            while fifo:
+                self._fail(fifo.popleft(), closing)
+
+    async def _wait(self, sem: TimelineSemaphore, value: int) -> Frontier:
+        """Wait on a semaphore, visibly blocked so the runtime can tell a stall."""
+        if sem._failure is not None:
+            raise SemaphoreFailedError(sem, sem._failure)
+        fut = sem._add_waiter(value)
+        self._blocked = (sem, value, fut)
+        runtime = self.runtime
+        if runtime._draining:
+            runtime._queue_settled()
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.cancelled():
+                sem._forget_cancelled()
+            raise
+        finally:
+            self._blocked = None
+
+    def _abort_blocked(self) -> bool:
+        """Fail the wait the queue is blocked on with a :class:`StalledError`."""
+        if self._blocked is None:
+            return False
+        sem, value, fut = self._blocked
+        sem._abandon(
+            fut,
+            StalledError(
+                f"queue {self.name!r} waits for semaphore {sem.name!r} to reach {value} "
+                f"(value {sem.value}) and nothing left can signal it"
+            ),
+        )
+        return True
+
+    def _fail(self, sub: Submission, exc: BaseException) -> None:
+        root = exc
+        while isinstance(root, SemaphoreFailedError):
+            root = root.root_cause
+        if sub.frontier is None:
+            self._frontier = sub.frontier = self._frontier.with_epoch(self.axis, sub.epoch)
+        if sub.finished_at is None:
+            sub.finished_at = self._loop.time()
+        for sem, value in sub.signals:
+            if sem._value < value:
+                sem.fail(root)
+        sub._fail(exc)
+        log = self.runtime._log
+        if self.runtime._log_warning:
+            log.warning(
+                "fail",
+                queue=self.name,
+                submission=sub.name,
+                epoch=sub.epoch,
+                error=f"{type(root).__name__}: {root}",
+            )
+
+
+def _check_pairs(label: str, pairs: tuple[Any, ...]) -> None:
+    for pair in pairs:
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not isinstance(pair[0], TimelineSemaphore)
+            or not isinstance(pair[1], int)
+        ):
+            raise TypeError(f"{label} must be (TimelineSemaphore, int) pairs, got {pair!r}")
+        if pair[1] < 0:
+            raise ValueError(f"{label} value for semaphore {pair[0].name!r} must be >= 0")

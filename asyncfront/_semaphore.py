@@ -1,0 +1,325 @@
+"""Timeline semaphores: monotonically increasing values whose signals carry frontiers."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future as ConcurrentFuture
+from dataclasses import dataclass
+
+from ._frontier import EMPTY, Frontier
+
+__all__ = (
+    "SemaphoreFailedError",
+    "SemaphoreStatistics",
+    "TimelineSemaphore",
+    "wait_all",
+    "wait_any",
+)
+
+_names = itertools.count()
+
+
+class SemaphoreFailedError(RuntimeError):
+    """A wait or signal met a semaphore that was failed; ``__cause__`` is the original error."""
+
+    def __init__(self, semaphore: TimelineSemaphore, cause: BaseException) -> None:
+        super().__init__(
+            f"semaphore {semaphore.name!r} failed at value {semaphore.value}: "
+            f"{type(cause).__name__}: {cause}"
+        )
+        self.semaphore = semaphore
+        self.__cause__ = cause
+
+    @property
+    def root_cause(self) -> BaseException:
+        """The original error that failed the first semaphore in the chain."""
+        cause = self.__cause__
+        assert cause is not None
+        return cause
+
+
+@dataclass(frozen=True)
+class SemaphoreStatistics:
+    """A snapshot of a semaphore's state."""
+
+    name: str
+    value: int
+    waiters: int
+    frontier_entries: int
+    failed: bool
+
+
+class TimelineSemaphore:
+    """A monotonically increasing 64-bit counter whose signals carry frontiers.
+
+    ``wait(v)`` completes once the value reaches ``v`` and returns the merged frontier of
+    every signal so far. ``fail(exc)`` is sticky: it makes every current and future wait
+    raise :class:`SemaphoreFailedError`. The semaphore binds to the event loop of its
+    first async use; :meth:`signal_threadsafe` and :meth:`wait_sync` serve other threads.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_cond",
+        "_failure",
+        "_frontier",
+        "_loop",
+        "_seq",
+        "_stale",
+        "_value",
+        "_waiters",
+        "name",
+    )
+
+    def __init__(self, initial: int = 0, name: str | None = None) -> None:
+        if initial < 0:
+            raise ValueError(f"semaphore initial value must be >= 0, got {initial}")
+        self.name = name if name is not None else f"sem{next(_names)}"
+        self._value = initial
+        self._frontier = EMPTY
+        self._failure: BaseException | None = None
+        # heap of (target value, sequence, future): O(log n) insert, ordered wake-ups
+        self._waiters: list[tuple[int, int, asyncio.Future[Frontier]]] = []
+        self._seq = 0
+        self._stale = 0  # cancelled futures still sitting in the heap
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._cond: threading.Condition | None = None
+
+    # -- state ---------------------------------------------------------------------
+
+    @property
+    def value(self) -> int:
+        """The current value."""
+        return self._value
+
+    @property
+    def frontier(self) -> Frontier:
+        """The merge of every signal's frontier so far."""
+        return self._frontier
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The error the semaphore was failed with, or None."""
+        return self._failure
+
+    def query(self) -> int:
+        """The current value; raises :class:`SemaphoreFailedError` if the semaphore failed."""
+        if self._failure is not None:
+            raise SemaphoreFailedError(self, self._failure)
+        return self._value
+
+    def statistics(self) -> SemaphoreStatistics:
+        """A frozen snapshot: value, live waiters, frontier size, failure."""
+        return SemaphoreStatistics(
+            name=self.name,
+            value=self._value,
+            waiters=len(self._waiters) - self._stale,
+            frontier_entries=len(self._frontier),
+            failed=self._failure is not None,
+        )
+
+    def __repr__(self) -> str:
+        state = "failed" if self._failure is not None else f"value={self._value}"
+        return (
+            f"<TimelineSemaphore {self.name!r} {state} "
+            f"waiters={len(self._waiters) - self._stale} frontier={self._frontier!r}>"
+        )
+
+    # -- signalling ----------------------------------------------------------------
+
+    def signal(self, value: int, frontier: Frontier | None = None) -> None:
+        """Advance the value to ``value`` and merge ``frontier``; wakes satisfied waiters.
+
+        Raises:
+            ValueError: ``value`` is not greater than the current value.
+            SemaphoreFailedError: the semaphore has failed.
+        """
+        if self._failure is not None:
+            raise SemaphoreFailedError(self, self._failure)
+        if value <= self._value:
+            raise ValueError(
+                f"semaphore {self.name!r}: signal value {value} must exceed "
+                f"current value {self._value}"
+            )
+        self._value = value
+        if frontier is not None and frontier._axes:
+            self._frontier = self._frontier.merge(frontier)
+        waiters = self._waiters
+        if waiters and waiters[0][0] <= value:
+            current = self._frontier
+            heappop = heapq.heappop
+            while waiters and waiters[0][0] <= value:
+                fut = heappop(waiters)[2]
+                if fut.done():
+                    self._stale -= 1
+                else:
+                    fut.set_result(current)
+        if self._cond is not None:
+            with self._cond:
+                self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> bool:
+        """Fail the semaphore with ``exc`` (first failure wins); returns whether it took."""
+        if self._failure is not None:
+            return False
+        self._failure = exc
+        waiters, self._waiters = self._waiters, []
+        self._stale = 0
+        for _, _, fut in waiters:
+            if not fut.done():
+                fut.set_exception(SemaphoreFailedError(self, exc))
+        if self._cond is not None:
+            with self._cond:
+                self._cond.notify_all()
+        return True
+
+    def signal_threadsafe(
+        self, value: int, frontier: Frontier | None = None
+    ) -> ConcurrentFuture[None]:
+        """Signal from any thread; the signal runs on the semaphore's loop.
+
+        Returns a :class:`concurrent.futures.Future` that holds the outcome (a wrong
+        value's ``ValueError`` included). Before the semaphore is bound to a loop, or
+        on the loop's own thread, the signal happens at once.
+        """
+        result: ConcurrentFuture[None] = ConcurrentFuture()
+        loop = self._loop
+        if loop is None or loop.is_closed() or _on_loop_thread(loop):
+            self._signal_into(result, value, frontier)
+        else:
+            loop.call_soon_threadsafe(self._signal_into, result, value, frontier)
+        return result
+
+    def _signal_into(
+        self, result: ConcurrentFuture[None], value: int, frontier: Frontier | None
+    ) -> None:
+        try:
+            self.signal(value, frontier)
+        except BaseException as exc:
+            result.set_exception(exc)
+        else:
+            result.set_result(None)
+
+    # -- waiting -------------------------------------------------------------------
+
+    async def wait(self, value: int) -> Frontier:
+        """Wait until the value reaches ``value``; returns the semaphore's frontier.
+
+        Returns at once, without a loop round trip, when the value is already reached.
+
+        Raises:
+            SemaphoreFailedError: the semaphore failed (now or later).
+        """
+        if self._failure is not None:
+            raise SemaphoreFailedError(self, self._failure)
+        if self._value >= value:
+            return self._frontier
+        fut = self._add_waiter(value)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if not fut.done() or fut.cancelled():
+                self._forget_cancelled()
+            raise
+
+    def _add_waiter(self, value: int) -> asyncio.Future[Frontier]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Frontier] = loop.create_future()
+        self._seq += 1
+        heapq.heappush(self._waiters, (value, self._seq, fut))
+        return fut
+
+    def _forget_cancelled(self) -> None:
+        self._stale += 1
+        if self._stale * 2 > len(self._waiters):
+            self._waiters = [w for w in self._waiters if not w[2].done()]
+            heapq.heapify(self._waiters)
+            self._stale = 0
+
+    def _abandon(self, fut: asyncio.Future[Frontier], exc: BaseException) -> None:
+        """Fail one waiter's future (left in the heap as stale) without failing the semaphore."""
+        if not fut.done():
+            fut.set_exception(exc)
+            self._forget_cancelled()
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Bind to ``loop`` (done automatically on first async use)."""
+        if self._loop is not None and self._loop is not loop:
+            raise RuntimeError(f"semaphore {self.name!r} is bound to another event loop")
+        self._loop = loop
+
+    def wait_sync(self, value: int, timeout: float | None = None) -> Frontier:
+        """Block the calling thread until the value reaches ``value``.
+
+        Raises:
+            TimeoutError: not reached within ``timeout`` seconds.
+            SemaphoreFailedError: the semaphore failed.
+            RuntimeError: called on the thread running the semaphore's loop (it would
+                deadlock).
+        """
+        if self._loop is not None and _on_loop_thread(self._loop):
+            raise RuntimeError(
+                f"wait_sync on semaphore {self.name!r} from its own event loop thread "
+                "would deadlock; use 'await wait()'"
+            )
+        if self._cond is None:
+            self._cond = threading.Condition()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if self._failure is not None:
+                    raise SemaphoreFailedError(self, self._failure)
+                if self._value >= value:
+                    return self._frontier
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(
+                        f"semaphore {self.name!r} did not reach {value} within "
+                        f"{timeout} s (value {self._value})"
+                    )
+                self._cond.wait(remaining)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+async def wait_all(waits: Iterable[tuple[TimelineSemaphore, int]]) -> Frontier:
+    """Wait for every ``(semaphore, value)`` pair; returns their merged frontier."""
+    frontier = EMPTY
+    for sem, value in waits:
+        frontier = frontier.merge(await sem.wait(value))
+    return frontier
+
+
+async def wait_any(waits: Sequence[tuple[TimelineSemaphore, int]]) -> tuple[int, Frontier]:
+    """Wait for the first satisfied ``(semaphore, value)`` pair; returns its index and frontier.
+
+    Raises:
+        ValueError: ``waits`` is empty.
+        SemaphoreFailedError: the first pair to finish belongs to a failed semaphore.
+    """
+    if not waits:
+        raise ValueError("wait_any needs at least one (semaphore, value) pair")
+    for index, (sem, value) in enumerate(waits):
+        if sem._failure is None and sem._value >= value:
+            return index, sem._frontier
+    tasks = [asyncio.ensure_future(sem.wait(value)) for sem, value in waits]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        first = min(tasks.index(t) for t in done)
+        return first, tasks[first].result()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

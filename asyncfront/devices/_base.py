@@ -1,0 +1,176 @@
+"""The Device ABC and the priority arbiter every device shares."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._queue import DeviceQueue, Submission
+    from .._runtime import Runtime
+
+__all__ = ("Device", "DeviceStatistics", "SlotArbiter")
+
+
+class SlotArbiter:
+    """Hands a device's execution slots to queues by priority (higher first, FIFO within).
+
+    The decision is synchronous: :meth:`try_acquire` grants at once when a slot is free
+    and nobody is queued; otherwise the caller queues with :meth:`enqueue` and is granted
+    by :meth:`grant`, which the device runs on the loop turn after a release, so the queue
+    that just finished can present its next ready submission and priorities hold under
+    back-to-back work.
+    """
+
+    __slots__ = ("_free", "_grant_scheduled", "_heap", "_seq", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"device concurrency must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._free = capacity
+        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = 0
+        self._grant_scheduled = False
+
+    @property
+    def free(self) -> int:
+        """Slots not held by any queue."""
+        return self._free
+
+    @property
+    def waiting(self) -> int:
+        """Queues waiting for a slot."""
+        return sum(1 for _, _, fut in self._heap if not fut.done())
+
+    def try_acquire(self) -> bool:
+        """Take a slot now if one is free and nobody is ahead; True on success."""
+        if self._free and not self._heap and not self._grant_scheduled:
+            self._free -= 1
+            return True
+        return False
+
+    def enqueue(self, priority: int, future: asyncio.Future[None]) -> None:
+        """Queue a request; ``future`` resolves when the slot is granted."""
+        self._seq += 1
+        heapq.heappush(self._heap, (-priority, self._seq, future))
+
+    def release(self) -> bool:
+        """Return a slot; True when a grant should be scheduled for the next loop turn."""
+        self._free += 1
+        if self._heap and not self._grant_scheduled:
+            self._grant_scheduled = True
+            return True
+        return False
+
+    def grant(self) -> None:
+        """Give free slots to the highest-priority waiting requests."""
+        self._grant_scheduled = False
+        heap = self._heap
+        while self._free and heap:
+            fut = heapq.heappop(heap)[2]
+            if not fut.done():
+                self._free -= 1
+                fut.set_result(None)
+
+
+@dataclass(frozen=True)
+class DeviceStatistics:
+    """A snapshot of a device's scheduling state."""
+
+    name: str
+    kind: str
+    concurrency: int
+    busy_slots: int
+    waiting_queues: int
+    executed: int
+
+
+class Device(ABC):
+    """A piece of hardware that runs submissions from its queues.
+
+    Subclasses implement :meth:`execute`; the base class arbitrates the device's
+    ``concurrency`` slots among its queues by priority.
+    """
+
+    kind: str = "device"
+
+    def __init__(self, name: str, *, concurrency: int = 1) -> None:
+        self.name = name
+        self.concurrency = concurrency
+        self.memory: Any = None
+        self.index = -1  # set by the runtime: the device field of its queue axes
+        self._arbiter = SlotArbiter(concurrency)
+        self._runtime: Runtime | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executed = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def start(self, runtime: Runtime) -> None:
+        """Attach to a runtime (called by :func:`asyncfront.open_runtime`)."""
+        if self._runtime is not None:
+            raise RuntimeError(f"device {self.name!r} already belongs to a runtime")
+        self._runtime = runtime
+        self._loop = asyncio.get_running_loop()
+
+    async def aclose(self) -> None:
+        """Release the device's resources (called when the runtime closes)."""
+        self._runtime = None
+        self._loop = None
+
+    def queue(self, priority: int = 0, name: str | None = None) -> DeviceQueue:
+        """A new queue on this device, in the runtime it belongs to."""
+        if self._runtime is None:
+            raise RuntimeError(f"device {self.name!r} is not part of an open runtime")
+        return self._runtime.queue(self, priority=priority, name=name)
+
+    # -- arbitration ---------------------------------------------------------------
+
+    async def acquire(self, priority: int) -> None:
+        """Wait for an execution slot, highest priority first."""
+        arbiter = self._arbiter
+        if arbiter.try_acquire():
+            return
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        arbiter.enqueue(priority, fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as we were cancelled: give it back
+            raise
+
+    def release(self) -> None:
+        """Return an execution slot; the next grant happens on the next loop turn."""
+        self._executed += 1
+        if self._arbiter.release():
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._arbiter.grant)
+
+    # -- work ----------------------------------------------------------------------
+
+    @abstractmethod
+    async def execute(self, submission: Submission) -> Any:
+        """Run one submission's work to completion and return its result."""
+
+    def statistics(self) -> DeviceStatistics:
+        """A frozen snapshot of slots and waiting queues."""
+        return DeviceStatistics(
+            name=self.name,
+            kind=self.kind,
+            concurrency=self.concurrency,
+            busy_slots=self.concurrency - self._arbiter.free,
+            waiting_queues=self._arbiter.waiting,
+            executed=self._executed,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name!r} kind={self.kind} "
+            f"busy={self.concurrency - self._arbiter.free}/{self.concurrency}>"
+        )

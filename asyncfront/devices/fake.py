@@ -1,0 +1,85 @@
+"""FakeDevice: a device that runs work in virtual time from its cost, for tests and simulations."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import TYPE_CHECKING, Any
+
+from ._base import Device
+
+if TYPE_CHECKING:
+    from .._queue import Submission
+
+__all__ = ("FakeDevice", "FakeDeviceError")
+
+
+class FakeDeviceError(RuntimeError):
+    """The error a :class:`FakeDevice` raises for an injected fault."""
+
+
+class FakeDevice(Device):
+    """Runs each submission for ``cost / speed`` seconds of loop time, then calls its work.
+
+    It uses no threads, so under a virtual-time loop (:func:`asyncfront.testing.run_virtual`)
+    whole pipelines simulate in milliseconds. Work functions run on the loop; coroutine
+    functions are awaited. :meth:`fail_next` injects faults.
+
+    Args:
+        name: the device's name.
+        kind: a label such as ``"gpu"``, ``"cpu"``, ``"npu"``, ``"copy"``.
+        memory: bytes of device memory (0 for none).
+        concurrency: how many submissions run at once.
+        speed: cost units per second.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str = "gpu",
+        memory: int = 0,
+        concurrency: int = 1,
+        speed: float = 1.0,
+    ) -> None:
+        if speed <= 0:
+            raise ValueError(f"FakeDevice speed must be > 0, got {speed}")
+        if memory < 0:
+            raise ValueError(f"FakeDevice memory must be >= 0, got {memory}")
+        super().__init__(name, concurrency=concurrency)
+        self.kind = kind
+        self.memory_capacity = memory
+        self.speed = speed
+        self._faults: list[tuple[str | None, BaseException]] = []
+
+    def fail_next(
+        self, exc: BaseException | None = None, *, name: str | None = None, count: int = 1
+    ) -> None:
+        """Make the next ``count`` submissions (named ``name``, if given) raise ``exc``."""
+        error = exc if exc is not None else FakeDeviceError(f"injected fault on {self.name!r}")
+        self._faults.extend((name, error) for _ in range(count))
+
+    def duration(self, submission: Submission) -> float:
+        """Seconds of loop time the submission takes here."""
+        return (submission.cost or 0.0) / self.speed
+
+    async def execute(self, submission: Submission) -> Any:
+        seconds = self.duration(submission)
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        for i, (name, error) in enumerate(self._faults):
+            if name is None or name == submission.name:
+                del self._faults[i]
+                raise error
+        fn = submission.fn
+        if fn is None:
+            return None
+        result = fn(*submission.args, **submission.kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def __repr__(self) -> str:
+        return (
+            f"<FakeDevice {self.name!r} kind={self.kind} speed={self.speed} "
+            f"busy={self.concurrency - self._arbiter.free}/{self.concurrency}>"
+        )
