@@ -383,6 +383,8 @@ class DeviceQueue:
                     self._running = False
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
+                if runtime._completion_waiters:
+                    runtime._axis_completed(axis, sub.epoch)
                 tracer._add(sub)
         finally:
             self._closed = True

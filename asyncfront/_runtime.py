@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import sys
 from collections.abc import AsyncIterator, Iterable
@@ -12,8 +13,15 @@ from typing import Any
 
 import structlog
 
-from ._frontier import DEFAULT_FRONTIER_CAPACITY, Domain, Frontier, axis, set_axis_name
-from ._queue import DeviceQueue
+from ._frontier import (
+    DEFAULT_FRONTIER_CAPACITY,
+    Domain,
+    Frontier,
+    axis,
+    axis_name,
+    set_axis_name,
+)
+from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
@@ -91,6 +99,10 @@ class Runtime:
         self._queues: list[DeviceQueue] = []
         self._queue_slots: dict[str, int] = {}
         self._completed_epochs: dict[int, int] = {}
+        self._known_axes: set[int] = set()
+        # axis -> heap of (epoch, sequence, future) for wait_completed
+        self._completion_waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self._completion_seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._crash: BaseException | None = None
@@ -136,6 +148,7 @@ class Runtime:
         )
         qname = name if name is not None else f"{dev.name}.q{slot}"
         set_axis_name(queue_axis, qname)
+        self._known_axes.add(queue_axis)
         q = DeviceQueue(self, dev, queue_axis, priority, qname, self.frontier_capacity)
         self._queues.append(q)
         task = asyncio.get_running_loop().create_task(q._run(), name=f"asyncfront:{qname}")
@@ -167,6 +180,46 @@ class Runtime:
     def completed(self) -> Frontier:
         """The frontier of completed epochs on every queue axis (the epoch tracker)."""
         return Frontier(self._completed_epochs)
+
+    def is_complete(self, frontier: Frontier) -> bool:
+        """Whether every epoch named by ``frontier`` has completed."""
+        done = self._completed_epochs
+        return all(done.get(ax, 0) >= epoch for ax, epoch in frontier)
+
+    async def wait_completed(self, frontier: Frontier) -> None:
+        """Wait until every epoch named by ``frontier`` has completed on its axis.
+
+        Raises:
+            ValueError: an axis of ``frontier`` belongs to no queue of this runtime
+                (nothing could ever complete it).
+            StalledError: the runtime closed first.
+        """
+        done = self._completed_epochs
+        for ax, epoch in frontier:
+            if done.get(ax, 0) >= epoch:
+                continue
+            if ax not in self._known_axes:
+                raise ValueError(
+                    f"axis {axis_name(ax)} in {frontier!r} belongs to no queue of this runtime"
+                )
+            loop = self._loop or asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            self._completion_seq += 1
+            heapq.heappush(
+                self._completion_waiters.setdefault(ax, []), (epoch, self._completion_seq, fut)
+            )
+            await fut
+
+    def _axis_completed(self, ax: int, epoch: int) -> None:
+        """Called by a queue after recording a completed epoch: wake completion waiters."""
+        heap = self._completion_waiters.get(ax)
+        if heap:
+            while heap and heap[0][0] <= epoch:
+                fut = heapq.heappop(heap)[2]
+                if not fut.done():
+                    fut.set_result(None)
+            if not heap:
+                del self._completion_waiters[ax]
 
     def statistics(self) -> RuntimeStatistics:
         """A frozen snapshot of the runtime's size and progress."""
@@ -241,6 +294,13 @@ class Runtime:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        waiters, self._completion_waiters = self._completion_waiters, {}
+        for heap in waiters.values():
+            for _, _, fut in heap:
+                if not fut.done():
+                    fut.set_exception(
+                        StalledError("the runtime closed before these epochs completed")
+                    )
         for device in reversed(list(self.devices.values())):
             await device.aclose()
         if self._crash is not None:
