@@ -49,6 +49,7 @@ class SubmissionState(enum.Enum):
 
 
 _DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
+_NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
 
 
 class Submission:
@@ -65,7 +66,9 @@ class Submission:
     """
 
     __slots__ = (
+        "_base",
         "_exception",
+        "_frontier",
         "_futures",
         "_result",
         "args",
@@ -73,7 +76,6 @@ class Submission:
         "epoch",
         "finished_at",
         "fn",
-        "frontier",
         "kwargs",
         "name",
         "queue",
@@ -100,7 +102,7 @@ class Submission:
         self.queue = queue
         self.fn = fn
         self.args = args
-        self.kwargs = kwargs
+        self.kwargs = kwargs if kwargs else _NO_KWARGS
         self.waits = waits
         self.signals = signals
         self.name = name
@@ -109,11 +111,26 @@ class Submission:
         self.submitted_at = submitted_at
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self.frontier: Frontier | None = None
+        self._base: Frontier | None = None
+        self._frontier: Frontier | None = None
         self.state = SubmissionState.PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
         self._futures: list[asyncio.Future[None]] | None = None
+
+    @property
+    def frontier(self) -> Frontier | None:
+        """The causal history the work ran with: its waits' frontiers and its own epoch.
+
+        None until the submission's waits are met.
+        """
+        frontier = self._frontier
+        if frontier is None:
+            base = self._base
+            if base is None:
+                return None
+            frontier = self._frontier = self.queue._materialize(base, self.epoch)
+        return frontier
 
     def done(self) -> bool:
         """Whether the submission completed or failed."""
@@ -209,7 +226,8 @@ class DeviceQueue:
         self._wakeup: asyncio.Future[None] | None = None
         self._next_epoch = 1
         self._completed_epoch = 0
-        self._frontier = Frontier()
+        self._base = Frontier()  # merge of every wait so far: the queue's causal history
+        self._last: Submission | None = None  # the most recently started submission
         self._blocked: tuple[TimelineSemaphore, int, asyncio.Future[Frontier]] | None = None
         self._running = False
         self._closed = False
@@ -220,7 +238,16 @@ class DeviceQueue:
     @property
     def frontier(self) -> Frontier:
         """The frontier of the most recently started submission."""
-        return self._frontier
+        last = self._last
+        frontier = last.frontier if last is not None else None
+        return frontier if frontier is not None else self._base
+
+    def _materialize(self, base: Frontier, epoch: int) -> Frontier:
+        """``base | {axis: epoch}``, truncated to the runtime's frontier capacity."""
+        frontier = base.with_epoch(self.axis, epoch)
+        if len(frontier._axes) > self._capacity:
+            frontier = frontier.truncated(self._capacity, keep=self.axis)
+        return frontier
 
     @property
     def submitted_epoch(self) -> int:
@@ -328,6 +355,7 @@ class DeviceQueue:
         tracer = runtime.trace
         axis = self.axis
         device = self.device
+        capacity = self._capacity
         try:
             while True:
                 if not fifo:
@@ -338,18 +366,20 @@ class DeviceQueue:
                 sub = fifo.popleft()
                 self._running = True
                 try:
-                    frontier = self._frontier
+                    base = self._base
                     if sub.waits:
                         sub.state = SubmissionState.WAITING
                         for sem, value in sub.waits:
                             if sem._failure is None and sem._value >= value:
-                                frontier = frontier.merge(sem._frontier)
+                                base = base.merge(sem._frontier)
                             else:
-                                frontier = frontier.merge(await self._wait(sem, value))
-                    frontier = frontier.with_epoch(axis, sub.epoch)
-                    if len(frontier) > self._capacity:
-                        frontier = frontier.truncated(self._capacity, keep=axis)
-                    self._frontier = sub.frontier = frontier
+                                base = base.merge(await self._wait(sem, value))
+                        if len(base._axes) > capacity:
+                            base = base.truncated(capacity, keep=axis)
+                        self._base = base
+                    # The frontier is base | {axis: epoch}, built only when someone needs it.
+                    sub._base = base
+                    self._last = sub
                     if sub.fn is None and sub.cost is None:
                         sub.started_at = sub.finished_at = loop.time()
                         result = None
@@ -367,8 +397,10 @@ class DeviceQueue:
                         finally:
                             device.release()
                         sub.finished_at = loop.time()
-                    for sem, value in sub.signals:
-                        sem.signal(value, frontier)
+                    if sub.signals:
+                        frontier = sub.frontier
+                        for sem, value in sub.signals:
+                            sem.signal(value, frontier)
                         if runtime._log_debug:
                             runtime._log.debug(
                                 "signal", queue=self.name, semaphore=sem.name, value=value
@@ -385,9 +417,16 @@ class DeviceQueue:
                 completed[axis] = sub.epoch
                 if runtime._completion_waiters:
                     runtime._axis_completed(axis, sub.epoch)
-                tracer._add(sub)
+                if tracer.enabled:
+                    tracer._add(sub)
         finally:
             self._closed = True
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        """Fail every submission still in the FIFO: the queue is closing."""
+        fifo = self._fifo
+        if fifo:
             closing = StalledError(f"queue {self.name!r} closed before this work ran")
             while fifo:
                 self._fail(fifo.popleft(), closing)
@@ -428,8 +467,9 @@ class DeviceQueue:
         root = exc
         while isinstance(root, SemaphoreFailedError):
             root = root.root_cause
-        if sub.frontier is None:
-            self._frontier = sub.frontier = self._frontier.with_epoch(self.axis, sub.epoch)
+        if sub._base is None:
+            sub._base = self._base
+            self._last = sub
         if sub.finished_at is None:
             sub.finished_at = self._loop.time()
         for sem, value in sub.signals:

@@ -273,7 +273,7 @@ class Runtime:
             busy = [q for q in self._queues if q._busy()]
             if not busy or self._crash is not None:
                 return
-            stalled = all(q._blocked is not None and not q._running for q in busy)
+            stalled = all(q._blocked is not None for q in busy)
             settled = self._settled = loop.create_future()
             if stalled:
                 # Nothing runs and everything waits: give outside signallers (threads,
@@ -290,10 +290,14 @@ class Runtime:
 
     async def _close(self) -> None:
         self._open = False
+        for q in self._queues:
+            q._closed = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        for q in self._queues:  # a queue task cancelled before it ever ran
+            q._fail_pending()
         waiters, self._completion_waiters = self._completion_waiters, {}
         for heap in waiters.values():
             for _, _, fut in heap:

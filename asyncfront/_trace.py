@@ -214,6 +214,29 @@ class TraceRecorder:
                 )
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
+    def format_timeline(self, width: int = 64) -> str:
+        """A text Gantt chart: a row per queue, ``#`` where its submissions ran.
+
+        Zero-length submissions (barriers) show as ``|``; failed ones as ``x``.
+        """
+        records = self.records
+        if not records:
+            return "(no trace records)"
+        end = max(r.finished_at for r in records) or 1.0
+        scale = width / end
+        rows: dict[str, list[str]] = {}
+        for r in records:
+            row = rows.setdefault(r.queue, [" "] * width)
+            first = min(width - 1, int(r.started_at * scale))
+            last = max(first, min(width - 1, int(r.finished_at * scale - 1e-9)))
+            mark = "x" if r.error else ("#" if r.finished_at > r.started_at else "|")
+            for i in range(first, last + 1):
+                row[i] = mark
+        label = max(len(name) for name in rows)
+        lines = [f"{'':<{label}}  0 s{'':<{width - 12}}{end:>8.3f} s"]
+        lines += [f"{name:<{label}} [{''.join(row)}]" for name, row in rows.items()]
+        return "\n".join(lines)
+
     def export_perfetto(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_perfetto` as JSON to ``path``."""
         with open(path, "w", encoding="utf-8") as out:
