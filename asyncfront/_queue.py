@@ -373,7 +373,20 @@ class DeviceQueue:
                             if sem._failure is None and sem._value >= value:
                                 base = base.merge(sem._frontier)
                             else:
-                                base = base.merge(await self._wait(sem, value))
+                                if sem._failure is not None:
+                                    raise SemaphoreFailedError(sem, sem._failure)
+                                fut = sem._add_waiter(value)
+                                self._blocked = (sem, value, fut)
+                                if runtime._draining:
+                                    runtime._queue_settled()
+                                try:
+                                    base = base.merge(await fut)
+                                except asyncio.CancelledError:
+                                    if fut.cancelled():
+                                        sem._forget_cancelled()
+                                    raise
+                                finally:
+                                    self._blocked = None
                         if len(base._axes) > capacity:
                             base = base.truncated(capacity, keep=axis)
                         self._base = base
@@ -431,24 +444,6 @@ class DeviceQueue:
             while fifo:
                 self._fail(fifo.popleft(), closing)
 
-    async def _wait(self, sem: TimelineSemaphore, value: int) -> Frontier:
-        """Wait on a semaphore, visibly blocked so the runtime can tell a stall."""
-        if sem._failure is not None:
-            raise SemaphoreFailedError(sem, sem._failure)
-        fut = sem._add_waiter(value)
-        self._blocked = (sem, value, fut)
-        runtime = self.runtime
-        if runtime._draining:
-            runtime._queue_settled()
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.cancelled():
-                sem._forget_cancelled()
-            raise
-        finally:
-            self._blocked = None
-
     def _abort_blocked(self) -> bool:
         """Fail the wait the queue is blocked on with a :class:`StalledError`."""
         if self._blocked is None:
@@ -490,11 +485,14 @@ class DeviceQueue:
 def _check_pairs(label: str, pairs: tuple[Any, ...]) -> None:
     for pair in pairs:
         if (
-            not isinstance(pair, tuple)
+            type(pair) is not tuple
             or len(pair) != 2
             or not isinstance(pair[0], TimelineSemaphore)
-            or not isinstance(pair[1], int)
+            or type(pair[1]) is not int
         ):
-            raise TypeError(f"{label} must be (TimelineSemaphore, int) pairs, got {pair!r}")
+            if not isinstance(pair, tuple) or len(pair) != 2 or not isinstance(pair[1], int):
+                raise TypeError(f"{label} must be (TimelineSemaphore, int) pairs, got {pair!r}")
+            if not isinstance(pair[0], TimelineSemaphore):
+                raise TypeError(f"{label} must be (TimelineSemaphore, int) pairs, got {pair!r}")
         if pair[1] < 0:
             raise ValueError(f"{label} value for semaphore {pair[0].name!r} must be >= 0")
