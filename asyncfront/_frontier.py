@@ -209,6 +209,7 @@ class Frontier:
         items.sort()
         axes: list[int] = []
         epochs: list[int] = []
+        previous: int | None = None  # the last axis seen, zero epoch or not
         for ax, epoch in items:
             if not isinstance(ax, int) or not isinstance(epoch, int):
                 raise TypeError(
@@ -216,8 +217,9 @@ class Frontier:
                 )
             if epoch < 0:
                 raise ValueError(f"epoch for axis {axis_name(ax)} must be >= 0, got {epoch}")
-            if axes and axes[-1] == ax:
+            if ax == previous:
                 raise ValueError(f"axis {axis_name(ax)} appears twice in frontier entries")
+            previous = ax
             if epoch:
                 axes.append(ax)
                 epochs.append(epoch)
