@@ -68,9 +68,9 @@ class TimelineSemaphore:
         "_cond",
         "_failure",
         "_frontier",
+        "_live",
         "_loop",
         "_seq",
-        "_stale",
         "_value",
         "_waiters",
         "name",
@@ -86,7 +86,10 @@ class TimelineSemaphore:
         # heap of (target value, sequence, future): O(log n) insert, ordered wake-ups
         self._waiters: list[tuple[int, int, asyncio.Future[Frontier]]] = []
         self._seq = 0
-        self._stale = 0  # cancelled futures still sitting in the heap
+        # Waiters still inside wait(): counted out when woken, failed, abandoned, or when a
+        # cancelled waiter handles its cancellation. Done futures may linger in the heap;
+        # they are skipped on wake-up and compacted away once they are the majority.
+        self._live = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cond: threading.Condition | None = None
 
@@ -118,7 +121,7 @@ class TimelineSemaphore:
         return SemaphoreStatistics(
             name=self.name,
             value=self._value,
-            waiters=len(self._waiters) - self._stale,
+            waiters=self._live,
             frontier_entries=len(self._frontier),
             failed=self._failure is not None,
         )
@@ -127,7 +130,7 @@ class TimelineSemaphore:
         state = "failed" if self._failure is not None else f"value={self._value}"
         return (
             f"<TimelineSemaphore {self.name!r} {state} "
-            f"waiters={len(self._waiters) - self._stale} frontier={self._frontier!r}>"
+            f"waiters={self._live} frontier={self._frontier!r}>"
         )
 
     # -- signalling ----------------------------------------------------------------
@@ -153,12 +156,13 @@ class TimelineSemaphore:
         if waiters and waiters[0][0] <= value:
             current = self._frontier
             heappop = heapq.heappop
+            woken = 0
             while waiters and waiters[0][0] <= value:
                 fut = heappop(waiters)[2]
-                if fut.done():
-                    self._stale -= 1
-                else:
+                if not fut.done():
                     fut.set_result(current)
+                    woken += 1
+            self._live -= woken
         if self._cond is not None:
             with self._cond:
                 self._cond.notify_all()
@@ -169,7 +173,7 @@ class TimelineSemaphore:
             return False
         self._failure = exc
         waiters, self._waiters = self._waiters, []
-        self._stale = 0
+        self._live = 0
         for _, _, fut in waiters:
             if not fut.done():
                 fut.set_exception(SemaphoreFailedError(self, exc))
@@ -223,7 +227,8 @@ class TimelineSemaphore:
         try:
             return await fut
         except asyncio.CancelledError:
-            if not fut.done() or fut.cancelled():
+            fut.cancel()  # no-op once done; a pending future must never be woken later
+            if fut.cancelled():
                 self._forget_cancelled()
             raise
 
@@ -234,20 +239,32 @@ class TimelineSemaphore:
         fut: asyncio.Future[Frontier] = loop.create_future()
         self._seq += 1
         heapq.heappush(self._waiters, (value, self._seq, fut))
+        self._live += 1
         return fut
 
     def _forget_cancelled(self) -> None:
-        self._stale += 1
-        if self._stale * 2 > len(self._waiters):
+        """Count out a waiter whose future was cancelled, once, from its own cancellation.
+
+        A signal may already have popped the cancelled future, or a compaction dropped it,
+        so the count cannot be kept by the heap; a failure already counted every waiter out.
+        """
+        if self._failure is not None:
+            return
+        self._live -= 1
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop finished futures from the heap once they outnumber the live ones."""
+        if self._live * 2 < len(self._waiters):
             self._waiters = [w for w in self._waiters if not w[2].done()]
             heapq.heapify(self._waiters)
-            self._stale = 0
 
     def _abandon(self, fut: asyncio.Future[Frontier], exc: BaseException) -> None:
         """Fail one waiter's future (left in the heap as stale) without failing the semaphore."""
         if not fut.done():
             fut.set_exception(exc)
-            self._forget_cancelled()
+            self._live -= 1
+            self._compact()
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Bind to ``loop`` (done automatically on first async use)."""
