@@ -22,6 +22,7 @@ __all__ = (
 )
 
 _names = itertools.count()
+_condition_lock = threading.Lock()  # creates each semaphore's condition exactly once
 
 
 class SemaphoreFailedError(RuntimeError):
@@ -286,10 +287,16 @@ class TimelineSemaphore:
                 f"wait_sync on semaphore {self.name!r} from its own event loop thread "
                 "would deadlock; use 'await wait()'"
             )
-        if self._cond is None:
-            self._cond = threading.Condition()
+        cond = self._cond
+        if cond is None:
+            # Two threads may arrive here together: both must wait on the one condition
+            # that signal() notifies.
+            with _condition_lock:
+                if self._cond is None:
+                    self._cond = threading.Condition()
+                cond = self._cond
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with cond:
             while True:
                 if self._failure is not None:
                     raise SemaphoreFailedError(self, self._failure)
@@ -301,7 +308,7 @@ class TimelineSemaphore:
                         f"semaphore {self.name!r} did not reach {value} within "
                         f"{timeout} s (value {self._value})"
                     )
-                self._cond.wait(remaining)
+                cond.wait(remaining)
 
 
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
