@@ -6,7 +6,22 @@ virtual time.
 """
 
 from . import devices as devices
+from . import memory as memory
 from . import testing as testing
+from ._budget import AdmissionError as AdmissionError
+from ._budget import ContextUsage as ContextUsage
+from ._budget import GiB as GiB
+from ._budget import KiB as KiB
+from ._budget import MemoryBudgetError as MemoryBudgetError
+from ._budget import MemoryLedger as MemoryLedger
+from ._budget import MiB as MiB
+from ._budget import QoS as QoS
+from ._budget import format_bytes as format_bytes
+from ._context import Buffer as Buffer
+from ._context import ContextStatistics as ContextStatistics
+from ._context import ExecutionContext as ExecutionContext
+from ._context import Session as Session
+from ._context import SyncSession as SyncSession
 from ._frontier import DEFAULT_FRONTIER_CAPACITY as DEFAULT_FRONTIER_CAPACITY
 from ._frontier import AxisFields as AxisFields
 from ._frontier import Domain as Domain
@@ -23,7 +38,9 @@ from ._queue import Submission as Submission
 from ._queue import SubmissionState as SubmissionState
 from ._runtime import Runtime as Runtime
 from ._runtime import RuntimeStatistics as RuntimeStatistics
+from ._runtime import RuntimeThread as RuntimeThread
 from ._runtime import open_runtime as open_runtime
+from ._runtime import start_runtime_thread as start_runtime_thread
 from ._semaphore import SemaphoreFailedError as SemaphoreFailedError
 from ._semaphore import SemaphoreStatistics as SemaphoreStatistics
 from ._semaphore import TimelineSemaphore as TimelineSemaphore
@@ -34,20 +51,34 @@ from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
 
 __all__ = (
-    "DEFAULT_FRONTIER_CAPACITY",
+    "AdmissionError",
     "AxisFields",
+    "Buffer",
+    "ContextStatistics",
+    "ContextUsage",
+    "DEFAULT_FRONTIER_CAPACITY",
     "DeviceQueue",
     "Domain",
+    "ExecutionContext",
     "Frontier",
+    "GiB",
+    "KiB",
+    "MemoryBudgetError",
+    "MemoryLedger",
+    "MiB",
     "Order",
+    "QoS",
     "QueueStatistics",
     "Runtime",
     "RuntimeStatistics",
+    "RuntimeThread",
     "SemaphoreFailedError",
     "SemaphoreStatistics",
+    "Session",
     "StalledError",
     "Submission",
     "SubmissionState",
+    "SyncSession",
     "TimelineSemaphore",
     "TraceRecord",
     "TraceRecorder",
@@ -56,8 +87,11 @@ __all__ = (
     "axis_fields",
     "axis_name",
     "devices",
+    "format_bytes",
+    "memory",
     "open_runtime",
     "set_axis_name",
+    "start_runtime_thread",
     "testing",
     "wait_all",
     "wait_any",

@@ -382,6 +382,7 @@ class DeviceQueue:
                                 try:
                                     base = base.merge(await fut)
                                 except asyncio.CancelledError:
+                                    fut.cancel()  # no-op once done
                                     if fut.cancelled():
                                         sem._forget_cancelled()
                                     raise
@@ -428,6 +429,7 @@ class DeviceQueue:
                     self._running = False
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
+                runtime._completed_cache = None
                 if runtime._completion_waiters:
                     runtime._axis_completed(axis, sub.epoch)
                 if tracer.enabled:

@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterable
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
+from ._budget import ContextUsage, QoS
+from ._context import (
+    ExecutionContext,
+    MemoryManager,
+    MemoryPressureHandler,
+    Session,
+    SyncSession,
+)
 from ._frontier import (
     DEFAULT_FRONTIER_CAPACITY,
     Domain,
@@ -25,8 +35,17 @@ from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
+from .memory import BufferPool
 
-__all__ = ("Runtime", "RuntimeStatistics", "open_runtime")
+__all__ = (
+    "Runtime",
+    "RuntimeStatistics",
+    "RuntimeThread",
+    "open_runtime",
+    "start_runtime_thread",
+)
+
+T = TypeVar("T")
 
 _MAX_DEVICES = 256
 _QUEUES_PER_INCARNATION = 256
@@ -95,10 +114,14 @@ class Runtime:
         self.trace = TraceRecorder(trace_capacity, enabled=trace)
         self._log = logger if logger is not None else _default_logger()
         self._log_debug = _enabled(self._log, logging.DEBUG)
+        self._log_info = _enabled(self._log, logging.INFO)
         self._log_warning = _enabled(self._log, logging.WARNING)
+        self._memory = MemoryManager(self)
+        self._owned_pools: list[Device] = []
         self._queues: list[DeviceQueue] = []
         self._queue_slots: dict[str, int] = {}
         self._completed_epochs: dict[int, int] = {}
+        self._completed_cache: Frontier | None = None  # reset by queues on completion
         self._known_axes: set[int] = set()
         # axis -> heap of (epoch, sequence, future) for wait_completed
         self._completion_waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
@@ -169,6 +192,80 @@ class Runtime:
         """Every queue created so far."""
         return tuple(self._queues)
 
+    # -- contexts and memory -------------------------------------------------------
+
+    def create_context(
+        self,
+        name: str,
+        device: str | Device | None = None,
+        max_memory: int = 0,
+        base_memory: int | None = None,
+        qos: QoS = QoS.GUARANTEED,
+    ) -> ExecutionContext:
+        """Admit a context: a queue on ``device`` at the tier's priority and a memory budget.
+
+        Guaranteed reserves ``max_memory`` now; Burstable reserves ``base_memory`` and
+        may grow to ``max_memory`` from spare memory; BestEffort reserves nothing.
+        ``device`` may be omitted when the runtime has a single device.
+
+        Raises:
+            AdmissionError: the reservation does not fit what the device has left.
+        """
+        if not self._open:
+            raise RuntimeError("the runtime is not open (use 'async with open_runtime(...)')")
+        if device is None:
+            if len(self.devices) != 1:
+                raise ValueError(
+                    f"context {name!r}: name a device, this runtime has {sorted(self.devices)}"
+                )
+            dev = next(iter(self.devices.values()))
+        else:
+            dev = self.device(device) if isinstance(device, str) else device
+        return self._memory.create_context(name, dev, max_memory, base_memory, qos)
+
+    def context(self, name: str) -> ExecutionContext:
+        """The context called ``name``."""
+        return self._memory.context(name)
+
+    @property
+    def contexts(self) -> tuple[ExecutionContext, ...]:
+        """Every open context."""
+        return self._memory.contexts
+
+    def close_context(self, ctx: ExecutionContext) -> None:
+        """Free the context's buffers and give its reservation back to the device."""
+        self._memory.close_context(ctx)
+
+    def session(self, ctx: ExecutionContext) -> Session:
+        """``async with rt.session(ctx) as s``: run work and allocate on ``ctx``."""
+        return Session(self, ctx)
+
+    def session_sync(self, ctx: ExecutionContext) -> SyncSession:
+        """``with rt.session_sync(ctx) as s``: the same, for code on another thread."""
+        return SyncSession(self, ctx)
+
+    def usage(self, ctx: ExecutionContext) -> ContextUsage:
+        """``(used, reserved, limit)`` bytes of ``ctx``."""
+        return self._memory.usage(ctx)
+
+    def available_memory(self, device: str | Device) -> int:
+        """Bytes of ``device`` that no context has reserved or is using."""
+        dev = self.device(device) if isinstance(device, str) else device
+        return self._memory.available(dev)
+
+    def on_memory_pressure(self, handler: MemoryPressureHandler) -> MemoryPressureHandler:
+        """Register ``handler(ctx, requested, available)``, asked when memory runs short.
+
+        It may free memory (drop weights, page out caches) and returns truthy to have
+        the allocation retried. Usable as a decorator.
+        """
+        return self._memory.on_memory_pressure(handler)
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or not self._open:
+            raise RuntimeError("the runtime is not open")
+        return self._loop
+
     # -- time and progress ---------------------------------------------------------
 
     def now(self) -> float:
@@ -179,7 +276,10 @@ class Runtime:
     @property
     def completed(self) -> Frontier:
         """The frontier of completed epochs on every queue axis (the epoch tracker)."""
-        return Frontier(self._completed_epochs)
+        cached = self._completed_cache
+        if cached is None:
+            cached = self._completed_cache = Frontier(self._completed_epochs)
+        return cached
 
     def is_complete(self, frontier: Frontier) -> bool:
         """Whether every epoch named by ``frontier`` has completed."""
@@ -243,6 +343,15 @@ class Runtime:
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.trace.origin = self._loop.time()
+        for device in self.devices.values():
+            if device.memory is None and device.memory_capacity:
+                device.memory = BufferPool(
+                    device.memory_capacity,
+                    completed=self,
+                    frontier_capacity=self.frontier_capacity,
+                    name=device.name,
+                )
+                self._owned_pools.append(device)
         started: list[Device] = []
         try:
             for device in self.devices.values():
@@ -290,6 +399,8 @@ class Runtime:
 
     async def _close(self) -> None:
         self._open = False
+        for device in self._owned_pools:
+            device.memory = None
         for q in self._queues:
             q._closed = True
         for task in list(self._tasks):
@@ -353,3 +464,108 @@ async def open_runtime(
         await rt._drain()
     finally:
         await rt._close()
+
+
+class RuntimeThread:
+    """A runtime on its own event loop in a background thread, for synchronous programs.
+
+    ``with start_runtime_thread(devices) as thread:`` opens the runtime; ``thread.call``
+    runs a coroutine function on its loop and ``thread.call_soon`` a plain function,
+    each blocking the caller until the result is ready. Leaving drains and closes.
+    """
+
+    def __init__(self, devices: Iterable[Device] = (), **options: Any) -> None:
+        self._devices = list(devices)
+        self._options = options
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runtime: Runtime | None = None
+        self._stop: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime (only touch it on its loop: use :meth:`call` or :meth:`call_soon`)."""
+        if self._runtime is None:
+            raise RuntimeError("the runtime thread is not running")
+        return self._runtime
+
+    def start(self, timeout: float = 30.0) -> RuntimeThread:
+        """Start the thread and wait until the runtime is open."""
+        if self._thread is not None:
+            raise RuntimeError("the runtime thread was already started")
+        self._thread = threading.Thread(target=self._main, name="asyncfront-runtime", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the runtime did not open within {timeout} s")
+        if self._error is not None:
+            raise RuntimeError("the runtime failed to open") from self._error
+        return self
+
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to the thread that closes or starts us
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        async with open_runtime(self._devices, **self._options) as rt:
+            self._runtime = rt
+            self._ready.set()
+            await self._stop.wait()
+        self._runtime = None
+
+    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``await fn(*args, **kwargs)`` on the runtime's loop; block for its result."""
+        loop = self._running_loop()
+        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), loop).result()
+
+    def call_soon(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` on the runtime's loop thread; block for its result."""
+
+        async def run() -> T:
+            return fn(*args, **kwargs)
+
+        return self.call(run)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or self._runtime is None:
+            raise RuntimeError("the runtime thread is not running")
+        if self._thread is not None and threading.get_ident() == self._thread.ident:
+            raise RuntimeError("RuntimeThread.call from the runtime's own loop would deadlock")
+        return loop
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Drain and close the runtime, then join the thread."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None:
+            return
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop may have just ended
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)
+        self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError("the runtime thread failed") from error
+
+    def __enter__(self) -> RuntimeThread:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "running" if self._runtime is not None else "stopped"
+        return f"<RuntimeThread {state} devices={[d.name for d in self._devices]}>"
+
+
+def start_runtime_thread(devices: Iterable[Device] = (), **options: Any) -> RuntimeThread:
+    """Open a runtime on a background thread's loop (see :class:`RuntimeThread`)."""
+    return RuntimeThread(devices, **options).start()

@@ -101,7 +101,8 @@ class Device(ABC):
     def __init__(self, name: str, *, concurrency: int = 1) -> None:
         self.name = name
         self.concurrency = concurrency
-        self.memory: Any = None
+        self.memory: Any = None  # the device's BufferPool, set by the runtime
+        self.memory_capacity: int | None = None  # bytes of device memory, None if untracked
         self.index = -1  # set by the runtime: the device field of its queue axes
         self._arbiter = SlotArbiter(concurrency)
         self._runtime: Runtime | None = None

@@ -20,16 +20,22 @@ __all__ = ("CpuDevice",)
 class CpuDevice(Device):
     """The host CPU: ``workers`` threads, one execution slot per thread.
 
+    ``memory`` (bytes) gives its contexts a host-memory budget to share; None leaves
+    host memory untracked.
+
     Synchronous work runs in the pool; coroutine functions run on the event loop
     (while holding a slot, so priorities still apply).
     """
 
     kind = "cpu"
 
-    def __init__(self, name: str = "cpu", workers: int = 2) -> None:
+    def __init__(self, name: str = "cpu", workers: int = 2, memory: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"CpuDevice needs at least 1 worker, got {workers}")
+        if memory is not None and memory < 0:
+            raise ValueError(f"CpuDevice memory must be >= 0 bytes, got {memory}")
         super().__init__(name, concurrency=workers)
+        self.memory_capacity = memory or None
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
 

@@ -47,7 +47,7 @@ class FakeDevice(Device):
             raise ValueError(f"FakeDevice memory must be >= 0, got {memory}")
         super().__init__(name, concurrency=concurrency)
         self.kind = kind
-        self.memory_capacity = memory
+        self.memory_capacity = memory or None
         self.speed = speed
         self._faults: list[tuple[str | None, BaseException]] = []
 
