@@ -415,10 +415,10 @@ class DeviceQueue:
                         frontier = sub.frontier
                         for sem, value in sub.signals:
                             sem.signal(value, frontier)
-                        if runtime._log_debug:
-                            runtime._log.debug(
-                                "signal", queue=self.name, semaphore=sem.name, value=value
-                            )
+                            if runtime._log_debug:
+                                runtime._log.debug(
+                                    "signal", queue=self.name, semaphore=sem.name, value=value
+                                )
                     sub._finish(result)
                 except asyncio.CancelledError:
                     self._fail(sub, StalledError(f"runtime closed before {sub.name!r} finished"))
