@@ -23,7 +23,6 @@ from hypothesis.stateful import (
 import asyncfront as af
 import asyncfront.memory
 from asyncfront import Frontier
-from asyncfront._frontier import EMPTY
 from asyncfront.memory import (
     Block,
     BufferPool,
@@ -43,6 +42,7 @@ A = af.axis(device=0, queue=0)
 B = af.axis(device=0, queue=1)
 C = af.axis(device=1, queue=0)
 D = af.axis(device=1, queue=1)
+EMPTY = Frontier()
 
 
 def f(**entries: int) -> Frontier:
@@ -64,11 +64,10 @@ class Completed:
         self.frontier = self.frontier | frontier
 
 
-def pool_with(capacity: int = 1024, **kwargs: object) -> tuple[BufferPool, Completed]:
+def pool_with(capacity: int = 1024, **kwargs: Any) -> tuple[BufferPool, Completed]:
     """A pool with alignment 1 (exact offsets) reading a hand-made completed frontier."""
     completed = Completed()
-    kwargs.setdefault("alignment", 1)
-    pool = BufferPool(capacity, completed=completed, **kwargs)  # type: ignore[arg-type]
+    pool = BufferPool(capacity, alignment=1, completed=completed, **kwargs)
     return pool, completed
 
 
@@ -436,7 +435,7 @@ def test_allocate_nowait_raises_would_wait_with_the_decision() -> None:
         ({"capacity": 64, "frontier_capacity": 0}, "frontier capacity must be >= 1, got 0"),
     ],
 )
-def test_bad_pool_arguments_are_rejected(kwargs: dict[str, int], message: str) -> None:
+def test_bad_pool_arguments_are_rejected(kwargs: dict[str, Any], message: str) -> None:
     """Invalid constructor arguments raise ValueError naming the value."""
     with pytest.raises(ValueError, match=message):
         BufferPool(**kwargs)
@@ -512,14 +511,13 @@ def test_waiting_allocation_is_woken_by_a_free_that_serves_it() -> None:
     """A free that offers a reusable block ends a wait before the epochs complete."""
 
     async def main() -> None:
-        pool, _ = pool_with(768)
         started = asyncio.Event()
 
         async def never_completes(frontier: Frontier) -> None:
             started.set()
             await asyncio.Event().wait()
 
-        pool._wait_completed = never_completes
+        pool, _ = pool_with(768, wait_completed=never_completes)
         old = block(pool.try_allocate(256))
         block(pool.try_allocate(256))  # keeps the two freed blocks apart
         other = block(pool.try_allocate(256))
@@ -567,7 +565,6 @@ def test_cancelled_allocation_leaves_no_waiter_behind() -> None:
     """Cancelling a waiting allocate() removes its waiter and cancels its completion wait."""
 
     async def main() -> None:
-        pool, _ = pool_with(256)
         cancelled = asyncio.Event()
 
         async def slow(frontier: Frontier) -> None:
@@ -576,7 +573,7 @@ def test_cancelled_allocation_leaves_no_waiter_behind() -> None:
             finally:
                 cancelled.set()
 
-        pool._wait_completed = slow
+        pool, _ = pool_with(256, wait_completed=slow)
         cached_block_at(pool, 0, 256, f(A=1))
         waiter = asyncio.ensure_future(pool.allocate(10))
         await asyncio.sleep(1)

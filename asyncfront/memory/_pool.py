@@ -427,20 +427,15 @@ class BufferPool:
         """
         self._check_size(nbytes)
         free = self._free
-        completed: Frontier | None = None
-        known = EMPTY  # requester | completed, once completed is read
+        knowledge = _Knowledge(requester, self._read_completed)
         blocked: list[_Segment] = []
         for offset in self._offsets:
             seg = free[offset]
             if seg.nbytes < nbytes:
                 continue
-            if not seg.tainted and requester.dominates(seg.death):
-                return self._take(seg, nbytes, requester, Reuse.DOMINATED)
-            if completed is None:
-                completed = self._read_completed()
-                known = requester.merge(completed)
-            if (completed if seg.tainted else known).dominates(seg.death):
-                return self._take(seg, nbytes, requester, Reuse.COMPLETED)
+            reuse = knowledge.reuse(seg)
+            if reuse is not None:
+                return self._take(seg, nbytes, requester, reuse)
             blocked.append(seg)
         fresh = self.capacity - self._top
         if fresh >= nbytes:
@@ -448,18 +443,13 @@ class BufferPool:
         top = self._free_by_end.get(self._top)
         if top is not None and top.nbytes < nbytes <= top.nbytes + fresh:
             # The cached block just below the never-used space, extended into it.
-            if not top.tainted and requester.dominates(top.death):
-                return self._take(top, nbytes, requester, Reuse.DOMINATED)
-            if completed is None:
-                completed = self._read_completed()
-                known = requester.merge(completed)
-            if (completed if top.tainted else known).dominates(top.death):
-                return self._take(top, nbytes, requester, Reuse.COMPLETED)
+            reuse = knowledge.reuse(top)
+            if reuse is not None:
+                return self._take(top, nbytes, requester, reuse)
             blocked.append(top)
         if blocked:
-            assert completed is not None
             self._waits += 1
-            return _best_wait(nbytes, blocked, known, completed)
+            return knowledge.best_wait(nbytes, blocked)
         self._waits_for_free += 1
         return WaitForFree(nbytes, self._bytes_cached + fresh, self._largest_free())
 
@@ -473,21 +463,24 @@ class BufferPool:
 
     def _take(self, seg: _Segment, nbytes: int, requester: Frontier, reuse: Reuse) -> Block:
         """Hand out the start of a cached segment (extended into fresh space at the top)."""
-        self._remove(seg)
-        available = seg.nbytes
-        if seg.offset + seg.nbytes == self._top:
-            available += self.capacity - self._top
-        span = min(self._aligned(nbytes), available)
+        offset = seg.offset
+        span = self._aligned(nbytes)
         if span < seg.nbytes:
+            # Split: the remainder is the same segment, starting later, same death.
             self._splits += 1
-            self._insert(_Segment(seg.offset + span, seg.nbytes - span, seg.death, seg.tainted))
-        elif span > seg.nbytes:
-            self._top = seg.offset + span
+            self._move_start(seg, offset + span)
+        else:
+            self._remove(seg)
+            if offset + seg.nbytes == self._top:
+                span = min(span, self.capacity - offset)
+                self._top = offset + span
+            else:
+                span = seg.nbytes  # boundaries below the top are aligned: an exact fit
         if reuse is Reuse.DOMINATED:
             self._reuses_dominated += 1
         else:
             self._reuses_completed += 1
-        return self._hand_out(seg.offset, nbytes, span, requester, reuse)
+        return self._hand_out(offset, nbytes, span, requester, reuse)
 
     def _take_fresh(self, nbytes: int, requester: Frontier) -> Block:
         offset = self._top
@@ -547,28 +540,56 @@ class BufferPool:
         span = block._span
         self._bytes_in_use -= span
         self._frees += 1
-        seg = _Segment(block._offset, span, death, len(death) > self.frontier_capacity)
-        left = self._free_by_end.get(seg.offset)
+        offset = block._offset
+        end = offset + span
+        tainted = len(death) > self.frontier_capacity
+        left = self._free_by_end.get(offset)
+        right = self._free.get(end)
+        # Coalesce by growing a neighbour in place: no list insertion on the common path.
         if left is not None:
-            self._remove(left)
-            seg = self._merged(left, seg)
-        right = self._free.get(seg.offset + seg.nbytes)
-        if right is not None:
-            self._remove(right)
-            seg = self._merged(seg, right)
-        self._insert(seg)
+            self._absorb(left, death, tainted)
+            if right is not None:
+                self._remove(right)
+                self._absorb(left, right.death, right.tainted)
+                end += right.nbytes
+            self._move_end(left, end)
+        elif right is not None:
+            self._absorb(right, death, tainted)
+            self._move_start(right, offset)
+        else:
+            self._insert(_Segment(offset, span, death, tainted))
         if self._waiters:
             waiters, self._waiters = self._waiters, {}
             for fut in waiters:
                 if not fut.done():
                     fut.set_result(None)
 
-    def _merged(self, low: _Segment, high: _Segment) -> _Segment:
-        """One segment for two adjacent ones; the death frontier is never truncated."""
+    def _absorb(self, seg: _Segment, death: Frontier, tainted: bool) -> None:
+        """Merge an adjacent block's death into ``seg``: never truncated, tainted if too big."""
         self._coalesces += 1
-        death = low.death.merge(high.death)
-        tainted = low.tainted or high.tainted or len(death) > self.frontier_capacity
-        return _Segment(low.offset, low.nbytes + high.nbytes, death, tainted)
+        merged = seg.death.merge(death)
+        seg.death = merged
+        if not seg.tainted and (tainted or len(merged) > self.frontier_capacity):
+            seg.tainted = True
+            self._tainted += 1
+
+    def _move_start(self, seg: _Segment, offset: int) -> None:
+        """Move a segment's start, keeping its end (address order is unchanged)."""
+        offsets = self._offsets
+        offsets[bisect.bisect_left(offsets, seg.offset)] = offset
+        del self._free[seg.offset]
+        self._free[offset] = seg
+        self._bytes_cached += seg.offset - offset
+        seg.nbytes += seg.offset - offset
+        seg.offset = offset
+
+    def _move_end(self, seg: _Segment, end: int) -> None:
+        """Move a segment's end, keeping its start."""
+        old_end = seg.offset + seg.nbytes
+        del self._free_by_end[old_end]
+        self._free_by_end[end] = seg
+        self._bytes_cached += end - old_end
+        seg.nbytes += end - old_end
 
     def _insert(self, seg: _Segment) -> None:
         self._free[seg.offset] = seg
@@ -635,25 +656,25 @@ class BufferPool:
                     "(pass completed=<runtime> or wait_completed=...)",
                     decision,
                 )
-            await self._wait_for(decision.frontier)
+            await self._wait_for(self._wait_completed(decision.frontier))
 
-    async def _wait_for(self, frontier: Frontier | None) -> None:
-        """Wait until ``frontier`` completes (if given) or any block is freed."""
+    async def _wait_for(self, completion: Awaitable[None] | None) -> None:
+        """Wait until ``completion`` finishes (if given) or any block is freed."""
         changed = asyncio.get_running_loop().create_future()
         self._waiters[changed] = None
         try:
-            if frontier is None or self._wait_completed is None:
+            if completion is None:
                 await changed
                 return
-            completion = asyncio.ensure_future(self._wait_completed(frontier))
+            task = asyncio.ensure_future(completion)
             try:
-                await asyncio.wait((changed, completion), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((changed, task), return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if not completion.done():
-                    completion.cancel()
-                    completion.add_done_callback(_consume_result)
-            if completion.done():
-                completion.result()
+                if not task.done():
+                    task.cancel()
+                    task.add_done_callback(_consume_result)
+            if task.done():
+                task.result()  # the completion source's error, if it raised
         finally:
             self._waiters.pop(changed, None)
 
@@ -725,14 +746,53 @@ def _completed_reader(source: CompletedSource | None) -> Callable[[], Frontier]:
     return lambda: source.completed
 
 
-def _best_wait(nbytes: int, blocked: list[_Segment], known: Frontier, completed: Frontier) -> Wait:
-    """The block whose missing epochs are fewest, then least outstanding, then lowest."""
-    best: tuple[tuple[int, int, int], Wait] | None = None
-    for seg in blocked:
-        missing = (completed if seg.tainted else known).undominated(seg.death)
-        outstanding = sum(epoch - completed.get(ax) for ax, epoch in missing)
-        key = (len(missing), outstanding, seg.offset)
-        if best is None or key < best[0]:
-            best = (key, Wait(nbytes, missing, seg.offset, seg.tainted))
-    assert best is not None
-    return best[1]
+class _Knowledge:
+    """What one allocation may rely on, read lazily: the requester, completion, both."""
+
+    __slots__ = ("_completed", "_known", "_read_completed", "requester")
+
+    def __init__(self, requester: Frontier, read_completed: Callable[[], Frontier]) -> None:
+        self.requester = requester
+        self._read_completed = read_completed
+        self._completed: Frontier | None = None
+        self._known: Frontier | None = None
+
+    @property
+    def completed(self) -> Frontier:
+        completed = self._completed
+        if completed is None:
+            completed = self._completed = self._read_completed()
+        return completed
+
+    @property
+    def known(self) -> Frontier:
+        """requester | completed: every epoch this allocation may treat as finished."""
+        known = self._known
+        if known is None:
+            known = self._known = self.requester.merge(self.completed)
+        return known
+
+    def reuse(self, seg: _Segment) -> Reuse | None:
+        """The rule that makes ``seg`` safe to hand out now, or None."""
+        death = seg.death
+        if seg.tainted:
+            return Reuse.COMPLETED if self.completed.dominates(death) else None
+        if self.requester.dominates(death):
+            return Reuse.DOMINATED
+        # Completion alone is the common case and avoids building the merge.
+        if self.completed.dominates(death) or self.known.dominates(death):
+            return Reuse.COMPLETED
+        return None
+
+    def best_wait(self, nbytes: int, blocked: list[_Segment]) -> Wait:
+        """Wait on the block missing the fewest epochs, then least outstanding, then lowest."""
+        completed = self.completed
+        best: tuple[tuple[int, int, int], Wait] | None = None
+        for seg in blocked:
+            missing = (completed if seg.tainted else self.known).undominated(seg.death)
+            outstanding = sum(epoch - completed.get(ax) for ax, epoch in missing)
+            key = (len(missing), outstanding, seg.offset)
+            if best is None or key < best[0]:
+                best = (key, Wait(nbytes, missing, seg.offset, seg.tainted))
+        assert best is not None
+        return best[1]
