@@ -305,10 +305,17 @@ class Runtime:
             loop = self._loop or asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
             self._completion_seq += 1
-            heapq.heappush(
-                self._completion_waiters.setdefault(ax, []), (epoch, self._completion_seq, fut)
-            )
-            await fut
+            heap = self._completion_waiters.setdefault(ax, [])
+            heapq.heappush(heap, (epoch, self._completion_seq, fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                # Cancelled waits (pools cancel them when a free comes first) would sit in
+                # the heap until their epoch completes: compact once they dominate it.
+                if len(heap) > 32 and sum(1 for e in heap if e[2].done()) * 2 > len(heap):
+                    heap[:] = [e for e in heap if not e[2].done()]
+                    heapq.heapify(heap)
+                raise
 
     def _axis_completed(self, ax: int, epoch: int) -> None:
         """Called by a queue after recording a completed epoch: wake completion waiters."""

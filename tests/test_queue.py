@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextlib
 import itertools
 
 import pytest
@@ -332,3 +333,35 @@ def test_work_submitted_as_the_runtime_fails_is_failed_not_lost() -> None:
 async def _await_quietly(sub: af.Submission) -> None:
     with contextlib.suppress(af.StalledError):
         await sub
+
+
+def test_run_virtual_keeps_the_threads_current_loop() -> None:
+    """run_virtual restores the thread's event loop instead of dropping it unclosed."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        run_virtual(asyncio.sleep, 1.0)
+        assert asyncio.get_event_loop_policy().get_event_loop() is loop
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def test_cancelled_completion_waits_do_not_pile_up() -> None:
+    """Cancelled wait_completed calls are compacted out of the runtime's waiter heap."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu")
+            q.submit(cost=10.0)
+            target = af.Frontier({q.axis: 1})
+            for _ in range(200):
+                task = asyncio.ensure_future(rt.wait_completed(target))
+                await asyncio.sleep(0)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            assert len(rt._completion_waiters[q.axis]) <= 64
+            await rt.wait_completed(target)
+
+    run_virtual(main)

@@ -36,6 +36,7 @@ def run_virtual(
     of work in milliseconds. Do not use threads inside: they do not advance virtual time.
     """
     loop = new_virtual_loop(start=start, idle_timeout=idle_timeout)
+    previous = _current_loop()
     try:
         asyncio.set_event_loop(loop)
         return loop.run_until_complete(main(*args))
@@ -43,5 +44,14 @@ def run_virtual(
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
-            asyncio.set_event_loop(None)
+            # Restore whatever loop the thread had: dropping it would leave it unclosed.
+            asyncio.set_event_loop(previous)
             loop.close()
+
+
+def _current_loop() -> asyncio.AbstractEventLoop | None:
+    """The thread's set event loop, without creating one."""
+    policy = asyncio.get_event_loop_policy()
+    local = getattr(policy, "_local", None)
+    loop = getattr(local, "_loop", None)
+    return loop if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed() else None
