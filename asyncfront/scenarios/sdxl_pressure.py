@@ -113,11 +113,14 @@ class ModelSpec:
 
 
 RESIDENT_MODELS = (
+    # GPU 0. Llama's workspace is its KV cache: 128 KiB per token, about 120k tokens.
     ModelSpec("llama", "Llama-3-8B", "gpu0", QoS.GUARANTEED, 5 * GiB, 15 * GiB),
     ModelSpec(
         "llama-draft", "Llama-3-8B draft, quantized", "gpu0", QoS.GUARANTEED, 1 * GiB, 512 * MiB
     ),
     ModelSpec("clip", "CLIP-ViT-L", "gpu0", QoS.GUARANTEED, 1 * GiB, 512 * MiB),
+    # GPU 1. RAG keeps a 12 GiB vector index (about 3 million 1024-float embeddings)
+    # and 0.5 GiB of batch buffers; its tier is Burstable with all of it reserved.
     ModelSpec("whisper", "Whisper-large-v3", "gpu1", QoS.GUARANTEED, 2 * GiB, 1 * GiB),
     ModelSpec(
         "rag", "BGE-large + reranker, vector index", "gpu1", QoS.BURSTABLE,
@@ -630,7 +633,7 @@ class SdxlPressureReport:
         assert image_frontier is not None
         lines.append(f"  image (vae decode)         {_names(image_frontier)}")
         for n, turn in enumerate(self.voice, start=1):
-            lines.append(f"  voice {n} speech (final)    {_names(turn.final_frontier)}")
+            lines.append(f"  voice {n} speech (final)     {_names(turn.final_frontier)}")
         return "\n".join(lines)
 
 
