@@ -3,5 +3,15 @@
 from .laptop_voice import VoiceReport as VoiceReport
 from .laptop_voice import laptop_devices as laptop_devices
 from .laptop_voice import run_voice_pipeline as run_voice_pipeline
+from .sdxl_pressure import SdxlPressureReport as SdxlPressureReport
+from .sdxl_pressure import run_sdxl_pressure as run_sdxl_pressure
+from .sdxl_pressure import workstation_devices as workstation_devices
 
-__all__ = ("VoiceReport", "laptop_devices", "run_voice_pipeline")
+__all__ = (
+    "SdxlPressureReport",
+    "VoiceReport",
+    "laptop_devices",
+    "run_sdxl_pressure",
+    "run_voice_pipeline",
+    "workstation_devices",
+)
