@@ -353,3 +353,28 @@ def test_session_sync_free_inside_a_pressure_handler() -> None:
             buf = sb.allocate(1 * GiB, timeout=5.0)
             assert calls == ["b"] and buf.nbytes == 1 * GiB
             assert thread.call_soon(rt.usage, a).used == 0
+
+
+def test_memory_pressure_handler_can_refuse_by_raising() -> None:
+    """A pressure handler that raises fails the allocation at once and charges nothing."""
+
+    class Refused(MemoryError):
+        pass
+
+    async def main() -> None:
+        async with af.open_runtime([gpu(2 * GiB)]) as rt:
+            a = rt.create_context("a", device="gpu0", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT)
+            b = rt.create_context("b", device="gpu0", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT)
+            async with rt.session(a) as sa, rt.session(b) as sb:
+                await sa.allocate(2 * GiB)  # b would otherwise wait for a to free
+
+                @rt.on_memory_pressure
+                def refuse(ctx: af.ExecutionContext, requested: int, available: int) -> bool:
+                    raise Refused(f"{ctx.name} may not wait")
+
+                with pytest.raises(Refused, match="b may not wait"):
+                    await sb.allocate(1 * GiB)
+                assert rt.usage(b).used == 0 and b.statistics().waits == 0
+                assert rt.now() == 0.0
+
+    run_virtual(main)
