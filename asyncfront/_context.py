@@ -611,6 +611,14 @@ class SyncSession:
             )
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if _on_thread_of(self._loop):
+            # Blocking the loop thread on work scheduled onto that same loop never ends.
+            coro.close()
+            raise RuntimeError(
+                f"session on context {self.context.name!r}: this call blocks until the "
+                "runtime's loop answers, so it cannot run on that loop's thread (inside a "
+                "memory-pressure or eviction handler); only free() and submit() can"
+            )
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def __enter__(self) -> SyncSession:
@@ -639,7 +647,12 @@ class SyncSession:
     def submit(
         self, fn: Callable[..., Any] | None = None, *args: Any, cost: float | None = None, **kw: Any
     ) -> Submission:
-        """Queue work and return its submission (await it from the loop, or call ``run``)."""
+        """Queue work and return its submission (await it from the loop, or call ``run``).
+
+        Works on the runtime's loop thread too, for example inside a memory-pressure handler.
+        """
+        if _on_thread_of(self._loop):
+            return self._session.submit(fn, *args, cost=cost, **kw)
 
         async def submit() -> Submission:
             return self._session.submit(fn, *args, cost=cost, **kw)
@@ -651,7 +664,14 @@ class SyncSession:
         return self._call(self._session.allocate(nbytes, timeout=timeout))
 
     def free(self, buf: Buffer, death: Frontier | None = None) -> None:
-        """Free a buffer."""
+        """Free a buffer.
+
+        Works on the runtime's loop thread too: memory-pressure and eviction handlers run
+        there and are where memory is most often given back.
+        """
+        if _on_thread_of(self._loop):
+            self._session.free(buf, death)
+            return
 
         async def free() -> None:
             self._session.free(buf, death)

@@ -257,7 +257,8 @@ class Runtime:
         """Register ``handler(ctx, requested, available)``, asked when memory runs short.
 
         It may free memory (drop weights, page out caches) and returns truthy to have
-        the allocation retried. Usable as a decorator.
+        the allocation retried. An exception it raises refuses the allocation: the
+        allocation raises it and nothing is charged. Usable as a decorator.
         """
         return self._memory.on_memory_pressure(handler)
 

@@ -330,3 +330,51 @@ async def test_session_sync_refuses_the_loop_thread() -> None:
         ctx = rt.create_context("c")
         with pytest.raises(RuntimeError, match="own loop"):
             rt.session_sync(ctx)
+
+
+def test_session_sync_free_inside_a_pressure_handler() -> None:
+    """A pressure handler on the loop thread frees a SyncSession's buffer without deadlock."""
+    with af.start_runtime_thread([af.devices.CpuDevice("cpu", memory=2 * GiB)]) as thread:
+        rt = thread.runtime
+        a = thread.call_soon(rt.create_context, "a", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT)
+        b = thread.call_soon(rt.create_context, "b", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT)
+        with rt.session_sync(a) as sa, rt.session_sync(b) as sb:
+            weights = sa.allocate(2 * GiB)
+            calls: list[str] = []
+
+            def drop_weights(ctx: af.ExecutionContext, requested: int, available: int) -> bool:
+                calls.append(ctx.name)
+                with pytest.raises(RuntimeError, match="loop's thread"):
+                    sa.allocate(1)
+                sa.free(weights)
+                return True
+
+            thread.call_soon(rt.on_memory_pressure, drop_weights)
+            buf = sb.allocate(1 * GiB, timeout=5.0)
+            assert calls == ["b"] and buf.nbytes == 1 * GiB
+            assert thread.call_soon(rt.usage, a).used == 0
+
+
+def test_memory_pressure_handler_can_refuse_by_raising() -> None:
+    """A pressure handler that raises fails the allocation at once and charges nothing."""
+
+    class Refused(MemoryError):
+        pass
+
+    async def main() -> None:
+        async with af.open_runtime([gpu(2 * GiB)]) as rt:
+            a = rt.create_context("a", device="gpu0", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT)
+            b = rt.create_context("b", device="gpu0", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT)
+            async with rt.session(a) as sa, rt.session(b) as sb:
+                await sa.allocate(2 * GiB)  # b would otherwise wait for a to free
+
+                @rt.on_memory_pressure
+                def refuse(ctx: af.ExecutionContext, requested: int, available: int) -> bool:
+                    raise Refused(f"{ctx.name} may not wait")
+
+                with pytest.raises(Refused, match="b may not wait"):
+                    await sb.allocate(1 * GiB)
+                assert rt.usage(b).used == 0 and b.statistics().waits == 0
+                assert rt.now() == 0.0
+
+    run_virtual(main)
