@@ -353,15 +353,12 @@ class MemoryManager:
                 memory.hold(owner, nbytes)
                 return
             used, _, limit = ledger.usage(ctx.name)
+
+            def refuse(reason: str) -> MemoryBudgetError:
+                return MemoryBudgetError(ctx.name, nbytes, limit, used, ledger.available, reason)
+
             if charge is Charge.OVER_LIMIT:
-                raise MemoryBudgetError(
-                    ctx.name,
-                    nbytes,
-                    limit,
-                    used,
-                    ledger.available,
-                    "over the context's max_memory",
-                )
+                raise refuse("over the context's max_memory")
             self._log(
                 "memory_pressure",
                 ctx,
@@ -375,24 +372,12 @@ class MemoryManager:
                 if await self._ask_handlers(ctx, nbytes, ledger.available_to(ctx.name)):
                     continue
             if not self._can_free(memory, owner):
-                raise MemoryBudgetError(
-                    ctx.name,
-                    nbytes,
-                    limit,
-                    used,
-                    ledger.available,
-                    "the device's memory is reserved or in use and nothing pending can free it",
+                raise refuse(
+                    "the device's memory is reserved or in use and nothing pending can free it"
                 )
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                raise MemoryBudgetError(
-                    ctx.name,
-                    nbytes,
-                    limit,
-                    used,
-                    ledger.available,
-                    f"no memory was freed within {timeout} s",
-                )
+                raise refuse(f"no memory was freed within {timeout} s")
             self._log("memory_wait", ctx, requested=nbytes)
             ctx._waits += 1
             granted = await self._wait_for_memory(memory, ctx, nbytes, owner, remaining)
