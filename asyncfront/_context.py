@@ -352,13 +352,8 @@ class MemoryManager:
             if charge is Charge.GRANTED:
                 memory.hold(owner, nbytes)
                 return
-            used, _, limit = ledger.usage(ctx.name)
-
-            def refuse(reason: str) -> MemoryBudgetError:
-                return MemoryBudgetError(ctx.name, nbytes, limit, used, ledger.available, reason)
-
             if charge is Charge.OVER_LIMIT:
-                raise refuse("over the context's max_memory")
+                raise _refusal(ctx, ledger, nbytes, "over the context's max_memory")
             self._log(
                 "memory_pressure",
                 ctx,
@@ -372,12 +367,15 @@ class MemoryManager:
                 if await self._ask_handlers(ctx, nbytes, ledger.available_to(ctx.name)):
                     continue
             if not self._can_free(memory, owner):
-                raise refuse(
-                    "the device's memory is reserved or in use and nothing pending can free it"
+                raise _refusal(
+                    ctx,
+                    ledger,
+                    nbytes,
+                    "the device's memory is reserved or in use and nothing pending can free it",
                 )
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                raise refuse(f"no memory was freed within {timeout} s")
+                raise _refusal(ctx, ledger, nbytes, f"no memory was freed within {timeout} s")
             self._log("memory_wait", ctx, requested=nbytes)
             ctx._waits += 1
             granted = await self._wait_for_memory(memory, ctx, nbytes, owner, remaining)
@@ -662,6 +660,14 @@ class SyncSession:
             self._session.free(buf, death)
 
         self._call(free())
+
+
+def _refusal(
+    ctx: ExecutionContext, ledger: MemoryLedger, nbytes: int, reason: str
+) -> MemoryBudgetError:
+    """The error for a refused allocation, with the context's numbers as they stand."""
+    used, _, limit = ledger.usage(ctx.name)
+    return MemoryBudgetError(ctx.name, nbytes, limit, used, ledger.available, reason)
 
 
 def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:
