@@ -31,6 +31,15 @@ from ._frontier import axis as axis
 from ._frontier import axis_fields as axis_fields
 from ._frontier import axis_name as axis_name
 from ._frontier import set_axis_name as set_axis_name
+from ._placement import ModelInfo as ModelInfo
+from ._placement import ModelRegistry as ModelRegistry
+from ._placement import PlacementCandidate as PlacementCandidate
+from ._placement import PlacementDecision as PlacementDecision
+from ._placement import PlacementError as PlacementError
+from ._placement import PlacementReason as PlacementReason
+from ._placement import Residency as Residency
+from ._placement import StageNeeds as StageNeeds
+from ._placement import place as place
 from ._queue import DeviceQueue as DeviceQueue
 from ._queue import QueueStatistics as QueueStatistics
 from ._queue import StalledError as StalledError
@@ -66,15 +75,23 @@ __all__ = (
     "MemoryBudgetError",
     "MemoryLedger",
     "MiB",
+    "ModelInfo",
+    "ModelRegistry",
     "Order",
+    "PlacementCandidate",
+    "PlacementDecision",
+    "PlacementError",
+    "PlacementReason",
     "QoS",
     "QueueStatistics",
+    "Residency",
     "Runtime",
     "RuntimeStatistics",
     "RuntimeThread",
     "SemaphoreFailedError",
     "SemaphoreStatistics",
     "Session",
+    "StageNeeds",
     "StalledError",
     "Submission",
     "SubmissionState",
@@ -90,6 +107,7 @@ __all__ = (
     "format_bytes",
     "memory",
     "open_runtime",
+    "place",
     "set_axis_name",
     "start_runtime_thread",
     "testing",
