@@ -17,6 +17,9 @@ from ._budget import MemoryLedger as MemoryLedger
 from ._budget import MiB as MiB
 from ._budget import QoS as QoS
 from ._budget import format_bytes as format_bytes
+from ._collective import CollectiveChannel as CollectiveChannel
+from ._collective import CollectiveStatistics as CollectiveStatistics
+from ._collective import CollectiveStep as CollectiveStep
 from ._context import Buffer as Buffer
 from ._context import ContextStatistics as ContextStatistics
 from ._context import ExecutionContext as ExecutionContext
@@ -63,6 +66,9 @@ __all__ = (
     "AdmissionError",
     "AxisFields",
     "Buffer",
+    "CollectiveChannel",
+    "CollectiveStatistics",
+    "CollectiveStep",
     "ContextStatistics",
     "ContextUsage",
     "DEFAULT_FRONTIER_CAPACITY",

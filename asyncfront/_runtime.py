@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import structlog
 
 from ._budget import ContextUsage, QoS
+from ._collective import CollectiveChannel, _distributed
 from ._context import (
     ExecutionContext,
     MemoryManager,
@@ -132,6 +133,7 @@ class Runtime:
         self._draining = False
         self._settled: asyncio.Future[None] | None = None
         self._open = False
+        self._channels: list[CollectiveChannel] = []
 
     # -- queues and semaphores -----------------------------------------------------
 
@@ -191,6 +193,50 @@ class Runtime:
     def queues(self) -> tuple[DeviceQueue, ...]:
         """Every queue created so far."""
         return tuple(self._queues)
+
+    # -- pipelines, placement, collectives ----------------------------------------
+
+    def collective(
+        self,
+        queues: Iterable[DeviceQueue],
+        *,
+        name: str | None = None,
+        process_group: Any = None,
+        backend: str | None = None,
+    ) -> CollectiveChannel:
+        """A collective channel over ``queues``: one axis (domain COLLECTIVE) for the group.
+
+        With ``process_group`` (a ``torch.distributed`` group) or ``backend`` (the
+        default group, which must be initialized with that backend), ``all_reduce``
+        also reduces across the processes of the group.
+        """
+        loop = self._require_loop()
+        index = len(self._channels)
+        channel_axis = axis(node=self.node, domain=Domain.COLLECTIVE, ordinal=index)
+        cname = name if name is not None else f"collective{index}"
+        if backend is not None or process_group is not None:
+            dist = _distributed()
+            if process_group is None:
+                if not dist.is_initialized():
+                    raise RuntimeError(
+                        f"collective {cname!r}: backend={backend!r} uses the default process "
+                        "group; call torch.distributed.init_process_group first"
+                    )
+                process_group = dist.group.WORLD
+            if backend is not None and dist.get_backend(process_group) != backend:
+                raise ValueError(
+                    f"collective {cname!r}: the process group's backend is "
+                    f"{dist.get_backend(process_group)!r}, not {backend!r}"
+                )
+        channel = CollectiveChannel(self, list(queues), cname, channel_axis, process_group)
+        set_axis_name(channel_axis, cname)
+        self._known_axes.add(channel_axis)
+        self._channels.append(channel)
+        task = loop.create_task(channel._run(), name=f"asyncfront:{cname}")
+        channel._task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return channel
 
     # -- contexts and memory -------------------------------------------------------
 
@@ -379,7 +425,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._draining = True
         while True:
-            busy = [q for q in self._queues if q._busy()]
+            busy: list[DeviceQueue | CollectiveChannel] = [q for q in self._queues if q._busy()]
+            busy += [c for c in self._channels if c._busy()]
             if not busy or self._crash is not None:
                 return
             stalled = all(q._blocked is not None for q in busy)
