@@ -34,6 +34,14 @@ from ._frontier import axis as axis
 from ._frontier import axis_fields as axis_fields
 from ._frontier import axis_name as axis_name
 from ._frontier import set_axis_name as set_axis_name
+from ._graph import ITERATION as ITERATION
+from ._graph import Graph as Graph
+from ._graph import GraphDefinitionError as GraphDefinitionError
+from ._graph import GraphError as GraphError
+from ._graph import GraphRun as GraphRun
+from ._graph import GraphRunStatistics as GraphRunStatistics
+from ._graph import Stage as Stage
+from ._graph import StageChain as StageChain
 from ._placement import ModelInfo as ModelInfo
 from ._placement import ModelRegistry as ModelRegistry
 from ._placement import PlacementCandidate as PlacementCandidate
@@ -77,6 +85,12 @@ __all__ = (
     "ExecutionContext",
     "Frontier",
     "GiB",
+    "Graph",
+    "GraphDefinitionError",
+    "GraphError",
+    "GraphRun",
+    "GraphRunStatistics",
+    "ITERATION",
     "KiB",
     "MemoryBudgetError",
     "MemoryLedger",
@@ -97,6 +111,8 @@ __all__ = (
     "SemaphoreFailedError",
     "SemaphoreStatistics",
     "Session",
+    "Stage",
+    "StageChain",
     "StageNeeds",
     "StalledError",
     "Submission",

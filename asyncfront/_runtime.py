@@ -32,6 +32,17 @@ from ._frontier import (
     axis_name,
     set_axis_name,
 )
+from ._graph import Graph
+from ._placement import (
+    ModelInfo,
+    ModelRegistry,
+    PlacementDecision,
+    Residency,
+    StageNeeds,
+    device_backlog,
+    place,
+    runtime_candidates,
+)
 from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
@@ -133,7 +144,12 @@ class Runtime:
         self._draining = False
         self._settled: asyncio.Future[None] | None = None
         self._open = False
+        self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
         self._channels: list[CollectiveChannel] = []
+        # Placement asks rt.residency about weights; a residency manager may replace the
+        # default, a plain registry of models and where they are resident.
+        self.models = ModelRegistry(self.devices)
+        self.residency: Residency = self.models
 
     # -- queues and semaphores -----------------------------------------------------
 
@@ -196,6 +212,24 @@ class Runtime:
 
     # -- pipelines, placement, collectives ----------------------------------------
 
+    def default_queue(self, device: str | Device, priority: int = 0) -> DeviceQueue:
+        """The runtime's shared queue for ``device`` at ``priority``, created on first use.
+
+        Graph stages pinned to a device, or placed on one, run here, so repeated runs
+        add no axes.
+        """
+        dev = self.device(device) if isinstance(device, str) else device
+        key = (dev.name, priority)
+        q = self._default_queues.get(key)
+        if q is None or q._closed:
+            q = self.queue(dev, priority=priority, name=f"{dev.name}.p{priority}")
+            self._default_queues[key] = q
+        return q
+
+    def graph(self, name: str = "graph", *, qos: QoS | None = None) -> Graph:
+        """A new, empty pipeline; ``qos`` sets its stages' default queue priority."""
+        return Graph(self, name, qos=qos)
+
     def collective(
         self,
         queues: Iterable[DeviceQueue],
@@ -237,6 +271,55 @@ class Runtime:
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return channel
+
+    def register_model(
+        self,
+        name: str,
+        size: int,
+        *,
+        resident_on: Iterable[str] = (),
+        load_time: float | dict[str, float] | None = None,
+    ) -> ModelInfo:
+        """Record a model of ``size`` bytes and the devices its weights are resident on.
+
+        ``load_time`` (seconds, for every device or per device) overrides the estimate
+        ``size / load bandwidth``.
+        """
+        return self.models.register(name, size, resident_on=resident_on, load_time=load_time)
+
+    def mark_resident(self, model: str, device: str | Device, resident: bool = True) -> None:
+        """Record that ``model``'s weights are now (False: no longer) resident on ``device``."""
+        name = device if isinstance(device, str) else device.name
+        self.models.mark_resident(model, name, resident)
+
+    def is_resident(self, model: str, device: str | Device) -> bool:
+        """Whether ``model``'s weights are resident on ``device`` (asks :attr:`residency`)."""
+        return self.residency.is_resident(model, device if isinstance(device, str) else device.name)
+
+    def load_time(self, model: str, device: str | Device) -> float:
+        """Seconds to make ``model`` resident on ``device`` (``inf``: it cannot hold it)."""
+        return self.residency.load_time(model, device if isinstance(device, str) else device.name)
+
+    def backlog(self, device: str | Device) -> float:
+        """Seconds of queued work on ``device``: unfinished submissions' cost / speed."""
+        dev = self.device(device) if isinstance(device, str) else device
+        return device_backlog(dev, self._queues, self._require_loop().time())
+
+    def place(
+        self,
+        model: str | None = None,
+        *,
+        cost: float | None = None,
+        deadline: float | None = None,
+        devices: Iterable[str] | None = None,
+    ) -> PlacementDecision:
+        """Where work needing ``model`` would run now (see :func:`asyncfront.place`)."""
+        loop = self._require_loop()
+        needs = StageNeeds(model=model, cost=cost, deadline=deadline)
+        candidates = runtime_candidates(
+            self.devices, self.residency, self._queues, needs, loop.time(), devices
+        )
+        return place(needs, candidates)
 
     # -- contexts and memory -------------------------------------------------------
 

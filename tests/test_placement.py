@@ -1,14 +1,16 @@
-"""Placement: the rules of place(), ties and the model registry."""
+"""Placement: the rules of place(), ties, the model registry and the runtime's view of it."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
+import structlog
 
 import asyncfront as af
 from asyncfront import PlacementCandidate, PlacementReason, StageNeeds, place
-from asyncfront.testing import FakeDevice
+from asyncfront.testing import FakeDevice, run_virtual
 
 GiB = af.GiB
 
@@ -227,3 +229,163 @@ def test_registry_errors_are_specific() -> None:
         registry.register("x", GiB, resident_on=["tpu"])
     with pytest.raises(KeyError, match="model 'nope' is not registered"):
         registry.load_time("nope", "gpu")
+
+
+# -- the runtime -------------------------------------------------------------------------
+
+
+def test_backlog_counts_queued_and_remaining_work_over_speed() -> None:
+    """A fake device's backlog is its unfinished work's cost / speed, the running one pro rata."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu", speed=2.0)]) as rt:
+            gate = af.TimelineSemaphore(name="gate")
+            q1, q2 = rt.queue("gpu"), rt.queue("gpu")
+            q1.submit(cost=4.0)  # 2 s at speed 2
+            q1.submit(cost=2.0)
+            q2.submit(waits=[(gate, 1)], cost=6.0)  # blocked on a wait: still queued work
+            assert rt.backlog("gpu") == 6.0
+            await asyncio.sleep(0.5)
+            assert rt.backlog("gpu") == pytest.approx(5.5)
+            gate.signal(1)
+
+    run_virtual(main)
+
+
+def test_runtime_place_weighs_residency_and_backlog() -> None:
+    """rt.place picks the resident device, and the idle one when nothing is resident."""
+
+    async def main() -> None:
+        devices = [FakeDevice("cpu", kind="cpu", speed=0.1), FakeDevice("gpu0"), FakeDevice("gpu1")]
+        async with af.open_runtime(devices) as rt:
+            rt.register_model("bge", GiB // 2, resident_on=["gpu1"])
+            rt.register_model("clip", GiB)
+            rt.queue("gpu0").submit(cost=3.0)
+            assert rt.is_resident("bge", "gpu1") and not rt.is_resident("bge", "gpu0")
+            assert rt.place("bge", cost=0.1).device == "gpu1"
+            clip = rt.place("clip", cost=0.1)
+            assert (clip.device, clip.reason) == ("gpu1", PlacementReason.CHEAPEST)
+            assert clip.estimates["gpu0"] == pytest.approx(3.0 + 0.25 + 0.1)
+            rt.mark_resident("bge", "gpu1", resident=False)
+            assert not rt.is_resident("bge", "gpu1")
+
+    run_virtual(main)
+
+
+def test_copy_and_storage_devices_are_not_candidates() -> None:
+    """Placement looks only at compute devices: copy engines and storage never run stages."""
+
+    async def main() -> None:
+        devices = [
+            FakeDevice("dma", kind="copy"),
+            FakeDevice("nvme", kind="storage"),
+            FakeDevice("gpu"),
+        ]
+        async with af.open_runtime(devices) as rt:
+            decision = rt.place(cost=1.0)
+            assert [c.device for c in decision.candidates] == ["gpu"]
+
+    run_virtual(main)
+
+
+def test_a_replacement_residency_is_consulted() -> None:
+    """rt.residency can be any object with is_resident and load_time."""
+
+    class Everywhere:
+        def is_resident(self, model: str, device: str) -> bool:
+            return device == "gpu1"
+
+        def load_time(self, model: str, device: str) -> float:
+            return 0.0 if device == "gpu1" else 9.0
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu0"), FakeDevice("gpu1")]) as rt:
+            rt.residency = Everywhere()
+            assert isinstance(rt.residency, af.Residency)
+            assert rt.place("anything", cost=1.0).device == "gpu1"
+            assert rt.load_time("anything", "gpu0") == 9.0
+
+    run_virtual(main)
+
+
+def test_graph_placement_is_logged_and_traced() -> None:
+    """A placed stage logs a 'placement' event and carries the decision into the Perfetto args."""
+
+    async def main() -> af.Runtime:
+        devices = [FakeDevice("cpu", kind="cpu"), FakeDevice("gpu0"), FakeDevice("gpu1")]
+        async with af.open_runtime(devices) as rt:
+            rt.register_model("reranker", GiB, resident_on=["gpu1"])
+            g = rt.graph("rag")
+            g.stage("rerank", lambda: "ranked", model="reranker", cost=0.2)
+            run = await g.submit()
+            assert await run.results() == {"rerank": "ranked"}
+            assert run.placements["rerank"].device == "gpu1"
+            assert run["rerank"].queue.device.name == "gpu1"
+        return rt
+
+    with structlog.testing.capture_logs() as logs:
+        rt = run_virtual(main)
+    event = next(e for e in logs if e["event"] == "placement")
+    assert event["stage"] == "rerank" and event["device"] == "gpu1"
+    assert event["reason"] == "resident" and set(event["estimates"]) == {"cpu", "gpu0", "gpu1"}
+    (slice_,) = [e for e in rt.trace.to_perfetto()["traceEvents"] if e.get("name") == "rerank"]
+    assert slice_["args"]["placement"]["reason"] == "resident"
+    assert slice_["args"]["graph"] == "rag" and slice_["args"]["stage"] == "rerank"
+    (record,) = rt.trace.records
+    assert record.annotations["placement"]["device"] == "gpu1"
+
+
+def test_graph_placement_counts_earlier_stages_of_the_same_run() -> None:
+    """Independent stages of one run spread over idle devices: each sees the ones placed before."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu0"), FakeDevice("gpu1")]) as rt:
+            g = rt.graph("fanout")
+            for i in range(4):
+                g.stage(f"s{i}", cost=1.0)
+            run = await g.submit()
+            await run.results()
+            devices = [run.placements[f"s{i}"].device for i in range(4)]
+            assert devices == ["gpu0", "gpu1", "gpu0", "gpu1"]
+            assert rt.now() == 2.0
+
+    run_virtual(main)
+
+
+def test_graph_stage_loads_or_moves_to_the_cpu_by_deadline() -> None:
+    """Scenario B3: weights dropped; load them if that meets the target, else use the CPU."""
+
+    async def main() -> None:
+        devices = [FakeDevice("cpu", kind="cpu", speed=0.1), FakeDevice("gpu0"), FakeDevice("gpu1")]
+        async with af.open_runtime(devices) as rt:
+            rt.register_model("reranker", GiB, load_time=3.0)
+            rt.queue("gpu0").submit(cost=10.0)  # an SDXL job keeps gpu0 busy
+            g = rt.graph("rag")
+            g.stage("rerank", model="reranker", cost=0.5, deadline=4.0)
+            g.stage("rerank_urgent", model="reranker", cost=0.5, deadline=2.0)
+            run = await g.submit()
+            loaded = run.placements["rerank"]
+            assert (loaded.device, loaded.reason) == ("gpu1", PlacementReason.CHEAPEST)
+            assert loaded.estimates == {"cpu": 8.0, "gpu0": 13.5, "gpu1": 3.5}
+            urgent = run.placements["rerank_urgent"]
+            assert (urgent.device, urgent.reason) == ("cpu", PlacementReason.CPU_FALLBACK)
+            assert urgent.estimates["gpu1"] == 4.0  # the first rerank is queued ahead there
+            await run.results()
+
+    run_virtual(main)
+
+
+def test_placement_error_leaves_nothing_queued() -> None:
+    """A stage that cannot be placed makes submit raise before any stage is queued."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu", memory=GiB)]) as rt:
+            rt.register_model("huge", 4 * GiB)
+            g = rt.graph("g")
+            first = g.stage("first", device="gpu", cost=1.0)
+            g.stage("second", model="huge", after=[first])
+            with pytest.raises(af.PlacementError, match="huge"):
+                await g.submit()
+            assert all(q.submitted_epoch == 0 for q in rt.queues)
+
+    run_virtual(main)
