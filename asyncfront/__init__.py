@@ -17,6 +17,9 @@ from ._budget import MemoryLedger as MemoryLedger
 from ._budget import MiB as MiB
 from ._budget import QoS as QoS
 from ._budget import format_bytes as format_bytes
+from ._collective import CollectiveChannel as CollectiveChannel
+from ._collective import CollectiveStatistics as CollectiveStatistics
+from ._collective import CollectiveStep as CollectiveStep
 from ._context import Buffer as Buffer
 from ._context import ContextStatistics as ContextStatistics
 from ._context import ExecutionContext as ExecutionContext
@@ -31,6 +34,23 @@ from ._frontier import axis as axis
 from ._frontier import axis_fields as axis_fields
 from ._frontier import axis_name as axis_name
 from ._frontier import set_axis_name as set_axis_name
+from ._graph import ITERATION as ITERATION
+from ._graph import Graph as Graph
+from ._graph import GraphDefinitionError as GraphDefinitionError
+from ._graph import GraphError as GraphError
+from ._graph import GraphRun as GraphRun
+from ._graph import GraphRunStatistics as GraphRunStatistics
+from ._graph import Stage as Stage
+from ._graph import StageChain as StageChain
+from ._placement import ModelInfo as ModelInfo
+from ._placement import ModelRegistry as ModelRegistry
+from ._placement import PlacementCandidate as PlacementCandidate
+from ._placement import PlacementDecision as PlacementDecision
+from ._placement import PlacementError as PlacementError
+from ._placement import PlacementReason as PlacementReason
+from ._placement import Residency as Residency
+from ._placement import StageNeeds as StageNeeds
+from ._placement import place as place
 from ._queue import DeviceQueue as DeviceQueue
 from ._queue import QueueStatistics as QueueStatistics
 from ._queue import StalledError as StalledError
@@ -54,6 +74,9 @@ __all__ = (
     "AdmissionError",
     "AxisFields",
     "Buffer",
+    "CollectiveChannel",
+    "CollectiveStatistics",
+    "CollectiveStep",
     "ContextStatistics",
     "ContextUsage",
     "DEFAULT_FRONTIER_CAPACITY",
@@ -62,19 +85,35 @@ __all__ = (
     "ExecutionContext",
     "Frontier",
     "GiB",
+    "Graph",
+    "GraphDefinitionError",
+    "GraphError",
+    "GraphRun",
+    "GraphRunStatistics",
+    "ITERATION",
     "KiB",
     "MemoryBudgetError",
     "MemoryLedger",
     "MiB",
+    "ModelInfo",
+    "ModelRegistry",
     "Order",
+    "PlacementCandidate",
+    "PlacementDecision",
+    "PlacementError",
+    "PlacementReason",
     "QoS",
     "QueueStatistics",
+    "Residency",
     "Runtime",
     "RuntimeStatistics",
     "RuntimeThread",
     "SemaphoreFailedError",
     "SemaphoreStatistics",
     "Session",
+    "Stage",
+    "StageChain",
+    "StageNeeds",
     "StalledError",
     "Submission",
     "SubmissionState",
@@ -90,6 +129,7 @@ __all__ = (
     "format_bytes",
     "memory",
     "open_runtime",
+    "place",
     "set_axis_name",
     "start_runtime_thread",
     "testing",

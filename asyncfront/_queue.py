@@ -61,6 +61,8 @@ class Submission:
         epoch: its epoch on the queue's axis (assigned at submission, exact by FIFO).
         waits / signals: ``(semaphore, value)`` pairs.
         cost: the work's cost for fake devices (seconds at speed 1.0), or None.
+        annotations: extra facts for traces (graph, stage, placement, collective step),
+            shown in the Perfetto event's arguments; None when there are none.
         frontier: the causal history it ran with (set once its waits are met).
         submitted_at / started_at / finished_at: runtime clock readings.
     """
@@ -71,6 +73,7 @@ class Submission:
         "_frontier",
         "_futures",
         "_result",
+        "annotations",
         "args",
         "cost",
         "epoch",
@@ -117,6 +120,14 @@ class Submission:
         self._result: Any = None
         self._exception: BaseException | None = None
         self._futures: list[asyncio.Future[None]] | None = None
+        self.annotations: dict[str, Any] | None = None
+
+    def annotate(self, **facts: Any) -> None:
+        """Attach facts (JSON-friendly values) that the trace shows with this submission."""
+        if self.annotations is None:
+            self.annotations = facts
+        else:
+            self.annotations.update(facts)
 
     @property
     def frontier(self) -> Frontier | None:
@@ -228,6 +239,7 @@ class DeviceQueue:
         self._completed_epoch = 0
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
         self._last: Submission | None = None  # the most recently started submission
+        self._current: Submission | None = None  # the one taken from the FIFO (while _running)
         self._blocked: tuple[TimelineSemaphore, int, asyncio.Future[Frontier]] | None = None
         self._running = False
         self._closed = False
@@ -364,6 +376,7 @@ class DeviceQueue:
                     await wakeup
                     continue
                 sub = fifo.popleft()
+                self._current = sub
                 self._running = True
                 try:
                     base = self._base

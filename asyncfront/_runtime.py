@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import structlog
 
 from ._budget import ContextUsage, QoS
+from ._collective import CollectiveChannel, _distributed
 from ._context import (
     ExecutionContext,
     MemoryManager,
@@ -30,6 +31,17 @@ from ._frontier import (
     axis,
     axis_name,
     set_axis_name,
+)
+from ._graph import Graph
+from ._placement import (
+    ModelInfo,
+    ModelRegistry,
+    PlacementDecision,
+    Residency,
+    StageNeeds,
+    device_backlog,
+    place,
+    runtime_candidates,
 )
 from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
@@ -132,6 +144,12 @@ class Runtime:
         self._draining = False
         self._settled: asyncio.Future[None] | None = None
         self._open = False
+        self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
+        self._channels: list[CollectiveChannel] = []
+        # Placement asks rt.residency about weights; a residency manager may replace the
+        # default, a plain registry of models and where they are resident.
+        self.models = ModelRegistry(self.devices)
+        self.residency: Residency = self.models
 
     # -- queues and semaphores -----------------------------------------------------
 
@@ -191,6 +209,117 @@ class Runtime:
     def queues(self) -> tuple[DeviceQueue, ...]:
         """Every queue created so far."""
         return tuple(self._queues)
+
+    # -- pipelines, placement, collectives ----------------------------------------
+
+    def default_queue(self, device: str | Device, priority: int = 0) -> DeviceQueue:
+        """The runtime's shared queue for ``device`` at ``priority``, created on first use.
+
+        Graph stages pinned to a device, or placed on one, run here, so repeated runs
+        add no axes.
+        """
+        dev = self.device(device) if isinstance(device, str) else device
+        key = (dev.name, priority)
+        q = self._default_queues.get(key)
+        if q is None or q._closed:
+            q = self.queue(dev, priority=priority, name=f"{dev.name}.p{priority}")
+            self._default_queues[key] = q
+        return q
+
+    def graph(self, name: str = "graph", *, qos: QoS | None = None) -> Graph:
+        """A new, empty pipeline; ``qos`` sets its stages' default queue priority."""
+        return Graph(self, name, qos=qos)
+
+    def collective(
+        self,
+        queues: Iterable[DeviceQueue],
+        *,
+        name: str | None = None,
+        process_group: Any = None,
+        backend: str | None = None,
+    ) -> CollectiveChannel:
+        """A collective channel over ``queues``: one axis (domain COLLECTIVE) for the group.
+
+        With ``process_group`` (a ``torch.distributed`` group) or ``backend`` (the
+        default group, which must be initialized with that backend), ``all_reduce``
+        also reduces across the processes of the group.
+        """
+        loop = self._require_loop()
+        index = len(self._channels)
+        channel_axis = axis(node=self.node, domain=Domain.COLLECTIVE, ordinal=index)
+        cname = name if name is not None else f"collective{index}"
+        if backend is not None or process_group is not None:
+            dist = _distributed()
+            if process_group is None:
+                if not dist.is_initialized():
+                    raise RuntimeError(
+                        f"collective {cname!r}: backend={backend!r} uses the default process "
+                        "group; call torch.distributed.init_process_group first"
+                    )
+                process_group = dist.group.WORLD
+            if backend is not None and dist.get_backend(process_group) != backend:
+                raise ValueError(
+                    f"collective {cname!r}: the process group's backend is "
+                    f"{dist.get_backend(process_group)!r}, not {backend!r}"
+                )
+        channel = CollectiveChannel(self, list(queues), cname, channel_axis, process_group)
+        set_axis_name(channel_axis, cname)
+        self._known_axes.add(channel_axis)
+        self._channels.append(channel)
+        task = loop.create_task(channel._run(), name=f"asyncfront:{cname}")
+        channel._task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return channel
+
+    def register_model(
+        self,
+        name: str,
+        size: int,
+        *,
+        resident_on: Iterable[str] = (),
+        load_time: float | dict[str, float] | None = None,
+    ) -> ModelInfo:
+        """Record a model of ``size`` bytes and the devices its weights are resident on.
+
+        ``load_time`` (seconds, for every device or per device) overrides the estimate
+        ``size / load bandwidth``.
+        """
+        return self.models.register(name, size, resident_on=resident_on, load_time=load_time)
+
+    def mark_resident(self, model: str, device: str | Device, resident: bool = True) -> None:
+        """Record that ``model``'s weights are now (False: no longer) resident on ``device``."""
+        name = device if isinstance(device, str) else device.name
+        self.models.mark_resident(model, name, resident)
+
+    def is_resident(self, model: str, device: str | Device) -> bool:
+        """Whether ``model``'s weights are resident on ``device`` (asks :attr:`residency`)."""
+        return self.residency.is_resident(model, device if isinstance(device, str) else device.name)
+
+    def load_time(self, model: str, device: str | Device) -> float:
+        """Seconds to make ``model`` resident on ``device`` (``inf``: it cannot hold it)."""
+        return self.residency.load_time(model, device if isinstance(device, str) else device.name)
+
+    def backlog(self, device: str | Device) -> float:
+        """Seconds of queued work on ``device``: unfinished submissions' cost / speed."""
+        dev = self.device(device) if isinstance(device, str) else device
+        return device_backlog(dev, self._queues, self._require_loop().time())
+
+    def place(
+        self,
+        model: str | None = None,
+        *,
+        cost: float | None = None,
+        deadline: float | None = None,
+        devices: Iterable[str] | None = None,
+    ) -> PlacementDecision:
+        """Where work needing ``model`` would run now (see :func:`asyncfront.place`)."""
+        loop = self._require_loop()
+        needs = StageNeeds(model=model, cost=cost, deadline=deadline)
+        candidates = runtime_candidates(
+            self.devices, self.residency, self._queues, needs, loop.time(), devices
+        )
+        return place(needs, candidates)
 
     # -- contexts and memory -------------------------------------------------------
 
@@ -387,7 +516,8 @@ class Runtime:
         loop = asyncio.get_running_loop()
         self._draining = True
         while True:
-            busy = [q for q in self._queues if q._busy()]
+            busy: list[DeviceQueue | CollectiveChannel] = [q for q in self._queues if q._busy()]
+            busy += [c for c in self._channels if c._busy()]
             if not busy or self._crash is not None:
                 return
             stalled = all(q._blocked is not None for q in busy)

@@ -6,7 +6,7 @@ import json
 import os
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
@@ -19,7 +19,8 @@ __all__ = ("TraceRecord", "TraceRecorder")
 
 DEFAULT_TRACE_CAPACITY = 1_000_000
 
-# (queue, name, epoch, submitted_at, started_at, finished_at, frontier, waits, signals, error)
+# (queue, name, epoch, submitted_at, started_at, finished_at, frontier, waits, signals, error,
+#  annotations)
 _Raw = tuple[
     "DeviceQueue",
     str,
@@ -31,6 +32,7 @@ _Raw = tuple[
     "tuple[tuple[TimelineSemaphore, int], ...]",
     "tuple[tuple[TimelineSemaphore, int], ...]",
     "BaseException | None",
+    "dict[str, Any] | None",
 ]
 
 
@@ -50,6 +52,7 @@ class TraceRecord:
     waits: tuple[tuple[str, int], ...]
     signals: tuple[tuple[str, int], ...]
     error: str | None
+    annotations: dict[str, Any] = field(default_factory=dict)
 
     @property
     def duration(self) -> float:
@@ -84,6 +87,7 @@ class TraceRecorder:
                     sub.waits,
                     sub.signals,
                     sub._exception,
+                    sub.annotations,
                 )
             )
 
@@ -96,7 +100,7 @@ class TraceRecorder:
 
     def __iter__(self) -> Iterator[TraceRecord]:
         origin = self.origin
-        for q, name, epoch, sub_at, start, end, frontier, waits, signals, exc in self._raw:
+        for q, name, epoch, sub_at, start, end, frontier, waits, signals, exc, notes in self._raw:
             start_t = (start if start is not None else sub_at) - origin
             end_t = (end if end is not None else start_t + origin) - origin
             yield TraceRecord(
@@ -112,6 +116,7 @@ class TraceRecorder:
                 waits=tuple((s.name, v) for s, v in waits),
                 signals=tuple((s.name, v) for s, v in signals),
                 error=None if exc is None else f"{type(exc).__name__}: {exc}",
+                annotations=dict(notes) if notes else {},
             )
 
     @property
@@ -128,7 +133,8 @@ class TraceRecorder:
         """The trace as a Chrome trace-event document that ui.perfetto.dev loads.
 
         A process per device, a thread per queue, a complete ("X") event per
-        submission with its frontier, waits and signals, and flow arrows from the
+        submission with its frontier, waits, signals and annotations (graph stage,
+        placement, collective step), and flow arrows from the
         submission that signalled a semaphore value to each one that waited on it.
         """
         events: list[dict[str, Any]] = []
@@ -165,7 +171,7 @@ class TraceRecorder:
                 )
         timed: list[tuple[_Raw, int, int, float, float]] = []
         for rec in raw:
-            q, name, epoch, sub_at, start, end, frontier, waits, signals, exc = rec
+            q, name, epoch, sub_at, start, end, frontier, waits, signals, exc, notes = rec
             pid, tid = pids[q.device.name], tids[q.axis]
             ts = ((start if start is not None else sub_at) - origin) * 1e6
             dur = max(0.0, ((end if end is not None else sub_at) - origin) * 1e6 - ts)
@@ -180,6 +186,8 @@ class TraceRecorder:
             }
             if exc is not None:
                 args["error"] = f"{type(exc).__name__}: {exc}"
+            if notes:
+                args.update(notes)
             events.append(
                 {
                     "name": name,
@@ -197,7 +205,7 @@ class TraceRecorder:
         for entries in producers.values():
             entries.sort()
         flow_id = 0
-        for (_q, _n, _e, _s, _st, _en, _f, waits, _sig, _x), pid, tid, ts, _dur in timed:
+        for (_q, _n, _e, _s, _st, _en, _f, waits, _sig, _x, _a), pid, tid, ts, _dur in timed:
             for sem, value in waits:
                 candidates = producers.get(id(sem))
                 if not candidates:
