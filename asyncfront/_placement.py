@@ -397,7 +397,7 @@ def device_backlog(device: Device, queues: Iterable[DeviceQueue], now: float) ->
     for q in queues:
         if q.device is not device:
             continue
-        current = q._current if q._running else None
+        current = q._current
         if current is not None and current.cost:
             seconds = current.cost / speed
             if current.state is SubmissionState.RUNNING and current.started_at is not None:

@@ -48,6 +48,7 @@ class SubmissionState(enum.Enum):
     FAILED = "failed"
 
 
+_COMPLETED = SubmissionState.COMPLETED
 _DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
 _NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
 
@@ -178,12 +179,6 @@ class Submission:
                 if not fut.done():
                     fut.set_result(None)
 
-    def _finish(self, result: Any) -> None:
-        self._result = result
-        self.state = SubmissionState.COMPLETED
-        if self._futures is not None:
-            self._wake()
-
     def _fail(self, exc: BaseException) -> None:
         self._exception = exc
         self.state = SubmissionState.FAILED
@@ -239,9 +234,8 @@ class DeviceQueue:
         self._completed_epoch = 0
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
         self._last: Submission | None = None  # the most recently started submission
-        self._current: Submission | None = None  # the one taken from the FIFO (while _running)
+        self._current: Submission | None = None  # taken from the FIFO and not yet finished
         self._blocked: tuple[TimelineSemaphore, int, asyncio.Future[Frontier]] | None = None
-        self._running = False
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -344,7 +338,7 @@ class DeviceQueue:
             priority=self.priority,
             submitted_epoch=self._next_epoch - 1,
             completed_epoch=self._completed_epoch,
-            pending=len(self._fifo) + (1 if self._running or self._blocked else 0),
+            pending=len(self._fifo) + (1 if self._current is not None else 0),
             blocked=self._blocked is not None,
         )
 
@@ -357,7 +351,7 @@ class DeviceQueue:
     # -- the consumer task ---------------------------------------------------------
 
     def _busy(self) -> bool:
-        return bool(self._fifo) or self._running or self._blocked is not None
+        return bool(self._fifo) or self._current is not None
 
     async def _run(self) -> None:
         fifo = self._fifo
@@ -377,7 +371,6 @@ class DeviceQueue:
                     continue
                 sub = fifo.popleft()
                 self._current = sub
-                self._running = True
                 try:
                     base = self._base
                     if sub.waits:
@@ -432,14 +425,17 @@ class DeviceQueue:
                                 runtime._log.debug(
                                     "signal", queue=self.name, semaphore=sem.name, value=value
                                 )
-                    sub._finish(result)
+                    sub._result = result
+                    sub.state = _COMPLETED
+                    if sub._futures is not None:
+                        sub._wake()
                 except asyncio.CancelledError:
                     self._fail(sub, StalledError(f"runtime closed before {sub.name!r} finished"))
                     raise
                 except Exception as exc:
                     self._fail(sub, exc)
                 finally:
-                    self._running = False
+                    self._current = None
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
                 runtime._completed_cache = None
