@@ -1,4 +1,4 @@
-"""Memory shared across models: death-frontier buffer pools, residency and paging."""
+"""Memory shared across models: death-frontier buffer pools, weight residency and paging."""
 
 from ._pool import DEFAULT_ALIGNMENT as DEFAULT_ALIGNMENT
 from ._pool import Block as Block
@@ -18,6 +18,18 @@ from ._pool import Wait as Wait
 from ._pool import WaitCompleted as WaitCompleted
 from ._pool import WaitForFree as WaitForFree
 from ._pool import WouldWaitError as WouldWaitError
+from ._reclaim import Reclaim as Reclaim
+from ._reclaim import ReclaimPlan as ReclaimPlan
+from ._reclaim import RequestRate as RequestRate
+from ._reclaim import plan_reclaim as plan_reclaim
+from ._residency import EvictionCandidate as EvictionCandidate
+from ._residency import Residency as Residency
+from ._residency import ResidencyStatistics as ResidencyStatistics
+from ._residency import ResidentWeights as ResidentWeights
+from ._residency import TensorLayout as TensorLayout
+from ._residency import Weights as Weights
+from ._residency import choose_evictions as choose_evictions
+from ._residency import read_safetensors_layout as read_safetensors_layout
 
 __all__ = (
     "DEFAULT_ALIGNMENT",
@@ -25,6 +37,7 @@ __all__ = (
     "BufferPool",
     "CompletedSource",
     "DoubleFreeError",
+    "EvictionCandidate",
     "ForeignBlockError",
     "FreeBlock",
     "InvalidFreeError",
@@ -32,10 +45,21 @@ __all__ = (
     "PoolError",
     "PoolExhaustedError",
     "PoolStatistics",
+    "Reclaim",
+    "ReclaimPlan",
+    "RequestRate",
+    "Residency",
+    "ResidencyStatistics",
+    "ResidentWeights",
     "Reuse",
     "SupportsCompleted",
+    "TensorLayout",
     "Wait",
     "WaitCompleted",
     "WaitForFree",
+    "Weights",
     "WouldWaitError",
+    "choose_evictions",
+    "plan_reclaim",
+    "read_safetensors_layout",
 )
