@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -36,6 +37,7 @@ from ._semaphore import TimelineSemaphore
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
 from .memory import BufferPool
+from .memory._residency import Residency, ResidentWeights, Weights
 
 __all__ = (
     "Runtime",
@@ -117,6 +119,7 @@ class Runtime:
         self._log_info = _enabled(self._log, logging.INFO)
         self._log_warning = _enabled(self._log, logging.WARNING)
         self._memory = MemoryManager(self)
+        self._residency: Residency | None = None  # created on first use
         self._owned_pools: list[Device] = []
         self._queues: list[DeviceQueue] = []
         self._queue_slots: dict[str, int] = {}
@@ -260,6 +263,61 @@ class Runtime:
         the allocation retried. Usable as a decorator.
         """
         return self._memory.on_memory_pressure(handler)
+
+    # -- weights ---------------------------------------------------------------------
+
+    @property
+    def residency(self) -> Residency:
+        """The residency of immutable weights (loads, pins, drops by cost)."""
+        if self._residency is None:
+            self._residency = Residency(self)
+        return self._residency
+
+    def weights(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        size: int | None = None,
+        priority: int | None = None,
+        request_rate: float | None = None,
+        storage: str | Device | None = None,
+    ) -> Weights:
+        """Register immutable weights: a safetensors file or a dict of host tensors.
+
+        See :meth:`asyncfront.memory.Residency.register`.
+        """
+        return self.residency.register(
+            name,
+            source,
+            size=size,
+            priority=priority,
+            request_rate=request_rate,
+            storage=storage,
+        )
+
+    async def ensure_resident(
+        self,
+        weights: Weights | str,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> ResidentWeights:
+        """Load the weights on ``device`` unless they are there (one shared load).
+
+        Charged to ``context``, by default the context named like the weights.
+        """
+        return await self.residency.ensure_resident(weights, device, context=context)
+
+    def using(
+        self,
+        weights: Weights | str,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> AbstractAsyncContextManager[ResidentWeights]:
+        """``async with rt.using(w, device) as r``: load if needed, pinned for the block."""
+        return self.residency.using(weights, device, context=context)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None or not self._open:
