@@ -1,5 +1,11 @@
 """Memory shared across models: death-frontier buffer pools, weight residency and paging."""
 
+from ._pager import Page as Page
+from ._pager import Pager as Pager
+from ._pager import PagerStatistics as PagerStatistics
+from ._pager import PageUse as PageUse
+from ._pager import Tier as Tier
+from ._pager import choose_page_outs as choose_page_outs
 from ._pool import DEFAULT_ALIGNMENT as DEFAULT_ALIGNMENT
 from ._pool import Block as Block
 from ._pool import BufferPool as BufferPool
@@ -42,6 +48,10 @@ __all__ = (
     "FreeBlock",
     "InvalidFreeError",
     "InvalidSizeError",
+    "Page",
+    "PageUse",
+    "Pager",
+    "PagerStatistics",
     "PoolError",
     "PoolExhaustedError",
     "PoolStatistics",
@@ -54,12 +64,14 @@ __all__ = (
     "Reuse",
     "SupportsCompleted",
     "TensorLayout",
+    "Tier",
     "Wait",
     "WaitCompleted",
     "WaitForFree",
     "Weights",
     "WouldWaitError",
     "choose_evictions",
+    "choose_page_outs",
     "plan_reclaim",
     "read_safetensors_layout",
 )
