@@ -384,3 +384,21 @@ async def test_release_frees_every_tier(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="released"):
             async with w.pager.use(pages[0]):
                 pass
+
+
+async def test_concurrent_page_outs_wait_for_staging_memory(tmp_path: Path) -> None:
+    """More concurrent page-outs than the host budget can stage all finish, exact."""
+    async with world(tmp_path, host_pages=1) as w:
+        ctx = w.context("llama", pages=6)
+        pages = [await w.pager.allocate(ctx, BLOCK, torch.float16) for _ in range(6)]
+        data = [_random(BLOCK, torch.float16, 30 + i) for i in range(6)]
+        for page, values in zip(pages, data, strict=True):
+            await w.fill(page, values)
+        await asyncio.gather(*(w.pager.page_out(p) for p in pages))
+        assert [p.tier for p in pages] == [Tier.FILE] * 6
+        await asyncio.gather(*(w.pager.page_in(p) for p in pages))
+        for page, values in zip(pages, data, strict=True):
+            async with w.pager.use(page) as use:
+                sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+            assert await sub == _digest(values)
+        assert w.rt.usage(w.host).used == 0

@@ -260,6 +260,7 @@ class Pager:
             file_capacity, alignment=FILE_ALIGNMENT, completed=runtime, name=os.fspath(file)
         )
         self._lru: OrderedDict[Page, None] = OrderedDict()
+        self._returned: asyncio.Future[None] | None = None  # set when the pager frees memory
         self._count = 0
         self._page_outs = self._page_ins = self._bytes_out = self._bytes_in = 0
         self._failures = 0
@@ -358,11 +359,10 @@ class Pager:
             self._settle(page)
         page.released = True
         del self._lru[page]
-        memory = self.runtime._memory
         if page._device is not None:
-            memory.free(page._device, death)
+            self._free(page._device, death)
         if page._host is not None:
-            memory.free(page._host, death)
+            self._free(page._host, death)
         if page._extent is not None:
             self._file_space.free(page._extent, death)
         page._device = page._host = page._extent = None
@@ -421,7 +421,6 @@ class Pager:
             self._settle(page)
 
     async def _out_of_device(self, page: Page, tier: Tier) -> None:
-        memory = self.runtime._memory
         storage = self._storage_device
         value = page._value
         staging: Buffer | None = None
@@ -457,7 +456,7 @@ class Pager:
         except BaseException:
             # The device copy was never touched: the page stays resident and usable.
             if staging is not None:
-                memory.free(staging, _death(write or copy) if copy is not None else Frontier())
+                self._free(staging, _death(write or copy) if copy is not None else Frontier())
             if extent is not None:
                 self._file_space.free(extent, _death(write) if write is not None else Frontier())
             raise
@@ -469,10 +468,10 @@ class Pager:
         page._value = value + 1
         # Only now, with the data signalled safe in its new tier, free the device copy.
         assert page._device is not None
-        memory.free(page._device, _death(copy))
+        self._free(page._device, _death(copy))
         page._device = page._device_tensor = None
         if write is not None:
-            memory.free(staging, _death(write))
+            self._free(staging, _death(write))
             page._extent = extent
             page.tier = Tier.FILE
         else:
@@ -504,7 +503,7 @@ class Pager:
         page.semaphore.signal(value + 1, write.frontier)
         page._value = value + 1
         assert page._host is not None
-        self.runtime._memory.free(page._host, _death(write))
+        self._free(page._host, _death(write))
         page._host = page._host_tensor = None
         page._extent = extent
         page.tier = Tier.FILE
@@ -513,7 +512,6 @@ class Pager:
         self._log("page_out", page, tier="file", frontier=repr(write.frontier))
 
     async def _into_device(self, page: Page) -> None:
-        memory = self.runtime._memory
         sem, value = page.semaphore, page._value
         device: Buffer | None = None
         staging: Buffer | None = None
@@ -554,20 +552,20 @@ class Pager:
             # The data is still in its tier: give back what the attempt took, and give
             # the page a fresh timeline if this one failed or ran ahead.
             if device is not None:
-                memory.free(device, _death(copy) if copy is not None else Frontier())
+                self._free(device, _death(copy) if copy is not None else Frontier())
             if staging is not None:
-                memory.free(staging, _death(copy or read) if read is not None else Frontier())
+                self._free(staging, _death(copy or read) if read is not None else Frontier())
             self._rearm(page)
             raise
         page._value = value
         if staging is not None:  # from the file: the staging buffer and extent are done
             assert read is not None and page._extent is not None
-            memory.free(staging, _death(copy))
+            self._free(staging, _death(copy))
             self._file_space.free(page._extent, _death(read))
             page._extent = None
         else:
             assert page._host is not None
-            memory.free(page._host, _death(copy))
+            self._free(page._host, _death(copy))
             page._host = page._host_tensor = None
         page._device = device
         page._device_tensor = self._typed(device_tensor, page)
@@ -590,13 +588,30 @@ class Pager:
         """Memory for ``page`` through ``context``'s budget (its device's, or the host's).
 
         Over the context's own budget the memory manager would refuse at once, so the
-        least recently used pages of that tier go out first; a full device goes through
-        the pressure policy (this pager's handler included).
+        least recently used pages of that tier go out first, or, when other pages are
+        moving (holding staging buffers they are about to give back), the allocation
+        waits for them; a full device goes through the pressure policy (this pager's
+        handler included).
         """
-        used, _, limit = context.usage()
-        if used + page.nbytes > limit:
-            await self.reclaim(context, page.nbytes)
+        while True:
+            used, _, limit = context.usage()
+            if used + page.nbytes <= limit or page.nbytes > limit:
+                break
+            if await self.reclaim(context, page.nbytes):
+                continue
+            if not any(p._transit is not None for p in self._lru if p is not page):
+                break  # nothing will come back: let the memory manager say why
+            if self._returned is None:
+                self._returned = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._returned])
         return await self.runtime._memory.allocate(context, page.nbytes, owner=page)
+
+    def _free(self, buffer: Buffer, death: Frontier) -> None:
+        """Give a buffer back and wake allocations waiting for the pager's memory."""
+        self.runtime._memory.free(buffer, death)
+        returned, self._returned = self._returned, None
+        if returned is not None and not returned.done():
+            returned.set_result(None)
 
     # -- memory pressure -------------------------------------------------------------
 
