@@ -70,6 +70,7 @@ async def world(
     host_pages: int = 8,
     storage: StorageDevice | None = None,
     spill: Tier = Tier.FILE,
+    direct: bool = False,
 ) -> AsyncIterator[World]:
     storage = storage if storage is not None else StorageDevice(tmp_path)
     devices = [
@@ -81,7 +82,8 @@ async def world(
         host = rt.create_context("host", device="host", max_memory=host_pages * 4 * KiB)
         copy = rt.queue("host", name="copy")
         nvme = storage.queue(name="nvme.pages")
-        async with Pager(rt, host=host, copy=copy, storage=nvme, spill=spill) as pager:
+        pager = Pager(rt, host=host, copy=copy, storage=nvme, spill=spill, direct=direct)
+        async with pager:
             yield World(rt, pager, host, storage)
 
 
@@ -180,6 +182,27 @@ async def test_resumed_work_waits_on_the_page_semaphore_and_carries_the_storage_
         assert resumed.frontier.get(w.pager.copy.axis) == 2  # copy out, copy in
 
 
+async def test_direct_paging_skips_the_host_tier(tmp_path: Path) -> None:
+    """With direct=True, storage reads and writes device memory: no staging, no copy axis."""
+    async with world(tmp_path, host_pages=1, direct=True) as w:
+        ctx = w.context("llama", pages=4)
+        pages = [await w.pager.allocate(ctx, BLOCK, torch.float16) for _ in range(3)]
+        data = [_random(BLOCK, torch.float16, 40 + i) for i in range(3)]
+        for page, values in zip(pages, data, strict=True):
+            await w.fill(page, values)
+        await asyncio.gather(*(w.pager.page_out(p) for p in pages))
+        assert w.rt.usage(w.host).used == 0
+        for page, values in zip(pages, data, strict=True):
+            async with w.pager.use(page) as use:
+                assert use.wait == (page.semaphore, 3)  # fill, write, read
+                sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+            assert await sub == _digest(values)
+            assert sub.frontier is not None
+            assert sub.frontier.get(w.pager.storage_axis) > 0
+            assert sub.frontier.get(w.pager.copy.axis) == 0
+        assert w.host.statistics().allocations == 0
+
+
 async def test_pages_rest_on_the_host_tier_within_the_host_budget(tmp_path: Path) -> None:
     """page_out(HOST) keeps a host copy charged to the host context, then pages back in."""
     async with world(tmp_path) as w:
@@ -259,10 +282,11 @@ async def test_page_out_waits_for_the_last_use(tmp_path: Path) -> None:
         assert await sub == _digest(final)
 
 
-async def test_a_failed_page_out_write_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+async def test_a_failed_page_out_write_loses_nothing(tmp_path: Path, direct: bool) -> None:
     """A storage write failing mid page-out leaves the page resident, intact and usable."""
     flaky = Flaky(tmp_path)
-    async with world(tmp_path, storage=flaky) as w:
+    async with world(tmp_path, storage=flaky, direct=direct) as w:
         ctx = w.context("llama", pages=2)
         page = await w.pager.allocate(ctx, BLOCK, torch.float16)
         data = _random(BLOCK, torch.float16, 7)
@@ -286,10 +310,11 @@ async def test_a_failed_page_out_write_loses_nothing(tmp_path: Path) -> None:
         assert await sub == _digest(data)
 
 
-async def test_a_failed_page_in_leaves_the_page_in_its_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+async def test_a_failed_page_in_leaves_the_page_in_its_file(tmp_path: Path, direct: bool) -> None:
     """A read failing mid page-in raises, frees what it took, and a retry succeeds."""
     flaky = Flaky(tmp_path)
-    async with world(tmp_path, storage=flaky) as w:
+    async with world(tmp_path, storage=flaky, direct=direct) as w:
         ctx = w.context("llama", pages=2)
         page = await w.pager.allocate(ctx, BLOCK, torch.float16)
         data = _random(BLOCK, torch.float16, 8)

@@ -19,7 +19,9 @@ any step fails, nothing is lost: the device copy is still there and the page sta
 resident and usable; only the host buffer and file extent it took are given back.
 Page-in reads file → host and copies host → device, and keeps the file extent until
 the data is back, so a failed page-in leaves the page in its file, to be paged in
-again.
+again. With ``direct=True`` the storage device reads and writes device memory itself
+where it can reach it (GPUDirect Storage through KvikIO on CUDA; plain host memory
+otherwise), and the host tier is left out of file transfers.
 
 On a machine without a GPU the device and host tiers are both CPU memory, but they are
 distinct tiers all the same: different devices, budgets and pools.
@@ -42,7 +44,7 @@ from .._frontier import Frontier
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from ._pool import Block, BufferPool
 from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
-from ._tensors import empty_bytes, import_torch, staging_bytes
+from ._tensors import buffer_bytes, copy_bytes, import_torch
 
 if TYPE_CHECKING:
     from .._context import Buffer, ExecutionContext
@@ -210,10 +212,6 @@ def _death(sub: Submission) -> Frontier:
     return Frontier({sub.queue.axis: sub.epoch})
 
 
-def _copy(dst: Any, src: Any) -> None:
-    dst.copy_(src)
-
-
 class Pager:
     """Pages mutable blocks between device memory, host memory and a file.
 
@@ -226,6 +224,10 @@ class Pager:
             are written and read there, on its own axis.
         file: the page file's name on the storage device.
         spill: where memory pressure sends pages (``Tier.FILE`` or ``Tier.HOST``).
+        direct: move pages between device memory and the file without the host tier
+            where the storage device reaches device memory (host memory; CUDA memory
+            through KvikIO, that is GPUDirect Storage). False: always device → host
+            → file and back, the copy queue moving device ↔ host.
         file_capacity: bytes of file space it may use.
         name: a label for logs, queue-free.
     """
@@ -239,6 +241,7 @@ class Pager:
         storage: DeviceQueue,
         file: str | os.PathLike[str] = "pages.bin",
         spill: Tier = Tier.FILE,
+        direct: bool = False,
         file_capacity: int = DEFAULT_FILE_CAPACITY,
         name: str = "pager",
     ) -> None:
@@ -255,6 +258,7 @@ class Pager:
         self._storage_device: StorageDevice = storage.device
         self.file = file
         self.spill = spill
+        self.direct = direct
         self.name = name
         self._file_space = BufferPool(
             file_capacity, alignment=FILE_ALIGNMENT, completed=runtime, name=os.fspath(file)
@@ -308,7 +312,7 @@ class Pager:
             page._device = await self._allocate(context, page)
         finally:
             self._settle(page)
-        page._device_tensor = self._typed(empty_bytes(context.device, nbytes), page)
+        page._device_tensor = self._typed(buffer_bytes(page._device), page)
         self._lru[page] = None
         return page
 
@@ -423,34 +427,41 @@ class Pager:
     async def _out_of_device(self, page: Page, tier: Tier) -> None:
         storage = self._storage_device
         value = page._value
+        device_bytes = self._raw(page._device_tensor)
+        direct = tier is Tier.FILE and self._direct(device_bytes)
         staging: Buffer | None = None
         extent: Block | None = None
         copy: Submission | None = None
         write: Submission | None = None
+        out = self.runtime.semaphore(name=f"{page.semaphore.name}.out")
         try:
-            staging = await self._allocate(self.host, page)
-            host_tensor = staging_bytes(page.nbytes, page._device_tensor)
-            out = self.runtime.semaphore(name=f"{page.semaphore.name}.out")
-            copy = self.copy.submit(
-                _copy,
-                host_tensor,
-                self._raw(page._device_tensor),
-                waits=[(page.semaphore, value)],  # after the page's last use
-                signals=[(out, 1)],
-                name=f"page-out copy {page.name}",
-            )
+            after = (page.semaphore, value)  # after the page's last use
+            source = device_bytes
+            if not direct:
+                staging = await self._allocate(self.host, page)
+                source = buffer_bytes(staging)
+                copy = self.copy.submit(
+                    copy_bytes,
+                    source,
+                    device_bytes,
+                    waits=[after],
+                    signals=[(out, 1)],
+                    name=f"page-out copy {page.name}",
+                )
+                after = (out, 1)
             if tier is Tier.FILE:
                 extent = await self._file_space.allocate(page.nbytes, self._storage_requester())
                 write = storage.write(
                     self.storage,
-                    host_tensor,
+                    source,
                     self.file,
                     extent.offset,
-                    waits=[(out, 1)],
+                    waits=[after],
                     signals=[(out, 2)],
                     name=f"page-out write {page.name}",
                 )
-            await copy
+            if copy is not None:
+                await copy
             if write is not None:
                 await write
         except BaseException:
@@ -460,26 +471,25 @@ class Pager:
             if extent is not None:
                 self._file_space.free(extent, _death(write) if write is not None else Frontier())
             raise
-        assert copy is not None
         last = write or copy
-        frontier = last.frontier
-        assert frontier is not None
-        page.semaphore.signal(value + 1, frontier)
+        assert last is not None and last.frontier is not None
+        page.semaphore.signal(value + 1, last.frontier)
         page._value = value + 1
         # Only now, with the data signalled safe in its new tier, free the device copy.
         assert page._device is not None
-        self._free(page._device, _death(copy))
+        self._free(page._device, _death(copy or last))
         page._device = page._device_tensor = None
         if write is not None:
-            self._free(staging, _death(write))
+            if staging is not None:
+                self._free(staging, _death(write))
             page._extent = extent
             page.tier = Tier.FILE
         else:
-            page._host, page._host_tensor = staging, host_tensor
+            page._host, page._host_tensor = staging, source
             page.tier = Tier.HOST
         self._page_outs += 1
         self._bytes_out += page.nbytes
-        self._log("page_out", page, tier=page.tier.value, frontier=repr(frontier))
+        self._log("page_out", page, tier=page.tier.value, frontier=repr(last.frontier))
 
     async def _host_to_file(self, page: Page) -> None:
         value = page._value
@@ -519,14 +529,17 @@ class Pager:
         copy: Submission | None = None
         try:
             device = await self._allocate(page.context, page)
-            device_tensor = empty_bytes(page.context.device, page.nbytes)
+            device_bytes = buffer_bytes(device)
+            host_bytes = page._host_tensor
             if page.tier is Tier.FILE:
                 assert page._extent is not None
-                staging = await self._allocate(self.host, page)
-                host_tensor = staging_bytes(page.nbytes, device_tensor)
+                direct = self._direct(device_bytes)
+                if not direct:
+                    staging = await self._allocate(self.host, page)
+                    host_bytes = buffer_bytes(staging)
                 read = self._storage_device.read(
                     self.storage,
-                    host_tensor,
+                    device_bytes if direct else host_bytes,
                     self.file,
                     page._extent.offset,
                     waits=[(sem, value)],  # the value the page-out signalled
@@ -534,45 +547,49 @@ class Pager:
                     name=f"page-in read {page.name}",
                 )
                 value += 1
-            else:
-                host_tensor = page._host_tensor
-            copy = self.copy.submit(
-                _copy,
-                device_tensor,
-                host_tensor,
-                waits=[(sem, value)],
-                signals=[(sem, value + 1)],
-                name=f"page-in copy {page.name}",
-            )
-            value += 1
+            if host_bytes is not None:
+                copy = self.copy.submit(
+                    copy_bytes,
+                    device_bytes,
+                    host_bytes,
+                    waits=[(sem, value)],
+                    signals=[(sem, value + 1)],
+                    name=f"page-in copy {page.name}",
+                )
+                value += 1
             if read is not None:
                 await read  # its own error, rather than the copy's failed wait
-            await copy
+            if copy is not None:
+                await copy
         except BaseException:
             # The data is still in its tier: give back what the attempt took, and give
             # the page a fresh timeline if this one failed or ran ahead.
+            last = copy or read
             if device is not None:
-                self._free(device, _death(copy) if copy is not None else Frontier())
+                self._free(device, _death(last) if last is not None else Frontier())
             if staging is not None:
-                self._free(staging, _death(copy or read) if read is not None else Frontier())
+                self._free(staging, _death(last) if last is not None else Frontier())
             self._rearm(page)
             raise
+        last = copy or read
+        assert last is not None and last.frontier is not None
         page._value = value
-        if staging is not None:  # from the file: the staging buffer and extent are done
-            assert read is not None and page._extent is not None
-            self._free(staging, _death(copy))
+        if read is not None:  # from the file: the extent (and any staging) is done
+            assert page._extent is not None
+            if staging is not None:
+                self._free(staging, _death(last))
             self._file_space.free(page._extent, _death(read))
             page._extent = None
         else:
             assert page._host is not None
-            self._free(page._host, _death(copy))
+            self._free(page._host, _death(last))
             page._host = page._host_tensor = None
         page._device = device
-        page._device_tensor = self._typed(device_tensor, page)
+        page._device_tensor = self._typed(device_bytes, page)
         page.tier = Tier.DEVICE
         self._page_ins += 1
         self._bytes_in += page.nbytes
-        self._log("page_in", page, frontier=repr(copy.frontier))
+        self._log("page_in", page, frontier=repr(last.frontier))
 
     def _rearm(self, page: Page) -> None:
         """After a failed page-in: a fresh semaphore at the page's value and frontier."""
@@ -651,6 +668,10 @@ class Pager:
         return await self.reclaim(context, requested) > 0
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _direct(self, device_bytes: Any) -> bool:
+        """Whether this transfer skips the host tier: asked for, and storage reaches it."""
+        return self.direct and self._storage_device.can_access(device_bytes)
 
     def _storage_requester(self) -> Frontier:
         """The frontier the storage queue's next submission will have, at least."""

@@ -35,7 +35,7 @@ from .._budget import format_bytes
 from .._frontier import Frontier
 from .._semaphore import TimelineSemaphore
 from ._reclaim import Reclaim, ReclaimPlan, RequestRate, plan_reclaim, shortfall
-from ._tensors import empty_bytes, import_torch, staging_bytes, typed_view
+from ._tensors import buffer_bytes, copy_bytes, import_torch, typed_view
 
 if TYPE_CHECKING:
     from .._context import Buffer, ExecutionContext
@@ -202,7 +202,7 @@ class ResidentWeights:
         device: Device,
         context: ExecutionContext,
         buffer: Buffer,
-        arena: Any,
+        raw: Any,
         ready: tuple[TimelineSemaphore, int],
         frontier: Frontier,
     ) -> None:
@@ -214,12 +214,12 @@ class ResidentWeights:
         self.pins = 0
         self.dropped = False
         self._buffer: Buffer | None = buffer
-        self._arena: Any = arena
+        self._raw: Any = raw
         self.tensors: dict[str, Any] = {}
         torch = import_torch()
         for t in weights.layouts:
             dtype = getattr(torch, t.dtype)
-            self.tensors[t.name] = typed_view(arena, t.offset, dtype, t.shape)
+            self.tensors[t.name] = typed_view(raw, t.offset, dtype, t.shape)
 
     @property
     def nbytes(self) -> int:
@@ -475,26 +475,27 @@ class Residency:
         sem = rt.semaphore(name=f"load:{weights.name}@{device.name}")
         last: Any = None
         try:
-            arena = empty_bytes(device, weights.nbytes)
+            raw = buffer_bytes(buffer)
             if weights.path is not None:
                 storage = self._storage_for(weights)
                 nvme = self._queue(storage, weights)
-                if storage.can_access(arena):
+                if storage.can_access(raw):
                     last = storage.read(
-                        nvme, arena, weights.path, weights.data_offset, signals=[(sem, 1)]
+                        nvme, raw, weights.path, weights.data_offset, signals=[(sem, 1)]
                     )
                 else:  # a device storage cannot reach: through a host buffer and a copy
-                    staging = staging_bytes(weights.nbytes, arena)
+                    torch = import_torch()
+                    staging = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=True)
                     storage.read(
                         nvme, staging, weights.path, weights.data_offset, signals=[(sem, 1)]
                     )
                     last = self._queue(device, weights).submit(
-                        arena.copy_, staging, waits=[(sem, 1)], signals=[(sem, 2)], name="copy"
+                        copy_bytes, raw, staging, waits=[(sem, 1)], signals=[(sem, 2)], name="copy"
                     )
             else:
                 assert weights._host is not None
                 last = self._queue(device, weights).submit(
-                    _pack, arena, weights._host, weights.layouts, signals=[(sem, 1)], name="copy"
+                    _pack, raw, weights._host, weights.layouts, signals=[(sem, 1)], name="copy"
                 )
             await last
         except BaseException:
@@ -507,7 +508,7 @@ class Residency:
         weights.load_seconds = rt.now() - started
         self._loads += 1
         self._log("weights_loaded", weights, device, seconds=weights.load_seconds)
-        return ResidentWeights(weights, device, context, buffer, arena, (sem, sem.value), frontier)
+        return ResidentWeights(weights, device, context, buffer, raw, (sem, sem.value), frontier)
 
     # -- dropping and eviction -------------------------------------------------------
 
@@ -530,7 +531,7 @@ class Residency:
     def _drop(self, resident: ResidentWeights) -> None:
         del self._resident[(resident.weights.name, resident.device.name)]
         buffer, resident._buffer = resident._buffer, None
-        resident._arena = None
+        resident._raw = None
         resident.tensors.clear()
         resident.dropped = True
         death = resident.context.death_frontier().merge(resident.frontier)
@@ -613,8 +614,8 @@ class Residency:
         )
 
 
-def _pack(arena: Any, tensors: Mapping[str, Any], layouts: Sequence[TensorLayout]) -> None:
-    """Copy host tensors into their places in the device arena (runs on a copy queue)."""
+def _pack(raw: Any, tensors: Mapping[str, Any], layouts: Sequence[TensorLayout]) -> None:
+    """Copy host tensors into their places in the device bytes (runs on a copy queue)."""
     for layout in layouts:
         src = tensors[layout.name].detach().contiguous().reshape(-1)
-        arena[layout.offset : layout.offset + layout.nbytes].copy_(src.view(arena.dtype))
+        copy_bytes(raw[layout.offset : layout.offset + layout.nbytes], src.view(raw.dtype))

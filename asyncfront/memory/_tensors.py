@@ -1,20 +1,28 @@
 """Where the bytes of resident weights and pages live: torch tensors, imported lazily.
 
 A device's memory is a torch tensor on ``device.torch_device`` when the device has that
-attribute (a CUDA device), else in CPU memory. The budget and the device's
-:class:`BufferPool` account for it; the tensor is what holds the bytes, and dropping
-the last reference returns them to the allocator.
+attribute (a CUDA device), else in CPU memory. A device with a :class:`BufferPool` owns
+one *arena*, a tensor as large as the pool, allocated on first use; a buffer's bytes
+are the arena's slice at the buffer's block offset. So the pool's decisions are the
+memory's: a freed block's bytes are reused exactly when its death frontier allows,
+with no allocator in between (and no page faults on memory touched before). A device
+without a pool gets a tensor per buffer.
 """
 
 from __future__ import annotations
 
 import importlib
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .._context import Buffer
     from ..devices._base import Device
+    from ._pool import BufferPool
 
-__all__ = ("empty_bytes", "import_torch", "staging_bytes", "torch_device", "typed_view")
+__all__ = ("buffer_bytes", "copy_bytes", "import_torch", "torch_device", "typed_view")
+
+_arenas: weakref.WeakKeyDictionary[BufferPool, Any] = weakref.WeakKeyDictionary()
 
 
 def import_torch() -> Any:
@@ -33,16 +41,37 @@ def torch_device(device: Device) -> str:
     return str(getattr(device, "torch_device", "cpu"))
 
 
-def empty_bytes(device: Device, nbytes: int) -> Any:
-    """An uninitialised ``uint8`` tensor of ``nbytes`` in ``device``'s memory."""
+def buffer_bytes(buffer: Buffer) -> Any:
+    """The ``uint8`` tensor holding a budgeted buffer's bytes (uninitialised)."""
     torch = import_torch()
-    return torch.empty(nbytes, dtype=torch.uint8, device=torch_device(device))
+    device = buffer.context.device
+    pool: BufferPool | None = device.memory
+    block = buffer.block
+    if pool is None or block is None:
+        return torch.empty(buffer.nbytes, dtype=torch.uint8, device=torch_device(device))
+    arena = _arenas.get(pool)
+    if arena is None:
+        where = torch_device(device)
+        # Host memory that CUDA copies read or write is pinned, so they run as DMA.
+        pin = where == "cpu" and torch.cuda.is_available()
+        arena = torch.empty(pool.capacity, dtype=torch.uint8, device=where, pin_memory=pin)
+        _arenas[pool] = arena
+    return arena[block.offset : block.offset + buffer.nbytes]
 
 
-def staging_bytes(nbytes: int, peer: Any) -> Any:
-    """A host ``uint8`` tensor for transfers to or from ``peer`` (pinned for CUDA peers)."""
-    torch = import_torch()
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=peer.device.type == "cuda")
+def copy_bytes(dst: Any, src: Any) -> None:
+    """Copy ``src`` into ``dst`` (same size): the work of a copy queue.
+
+    Between CPU tensors this is one memcpy on the calling worker thread (NumPy's, which
+    releases the GIL): torch's intra-op threads would compete with the device's own
+    workers, and on small machines their hand-offs cost more than the copy.
+    """
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        import numpy
+
+        numpy.copyto(dst.detach().numpy(), src.detach().numpy())
+    else:
+        dst.copy_(src)
 
 
 def typed_view(raw: Any, offset: int, dtype: Any, shape: tuple[int, ...]) -> Any:
