@@ -2,11 +2,12 @@
 
 A device's memory is a torch tensor on ``device.torch_device`` when the device has that
 attribute (a CUDA device), else in CPU memory. A device with a :class:`BufferPool` owns
-one *arena*, a tensor as large as the pool, allocated on first use; a buffer's bytes
-are the arena's slice at the buffer's block offset. So the pool's decisions are the
-memory's: a freed block's bytes are reused exactly when its death frontier allows,
-with no allocator in between (and no page faults on memory touched before). A device
-without a pool gets a tensor per buffer.
+one *arena*, a ``uint8`` tensor as large as the pool: the device's own ``arena`` when
+it offers one, else one allocated here on first use. A buffer's bytes are the arena's
+slice at the buffer's block offset, so the pool's decisions are the memory's: a freed
+block's bytes are reused exactly when its death frontier allows, with no allocator in
+between (and no page faults on memory touched before). A device without a pool gets a
+tensor per buffer.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def buffer_bytes(buffer: Buffer) -> Any:
     block = buffer.block
     if pool is None or block is None:
         return torch.empty(buffer.nbytes, dtype=torch.uint8, device=torch_device(device))
-    arena = _arenas.get(pool)
+    arena = getattr(device, "arena", None)
+    if arena is None:
+        arena = _arenas.get(pool)
     if arena is None:
         where = torch_device(device)
         # Host memory that CUDA copies read or write is pinned, so they run as DMA.
