@@ -9,7 +9,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 import asyncfront as af
@@ -24,6 +23,7 @@ from asyncfront.devices import (
 )
 
 torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
 
 
 def _random(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> Any:
