@@ -48,7 +48,7 @@ from ._placement import PlacementCandidate as PlacementCandidate
 from ._placement import PlacementDecision as PlacementDecision
 from ._placement import PlacementError as PlacementError
 from ._placement import PlacementReason as PlacementReason
-from ._placement import Residency as Residency
+from ._placement import PlacementResidency as PlacementResidency
 from ._placement import StageNeeds as StageNeeds
 from ._placement import place as place
 from ._queue import DeviceQueue as DeviceQueue
@@ -102,9 +102,9 @@ __all__ = (
     "PlacementDecision",
     "PlacementError",
     "PlacementReason",
+    "PlacementResidency",
     "QoS",
     "QueueStatistics",
-    "Residency",
     "Runtime",
     "RuntimeStatistics",
     "RuntimeThread",

@@ -282,11 +282,15 @@ class MemoryManager:
         *,
         timeout: float | None = None,
         owner: object = None,
+        requester: Frontier | None = None,
     ) -> Buffer:
         """Charge ``nbytes`` to ``ctx`` (running the pressure policy if needed), then place it.
 
         ``owner`` (a session) marks the buffer: waiting for memory only makes sense while
-        somebody other than the owner holds memory that could be freed.
+        somebody other than the owner holds memory that could be freed. ``requester`` is
+        the frontier of the work that will first touch the memory; by default the context
+        queue's, right for work submitted there later. Memory written by other queues
+        must say so (``Frontier()`` when unknown: reuse then waits for completion).
         """
         if ctx.closed:
             raise RuntimeError(f"context {ctx.name!r} is closed")
@@ -300,7 +304,9 @@ class MemoryManager:
         block = None
         if pool is not None:
             try:
-                block = await pool.allocate(nbytes, ctx.queue.frontier)
+                block = await pool.allocate(
+                    nbytes, ctx.queue.frontier if requester is None else requester
+                )
             except BaseException:
                 self._release(memory, ctx, nbytes, owner)
                 raise

@@ -585,7 +585,7 @@ class Graph:
         rt = self.runtime
         needs = StageNeeds(model=s.model, cost=s.cost, deadline=s.deadline)
         candidates = runtime_candidates(
-            rt.devices, rt.residency, rt._queues, needs, now, devices=s.candidates
+            rt.devices, rt.placement_residency, rt._queues, needs, now, devices=s.candidates
         )
         candidates = [
             dataclasses.replace(c, backlog=c.backlog + ahead.get(c.device, 0.0))

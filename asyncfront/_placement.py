@@ -21,7 +21,7 @@ accelerator. Ties go to the candidate whose weights are resident, then to the ea
 candidate (the runtime's device order).
 
 :class:`ModelRegistry` is the runtime's default answer to "is this model resident
-there, and how long would loading it take" (:class:`Residency`); a residency manager
+there, and how long would loading it take" (:class:`PlacementResidency`); a residency manager
 that loads and drops weights can stand in for it.
 """
 
@@ -48,7 +48,7 @@ __all__ = (
     "PlacementDecision",
     "PlacementError",
     "PlacementReason",
-    "Residency",
+    "PlacementResidency",
     "StageNeeds",
     "device_backlog",
     "place",
@@ -226,7 +226,7 @@ def place(needs: StageNeeds, candidates: Sequence[PlacementCandidate]) -> Placem
 
 
 @runtime_checkable
-class Residency(Protocol):
+class PlacementResidency(Protocol):
     """What placement asks about weights; the runtime's default is :class:`ModelRegistry`."""
 
     def is_resident(self, model: str, device: str) -> bool:
@@ -411,7 +411,7 @@ def device_backlog(device: Device, queues: Iterable[DeviceQueue], now: float) ->
 
 def runtime_candidates(
     runtime_devices: Mapping[str, Device],
-    residency: Residency,
+    residency: PlacementResidency,
     queues: Iterable[DeviceQueue],
     needs: StageNeeds,
     now: float,

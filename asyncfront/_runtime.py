@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,7 +38,7 @@ from ._placement import (
     ModelInfo,
     ModelRegistry,
     PlacementDecision,
-    Residency,
+    PlacementResidency,
     StageNeeds,
     device_backlog,
     place,
@@ -48,6 +49,7 @@ from ._semaphore import TimelineSemaphore
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
 from .memory import BufferPool
+from .memory._residency import Residency, ResidentWeights, Weights
 
 __all__ = (
     "Runtime",
@@ -129,6 +131,7 @@ class Runtime:
         self._log_info = _enabled(self._log, logging.INFO)
         self._log_warning = _enabled(self._log, logging.WARNING)
         self._memory = MemoryManager(self)
+        self._residency: Residency | None = None  # created on first use
         self._owned_pools: list[Device] = []
         self._queues: list[DeviceQueue] = []
         self._queue_slots: dict[str, int] = {}
@@ -146,10 +149,10 @@ class Runtime:
         self._open = False
         self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
         self._channels: list[CollectiveChannel] = []
-        # Placement asks rt.residency about weights; a residency manager may replace the
-        # default, a plain registry of models and where they are resident.
+        # Placement asks rt.placement_residency about weights; anything with is_resident and
+        # load_time may replace the default, a plain registry of models and where they live.
         self.models = ModelRegistry(self.devices)
-        self.residency: Residency = self.models
+        self.placement_residency: PlacementResidency = self.models
 
     # -- queues and semaphores -----------------------------------------------------
 
@@ -293,12 +296,16 @@ class Runtime:
         self.models.mark_resident(model, name, resident)
 
     def is_resident(self, model: str, device: str | Device) -> bool:
-        """Whether ``model``'s weights are resident on ``device`` (asks :attr:`residency`)."""
-        return self.residency.is_resident(model, device if isinstance(device, str) else device.name)
+        """Whether ``model``'s weights are resident on ``device`` (per ``placement_residency``)."""
+        return self.placement_residency.is_resident(
+            model, device if isinstance(device, str) else device.name
+        )
 
     def load_time(self, model: str, device: str | Device) -> float:
         """Seconds to make ``model`` resident on ``device`` (``inf``: it cannot hold it)."""
-        return self.residency.load_time(model, device if isinstance(device, str) else device.name)
+        return self.placement_residency.load_time(
+            model, device if isinstance(device, str) else device.name
+        )
 
     def backlog(self, device: str | Device) -> float:
         """Seconds of queued work on ``device``: unfinished submissions' cost / speed."""
@@ -317,7 +324,7 @@ class Runtime:
         loop = self._require_loop()
         needs = StageNeeds(model=model, cost=cost, deadline=deadline)
         candidates = runtime_candidates(
-            self.devices, self.residency, self._queues, needs, loop.time(), devices
+            self.devices, self.placement_residency, self._queues, needs, loop.time(), devices
         )
         return place(needs, candidates)
 
@@ -390,6 +397,61 @@ class Runtime:
         allocation raises it and nothing is charged. Usable as a decorator.
         """
         return self._memory.on_memory_pressure(handler)
+
+    # -- weights ---------------------------------------------------------------------
+
+    @property
+    def residency(self) -> Residency:
+        """The residency of immutable weights (loads, pins, drops by cost)."""
+        if self._residency is None:
+            self._residency = Residency(self)
+        return self._residency
+
+    def weights(
+        self,
+        name: str,
+        source: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        size: int | None = None,
+        priority: int | None = None,
+        request_rate: float | None = None,
+        storage: str | Device | None = None,
+    ) -> Weights:
+        """Register immutable weights: a safetensors file or a dict of host tensors.
+
+        See :meth:`asyncfront.memory.Residency.register`.
+        """
+        return self.residency.register(
+            name,
+            source,
+            size=size,
+            priority=priority,
+            request_rate=request_rate,
+            storage=storage,
+        )
+
+    async def ensure_resident(
+        self,
+        weights: Weights | str,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> ResidentWeights:
+        """Load the weights on ``device`` unless they are there (one shared load).
+
+        Charged to ``context``, by default the context named like the weights.
+        """
+        return await self.residency.ensure_resident(weights, device, context=context)
+
+    def using(
+        self,
+        weights: Weights | str,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> AbstractAsyncContextManager[ResidentWeights]:
+        """``async with rt.using(w, device) as r``: load if needed, pinned for the block."""
+        return self.residency.using(weights, device, context=context)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None or not self._open:

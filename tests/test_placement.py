@@ -289,7 +289,7 @@ def test_copy_and_storage_devices_are_not_candidates() -> None:
 
 
 def test_a_replacement_residency_is_consulted() -> None:
-    """rt.residency can be any object with is_resident and load_time."""
+    """rt.placement_residency can be any object with is_resident and load_time."""
 
     class Everywhere:
         def is_resident(self, model: str, device: str) -> bool:
@@ -300,8 +300,8 @@ def test_a_replacement_residency_is_consulted() -> None:
 
     async def main() -> None:
         async with af.open_runtime([FakeDevice("gpu0"), FakeDevice("gpu1")]) as rt:
-            rt.residency = Everywhere()
-            assert isinstance(rt.residency, af.Residency)
+            rt.placement_residency = Everywhere()
+            assert isinstance(rt.placement_residency, af.PlacementResidency)
             assert rt.place("anything", cost=1.0).device == "gpu1"
             assert rt.load_time("anything", "gpu0") == 9.0
 

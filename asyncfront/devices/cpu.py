@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import inspect
-from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
-
-from ._base import Device
-
-if TYPE_CHECKING:
-    from .._queue import Submission
-    from .._runtime import Runtime
+from ._threaded import ThreadPoolDevice
 
 __all__ = ("CpuDevice",)
 
 
-class CpuDevice(Device):
+class CpuDevice(ThreadPoolDevice):
     """The host CPU: ``workers`` threads, one execution slot per thread.
 
     ``memory`` (bytes) gives its contexts a host-memory budget to share; None leaves
@@ -34,31 +24,5 @@ class CpuDevice(Device):
             raise ValueError(f"CpuDevice needs at least 1 worker, got {workers}")
         if memory is not None and memory < 0:
             raise ValueError(f"CpuDevice memory must be >= 0 bytes, got {memory}")
-        super().__init__(name, concurrency=workers)
+        super().__init__(name, workers)
         self.memory_capacity = memory or None
-        self.workers = workers
-        self._pool: ThreadPoolExecutor | None = None
-
-    async def start(self, runtime: Runtime) -> None:
-        await super().start(runtime)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix=f"asyncfront-{self.name}")
-
-    async def aclose(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            # Running work cannot be interrupted; wait for it off the loop thread.
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
-        await super().aclose()
-
-    async def execute(self, submission: Submission) -> Any:
-        fn = submission.fn
-        if fn is None:
-            return None
-        if inspect.iscoroutinefunction(fn):
-            return await fn(*submission.args, **submission.kwargs)
-        pool = self._pool
-        if pool is None:
-            raise RuntimeError(f"device {self.name!r} is not started")
-        loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *submission.args, **submission.kwargs)
-        return await loop.run_in_executor(pool, call)

@@ -1,5 +1,11 @@
-"""Memory shared across models: death-frontier buffer pools, residency and paging."""
+"""Memory shared across models: death-frontier buffer pools, weight residency and paging."""
 
+from ._pager import Page as Page
+from ._pager import Pager as Pager
+from ._pager import PagerStatistics as PagerStatistics
+from ._pager import PageUse as PageUse
+from ._pager import Tier as Tier
+from ._pager import choose_page_outs as choose_page_outs
 from ._pool import DEFAULT_ALIGNMENT as DEFAULT_ALIGNMENT
 from ._pool import Block as Block
 from ._pool import BufferPool as BufferPool
@@ -18,6 +24,18 @@ from ._pool import Wait as Wait
 from ._pool import WaitCompleted as WaitCompleted
 from ._pool import WaitForFree as WaitForFree
 from ._pool import WouldWaitError as WouldWaitError
+from ._reclaim import Reclaim as Reclaim
+from ._reclaim import ReclaimPlan as ReclaimPlan
+from ._reclaim import RequestRate as RequestRate
+from ._reclaim import plan_reclaim as plan_reclaim
+from ._residency import EvictionCandidate as EvictionCandidate
+from ._residency import Residency as Residency
+from ._residency import ResidencyStatistics as ResidencyStatistics
+from ._residency import ResidentWeights as ResidentWeights
+from ._residency import TensorLayout as TensorLayout
+from ._residency import Weights as Weights
+from ._residency import choose_evictions as choose_evictions
+from ._residency import read_safetensors_layout as read_safetensors_layout
 
 __all__ = (
     "DEFAULT_ALIGNMENT",
@@ -25,17 +43,35 @@ __all__ = (
     "BufferPool",
     "CompletedSource",
     "DoubleFreeError",
+    "EvictionCandidate",
     "ForeignBlockError",
     "FreeBlock",
     "InvalidFreeError",
     "InvalidSizeError",
+    "Page",
+    "PageUse",
+    "Pager",
+    "PagerStatistics",
     "PoolError",
     "PoolExhaustedError",
     "PoolStatistics",
+    "Reclaim",
+    "ReclaimPlan",
+    "RequestRate",
+    "Residency",
+    "ResidencyStatistics",
+    "ResidentWeights",
     "Reuse",
     "SupportsCompleted",
+    "TensorLayout",
+    "Tier",
     "Wait",
     "WaitCompleted",
     "WaitForFree",
+    "Weights",
     "WouldWaitError",
+    "choose_evictions",
+    "choose_page_outs",
+    "plan_reclaim",
+    "read_safetensors_layout",
 )

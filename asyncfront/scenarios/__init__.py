@@ -1,5 +1,7 @@
-"""Executable multi-model scenarios on fake devices in virtual time."""
+"""Executable multi-model scenarios: fake devices in virtual time, or real CPU devices."""
 
+from .kv_paging import KvPagingReport as KvPagingReport
+from .kv_paging import run_kv_paging as run_kv_paging
 from .laptop_voice import VoiceReport as VoiceReport
 from .laptop_voice import laptop_devices as laptop_devices
 from .laptop_voice import run_voice_pipeline as run_voice_pipeline
@@ -8,9 +10,11 @@ from .sdxl_pressure import run_sdxl_pressure as run_sdxl_pressure
 from .sdxl_pressure import workstation_devices as workstation_devices
 
 __all__ = (
+    "KvPagingReport",
     "SdxlPressureReport",
     "VoiceReport",
     "laptop_devices",
+    "run_kv_paging",
     "run_sdxl_pressure",
     "run_voice_pipeline",
     "workstation_devices",

@@ -1,0 +1,763 @@
+"""The pager: mutable blocks (KV cache, optimizer state) that move device → host → file.
+
+A :class:`Page` is a block of mutable memory owned by some model's context. It lives
+in one of three tiers: the *device* (its context's memory and budget), the *host* (the
+pager's host context) or a *file* (an extent of one file on a storage device). All
+pages of all models and sessions share one least-recently-used order; memory pressure
+on a device pages out the least recently used pages that help.
+
+Every page has a timeline semaphore, and everything that touches the page is ordered
+on it: each use waits for the previous value and signals the next, a page-out's copy
+waits for the last use, a page-in's read waits for the value the page-out signalled,
+and the next use waits for the page-in's copy. So the work that resumes after a
+page-in carries the storage and copy axes in its frontier, and a page-out never reads
+memory that a use is still writing.
+
+Page-out copies device → host on the copy queue, then writes host → file on the
+storage queue, and frees the device copy only once the write has been signalled. If
+any step fails, nothing is lost: the device copy is still there and the page stays
+resident and usable; only the host buffer and file extent it took are given back.
+Page-in reads file → host and copies host → device, and keeps the file extent until
+the data is back, so a failed page-in leaves the page in its file, to be paged in
+again. With ``direct=True`` the storage device reads and writes device memory itself
+where it can reach it (GPUDirect Storage through KvikIO on CUDA; plain host memory
+otherwise), and the host tier is left out of file transfers.
+
+On a machine without a GPU the device and host tiers are both CPU memory, but they are
+distinct tiers all the same: different devices, budgets and pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import math
+import os
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._budget import format_bytes
+from .._frontier import Frontier
+from .._semaphore import SemaphoreFailedError, TimelineSemaphore
+from ._pool import Block, BufferPool
+from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
+from ._tensors import buffer_bytes, copy_bytes, import_torch
+
+if TYPE_CHECKING:
+    from .._context import Buffer, ExecutionContext
+    from .._queue import DeviceQueue, Submission
+    from .._runtime import Runtime
+    from ..devices.storage import StorageDevice
+
+__all__ = (
+    "Page",
+    "PageUse",
+    "Pager",
+    "PagerStatistics",
+    "Tier",
+    "choose_page_outs",
+)
+
+DEFAULT_FILE_CAPACITY = 1 << 40
+"""Bytes of file space a pager may address (the file grows only as far as it is used)."""
+
+FILE_ALIGNMENT = 4096
+"""Alignment of page extents in the file: the page size direct I/O and GDS want."""
+
+
+class Tier(enum.Enum):
+    """Where a page's data lives."""
+
+    DEVICE = "device"
+    HOST = "host"
+    FILE = "file"
+
+
+class Page:
+    """A pageable block of mutable memory (created by :meth:`Pager.allocate`).
+
+    Attributes:
+        name: a label for logs and reprs.
+        owner: whatever the caller tagged it with (a session id, a model name).
+        context: the context whose device budget holds it while on the device.
+        shape / dtype: what its tensor looks like (dtype as a torch dtype name).
+        nbytes: its size.
+        tier: where its data is now.
+        semaphore: its timeline; replaced by a fresh one carrying the same value and
+            frontier if a page-in failed it.
+        pins: how many :meth:`Pager.use` blocks hold it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        owner: object,
+        context: ExecutionContext,
+        shape: tuple[int, ...],
+        dtype: str,
+        nbytes: int,
+        semaphore: TimelineSemaphore,
+    ) -> None:
+        self.name = name
+        self.owner = owner
+        self.context = context
+        self.shape = shape
+        self.dtype = dtype
+        self.nbytes = nbytes
+        self.semaphore = semaphore
+        self.tier = Tier.DEVICE
+        self.pins = 0
+        self.released = False
+        self._value = 0  # the last value handed out on the page's timeline
+        self._transit: asyncio.Future[None] | None = None  # set while paging
+        self._device: Buffer | None = None
+        self._device_tensor: Any = None
+        self._host: Buffer | None = None
+        self._host_tensor: Any = None
+        self._extent: Block | None = None
+
+    @property
+    def in_transit(self) -> bool:
+        """Whether a page-out or page-in is moving it now."""
+        return self._transit is not None
+
+    @property
+    def ready(self) -> tuple[TimelineSemaphore, int]:
+        """The ``(semaphore, value)`` after which every use and move so far is done."""
+        return self.semaphore, self._value
+
+    @property
+    def frontier(self) -> Frontier:
+        """The merged frontier of everything signalled on the page's timeline so far."""
+        return self.semaphore.frontier
+
+    @property
+    def file_offset(self) -> int | None:
+        """Where the page lies in the pager's file, while it is in the file tier."""
+        return self._extent.offset if self._extent is not None else None
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else self.tier.value
+        if self.in_transit:
+            state += " (moving)"
+        return (
+            f"<Page {self.name!r} {format_bytes(self.nbytes)} of {self.context.name!r} "
+            f"{state} value={self._value} pins={self.pins}>"
+        )
+
+
+@dataclass(frozen=True)
+class PageUse:
+    """One use of a resident page: its tensor and the timeline values to wait and signal.
+
+    Submit exactly one piece of work per use that waits on ``wait`` and signals
+    ``signal`` (``waits=[use.wait], signals=[use.signal]``): that orders it after the
+    page's previous uses and moves, and orders later moves after it.
+    """
+
+    page: Page
+    tensor: Any
+    wait: tuple[TimelineSemaphore, int]
+    signal: tuple[TimelineSemaphore, int]
+
+
+@dataclass(frozen=True)
+class PagerStatistics:
+    """A snapshot of a pager: pages per tier, bytes moved, failures."""
+
+    pages: int
+    device_pages: int
+    host_pages: int
+    file_pages: int
+    pinned: int
+    page_outs: int
+    page_ins: int
+    bytes_out: int
+    bytes_in: int
+    failures: int
+
+
+def choose_page_outs(
+    pages: Sequence[Page],
+    needed: int,
+    reclaimable: dict[str, float] | None = None,
+    *,
+    tier: Tier = Tier.DEVICE,
+) -> ReclaimPlan[Page]:
+    """Which pages to move out of ``tier`` to free ``needed`` bytes, least recent first.
+
+    ``pages`` is in least-recently-used order; pinned pages and pages already moving
+    are skipped. Nothing is chosen when all the movable pages would not suffice.
+    """
+    movable = [
+        Reclaim(page, _charged_to(page), page.nbytes)
+        for page in pages
+        if page.tier is tier and not page.pins and not page.in_transit and not page.released
+    ]
+    return plan_reclaim(movable, needed, reclaimable)
+
+
+def _charged_to(page: Page) -> str:
+    """The context whose budget holds the page's memory in its current tier."""
+    if page.tier is Tier.HOST and page._host is not None:
+        return page._host.context.name
+    return page.context.name
+
+
+def _death(sub: Submission) -> Frontier:
+    """The frontier after which nothing but later work on its queue follows ``sub``."""
+    return Frontier({sub.queue.axis: sub.epoch})
+
+
+class Pager:
+    """Pages mutable blocks between device memory, host memory and a file.
+
+    Args:
+        runtime: the runtime whose budgets and queues it uses.
+        host: the context whose budget holds host copies and staging buffers; it must
+            be on another device than the pages it serves.
+        copy: the queue that copies between device and host memory.
+        storage: a queue of a :class:`~asyncfront.devices.StorageDevice`: page files
+            are written and read there, on its own axis.
+        file: the page file's name on the storage device.
+        spill: where memory pressure sends pages (``Tier.FILE`` or ``Tier.HOST``).
+        direct: move pages between device memory and the file without the host tier
+            where the storage device reaches device memory (host memory; CUDA memory
+            through KvikIO, that is GPUDirect Storage). False: always device → host
+            → file and back, the copy queue moving device ↔ host.
+        file_capacity: bytes of file space it may use.
+        name: a label for logs, queue-free.
+    """
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        host: ExecutionContext,
+        copy: DeviceQueue,
+        storage: DeviceQueue,
+        file: str | os.PathLike[str] = "pages.bin",
+        spill: Tier = Tier.FILE,
+        direct: bool = False,
+        file_capacity: int = DEFAULT_FILE_CAPACITY,
+        name: str = "pager",
+    ) -> None:
+        from ..devices.storage import StorageDevice
+
+        if not isinstance(storage.device, StorageDevice):
+            raise TypeError(f"storage queue {storage.name!r} is not on a StorageDevice")
+        if spill is Tier.DEVICE:
+            raise ValueError("spill must be Tier.HOST or Tier.FILE")
+        self.runtime = runtime
+        self.host = host
+        self.copy = copy
+        self.storage = storage
+        self._storage_device: StorageDevice = storage.device
+        self.file = file
+        self.spill = spill
+        self.direct = direct
+        self.name = name
+        self._file_space = BufferPool(
+            file_capacity, alignment=FILE_ALIGNMENT, completed=runtime, name=os.fspath(file)
+        )
+        self._lru: OrderedDict[Page, None] = OrderedDict()
+        self._returned: asyncio.Future[None] | None = None  # set when the pager frees memory
+        self._count = 0
+        self._page_outs = self._page_ins = self._bytes_out = self._bytes_in = 0
+        self._failures = 0
+        self._closed = False
+        runtime.on_memory_pressure(self._on_memory_pressure)
+
+    # -- pages -----------------------------------------------------------------------
+
+    async def allocate(
+        self,
+        context: ExecutionContext,
+        shape: Sequence[int],
+        dtype: Any,
+        *,
+        owner: object = None,
+        name: str | None = None,
+    ) -> Page:
+        """A new page of ``shape`` and ``dtype`` on ``context``'s device (uninitialised).
+
+        Its memory is charged to ``context``; if that goes over the context's own
+        budget, its least recently used pages are paged out first.
+        """
+        self._check_open()
+        if context.device is self.host.device:
+            raise ValueError(
+                f"context {context.name!r} is on the host tier's device {context.device.name!r}; "
+                "pages live on another device than their host copies"
+            )
+        torch = import_torch()
+        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dims = tuple(int(d) for d in shape)
+        nbytes = math.prod(dims) * torch.empty((), dtype=torch_dtype).element_size()
+        if nbytes <= 0:
+            raise ValueError(f"a page needs at least one byte, got shape {dims}")
+        self._count += 1
+        label = (
+            name if name is not None else f"{owner if owner is not None else 'page'}#{self._count}"
+        )
+        sem = self.runtime.semaphore(name=f"page:{label}")
+        page = Page(
+            label, owner, context, dims, str(torch_dtype).removeprefix("torch."), nbytes, sem
+        )
+        page._transit = asyncio.get_running_loop().create_future()
+        try:
+            page._device = await self._allocate(context, page)
+        finally:
+            self._settle(page)
+        page._device_tensor = self._typed(buffer_bytes(page._device), page)
+        self._lru[page] = None
+        return page
+
+    @asynccontextmanager
+    async def use(self, page: Page) -> AsyncIterator[PageUse]:
+        """Pin the page on its device for the block, paging it in first if needed.
+
+        Yields the page's tensor and the ``(semaphore, value)`` pairs the one piece of
+        work using it waits on and signals. A page-in's read and copy are on the page's
+        timeline, so that work's frontier carries the storage and copy axes.
+
+        Raises:
+            StorageError: the page-in failed; the page stays in the file, intact.
+        """
+        self._check_page(page)
+        page.pins += 1
+        try:
+            while page.tier is not Tier.DEVICE or page._transit is not None:
+                if page._transit is not None:
+                    await asyncio.wait([page._transit])
+                else:
+                    await self.page_in(page)
+            value = page._value
+            page._value = value + 1
+            self._lru.move_to_end(page)
+            yield PageUse(
+                page, page._device_tensor, (page.semaphore, value), (page.semaphore, value + 1)
+            )
+        finally:
+            page.pins -= 1
+            if not page.released:
+                self._lru.move_to_end(page)
+
+    async def release(self, page: Page) -> None:
+        """Free the page in every tier once its uses are done; its data is gone."""
+        self._check_page(page)
+        if page.pins or page._transit is not None:
+            raise RuntimeError(f"{page!r} is in use or moving; cannot release it")
+        page._transit = asyncio.get_running_loop().create_future()
+        try:
+            sem, value = page.ready
+            try:
+                await sem.wait(value)  # the last use has run: its frontier is the death frontier
+                death = sem.frontier
+            except SemaphoreFailedError:  # a use failed: whatever its context queued is done then
+                death = sem.frontier.merge(page.context.death_frontier())
+        finally:
+            self._settle(page)
+        page.released = True
+        del self._lru[page]
+        if page._device is not None:
+            self._free(page._device, death)
+        if page._host is not None:
+            self._free(page._host, death)
+        if page._extent is not None:
+            self._file_space.free(page._extent, death)
+        page._device = page._host = page._extent = None
+        page._device_tensor = page._host_tensor = None
+
+    # -- moving pages ----------------------------------------------------------------
+
+    async def page_out(self, page: Page, tier: Tier = Tier.FILE) -> None:
+        """Move the page out of device memory to ``tier`` (or from the host to the file).
+
+        Returns once the data is safely in ``tier`` and the memory it left is freed.
+
+        Raises:
+            RuntimeError: the page is pinned by a use or already moving.
+            StorageError / MemoryBudgetError / SemaphoreFailedError: a step failed; the
+                page keeps its data where it was, usable, and nothing is leaked.
+        """
+        self._check_page(page)
+        if tier is Tier.DEVICE:
+            raise ValueError("page_out moves pages to Tier.HOST or Tier.FILE")
+        if page.pins or page._transit is not None:
+            raise RuntimeError(f"{page!r} is pinned or moving; cannot page it out")
+        if page.tier is Tier.FILE or page.tier is tier:
+            return
+        page._transit = asyncio.get_running_loop().create_future()
+        try:
+            if page.tier is Tier.DEVICE:
+                await self._out_of_device(page, tier)
+            else:
+                await self._host_to_file(page)
+        except BaseException as exc:
+            self._failures += 1
+            self._log("page_out_failed", page, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._settle(page)
+
+    async def page_in(self, page: Page) -> None:
+        """Bring the page back to device memory; returns once its data is there.
+
+        Usually implicit: :meth:`use` pages in what it needs.
+        """
+        self._check_page(page)
+        if page.tier is Tier.DEVICE:
+            return
+        if page._transit is not None:
+            raise RuntimeError(f"{page!r} is moving; wait for it with use()")
+        page._transit = asyncio.get_running_loop().create_future()
+        try:
+            await self._into_device(page)
+        except BaseException as exc:
+            self._failures += 1
+            self._log("page_in_failed", page, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._settle(page)
+
+    async def _out_of_device(self, page: Page, tier: Tier) -> None:
+        storage = self._storage_device
+        value = page._value
+        device_bytes = self._raw(page._device_tensor)
+        direct = tier is Tier.FILE and self._direct(device_bytes)
+        staging: Buffer | None = None
+        extent: Block | None = None
+        copy: Submission | None = None
+        write: Submission | None = None
+        out = self.runtime.semaphore(name=f"{page.semaphore.name}.out")
+        try:
+            after = (page.semaphore, value)  # after the page's last use
+            source = device_bytes
+            if not direct:
+                staging = await self._allocate(self.host, page)
+                source = buffer_bytes(staging)
+                copy = self.copy.submit(
+                    copy_bytes,
+                    source,
+                    device_bytes,
+                    waits=[after],
+                    signals=[(out, 1)],
+                    name=f"page-out copy {page.name}",
+                )
+                after = (out, 1)
+            if tier is Tier.FILE:
+                extent = await self._file_space.allocate(page.nbytes, self._storage_requester())
+                write = storage.write(
+                    self.storage,
+                    source,
+                    self.file,
+                    extent.offset,
+                    waits=[after],
+                    signals=[(out, 2)],
+                    name=f"page-out write {page.name}",
+                )
+            if copy is not None:
+                await copy
+            if write is not None:
+                await write
+        except BaseException:
+            # The device copy was never touched: the page stays resident and usable.
+            if staging is not None:
+                self._free(staging, _death(write or copy) if copy is not None else Frontier())
+            if extent is not None:
+                self._file_space.free(extent, _death(write) if write is not None else Frontier())
+            raise
+        last = write or copy
+        assert last is not None and last.frontier is not None
+        page.semaphore.signal(value + 1, last.frontier)
+        page._value = value + 1
+        # Only now, with the data signalled safe in its new tier, free the device copy.
+        assert page._device is not None
+        self._free(page._device, _death(copy or last))
+        page._device = page._device_tensor = None
+        if write is not None:
+            if staging is not None:
+                self._free(staging, _death(write))
+            page._extent = extent
+            page.tier = Tier.FILE
+        else:
+            page._host, page._host_tensor = staging, source
+            page.tier = Tier.HOST
+        self._page_outs += 1
+        self._bytes_out += page.nbytes
+        self._log("page_out", page, tier=page.tier.value, frontier=repr(last.frontier))
+
+    async def _host_to_file(self, page: Page) -> None:
+        value = page._value
+        extent = await self._file_space.allocate(page.nbytes, self._storage_requester())
+        out = self.runtime.semaphore(name=f"{page.semaphore.name}.out")
+        write = self._storage_device.write(
+            self.storage,
+            page._host_tensor,
+            self.file,
+            extent.offset,
+            waits=[(page.semaphore, value)],
+            signals=[(out, 1)],
+            name=f"page-out write {page.name}",
+        )
+        try:
+            await write
+        except BaseException:
+            self._file_space.free(extent, _death(write))
+            raise
+        assert write.frontier is not None
+        page.semaphore.signal(value + 1, write.frontier)
+        page._value = value + 1
+        assert page._host is not None
+        self._free(page._host, _death(write))
+        page._host = page._host_tensor = None
+        page._extent = extent
+        page.tier = Tier.FILE
+        self._page_outs += 1
+        self._bytes_out += page.nbytes
+        self._log("page_out", page, tier="file", frontier=repr(write.frontier))
+
+    async def _into_device(self, page: Page) -> None:
+        sem, value = page.semaphore, page._value
+        device: Buffer | None = None
+        staging: Buffer | None = None
+        read: Submission | None = None
+        copy: Submission | None = None
+        try:
+            device = await self._allocate(page.context, page)
+            device_bytes = buffer_bytes(device)
+            host_bytes = page._host_tensor
+            if page.tier is Tier.FILE:
+                assert page._extent is not None
+                direct = self._direct(device_bytes)
+                if not direct:
+                    staging = await self._allocate(self.host, page)
+                    host_bytes = buffer_bytes(staging)
+                read = self._storage_device.read(
+                    self.storage,
+                    device_bytes if direct else host_bytes,
+                    self.file,
+                    page._extent.offset,
+                    waits=[(sem, value)],  # the value the page-out signalled
+                    signals=[(sem, value + 1)],
+                    name=f"page-in read {page.name}",
+                )
+                value += 1
+            if host_bytes is not None:
+                copy = self.copy.submit(
+                    copy_bytes,
+                    device_bytes,
+                    host_bytes,
+                    waits=[(sem, value)],
+                    signals=[(sem, value + 1)],
+                    name=f"page-in copy {page.name}",
+                )
+                value += 1
+            if read is not None:
+                await read  # its own error, rather than the copy's failed wait
+            if copy is not None:
+                await copy
+        except BaseException:
+            # The data is still in its tier: give back what the attempt took, and give
+            # the page a fresh timeline if this one failed or ran ahead.
+            last = copy or read
+            if device is not None:
+                self._free(device, _death(last) if last is not None else Frontier())
+            if staging is not None:
+                self._free(staging, _death(last) if last is not None else Frontier())
+            self._rearm(page)
+            raise
+        last = copy or read
+        assert last is not None and last.frontier is not None
+        page._value = value
+        if read is not None:  # from the file: the extent (and any staging) is done
+            assert page._extent is not None
+            if staging is not None:
+                self._free(staging, _death(last))
+            self._file_space.free(page._extent, _death(read))
+            page._extent = None
+        else:
+            assert page._host is not None
+            self._free(page._host, _death(last))
+            page._host = page._host_tensor = None
+        page._device = device
+        page._device_tensor = self._typed(device_bytes, page)
+        page.tier = Tier.DEVICE
+        self._page_ins += 1
+        self._bytes_in += page.nbytes
+        self._log("page_in", page, frontier=repr(last.frontier))
+
+    def _rearm(self, page: Page) -> None:
+        """After a failed page-in: a fresh semaphore at the page's value and frontier."""
+        old = page.semaphore
+        if old.failure is None and old.value == page._value:
+            return
+        fresh = self.runtime.semaphore(name=old.name)
+        if page._value:
+            fresh.signal(page._value, old.frontier)
+        page.semaphore = fresh
+
+    async def _allocate(self, context: ExecutionContext, page: Page) -> Buffer:
+        """Memory for ``page`` through ``context``'s budget (its device's, or the host's).
+
+        Over the context's own budget the memory manager would refuse at once, so the
+        least recently used pages of that tier go out first, or, when other pages are
+        moving (holding staging buffers they are about to give back), the allocation
+        waits for them; a full device goes through the pressure policy (this pager's
+        handler included).
+        """
+        while True:
+            used, _, limit = context.usage()
+            if used + page.nbytes <= limit or page.nbytes > limit:
+                break
+            if await self.reclaim(context, page.nbytes):
+                continue
+            if not any(p._transit is not None for p in self._lru if p is not page):
+                break  # nothing will come back: let the memory manager say why
+            if self._returned is None:
+                self._returned = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._returned])
+        # The copy and storage queues write this memory, not the context's queue: the
+        # pool must not take the context queue's history as proof the old data is dead.
+        return await self.runtime._memory.allocate(
+            context, page.nbytes, owner=page, requester=Frontier()
+        )
+
+    def _free(self, buffer: Buffer, death: Frontier) -> None:
+        """Give a buffer back and wake allocations waiting for the pager's memory."""
+        self.runtime._memory.free(buffer, death)
+        returned, self._returned = self._returned, None
+        if returned is not None and not returned.done():
+            returned.set_result(None)
+
+    # -- memory pressure -------------------------------------------------------------
+
+    async def reclaim(self, context: ExecutionContext, nbytes: int) -> int:
+        """Page out least recently used pages so ``context`` can allocate ``nbytes``.
+
+        For a device context, pages leave its device (to ``spill``); for the host
+        context, host copies go to the file. Returns the bytes freed.
+        """
+        needed, reclaimable = shortfall(self.runtime, context, nbytes)
+        if needed <= 0 or self._closed:
+            return 0
+        if context is self.host:
+            plan = choose_page_outs(list(self._lru), needed, reclaimable, tier=Tier.HOST)
+            target = Tier.FILE
+        else:
+            order = [p for p in self._lru if p.context.device is context.device]
+            plan = choose_page_outs(order, needed, reclaimable)
+            target = self.spill
+        if not plan.victims:
+            return 0
+        outcomes = await asyncio.gather(
+            *(self.page_out(page, target) for page in plan.victims), return_exceptions=True
+        )
+        freed = 0
+        for page, outcome in zip(plan.victims, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # cancellation and the like are not ours to swallow
+                continue  # logged by page_out; the page kept its data
+            freed += page.nbytes
+        return freed
+
+    async def _on_memory_pressure(
+        self, context: ExecutionContext, requested: int, available: int
+    ) -> bool:
+        return await self.reclaim(context, requested) > 0
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _direct(self, device_bytes: Any) -> bool:
+        """Whether this transfer skips the host tier: asked for, and storage reaches it."""
+        return self.direct and self._storage_device.can_access(device_bytes)
+
+    def _storage_requester(self) -> Frontier:
+        """The frontier the storage queue's next submission will have, at least."""
+        q = self.storage
+        return q._materialize(q._base, q.submitted_epoch + 1)
+
+    def _settle(self, page: Page) -> None:
+        transit, page._transit = page._transit, None
+        if transit is not None and not transit.done():
+            transit.set_result(None)
+
+    @staticmethod
+    def _typed(raw: Any, page: Page) -> Any:
+        torch = import_torch()
+        return raw.view(getattr(torch, page.dtype)).reshape(page.shape)
+
+    @staticmethod
+    def _raw(tensor: Any) -> Any:
+        torch = import_torch()
+        return tensor.reshape(-1).view(torch.uint8)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"pager {self.name!r} is closed")
+
+    def _check_page(self, page: Page) -> None:
+        self._check_open()
+        if page.released:
+            raise RuntimeError(f"{page!r} was released")
+        if page not in self._lru:
+            raise ValueError(f"{page!r} belongs to another pager")
+
+    def _log(self, event: str, page: Page, **fields: Any) -> None:
+        rt = self.runtime
+        if rt._log_info:
+            rt._log.info(event, pager=self.name, page=page.name, nbytes=page.nbytes, **fields)
+
+    # -- visible state and lifecycle -------------------------------------------------
+
+    def lru(self) -> tuple[Page, ...]:
+        """Every live page, least recently used first."""
+        return tuple(self._lru)
+
+    @property
+    def storage_axis(self) -> int:
+        """The axis of the storage queue page files move on."""
+        return self.storage.axis
+
+    def statistics(self) -> PagerStatistics:
+        """A frozen snapshot of pages per tier and bytes moved."""
+        tiers = [page.tier for page in self._lru]
+        return PagerStatistics(
+            pages=len(tiers),
+            device_pages=tiers.count(Tier.DEVICE),
+            host_pages=tiers.count(Tier.HOST),
+            file_pages=tiers.count(Tier.FILE),
+            pinned=sum(1 for page in self._lru if page.pins),
+            page_outs=self._page_outs,
+            page_ins=self._page_ins,
+            bytes_out=self._bytes_out,
+            bytes_in=self._bytes_in,
+            failures=self._failures,
+        )
+
+    async def aclose(self) -> None:
+        """Release every page; the pager stops answering memory pressure."""
+        for page in list(self._lru):
+            if page._transit is not None:
+                await asyncio.wait([page._transit])
+            if not page.released and not page.pins:
+                await self.release(page)
+        self._closed = True
+
+    async def __aenter__(self) -> Pager:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<Pager {self.name!r} pages={s.pages} device={s.device_pages} host={s.host_pages} "
+            f"file={s.file_pages} outs={s.page_outs} ins={s.page_ins}>"
+        )

@@ -1,0 +1,94 @@
+"""Where the bytes of resident weights and pages live: torch tensors, imported lazily.
+
+A device's memory is a torch tensor on ``device.torch_device`` when the device has that
+attribute (a CUDA device), else in CPU memory. A device with a :class:`BufferPool` owns
+one *arena*, a ``uint8`` tensor as large as the pool: the device's own ``arena`` when
+it offers one, else one allocated here on first use. A buffer's bytes are the arena's
+slice at the buffer's block offset, so the pool's decisions are the memory's: a freed
+block's bytes are reused exactly when its death frontier allows, with no allocator in
+between (and no page faults on memory touched before). A device without a pool gets a
+tensor per buffer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import weakref
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .._context import Buffer
+    from ..devices._base import Device
+    from ._pool import BufferPool
+
+__all__ = ("buffer_bytes", "copy_bytes", "import_torch", "torch_device", "typed_view")
+
+_arenas: weakref.WeakKeyDictionary[BufferPool, Any] = weakref.WeakKeyDictionary()
+
+
+def import_torch() -> Any:
+    """The torch module, or an ImportError that says what needs it."""
+    try:
+        return importlib.import_module("torch")
+    except ImportError as exc:
+        raise ImportError(
+            "asyncfront's weight residency and pager hold tensors and need PyTorch "
+            "(pip install torch)"
+        ) from exc
+
+
+def torch_device(device: Device) -> str:
+    """The torch device string whose memory backs ``device`` (``"cpu"`` unless it says)."""
+    return str(getattr(device, "torch_device", "cpu"))
+
+
+def buffer_bytes(buffer: Buffer) -> Any:
+    """The ``uint8`` tensor holding a budgeted buffer's bytes (uninitialised)."""
+    torch = import_torch()
+    device = buffer.context.device
+    pool: BufferPool | None = device.memory
+    block = buffer.block
+    if pool is None or block is None:
+        return torch.empty(buffer.nbytes, dtype=torch.uint8, device=torch_device(device))
+    arena = getattr(device, "arena", None)
+    if arena is None:
+        arena = _arenas.get(pool)
+    if arena is None:
+        where = torch_device(device)
+        # Host memory that CUDA copies read or write is pinned, so they run as DMA.
+        pin = where == "cpu" and torch.cuda.is_available()
+        arena = torch.empty(pool.capacity, dtype=torch.uint8, device=where, pin_memory=pin)
+        _arenas[pool] = arena
+    return arena[block.offset : block.offset + buffer.nbytes]
+
+
+def copy_bytes(dst: Any, src: Any) -> None:
+    """Copy ``src`` into ``dst`` (same size): the work of a copy queue.
+
+    Between CPU tensors this is one memcpy on the calling worker thread (NumPy's, which
+    releases the GIL): torch's intra-op threads would compete with the device's own
+    workers, and on small machines their hand-offs cost more than the copy.
+    """
+    if dst.device.type == "cpu" and src.device.type == "cpu":
+        import numpy
+
+        numpy.copyto(dst.detach().numpy(), src.detach().numpy())
+    else:
+        dst.copy_(src)
+
+
+def typed_view(raw: Any, offset: int, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """``raw[offset:]`` seen as a tensor of ``dtype`` and ``shape`` (shares memory).
+
+    Falls back to a copy when ``offset`` is not a multiple of the element size, which
+    a view cannot express.
+    """
+    torch = import_torch()
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    count = 1
+    for dim in shape:
+        count *= dim
+    piece = raw[offset : offset + count * itemsize]
+    if offset % itemsize:
+        piece = piece.clone()
+    return piece.view(dtype).reshape(shape)

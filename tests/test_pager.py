@@ -1,0 +1,429 @@
+"""The pager: device → host → file tiers, one LRU, exact round trips, failures lose nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+import asyncfront as af
+from asyncfront.devices import CpuDevice, StorageDevice, StorageReadError, StorageWriteError
+from asyncfront.memory import Page, Pager, Tier, choose_page_outs
+
+torch = pytest.importorskip("torch")
+
+KiB = af.KiB
+BLOCK = (4, 8, 64)  # float16: 4 KiB per page
+
+
+def _random(shape: tuple[int, ...], dtype: Any, seed: int) -> Any:
+    gen = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return (
+        torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=gen)
+        .view(dtype)
+        .reshape(shape)
+    )
+
+
+def _digest(tensor: Any) -> str:
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@dataclass
+class World:
+    rt: af.Runtime
+    pager: Pager
+    host: af.ExecutionContext
+    storage: StorageDevice
+
+    def context(
+        self, name: str, pages: int, qos: af.QoS = af.QoS.GUARANTEED
+    ) -> af.ExecutionContext:
+        return self.rt.create_context(name, device="gpu0", max_memory=pages * 4 * KiB, qos=qos)
+
+    async def fill(self, page: Page, value: Any) -> af.Submission:
+        """One use that writes ``value`` into the page on its context's queue."""
+        async with self.pager.use(page) as use:
+            tensor = use.tensor
+            return page.context.queue.submit(
+                tensor.copy_, value, waits=[use.wait], signals=[use.signal], name="fill"
+            )
+
+
+@asynccontextmanager
+async def world(
+    tmp_path: Path,
+    *,
+    device_pages: int = 8,
+    host_pages: int = 8,
+    storage: StorageDevice | None = None,
+    spill: Tier = Tier.FILE,
+    direct: bool = False,
+) -> AsyncIterator[World]:
+    storage = storage if storage is not None else StorageDevice(tmp_path)
+    devices = [
+        CpuDevice("gpu0", memory=device_pages * 4 * KiB),
+        CpuDevice("host", memory=host_pages * 4 * KiB),
+        storage,
+    ]
+    async with af.open_runtime(devices) as rt:
+        host = rt.create_context("host", device="host", max_memory=host_pages * 4 * KiB)
+        copy = rt.queue("host", name="copy")
+        nvme = storage.queue(name="nvme.pages")
+        pager = Pager(rt, host=host, copy=copy, storage=nvme, spill=spill, direct=direct)
+        async with pager:
+            yield World(rt, pager, host, storage)
+
+
+class Flaky(StorageDevice):
+    """Fails the next ``fail_writes`` writes and ``fail_reads`` reads, then behaves."""
+
+    fail_writes = 0
+    fail_reads = 0
+
+    def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            raise StorageWriteError(self.resolve(file), offset, 4096, 0, "injected")
+        return super()._write_sync(data, file, offset)
+
+    def _read_sync(self, out: object, file: str | os.PathLike[str], offset: int) -> int:
+        if self.fail_reads:
+            self.fail_reads -= 1
+            raise StorageReadError(self.resolve(file), offset, 4096, 0, "injected")
+        return super()._read_sync(out, file, offset)
+
+
+# -- the decision ------------------------------------------------------------------------
+
+
+def test_page_outs_follow_one_lru_and_skip_pinned_and_moving_pages() -> None:
+    """The least recently used movable pages go first, across contexts."""
+    sem = af.TimelineSemaphore()
+
+    def page(name: str, ctx: str, **state: Any) -> Page:
+        p = Page(name, None, SimpleNamespace(name=ctx), (1,), "uint8", 100, sem)  # type: ignore[arg-type]
+        for key, value in state.items():
+            setattr(p, key, value)
+        return p
+
+    lru = [
+        page("pinned", "a", pins=1),
+        page("moving", "b", _transit=object()),
+        page("on-host", "a", tier=Tier.HOST),
+        page("oldest", "b"),
+        page("older", "a"),
+        page("newest", "b"),
+    ]
+    assert choose_page_outs(lru, 150).victims == (lru[3], lru[4])
+    assert choose_page_outs(lru, 100, tier=Tier.HOST).victims == (lru[2],)
+    assert choose_page_outs(lru, 100, {"a": float("inf")}).victims == (lru[4],)
+    assert choose_page_outs(lru, 400).victims == ()
+
+
+# -- moving pages ------------------------------------------------------------------------
+
+
+async def test_pages_round_trip_through_the_file_bit_for_bit(tmp_path: Path) -> None:
+    """Random pages of several dtypes come back from the file with identical bytes."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=8)
+        dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.int8]
+        pages, digests = [], []
+        for i, dtype in enumerate(dtypes):
+            page = await w.pager.allocate(ctx, (16, 16), dtype, owner=f"session-{i}")
+            data = _random((16, 16), dtype, seed=i)
+            await w.fill(page, data)
+            pages.append(page)
+            digests.append(_digest(data))
+        await asyncio.gather(*(w.pager.page_out(p) for p in pages))
+        assert [p.tier for p in pages] == [Tier.FILE] * 4
+        assert w.rt.usage(ctx).used == 0 and w.rt.usage(w.host).used == 0
+        for page, digest in zip(pages, digests, strict=True):
+            async with w.pager.use(page) as use:
+                sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+            assert await sub == digest
+        stats = w.pager.statistics()
+        assert (stats.page_outs, stats.page_ins, stats.device_pages) == (4, 4, 4)
+        assert stats.bytes_out == stats.bytes_in == sum(p.nbytes for p in pages)
+
+
+async def test_resumed_work_waits_on_the_page_semaphore_and_carries_the_storage_axis(
+    tmp_path: Path,
+) -> None:
+    """The page-in read waits for the value the page-out signalled; the next use inherits it."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16, owner="session-3")
+        decode = await w.fill(page, _random(BLOCK, torch.float16, 3))
+        await decode
+        await w.pager.page_out(page)
+        paged_value = page.semaphore.value
+        assert page.frontier.get(w.pager.storage_axis) == 1  # the write
+        assert page.frontier.get(ctx.queue.axis) == decode.epoch  # after the last decode
+        async with w.pager.use(page) as use:
+            assert use.wait == (page.semaphore, paged_value + 2)  # read, then copy
+            resumed = ctx.queue.submit(lambda: None, waits=[use.wait], signals=[use.signal])
+        await resumed
+        assert resumed.frontier is not None
+        assert resumed.frontier.get(w.pager.storage_axis) == 2  # the write, then the read
+        assert resumed.frontier.get(w.pager.copy.axis) == 2  # copy out, copy in
+
+
+async def test_direct_paging_skips_the_host_tier(tmp_path: Path) -> None:
+    """With direct=True, storage reads and writes device memory: no staging, no copy axis."""
+    async with world(tmp_path, host_pages=1, direct=True) as w:
+        ctx = w.context("llama", pages=4)
+        pages = [await w.pager.allocate(ctx, BLOCK, torch.float16) for _ in range(3)]
+        data = [_random(BLOCK, torch.float16, 40 + i) for i in range(3)]
+        for page, values in zip(pages, data, strict=True):
+            await w.fill(page, values)
+        await asyncio.gather(*(w.pager.page_out(p) for p in pages))
+        assert w.rt.usage(w.host).used == 0
+        for page, values in zip(pages, data, strict=True):
+            async with w.pager.use(page) as use:
+                assert use.wait == (page.semaphore, 3)  # fill, write, read
+                sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+            assert await sub == _digest(values)
+            assert sub.frontier is not None
+            assert sub.frontier.get(w.pager.storage_axis) > 0
+            assert sub.frontier.get(w.pager.copy.axis) == 0
+        assert w.host.statistics().allocations == 0
+
+
+async def test_pages_rest_on_the_host_tier_within_the_host_budget(tmp_path: Path) -> None:
+    """page_out(HOST) keeps a host copy charged to the host context, then pages back in."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        data = _random(BLOCK, torch.float16, 4)
+        await w.fill(page, data)
+        await w.pager.page_out(page, Tier.HOST)
+        assert page.tier is Tier.HOST
+        assert w.rt.usage(w.host).used == page.nbytes and w.rt.usage(ctx).used == 0
+        async with w.pager.use(page) as use:
+            sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+        assert await sub == _digest(data)
+        assert w.rt.usage(w.host).used == 0 and page.tier is Tier.DEVICE
+
+
+async def test_host_pressure_flushes_host_pages_to_the_file(tmp_path: Path) -> None:
+    """With spill=HOST, a full host tier sends its least recent pages on to the file."""
+    async with world(tmp_path, host_pages=2, spill=Tier.HOST) as w:
+        ctx = w.context("llama", pages=2)
+        pages = [await w.pager.allocate(ctx, BLOCK, torch.float16) for _ in range(2)]
+        for i, page in enumerate(pages):
+            await w.fill(page, _random(BLOCK, torch.float16, 10 + i))
+        extra = await w.pager.allocate(ctx, BLOCK, torch.float16)  # pages[0] -> host
+        assert pages[0].tier is Tier.HOST
+        await w.fill(extra, _random(BLOCK, torch.float16, 20))
+        await w.pager.allocate(ctx, BLOCK, torch.float16)  # pages[1] -> host (host now full)
+        await w.pager.allocate(ctx, BLOCK, torch.float16)  # host full: pages[0] -> file
+        assert [p.tier for p in pages] == [Tier.FILE, Tier.HOST]
+        assert w.rt.usage(w.host).used == 2 * pages[0].nbytes
+
+
+async def test_device_copy_is_freed_only_after_the_write_is_signalled(tmp_path: Path) -> None:
+    """While the page file is written, the device buffer is still allocated and charged."""
+    seen: list[tuple[bool, int]] = []
+    target: list[Page] = []
+
+    class Watching(StorageDevice):
+        def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+            page = target[0]
+            seen.append((page._device is not None and not page._device.freed, page.semaphore.value))
+            return super()._write_sync(data, file, offset)
+
+    async with world(tmp_path, storage=Watching(tmp_path)) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        target.append(page)
+        await (await w.fill(page, _random(BLOCK, torch.float16, 5)))
+        value = page.semaphore.value
+        await w.pager.page_out(page)
+        assert seen == [(True, value)]  # during the write: resident, nothing signalled yet
+        assert page._device is None and w.rt.usage(ctx).used == 0
+        assert page.semaphore.value == value + 1
+
+
+async def test_page_out_waits_for_the_last_use(tmp_path: Path) -> None:
+    """A page-out started while a use is queued copies the data that use wrote."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        gate = af.TimelineSemaphore(name="gate")
+        final = _random(BLOCK, torch.float16, 6)
+        async with w.pager.use(page) as use:
+            tensor = use.tensor
+            late = ctx.queue.submit(
+                tensor.copy_, final, waits=[(gate, 1), use.wait], signals=[use.signal]
+            )
+        paging = asyncio.ensure_future(w.pager.page_out(page))
+        await asyncio.sleep(0.05)
+        assert not paging.done() and page.in_transit
+        gate.signal(1)
+        await paging
+        await late
+        assert page.frontier.get(ctx.queue.axis) == late.epoch
+        async with w.pager.use(page) as use:
+            sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+        assert await sub == _digest(final)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+async def test_a_failed_page_out_write_loses_nothing(tmp_path: Path, direct: bool) -> None:
+    """A storage write failing mid page-out leaves the page resident, intact and usable."""
+    flaky = Flaky(tmp_path)
+    async with world(tmp_path, storage=flaky, direct=direct) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        data = _random(BLOCK, torch.float16, 7)
+        await w.fill(page, data)
+        used = w.rt.usage(ctx).used
+        flaky.fail_writes = 1
+        with pytest.raises(StorageWriteError, match="injected"):
+            await w.pager.page_out(page)
+        assert page.tier is Tier.DEVICE and not page.in_transit
+        assert w.rt.usage(ctx).used == used  # the device copy is still held
+        assert w.rt.usage(w.host).used == 0  # the staging buffer was given back
+        assert w.pager._file_space.live_blocks() == ()  # and the file extent
+        assert page.semaphore.failure is None
+        assert w.pager.statistics().failures == 1
+        async with w.pager.use(page) as use:  # still usable
+            sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+        assert await sub == _digest(data)
+        await w.pager.page_out(page)  # and a later page-out works
+        async with w.pager.use(page) as use:
+            sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+        assert await sub == _digest(data)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+async def test_a_failed_page_in_leaves_the_page_in_its_file(tmp_path: Path, direct: bool) -> None:
+    """A read failing mid page-in raises, frees what it took, and a retry succeeds."""
+    flaky = Flaky(tmp_path)
+    async with world(tmp_path, storage=flaky, direct=direct) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        data = _random(BLOCK, torch.float16, 8)
+        await w.fill(page, data)
+        await w.pager.page_out(page)
+        flaky.fail_reads = 1
+        with pytest.raises(StorageReadError, match="injected"):
+            async with w.pager.use(page):
+                pass
+        assert page.tier is Tier.FILE and page.file_offset is not None
+        assert w.rt.usage(ctx).used == 0 and w.rt.usage(w.host).used == 0
+        assert page.semaphore.failure is None  # a fresh timeline at the same value
+        async with w.pager.use(page) as use:
+            sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+        assert await sub == _digest(data)
+        assert sub.frontier is not None and sub.frontier.get(w.pager.storage_axis) >= 2
+
+
+# -- policy ------------------------------------------------------------------------------
+
+
+async def test_pressure_pages_out_the_least_recent_page_across_models(tmp_path: Path) -> None:
+    """Another context short of device memory takes the globally least recent page's memory."""
+    async with world(tmp_path, device_pages=4) as w:
+        best = af.QoS.BEST_EFFORT
+        llama, mistral = w.context("llama", 4, best), w.context("mistral", 4, best)
+        a1 = await w.pager.allocate(llama, BLOCK, torch.float16, owner="llama/s1")
+        m1 = await w.pager.allocate(mistral, BLOCK, torch.float16, owner="mistral/s1")
+        a2 = await w.pager.allocate(llama, BLOCK, torch.float16, owner="llama/s2")
+        m2 = await w.pager.allocate(mistral, BLOCK, torch.float16, owner="mistral/s2")
+        for page in (a1, m2, a2, m1):  # a1 used first: the least recent across both models
+            await (await w.fill(page, _random(BLOCK, torch.float16, 9)))
+        assert w.pager.lru()[0] is a1
+        image = w.context("image", 1, best)
+        async with w.rt.session(image) as s:
+            await s.allocate(4 * KiB)
+        assert [p.tier for p in (a1, m1, a2, m2)] == [
+            Tier.FILE,
+            Tier.DEVICE,
+            Tier.DEVICE,
+            Tier.DEVICE,
+        ]
+
+
+async def test_a_context_over_its_budget_pages_out_its_own_least_recent_page(
+    tmp_path: Path,
+) -> None:
+    """Allocating past a context's own max_memory pages out that context's LRU page first."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        other = w.context("bert", pages=2)
+        old = await w.pager.allocate(other, BLOCK, torch.float16)  # globally oldest, not ours
+        first = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        second = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        await (await w.fill(second, _random(BLOCK, torch.float16, 1)))
+        third = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        assert (old.tier, first.tier, second.tier, third.tier) == (
+            Tier.DEVICE,
+            Tier.FILE,
+            Tier.DEVICE,
+            Tier.DEVICE,
+        )
+
+
+async def test_a_pinned_page_is_never_paged_out(tmp_path: Path) -> None:
+    """Inside use(), page_out refuses and pressure picks another page."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        held = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        other = await w.pager.allocate(ctx, BLOCK, torch.float16)
+        await (await w.fill(other, _random(BLOCK, torch.float16, 2)))
+        async with w.pager.use(held) as use:
+            with pytest.raises(RuntimeError, match="pinned"):
+                await w.pager.page_out(held)
+            await w.pager.allocate(ctx, BLOCK, torch.float16)  # over budget: someone goes
+            assert (held.tier, other.tier) == (Tier.DEVICE, Tier.FILE)
+            ctx.queue.submit(None, waits=[use.wait], signals=[use.signal])
+
+
+async def test_release_frees_every_tier(tmp_path: Path) -> None:
+    """Releasing pages in each tier returns device, host and file space."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=4)
+        pages = [await w.pager.allocate(ctx, BLOCK, torch.float16) for _ in range(3)]
+        await w.pager.page_out(pages[1], Tier.HOST)
+        await w.pager.page_out(pages[2], Tier.FILE)
+        for page in pages:
+            await w.pager.release(page)
+        assert w.rt.usage(ctx).used == 0 and w.rt.usage(w.host).used == 0
+        assert w.pager._file_space.live_blocks() == ()
+        assert w.pager.lru() == () and pages[0].released
+        with pytest.raises(RuntimeError, match="released"):
+            async with w.pager.use(pages[0]):
+                pass
+
+
+async def test_concurrent_page_outs_wait_for_staging_memory(tmp_path: Path) -> None:
+    """More concurrent page-outs than the host budget can stage all finish, exact."""
+    async with world(tmp_path, host_pages=1) as w:
+        ctx = w.context("llama", pages=6)
+        pages = [await w.pager.allocate(ctx, BLOCK, torch.float16) for _ in range(6)]
+        data = [_random(BLOCK, torch.float16, 30 + i) for i in range(6)]
+        for page, values in zip(pages, data, strict=True):
+            await w.fill(page, values)
+        await asyncio.gather(*(w.pager.page_out(p) for p in pages))
+        assert [p.tier for p in pages] == [Tier.FILE] * 6
+        await asyncio.gather(*(w.pager.page_in(p) for p in pages))
+        for page, values in zip(pages, data, strict=True):
+            async with w.pager.use(page) as use:
+                sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+            assert await sub == _digest(values)
+        assert w.rt.usage(w.host).used == 0
