@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._base import Device
 
@@ -16,12 +17,14 @@ if TYPE_CHECKING:
 
 __all__ = ("CpuDevice",)
 
+T = TypeVar("T")
+
 
 class CpuDevice(Device):
     """The host CPU: ``workers`` threads, one execution slot per thread.
 
     ``memory`` (bytes) gives its contexts a host-memory budget to share; None leaves
-    host memory untracked.
+    host memory untracked. ``concurrency`` (slots) defaults to ``workers``.
 
     Synchronous work runs in the pool; coroutine functions run on the event loop
     (while holding a slot, so priorities still apply).
@@ -29,12 +32,21 @@ class CpuDevice(Device):
 
     kind = "cpu"
 
-    def __init__(self, name: str = "cpu", workers: int = 2, memory: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str = "cpu",
+        workers: int = 2,
+        memory: int | None = None,
+        *,
+        concurrency: int | None = None,
+    ) -> None:
         if workers < 1:
-            raise ValueError(f"CpuDevice needs at least 1 worker, got {workers}")
+            raise ValueError(f"{type(self).__name__} needs at least 1 worker, got {workers}")
         if memory is not None and memory < 0:
-            raise ValueError(f"CpuDevice memory must be >= 0 bytes, got {memory}")
-        super().__init__(name, concurrency=workers)
+            raise ValueError(f"{type(self).__name__} memory must be >= 0 bytes, got {memory}")
+        # One slot per worker; a subclass whose work outlives its thread (a CUDA stream
+        # finishing after the launch returned) may hold more slots than threads.
+        super().__init__(name, concurrency=workers if concurrency is None else concurrency)
         self.memory_capacity = memory or None
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
@@ -56,9 +68,11 @@ class CpuDevice(Device):
             return None
         if inspect.iscoroutinefunction(fn):
             return await fn(*submission.args, **submission.kwargs)
+        return await self._in_pool(functools.partial(fn, *submission.args, **submission.kwargs))
+
+    def _in_pool(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``call`` on one of the device's threads; await the returned future."""
         pool = self._pool
         if pool is None:
             raise RuntimeError(f"device {self.name!r} is not started")
-        loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *submission.args, **submission.kwargs)
-        return await loop.run_in_executor(pool, call)
+        return asyncio.get_running_loop().run_in_executor(pool, call)
