@@ -14,8 +14,7 @@ Run: ``python benchmarks/torch_overhead.py [--n 20] [--repeat 15] [--workers 1]
 [--threads T]``. With one worker the device runs one stage at a time, like the loop, so
 the difference is the scheduling overhead; more workers let iterations overlap across
 stages. ``--threads`` sets ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` before torch
-loads, so the loop and the device's worker threads use the same intra-op thread count
-(``torch.set_num_threads`` only changes the calling thread's).
+loads, so the loop and every worker thread start with the same intra-op thread count.
 """
 
 from __future__ import annotations
