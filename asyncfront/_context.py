@@ -75,6 +75,22 @@ class Buffer:
         """Offset in the device pool, when pooled."""
         return getattr(self._block, "offset", None)
 
+    def tensor(self, dtype: Any = None, shape: Any = None) -> Any:
+        """The buffer's memory as the device's array type (a ``torch.Tensor`` view).
+
+        With no ``dtype``, the raw bytes; with ``dtype`` and no ``shape``, as many
+        elements as fit, flat. Valid until the buffer is freed.
+
+        Raises:
+            TypeError: the device only accounts for memory (no addressable buffers).
+            ValueError: the buffer was freed.
+        """
+        if self.freed:
+            raise ValueError(f"{self!r} was freed")
+        if self._block is None:
+            raise TypeError(f"device {self.device!r} keeps no pool: {self!r} has no memory")
+        return self.context.device.view(self._block, dtype, shape)
+
     def __repr__(self) -> str:
         state = "freed" if self.freed else "live"
         return (

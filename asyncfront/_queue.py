@@ -361,6 +361,7 @@ class DeviceQueue:
         tracer = runtime.trace
         axis = self.axis
         device = self.device
+        claims = device.claims_waits
         capacity = self._capacity
         try:
             while True:
@@ -382,6 +383,8 @@ class DeviceQueue:
                                 if sem._failure is not None:
                                     raise SemaphoreFailedError(sem, sem._failure)
                                 fut = sem._add_waiter(value)
+                                if claims:
+                                    device.claim_wait(sub, sem, value, fut)
                                 self._blocked = (sem, value, fut)
                                 if runtime._draining:
                                     runtime._queue_settled()

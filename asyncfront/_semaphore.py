@@ -260,6 +260,17 @@ class TimelineSemaphore:
             self._waiters = [w for w in self._waiters if not w[2].done()]
             heapq.heapify(self._waiters)
 
+    def _satisfy(self, fut: asyncio.Future[Frontier], frontier: Frontier) -> None:
+        """Resolve one waiter early with ``frontier`` (left in the heap as stale).
+
+        For a device that orders the waiter's work after the signalling work itself
+        (a CUDA stream waiting on an event) before the semaphore is signalled.
+        """
+        if not fut.done():
+            fut.set_result(frontier)
+            self._live -= 1
+            self._compact()
+
     def _abandon(self, fut: asyncio.Future[Frontier], exc: BaseException) -> None:
         """Fail one waiter's future (left in the heap as stale) without failing the semaphore."""
         if not fut.done():

@@ -1,4 +1,7 @@
-"""Devices: the Device ABC, the CPU thread-pool device, storage and the virtual-time fake."""
+"""Devices: the Device ABC, the CPU thread-pool device, storage, the virtual-time fake and,
+loaded on first use so that importing this package never imports torch, ``TorchDevice``."""
+
+from typing import TYPE_CHECKING, Any
 
 from ._base import Device as Device
 from ._base import DeviceStatistics as DeviceStatistics
@@ -14,6 +17,9 @@ from .storage import StorageReadError as StorageReadError
 from .storage import StorageStatistics as StorageStatistics
 from .storage import StorageWriteError as StorageWriteError
 from .storage import kvikio_available as kvikio_available
+
+if TYPE_CHECKING:
+    from .torch import TorchDevice as TorchDevice
 
 __all__ = (
     "CpuDevice",
@@ -31,3 +37,12 @@ __all__ = (
     "StorageWriteError",
     "kvikio_available",
 )
+
+
+def __getattr__(name: str) -> Any:
+    # TorchDevice stays out of __all__: a star import must not pull in torch.
+    if name == "TorchDevice":
+        from .torch import TorchDevice
+
+        return TorchDevice
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

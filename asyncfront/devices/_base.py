@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .._frontier import Frontier
     from .._queue import DeviceQueue, Submission
     from .._runtime import Runtime
+    from .._semaphore import TimelineSemaphore
+    from ..memory import Block
 
 __all__ = ("Device", "DeviceStatistics", "SlotArbiter")
 
@@ -97,6 +100,8 @@ class Device(ABC):
     """
 
     kind: str = "device"
+    claims_waits: bool = False
+    """Whether its queues offer the device their unmet waits (see :meth:`claim_wait`)."""
 
     def __init__(self, name: str, *, concurrency: int = 1) -> None:
         self.name = name
@@ -158,6 +163,34 @@ class Device(ABC):
     @abstractmethod
     async def execute(self, submission: Submission) -> Any:
         """Run one submission's work to completion and return its result."""
+
+    def claim_wait(  # noqa: B027 (a hook whose default is to do nothing)
+        self,
+        submission: Submission,
+        semaphore: TimelineSemaphore,
+        value: int,
+        waiter: asyncio.Future[Frontier],
+    ) -> None:
+        """Offered each unmet wait of a submission on a device with :attr:`claims_waits`.
+
+        ``waiter`` is the queue's pending wait for ``semaphore`` to reach ``value``. A
+        device that can order ``submission``'s work after the signalling work on its own
+        (a CUDA stream waiting on an event of the same GPU) resolves ``waiter`` itself,
+        now or later, with the frontier the wait yields (``semaphore._satisfy``), and
+        makes :meth:`execute` wait on the device. Otherwise it leaves ``waiter`` to the
+        semaphore's signal: the host path. The default leaves every wait to the host.
+        """
+
+    def view(self, block: Block, dtype: Any = None, shape: Any = None) -> Any:
+        """The device memory of a pool block, as the device's array type.
+
+        Raises:
+            TypeError: the device's pool only accounts for memory (the default).
+        """
+        raise TypeError(
+            f"device {self.name!r} ({type(self).__name__}) accounts for memory but holds "
+            f"no addressable buffers"
+        )
 
     def statistics(self) -> DeviceStatistics:
         """A frozen snapshot of slots and waiting queues."""

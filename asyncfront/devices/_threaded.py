@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._base import Device
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from .._runtime import Runtime
 
 __all__ = ("ThreadPoolDevice",)
+
+T = TypeVar("T")
 
 
 class ThreadPoolDevice(Device):
@@ -25,10 +28,12 @@ class ThreadPoolDevice(Device):
     priorities still apply.
     """
 
-    def __init__(self, name: str, workers: int) -> None:
+    def __init__(self, name: str, workers: int, *, concurrency: int | None = None) -> None:
         if workers < 1:
             raise ValueError(f"{type(self).__name__} needs at least 1 worker, got {workers}")
-        super().__init__(name, concurrency=workers)
+        # One slot per worker; a subclass whose work outlives its thread (a CUDA stream
+        # finishing after the launch returned) may hold more slots than threads.
+        super().__init__(name, concurrency=workers if concurrency is None else concurrency)
         self.workers = workers
         self._pool: ThreadPoolExecutor | None = None
 
@@ -49,9 +54,11 @@ class ThreadPoolDevice(Device):
             return None
         if inspect.iscoroutinefunction(fn):
             return await fn(*submission.args, **submission.kwargs)
+        return await self._in_pool(functools.partial(fn, *submission.args, **submission.kwargs))
+
+    def _in_pool(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``call`` on one of the device's threads; await the returned future."""
         pool = self._pool
         if pool is None:
             raise RuntimeError(f"device {self.name!r} is not started")
-        loop = asyncio.get_running_loop()
-        call = functools.partial(fn, *submission.args, **submission.kwargs)
-        return await loop.run_in_executor(pool, call)
+        return asyncio.get_running_loop().run_in_executor(pool, call)

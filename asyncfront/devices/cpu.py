@@ -11,7 +11,7 @@ class CpuDevice(ThreadPoolDevice):
     """The host CPU: ``workers`` threads, one execution slot per thread.
 
     ``memory`` (bytes) gives its contexts a host-memory budget to share; None leaves
-    host memory untracked.
+    host memory untracked. ``concurrency`` (slots) defaults to ``workers``.
 
     Synchronous work runs in the pool; coroutine functions run on the event loop
     (while holding a slot, so priorities still apply).
@@ -19,10 +19,15 @@ class CpuDevice(ThreadPoolDevice):
 
     kind = "cpu"
 
-    def __init__(self, name: str = "cpu", workers: int = 2, memory: int | None = None) -> None:
-        if workers < 1:
-            raise ValueError(f"CpuDevice needs at least 1 worker, got {workers}")
+    def __init__(
+        self,
+        name: str = "cpu",
+        workers: int = 2,
+        memory: int | None = None,
+        *,
+        concurrency: int | None = None,
+    ) -> None:
         if memory is not None and memory < 0:
-            raise ValueError(f"CpuDevice memory must be >= 0 bytes, got {memory}")
-        super().__init__(name, workers)
+            raise ValueError(f"{type(self).__name__} memory must be >= 0 bytes, got {memory}")
+        super().__init__(name, workers, concurrency=concurrency)
         self.memory_capacity = memory or None

@@ -1,8 +1,19 @@
-"""Test helpers: fake devices, virtual time."""
+"""Test helpers: fake devices, virtual time, the device conformance suite."""
 
 from ..devices.fake import FakeDevice as FakeDevice
 from ..devices.fake import FakeDeviceError as FakeDeviceError
+from ._conformance import CONFORMANCE_CHECKS as CONFORMANCE_CHECKS
+from ._conformance import DeviceFactory as DeviceFactory
+from ._conformance import check_device_conformance as check_device_conformance
 from ._virtual import new_virtual_loop as new_virtual_loop
 from ._virtual import run_virtual as run_virtual
 
-__all__ = ("FakeDevice", "FakeDeviceError", "new_virtual_loop", "run_virtual")
+__all__ = (
+    "CONFORMANCE_CHECKS",
+    "DeviceFactory",
+    "FakeDevice",
+    "FakeDeviceError",
+    "check_device_conformance",
+    "new_virtual_loop",
+    "run_virtual",
+)
