@@ -1,5 +1,9 @@
 """Executable multi-model scenarios on fake devices in virtual time."""
 
+from ._registry import SCENARIOS as SCENARIOS
+from ._registry import Scenario as Scenario
+from ._registry import ScenarioReport as ScenarioReport
+from ._registry import get_scenario as get_scenario
 from .laptop_voice import VoiceReport as VoiceReport
 from .laptop_voice import laptop_devices as laptop_devices
 from .laptop_voice import run_voice_pipeline as run_voice_pipeline
@@ -8,8 +12,12 @@ from .sdxl_pressure import run_sdxl_pressure as run_sdxl_pressure
 from .sdxl_pressure import workstation_devices as workstation_devices
 
 __all__ = (
+    "SCENARIOS",
+    "Scenario",
+    "ScenarioReport",
     "SdxlPressureReport",
     "VoiceReport",
+    "get_scenario",
     "laptop_devices",
     "run_sdxl_pressure",
     "run_voice_pipeline",
