@@ -64,7 +64,7 @@ class Scenario:
 
 
 def _registry() -> dict[str, Scenario]:
-    from . import laptop_voice, sdxl_pressure, streaming_translation
+    from . import laptop_voice, rag_placement, sdxl_pressure, streaming_translation
 
     scenarios = [
         Scenario(
@@ -79,6 +79,13 @@ def _registry() -> dict[str, Scenario]:
             "B2",
             "SDXL under memory pressure: weights dropped with a death frontier, then reloaded",
             sdxl_pressure.simulate,
+            {},
+        ),
+        Scenario(
+            "rag_placement",
+            "B3",
+            "a RAG query placed by weight residency; the reranker falls back to the CPU",
+            rag_placement.simulate,
             {},
         ),
         Scenario(
