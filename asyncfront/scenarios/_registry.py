@@ -64,7 +64,7 @@ class Scenario:
 
 
 def _registry() -> dict[str, Scenario]:
-    from . import laptop_voice, rag_placement, sdxl_pressure, streaming_translation
+    from . import laptop_voice, rag_placement, sdxl_pressure, streaming_translation, tensor_parallel
 
     scenarios = [
         Scenario(
@@ -94,6 +94,13 @@ def _registry() -> dict[str, Scenario]:
             "six-stage streaming translation with decoder and TTS skip edges",
             streaming_translation.simulate,
             {"gpus": 2, "depth": streaming_translation.MAX_DEPTH},
+        ),
+        Scenario(
+            "tensor_parallel",
+            "C1",
+            "4-way tensor-parallel 70B with all-reduce windows filled by background models",
+            tensor_parallel.simulate,
+            {"depth": 2},
         ),
     ]
     return {s.name: s for s in scenarios}
