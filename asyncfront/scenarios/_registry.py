@@ -64,7 +64,14 @@ class Scenario:
 
 
 def _registry() -> dict[str, Scenario]:
-    from . import laptop_voice, rag_placement, sdxl_pressure, streaming_translation, tensor_parallel
+    from . import (
+        laptop_voice,
+        multimedia_request,
+        rag_placement,
+        sdxl_pressure,
+        streaming_translation,
+        tensor_parallel,
+    )
 
     scenarios = [
         Scenario(
@@ -101,6 +108,13 @@ def _registry() -> dict[str, Scenario]:
             "4-way tensor-parallel 70B with all-reduce windows filled by background models",
             tensor_parallel.simulate,
             {"depth": 2},
+        ),
+        Scenario(
+            "multimedia_request",
+            "C4",
+            "an image + voice request through seven models, submitted atomically",
+            multimedia_request.simulate,
+            {},
         ),
     ]
     return {s.name: s for s in scenarios}
