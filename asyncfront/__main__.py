@@ -1,4 +1,4 @@
-"""Command line: ``python -m asyncfront demo``."""
+"""Command line: ``python -m asyncfront demo`` and ``python -m asyncfront simulate``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from .scenarios import SCENARIOS
 from .scenarios.laptop_voice import simulate
 from .testing import run_virtual
 
@@ -29,6 +30,50 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_scenarios() -> str:
+    width = max(len(name) for name in SCENARIOS)
+    lines = []
+    for s in SCENARIOS.values():
+        options = " ".join(f"[--{k} N, default {v}]" for k, v in s.options.items())
+        lines.append(f"{s.name:<{width}}  {s.section:<3} {s.description}")
+        if options:
+            lines.append(f"{'':<{width}}      options: {options}")
+    return "\n".join(lines)
+
+
+def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.list:
+        print(_list_scenarios())
+        return 0
+    if args.scenario is None:
+        parser.error("name a scenario, or pass --list to see them")
+    scenario = SCENARIOS.get(args.scenario)
+    if scenario is None:
+        parser.error(f"no scenario named {args.scenario!r}; choose from: {', '.join(SCENARIOS)}")
+    options = {k: getattr(args, k) for k in ("gpus", "depth") if getattr(args, k) is not None}
+    try:
+        scenario.check_options(options)
+    except ValueError as error:
+        parser.error(str(error))
+    trace = (
+        args.trace if args.trace is not None else os.path.join("traces", f"{scenario.name}.json")
+    )
+    if trace:
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+    report, timeline = run_virtual(
+        functools.partial(scenario.simulate, trace_path=trace or None, **options)
+    )
+    print(f"asyncfront simulate {scenario.name} ({scenario.section}): {scenario.description}")
+    print()
+    print(report.describe())
+    print()
+    print(timeline)
+    if trace:
+        print()
+        print(f"Perfetto trace written to {trace} (open it at https://ui.perfetto.dev)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m asyncfront``."""
     parser = argparse.ArgumentParser(prog="asyncfront", description=__doc__)
@@ -40,7 +85,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.path.join("traces", "voice_pipeline.json"),
         help="where to write the Perfetto trace ('' for none)",
     )
-    demo.set_defaults(handler=_demo)
+    demo.set_defaults(handler=lambda args: _demo(args))
+    sim = commands.add_parser(
+        "simulate", help="run a scenario on fake devices in virtual time and write a trace"
+    )
+    sim.add_argument("scenario", nargs="?", help="the scenario to run (see --list)")
+    sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    sim.add_argument("--gpus", type=int, default=None, help="GPUs, for scenarios that take it")
+    sim.add_argument("--depth", type=int, default=None, help="pipeline depth (chunks, tokens)")
+    sim.add_argument(
+        "--trace",
+        default=None,
+        help="where to write the Perfetto trace (default traces/<scenario>.json; '' for none)",
+    )
+    sim.set_defaults(handler=lambda args: _simulate(args, sim))
     args = parser.parse_args(argv)
     handler = args.handler
     return int(handler(args))

@@ -1,5 +1,9 @@
 """Executable multi-model scenarios: fake devices in virtual time, or real CPU devices."""
 
+from ._registry import SCENARIOS as SCENARIOS
+from ._registry import Scenario as Scenario
+from ._registry import ScenarioReport as ScenarioReport
+from ._registry import get_scenario as get_scenario
 from .kv_paging import KvPagingReport as KvPagingReport
 from .kv_paging import run_kv_paging as run_kv_paging
 from .laptop_voice import VoiceReport as VoiceReport
@@ -11,8 +15,12 @@ from .sdxl_pressure import workstation_devices as workstation_devices
 
 __all__ = (
     "KvPagingReport",
+    "SCENARIOS",
+    "Scenario",
+    "ScenarioReport",
     "SdxlPressureReport",
     "VoiceReport",
+    "get_scenario",
     "laptop_devices",
     "run_kv_paging",
     "run_sdxl_pressure",
