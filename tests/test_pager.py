@@ -427,3 +427,61 @@ async def test_concurrent_page_outs_wait_for_staging_memory(tmp_path: Path) -> N
                 sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
             assert await sub == _digest(values)
         assert w.rt.usage(w.host).used == 0
+
+
+async def test_an_idle_session_resumes_bit_for_bit_unwritten_tokens_included(
+    tmp_path: Path,
+) -> None:
+    """The KV walk-through of the docs: session 3 goes to the file while 1 and 2 write.
+
+    A new page is uninitialised: the tokens a session has not written yet hold whatever
+    bits the memory held, NaN patterns among them. Those bits come back too, so the
+    check is on bytes; float values never match where there is a NaN (NaN != NaN).
+    """
+    async with world(tmp_path, device_pages=3, host_pages=1) as w:
+        ctx = w.context("llama", pages=3)
+        sessions = [await w.pager.allocate(ctx, BLOCK, torch.float16, owner=n) for n in (1, 2, 3)]
+        # What the memory held before: random bits, NaNs included. The mirrors follow
+        # every write, so they are what each page must hold.
+        mirrors = [_random(BLOCK, torch.float16, 60 + i) for i in range(3)]
+        for page, mirror in zip(sessions, mirrors, strict=True):
+            await w.fill(page, mirror.clone())
+
+        async def decode(page: Page, token: int) -> None:
+            async with w.pager.use(page) as use:
+                step = ctx.queue.submit(
+                    use.tensor[:, token].fill_, float(token), waits=[use.wait], signals=[use.signal]
+                )
+            await step
+            mirrors[sessions.index(page)][:, token] = float(token)
+
+        for token in range(4):
+            for page in sessions:
+                await decode(page, token)
+        idle = sessions[2]
+        async with w.pager.use(idle) as use:
+            snapshot = ctx.queue.submit(use.tensor.clone, waits=[use.wait], signals=[use.signal])
+        before = await snapshot
+        assert before.isnan().any()
+        for token in range(4, 8):  # sessions 1 and 2 keep writing
+            for page in sessions[:2]:
+                await decode(page, token)
+
+        grown = await w.pager.allocate(ctx, BLOCK, torch.float16, owner=1)  # budget full
+        assert (idle.tier, grown.tier) == (Tier.FILE, Tier.DEVICE)
+        await w.fill(grown, torch.zeros(BLOCK, dtype=torch.float16))
+
+        async with w.pager.use(idle) as use:  # paged back in: session 1's block goes out
+            resumed = ctx.queue.submit(use.tensor.clone, waits=[use.wait], signals=[use.signal])
+        after = await resumed
+        assert sessions[0].tier is Tier.FILE
+        assert _digest(after) == _digest(before) == _digest(mirrors[2])
+        assert not torch.equal(after, before)  # same bits, but NaN != NaN
+
+        for page, mirror in zip(sessions, mirrors, strict=True):  # every session is intact
+            async with w.pager.use(page) as use:
+                sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+            assert await sub == _digest(mirror)
+        async with w.pager.use(grown) as use:
+            sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+        assert await sub == _digest(torch.zeros(BLOCK, dtype=torch.float16))
