@@ -69,6 +69,7 @@ def _registry() -> dict[str, Scenario]:
         multimedia_request,
         rag_placement,
         sdxl_pressure,
+        speculative_decoding,
         streaming_translation,
         tensor_parallel,
     )
@@ -80,6 +81,16 @@ def _registry() -> dict[str, Scenario]:
             "voice-to-chat on a laptop; voice input preempts background embedding",
             laptop_voice.simulate,
             {},
+        ),
+        Scenario(
+            "speculative_decoding",
+            "B1",
+            "draft round k+1 overlaps verify round k; a rejection invalidates the later draft",
+            speculative_decoding.simulate,
+            {
+                "rounds": speculative_decoding.DEFAULT_ROUNDS,
+                "seed": speculative_decoding.DEFAULT_SEED,
+            },
         ),
         Scenario(
             "sdxl_pressure",
