@@ -66,6 +66,7 @@ class Scenario:
 def _registry() -> dict[str, Scenario]:
     from . import (
         laptop_voice,
+        moe_routing,
         multimedia_request,
         rag_placement,
         sdxl_pressure,
@@ -119,6 +120,17 @@ def _registry() -> dict[str, Scenario]:
             "4-way tensor-parallel 70B with all-reduce windows filled by background models",
             tensor_parallel.simulate,
             {"depth": 2},
+        ),
+        Scenario(
+            "moe_routing",
+            "C3",
+            "Mixtral experts routed per batch; cold experts load from NVMe and stay resident",
+            moe_routing.simulate,
+            {
+                "batches": moe_routing.DEFAULT_BATCHES,
+                "tokens": moe_routing.DEFAULT_TOKENS,
+                "seed": moe_routing.DEFAULT_SEED,
+            },
         ),
         Scenario(
             "multimedia_request",
