@@ -30,6 +30,21 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_OPTION_HELP = {
+    "gpus": "GPUs, for scenarios that take it",
+    "depth": "pipeline depth (chunks, tokens)",
+    "rounds": "speculative rounds (speculative_decoding)",
+    "batches": "token batches to route (moe_routing)",
+    "tokens": "tokens per batch (moe_routing)",
+    "seed": "seed of the random pattern, for scenarios that take it",
+}
+
+
+def _scenario_options() -> list[str]:
+    """Every option some registered scenario takes, in first-seen order."""
+    return list(dict.fromkeys(k for s in SCENARIOS.values() for k in s.options))
+
+
 def _list_scenarios() -> str:
     width = max(len(name) for name in SCENARIOS)
     lines = []
@@ -50,7 +65,7 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     scenario = SCENARIOS.get(args.scenario)
     if scenario is None:
         parser.error(f"no scenario named {args.scenario!r}; choose from: {', '.join(SCENARIOS)}")
-    options = {k: getattr(args, k) for k in ("gpus", "depth") if getattr(args, k) is not None}
+    options = {k: getattr(args, k) for k in _scenario_options() if getattr(args, k) is not None}
     try:
         scenario.check_options(options)
     except ValueError as error:
@@ -91,8 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sim.add_argument("scenario", nargs="?", help="the scenario to run (see --list)")
     sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    sim.add_argument("--gpus", type=int, default=None, help="GPUs, for scenarios that take it")
-    sim.add_argument("--depth", type=int, default=None, help="pipeline depth (chunks, tokens)")
+    for option in _scenario_options():
+        help_text = _OPTION_HELP.get(option, "for scenarios that take it")
+        sim.add_argument(f"--{option}", type=int, default=None, help=help_text)
     sim.add_argument(
         "--trace",
         default=None,

@@ -49,3 +49,14 @@ def test_simulate_refuses_an_unknown_scenario(capsys: pytest.CaptureFixture[str]
     assert "laptop_voice" in capsys.readouterr().err
     with pytest.raises(KeyError, match="no scenario named 'nope'"):
         get_scenario("nope")
+
+
+def test_simulate_takes_every_registered_option(capsys: pytest.CaptureFixture[str]) -> None:
+    """Options of any registered scenario (--rounds, --seed, --batches) reach its runner."""
+    assert (
+        main(["simulate", "speculative_decoding", "--rounds", "2", "--seed", "1", "--trace", ""])
+        == 0
+    )
+    assert "2 rounds of 4 draft tokens" in capsys.readouterr().out
+    assert main(["simulate", "moe_routing", "--batches", "2", "--tokens", "1", "--trace", ""]) == 0
+    assert "2 batches" in capsys.readouterr().out

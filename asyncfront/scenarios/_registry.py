@@ -66,9 +66,11 @@ class Scenario:
 def _registry() -> dict[str, Scenario]:
     from . import (
         laptop_voice,
+        moe_routing,
         multimedia_request,
         rag_placement,
         sdxl_pressure,
+        speculative_decoding,
         streaming_translation,
         tensor_parallel,
     )
@@ -80,6 +82,16 @@ def _registry() -> dict[str, Scenario]:
             "voice-to-chat on a laptop; voice input preempts background embedding",
             laptop_voice.simulate,
             {},
+        ),
+        Scenario(
+            "speculative_decoding",
+            "B1",
+            "draft round k+1 overlaps verify round k; a rejection invalidates the later draft",
+            speculative_decoding.simulate,
+            {
+                "rounds": speculative_decoding.DEFAULT_ROUNDS,
+                "seed": speculative_decoding.DEFAULT_SEED,
+            },
         ),
         Scenario(
             "sdxl_pressure",
@@ -108,6 +120,17 @@ def _registry() -> dict[str, Scenario]:
             "4-way tensor-parallel 70B with all-reduce windows filled by background models",
             tensor_parallel.simulate,
             {"depth": 2},
+        ),
+        Scenario(
+            "moe_routing",
+            "C3",
+            "Mixtral experts routed per batch; cold experts load from NVMe and stay resident",
+            moe_routing.simulate,
+            {
+                "batches": moe_routing.DEFAULT_BATCHES,
+                "tokens": moe_routing.DEFAULT_TOKENS,
+                "seed": moe_routing.DEFAULT_SEED,
+            },
         ),
         Scenario(
             "multimedia_request",
