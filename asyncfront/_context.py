@@ -39,6 +39,8 @@ __all__ = (
 
 T = TypeVar("T")
 
+_NOTHING_TO_FREE = "the device's memory is reserved or in use and nothing pending can free it"
+
 MemoryPressureHandler = Callable[["ExecutionContext", int, int], "bool | Awaitable[bool]"]
 """``handler(context, requested, available)``: free memory if you can; truthy means retry."""
 
@@ -375,26 +377,25 @@ class MemoryManager:
                 memory.hold(owner, nbytes)
                 return
             if charge is Charge.OVER_LIMIT:
-                raise _refusal(ctx, ledger, nbytes, "over the context's max_memory")
-            self._log(
-                "memory_pressure",
-                ctx,
-                requested=nbytes,
-                available=ledger.available_to(ctx.name),
-            )
-            if await self._evict_for(ctx, memory, nbytes):
-                continue
-            if not asked_handlers and self._handlers:
-                asked_handlers = True
-                if await self._ask_handlers(ctx, nbytes, ledger.available_to(ctx.name)):
-                    continue
-            if not self._can_free(memory, owner):
-                raise _refusal(
+                # Only frees within the context help: other sessions' buffers, once they
+                # end, as long as the request fits beside what this owner keeps.
+                if not self._context_can_free(memory, ctx, nbytes, owner):
+                    raise _refusal(ctx, ledger, nbytes, "over the context's max_memory")
+            else:
+                self._log(
+                    "memory_pressure",
                     ctx,
-                    ledger,
-                    nbytes,
-                    "the device's memory is reserved or in use and nothing pending can free it",
+                    requested=nbytes,
+                    available=ledger.available_to(ctx.name),
                 )
+                if await self._evict_for(ctx, memory, nbytes):
+                    continue
+                if not asked_handlers and self._handlers:
+                    asked_handlers = True
+                    if await self._ask_handlers(ctx, nbytes, ledger.available_to(ctx.name)):
+                        continue
+                if not self._can_free(memory, owner):
+                    raise _refusal(ctx, ledger, nbytes, _NOTHING_TO_FREE)
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
                 raise _refusal(ctx, ledger, nbytes, f"no memory was freed within {timeout} s")
@@ -406,10 +407,24 @@ class MemoryManager:
             asked_handlers = False
 
     def _ahead_of(self, memory: _DeviceMemory, ctx: ExecutionContext) -> bool:
-        """Whether a waiter of higher priority than ``ctx`` is already waiting."""
+        """Whether a waiter of higher priority than ``ctx`` is waiting for device memory.
+
+        A waiter held back by its own context's limit is not waiting for the device.
+        """
         return any(
-            -prio > ctx.priority and not fut.done() for prio, _, _, _, _, fut in memory.waiters
+            -prio > ctx.priority
+            and not fut.done()
+            and not _over_limit(memory.ledger, other, nbytes)
+            for prio, _, other, nbytes, _, fut in memory.waiters
         )
+
+    def _context_can_free(
+        self, memory: _DeviceMemory, ctx: ExecutionContext, nbytes: int, owner: object
+    ) -> bool:
+        """Whether ``nbytes`` fits ``ctx``'s limit once its other owners free their memory."""
+        used, _, limit = memory.ledger.usage(ctx.name)
+        own = memory.held.get(owner, 0)
+        return used > own and own + nbytes <= limit
 
     async def _wait_for_memory(
         self,
@@ -453,12 +468,14 @@ class MemoryManager:
             if blocked_priority is not None and prio > blocked_priority:
                 keep.append(entry)  # a more urgent waiter is still blocked: no overtaking
                 continue
-            if ledger.try_charge(ctx.name, nbytes) is Charge.GRANTED:
+            charge = ledger.try_charge(ctx.name, nbytes)
+            if charge is Charge.GRANTED:
                 memory.hold(owner, nbytes)
                 fut.set_result(None)
             else:
                 keep.append(entry)
-                if blocked_priority is None:
+                # A waiter over its own context's limit holds back nobody else.
+                if charge is Charge.NO_SPACE and blocked_priority is None:
                     blocked_priority = prio
         heapq.heapify(keep)
         memory.waiters = keep
@@ -690,6 +707,11 @@ def _refusal(
     """The error for a refused allocation, with the context's numbers as they stand."""
     used, _, limit = ledger.usage(ctx.name)
     return MemoryBudgetError(ctx.name, nbytes, limit, used, ledger.available, reason)
+
+
+def _over_limit(ledger: MemoryLedger, ctx: ExecutionContext, nbytes: int) -> bool:
+    used, _, limit = ledger.usage(ctx.name)
+    return used + nbytes > limit
 
 
 def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:

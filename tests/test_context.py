@@ -123,6 +123,67 @@ def test_best_effort_waits_and_is_admitted_when_memory_frees() -> None:
     run_virtual(main)
 
 
+def test_sessions_of_one_context_wait_for_each_other_within_its_limit() -> None:
+    """Over its own limit, a session waits for the context's other sessions to free."""
+
+    async def main() -> None:
+        async with af.open_runtime([gpu()]) as rt:
+            ctx = rt.create_context("llm", device="gpu0", max_memory=4 * GiB)
+            order: list[str] = []
+
+            async def request(name: str) -> None:
+                async with rt.session(ctx) as s:
+                    buf = await s.allocate(3 * GiB)
+                    order.append(f"{name}+")
+                    assert rt.usage(ctx).used <= 4 * GiB
+                    await asyncio.sleep(1)
+                    order.append(f"{name}-")
+                    s.free(buf)
+
+            await asyncio.gather(request("a"), request("b"), request("c"))
+            assert order == ["a+", "a-", "b+", "b-", "c+", "c-"]
+            assert ctx.statistics().waits == 2
+
+    run_virtual(main)
+
+
+def test_waiting_on_its_own_limit_holds_back_no_other_context() -> None:
+    """A Guaranteed waiter over its own limit does not make a BestEffort allocation queue."""
+
+    async def main() -> None:
+        async with af.open_runtime([gpu()]) as rt:
+            llm = rt.create_context("llm", device="gpu0", max_memory=4 * GiB)
+            embed = rt.create_context(
+                "embed", device="gpu0", max_memory=2 * GiB, qos=af.QoS.BEST_EFFORT
+            )
+            async with rt.session(llm) as first, rt.session(llm) as second:
+                buf = await first.allocate(3 * GiB)
+                waiting = asyncio.ensure_future(second.allocate(3 * GiB))
+                await asyncio.sleep(0)
+                async with rt.session(embed) as s:
+                    await asyncio.wait_for(s.allocate(2 * GiB), timeout=0.1)
+                    assert embed.statistics().waits == 0
+                assert not waiting.done()
+                first.free(buf)
+                assert (await waiting).nbytes == 3 * GiB
+
+    run_virtual(main)
+
+
+def test_over_its_limit_alone_is_refused_at_once() -> None:
+    """With no other session of the context holding memory, over the limit raises at once."""
+
+    async def main() -> None:
+        async with af.open_runtime([gpu()]) as rt:
+            ctx = rt.create_context("llm", device="gpu0", max_memory=4 * GiB)
+            async with rt.session(ctx) as s:
+                with pytest.raises(af.MemoryBudgetError, match="over the context's max_memory"):
+                    await s.allocate(5 * GiB)
+                assert ctx.statistics().waits == 0
+
+    run_virtual(main)
+
+
 def test_waiting_times_out_with_memory_budget_error() -> None:
     """An allocation that waits longer than its timeout raises MemoryBudgetError."""
 
