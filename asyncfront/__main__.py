@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ._progress import progress
 from ._timeline import read_trace, write_html
 from .scenarios import SCENARIOS
 from .scenarios.laptop_voice import simulate
@@ -17,9 +18,11 @@ from .testing import run_virtual
 def _demo(args: argparse.Namespace) -> int:
     if args.trace:
         os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
-    report, timeline = run_virtual(
-        functools.partial(simulate, utterances=args.utterances, trace_path=args.trace or None)
-    )
+    with progress("simulating the voice pipeline in virtual time", total=1) as shown:
+        report, timeline = run_virtual(
+            functools.partial(simulate, utterances=args.utterances, trace_path=args.trace or None)
+        )
+        shown.advance()
     print("asyncfront demo: laptop voice-to-chat pipeline on fake devices (virtual time)")
     print()
     print(report.describe())
@@ -61,9 +64,11 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     if trace:
         os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
-    report, timeline = run_virtual(
-        functools.partial(scenario.simulate, trace_path=trace or None, **options)
-    )
+    with progress(f"simulating {scenario.name} in virtual time", total=1) as shown:
+        report, timeline = run_virtual(
+            functools.partial(scenario.simulate, trace_path=trace or None, **options)
+        )
+        shown.advance()
     print(f"asyncfront simulate {scenario.name} ({scenario.section}): {scenario.description}")
     print()
     print(report.describe())
