@@ -2,52 +2,25 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
 
-USER_TESTS = """
-import asyncio
 
-import pytest
-
-import asyncfront as af
-
-
-async def test_pipeline_runs_in_virtual_time(virtual_runtime):
-    rt = virtual_runtime
-    features = af.TimelineSemaphore(name="features")
-    pre = rt.queue("cpu", name="pre").submit(name="pre", cost=0.5, signals=[(features, 1)])
-    llm = rt.queue("gpu", name="llm").submit(
-        lambda: "reply", name="generate", cost=2.0, waits=[(features, 1)]
-    )
-    assert await llm == "reply"
-    assert rt.now() == pytest.approx(2.5)  # 0.5 s of preprocessing, then 2 s of generation
-    assert llm.started_at - pre.started_at == pytest.approx(0.5)
-    assert llm.frontier.get(pre.queue.axis) == 1
-    await asyncio.sleep(3600)  # an hour of loop time, no wall time
-    assert rt.now() == pytest.approx(3602.5)
-
-
-def test_fake_device_factory(fake_device):
-    a, b = fake_device(), fake_device("npu", kind="npu", speed=2.0)
-    assert a.name != b.name and b.kind == "npu" and b.speed == 2.0
-
-
-class TestTwoGpus:
-    @pytest.fixture
-    def virtual_runtime_devices(self, fake_device):
-        return [fake_device("gpu0", memory=1 << 30), fake_device("gpu1", memory=1 << 30)]
-
-    async def test_devices_are_chosen_by_overriding_a_fixture(self, virtual_runtime):
-        assert sorted(virtual_runtime.devices) == ["gpu0", "gpu1"]
-"""
+def _user_tests() -> str:
+    """The example suite of docs/testing.md (its python block that uses the fixtures)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text("utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    return next(block for block in blocks if "virtual_runtime" in block)
 
 
 def test_a_user_suite_using_the_fixtures_passes(pytester: pytest.Pytester) -> None:
-    """The fixtures work in a fresh suite with pytest-asyncio in auto mode."""
+    """The documented example suite passes as a user's suite, pytest-asyncio in auto mode."""
     pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
-    pytester.makepyfile(test_user=USER_TESTS)
+    pytester.makepyfile(test_user=_user_tests())
     result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")
     result.assert_outcomes(passed=3)
 
