@@ -1,4 +1,4 @@
-"""Command line: ``python -m asyncfront demo`` and ``python -m asyncfront simulate``."""
+"""Command line: ``python -m asyncfront demo``, ``simulate`` and ``trace view``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ._progress import progress
+from ._timeline import read_trace, write_html
 from .scenarios import SCENARIOS
 from .scenarios.laptop_voice import simulate
 from .testing import run_virtual
@@ -16,9 +18,11 @@ from .testing import run_virtual
 def _demo(args: argparse.Namespace) -> int:
     if args.trace:
         os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
-    report, timeline = run_virtual(
-        functools.partial(simulate, utterances=args.utterances, trace_path=args.trace or None)
-    )
+    with progress("simulating the voice pipeline in virtual time", total=1) as shown:
+        report, timeline = run_virtual(
+            functools.partial(simulate, utterances=args.utterances, trace_path=args.trace or None)
+        )
+        shown.advance()
     print("asyncfront demo: laptop voice-to-chat pipeline on fake devices (virtual time)")
     print()
     print(report.describe())
@@ -75,9 +79,11 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     )
     if trace:
         os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
-    report, timeline = run_virtual(
-        functools.partial(scenario.simulate, trace_path=trace or None, **options)
-    )
+    with progress(f"simulating {scenario.name} in virtual time", total=1) as shown:
+        report, timeline = run_virtual(
+            functools.partial(scenario.simulate, trace_path=trace or None, **options)
+        )
+        shown.advance()
     print(f"asyncfront simulate {scenario.name} ({scenario.section}): {scenario.description}")
     print()
     print(report.describe())
@@ -86,6 +92,18 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if trace:
         print()
         print(f"Perfetto trace written to {trace} (open it at https://ui.perfetto.dev)")
+    return 0
+
+
+def _trace_view(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    out = args.output or os.path.splitext(args.trace)[0] + ".html"
+    try:
+        document = read_trace(args.trace)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    title = args.title or f"asyncfront timeline: {os.path.basename(args.trace)}"
+    write_html(document, out, title=title)
+    print(f"HTML timeline written to {out}")
     return 0
 
 
@@ -115,6 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where to write the Perfetto trace (default traces/<scenario>.json; '' for none)",
     )
     sim.set_defaults(handler=lambda args: _simulate(args, sim))
+    trace = commands.add_parser("trace", help="work with trace files")
+    trace_commands = trace.add_subparsers(dest="trace_command", required=True)
+    view = trace_commands.add_parser(
+        "view", help="turn a Perfetto/Chrome JSON trace into a self-contained HTML timeline"
+    )
+    view.add_argument("trace", help="a JSON trace as demo, simulate or export_perfetto write it")
+    view.add_argument("-o", "--output", default=None, help="the HTML file (default TRACE.html)")
+    view.add_argument("--title", default=None, help="the page title")
+    view.set_defaults(handler=lambda args: _trace_view(args, view))
     args = parser.parse_args(argv)
     handler = args.handler
     return int(handler(args))

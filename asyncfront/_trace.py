@@ -1,4 +1,4 @@
-"""Trace recording and export: every finished submission, as Perfetto/Chrome JSON."""
+"""Trace recording and export: every finished submission, as Perfetto/Chrome JSON or HTML."""
 
 from __future__ import annotations
 
@@ -249,3 +249,15 @@ class TraceRecorder:
         """Write :meth:`to_perfetto` as JSON to ``path``."""
         with open(path, "w", encoding="utf-8") as out:
             json.dump(self.to_perfetto(), out)
+
+    def export_html(
+        self, path: str | os.PathLike[str], *, title: str = "asyncfront timeline"
+    ) -> None:
+        """Write a self-contained HTML timeline of :meth:`to_perfetto` to ``path``.
+
+        One file, no network: a lane per queue grouped by device, a bar per submission,
+        arrows for semaphore dependencies, frontier and timings on hover, zoom and pan.
+        """
+        from ._timeline import write_html
+
+        write_html(self.to_perfetto(), path, title=title)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._budget import format_bytes
 from .._frontier import Frontier
+from .._progress import progress
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from ._pool import Block, BufferPool
 from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
@@ -654,9 +655,17 @@ class Pager:
             target = self.spill
         if not plan.victims:
             return 0
-        outcomes = await asyncio.gather(
-            *(self.page_out(page, target) for page in plan.victims), return_exceptions=True
-        )
+        with progress(f"paging out {len(plan.victims)} pages", total=len(plan.victims)) as shown:
+
+            async def page_out(page: Page) -> None:
+                try:
+                    await self.page_out(page, target)
+                finally:
+                    shown.advance()
+
+            outcomes = await asyncio.gather(
+                *(page_out(page) for page in plan.victims), return_exceptions=True
+            )
         freed = 0
         for page, outcome in zip(plan.victims, outcomes, strict=True):
             if isinstance(outcome, BaseException):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._budget import format_bytes
 from .._frontier import Frontier
+from .._progress import progress
 from .._semaphore import TimelineSemaphore
 from ._reclaim import Reclaim, ReclaimPlan, RequestRate, plan_reclaim, shortfall
 from ._tensors import buffer_bytes, copy_bytes, import_torch, typed_view
@@ -397,7 +398,10 @@ class Residency:
             ctx = self._context_for(w, dev, context)
             settled = self._loading[key] = asyncio.get_running_loop().create_future()
             try:
-                resident = await self._load(w, dev, ctx)
+                label = f"loading {w.name} ({format_bytes(w.nbytes)}) to {dev.name}"
+                with progress(label, total=1) as shown:
+                    resident = await self._load(w, dev, ctx)
+                    shown.advance()
             finally:
                 del self._loading[key]
                 settled.set_result(None)

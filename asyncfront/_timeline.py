@@ -1,0 +1,55 @@
+"""The HTML timeline: one self-contained page drawn from a Chrome trace-event document.
+
+The page embeds the same document :meth:`TraceRecorder.to_perfetto` produces (and
+``export_perfetto`` writes), so the JSON and the picture cannot disagree: a lane per
+queue grouped by device, a bar per submission, an arrow per semaphore dependency,
+the frontier and timings on hover, zoom and pan. No network, no CDN.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+__all__ = ("read_trace", "render_html", "write_html")
+
+DEFAULT_TITLE = "asyncfront timeline"
+
+
+def render_html(document: Mapping[str, Any], *, title: str = DEFAULT_TITLE) -> str:
+    """The timeline page for a trace-event document (``{"traceEvents": [...]}``)."""
+    if not isinstance(document.get("traceEvents"), list):
+        raise ValueError("not a Chrome trace-event document: no 'traceEvents' list")
+    template = resources.files(__package__).joinpath("_timeline.html").read_text("utf-8")
+    # "<" escaped inside the JSON so no "</script>" in a name can end the data block.
+    data = json.dumps(document, separators=(",", ":")).replace("<", "\\u003c")
+    return template.replace("__TITLE__", html.escape(title)).replace("__TRACE__", data)
+
+
+def write_html(
+    document: Mapping[str, Any], path: str | os.PathLike[str], *, title: str = DEFAULT_TITLE
+) -> None:
+    """Write :func:`render_html` of ``document`` to ``path``."""
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(render_html(document, title=title))
+
+
+def read_trace(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a trace-event JSON file (as ``export_perfetto`` writes it).
+
+    A bare list of events, which Chrome also accepts, is wrapped into a document.
+
+    Raises:
+        ValueError: the file holds no trace events.
+    """
+    with open(path, encoding="utf-8") as source:
+        document = json.load(source)
+    if isinstance(document, list):
+        document = {"traceEvents": document}
+    if not isinstance(document, dict) or not isinstance(document.get("traceEvents"), list):
+        raise ValueError(f"{os.fspath(path)!r} is not a Chrome trace-event document")
+    return document

@@ -1,0 +1,65 @@
+"""The pytest plugin: a user's suite gets virtual_runtime and fake_device without imports."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+
+def _user_tests() -> str:
+    """The example suite of docs/testing.md (its python block that uses the fixtures)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text("utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    return next(block for block in blocks if "virtual_runtime" in block)
+
+
+def test_a_user_suite_using_the_fixtures_passes(pytester: pytest.Pytester) -> None:
+    """The documented example suite passes as a user's suite, pytest-asyncio in auto mode."""
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
+    pytester.makepyfile(test_user=_user_tests())
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")
+    result.assert_outcomes(passed=3)
+
+
+def test_the_fixture_works_in_strict_mode_with_the_marker(pytester: pytest.Pytester) -> None:
+    """In pytest-asyncio's strict mode an asyncio-marked test gets the runtime too."""
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function"
+    )
+    pytester.makepyfile(
+        test_strict="""
+import pytest
+
+@pytest.mark.asyncio
+async def test_now_starts_at_zero(virtual_runtime):
+    assert virtual_runtime.now() == 0.0
+    await virtual_runtime.queue("gpu").submit(cost=5.0)
+    assert virtual_runtime.now() == 5.0
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
+def test_a_hang_fails_fast_instead_of_timing_out(pytester: pytest.Pytester) -> None:
+    """Waiting on something nothing will signal fails after a second of idleness."""
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
+    pytester.makepyfile(
+        test_hang="""
+import asyncio
+import looptime
+
+async def test_hang(virtual_runtime):
+    try:
+        await asyncio.get_running_loop().create_future()
+    except looptime.IdleTimeoutError:
+        return
+    raise AssertionError("expected an idle timeout")
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin")
+    result.assert_outcomes(passed=1)
