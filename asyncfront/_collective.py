@@ -23,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
 from ._queue import (
     DeviceQueue,
+    Outcome,
     SemaphoreValue,
     StalledError,
     Submission,
@@ -43,14 +44,13 @@ if TYPE_CHECKING:
 
 __all__ = ("CollectiveChannel", "CollectiveStatistics", "CollectiveStep")
 
-_DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
 
 # A wait's frontier, captured when the wait is satisfied: a frontier (already reached at
 # submission), a future (resolved by the semaphore's signal), or None (already failed).
 _Capture = tuple[TimelineSemaphore, "Frontier | asyncio.Future[Frontier] | None"]
 
 
-class CollectiveStep:
+class CollectiveStep(Outcome):
     """One step of a channel: a part on every member queue; awaitable for the step's result.
 
     For :meth:`CollectiveChannel.submit` the result is the list of the members' results
@@ -67,18 +67,13 @@ class CollectiveStep:
 
     __slots__ = (
         "_captures",
-        "_exception",
         "_finalize",
         "_frontier",
-        "_futures",
-        "_result",
         "channel",
         "epoch",
         "errors",
-        "name",
         "parts",
         "signals",
-        "state",
         "waits",
     )
 
@@ -116,38 +111,10 @@ class CollectiveStep:
         """
         return self._frontier
 
-    def done(self) -> bool:
-        """Whether the step completed or failed."""
-        return self.state in _DONE
+    _kind = "collective step"
 
-    def result(self) -> Any:
-        """The step's result; raises its error, or ``InvalidStateError`` if not done."""
-        if self.state is SubmissionState.COMPLETED:
-            return self._result
-        if self.state is SubmissionState.FAILED:
-            assert self._exception is not None
-            raise self._exception
-        raise asyncio.InvalidStateError(f"collective step {self.name!r} is {self.state.value}")
-
-    def exception(self) -> BaseException | None:
-        """The error the step failed with (the first failed part's), or None."""
-        return self._exception
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        if self.state not in _DONE:
-            fut: asyncio.Future[None] = self.channel._loop.create_future()
-            if self._futures is None:
-                self._futures = [fut]
-            else:
-                self._futures.append(fut)
-            yield from fut.__await__()
-        return self.result()
-
-    def _wake(self) -> None:
-        futures, self._futures = self._futures, None
-        for fut in futures or ():
-            if not fut.done():
-                fut.set_result(None)
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        return self.channel._loop
 
     def _finish(self, result: Any) -> None:
         self._result = result

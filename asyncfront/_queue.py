@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = (
     "DeviceQueue",
+    "Outcome",
     "QueueStatistics",
     "StalledError",
     "Submission",
@@ -53,7 +54,62 @@ _DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
 _NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
 
 
-class Submission:
+class Outcome:
+    """Work that finishes once, with a result or an error; awaitable for the result.
+
+    The shared core of :class:`Submission` and of a collective channel's steps.
+    """
+
+    __slots__ = ("_exception", "_futures", "_result", "name", "state")
+
+    _kind = "work"
+
+    name: str
+    state: SubmissionState
+    _result: Any
+    _exception: BaseException | None
+    _futures: list[asyncio.Future[None]] | None
+
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        raise NotImplementedError
+
+    def done(self) -> bool:
+        """Whether it completed or failed."""
+        return self.state in _DONE
+
+    def result(self) -> Any:
+        """The result; raises the error, or ``InvalidStateError`` if not done."""
+        if self.state is SubmissionState.COMPLETED:
+            return self._result
+        if self.state is SubmissionState.FAILED:
+            assert self._exception is not None
+            raise self._exception
+        raise asyncio.InvalidStateError(f"{self._kind} {self.name!r} is {self.state.value}")
+
+    def exception(self) -> BaseException | None:
+        """The error it failed with, or None."""
+        return self._exception
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if self.state not in _DONE:
+            fut: asyncio.Future[None] = self._event_loop().create_future()
+            if self._futures is None:
+                self._futures = [fut]
+            else:
+                self._futures.append(fut)
+            yield from fut.__await__()
+        return self.result()
+
+    def _wake(self) -> None:
+        futures = self._futures
+        if futures is not None:
+            self._futures = None
+            for fut in futures:
+                if not fut.done():
+                    fut.set_result(None)
+
+
+class Submission(Outcome):
     """One unit of work on a queue; awaitable for its result.
 
     Attributes:
@@ -70,10 +126,7 @@ class Submission:
 
     __slots__ = (
         "_base",
-        "_exception",
         "_frontier",
-        "_futures",
-        "_result",
         "annotations",
         "args",
         "cost",
@@ -81,11 +134,9 @@ class Submission:
         "finished_at",
         "fn",
         "kwargs",
-        "name",
         "queue",
         "signals",
         "started_at",
-        "state",
         "submitted_at",
         "waits",
     )
@@ -144,40 +195,10 @@ class Submission:
             frontier = self._frontier = self.queue._materialize(base, self.epoch)
         return frontier
 
-    def done(self) -> bool:
-        """Whether the submission completed or failed."""
-        return self.state in _DONE
+    _kind = "submission"
 
-    def result(self) -> Any:
-        """The work's result; raises its error, or ``InvalidStateError`` if not done."""
-        if self.state is SubmissionState.COMPLETED:
-            return self._result
-        if self.state is SubmissionState.FAILED:
-            assert self._exception is not None
-            raise self._exception
-        raise asyncio.InvalidStateError(f"submission {self.name!r} is {self.state.value}")
-
-    def exception(self) -> BaseException | None:
-        """The error the submission failed with, or None."""
-        return self._exception
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        if self.state not in _DONE:
-            fut: asyncio.Future[None] = self.queue._loop.create_future()
-            if self._futures is None:
-                self._futures = [fut]
-            else:
-                self._futures.append(fut)
-            yield from fut.__await__()
-        return self.result()
-
-    def _wake(self) -> None:
-        futures = self._futures
-        if futures is not None:
-            self._futures = None
-            for fut in futures:
-                if not fut.done():
-                    fut.set_result(None)
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
+        return self.queue._loop
 
     def _fail(self, exc: BaseException) -> None:
         self._exception = exc
