@@ -116,16 +116,6 @@ class CollectiveStep(Outcome):
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self.channel._loop
 
-    def _finish(self, result: Any) -> None:
-        self._result = result
-        self.state = SubmissionState.COMPLETED
-        self._wake()
-
-    def _fail(self, exc: BaseException) -> None:
-        self._exception = exc
-        self.state = SubmissionState.FAILED
-        self._wake()
-
     def __repr__(self) -> str:
         return (
             f"<CollectiveStep {self.name!r} on {self.channel.name!r} epoch={self.epoch} "

@@ -108,6 +108,18 @@ class Outcome:
                 if not fut.done():
                     fut.set_result(None)
 
+    def _finish(self, result: Any) -> None:
+        self._result = result
+        self.state = SubmissionState.COMPLETED
+        if self._futures is not None:
+            self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._exception = exc
+        self.state = SubmissionState.FAILED
+        if self._futures is not None:
+            self._wake()
+
 
 class Submission(Outcome):
     """One unit of work on a queue; awaitable for its result.
@@ -199,12 +211,6 @@ class Submission(Outcome):
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self.queue._loop
-
-    def _fail(self, exc: BaseException) -> None:
-        self._exception = exc
-        self.state = SubmissionState.FAILED
-        if self._futures is not None:
-            self._wake()
 
     def __repr__(self) -> str:
         return (
