@@ -1,12 +1,14 @@
-"""Command line: ``python -m asyncfront demo``, ``simulate`` and ``trace view``."""
+"""Command line: ``python -m asyncfront demo [--simulated]``, ``simulate`` and ``trace view``."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ._progress import progress
 from ._timeline import read_trace, write_html
@@ -16,11 +18,46 @@ from .testing import run_virtual
 
 
 def _demo(args: argparse.Namespace) -> int:
-    if args.trace:
-        os.makedirs(os.path.dirname(os.path.abspath(args.trace)), exist_ok=True)
+    if args.simulated:
+        return _demo_simulated(args)
+    from .demo import DemoDependencyError, DemoOptions, run_demo
+
+    trace = args.trace if args.trace is not None else os.path.join("traces", "voice_assistant.json")
+    if trace:
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
+    options = DemoOptions(
+        audio=args.audio,
+        checkpoint=args.checkpoint,
+        model_dir=args.model_dir,
+        tokens=args.tokens,
+        tts=args.tts,
+        output=args.output,
+        docs=args.docs,
+        progress=not args.no_progress,
+    )
+    print("asyncfront demo: a voice assistant with real models on this CPU")
+    try:
+        report = asyncio.run(run_demo(options, trace_path=trace or None))
+    except DemoDependencyError as error:
+        print(f"asyncfront demo: {error}", file=sys.stderr)
+        return 2
+    print()
+    print(report.describe())
+    print()
+    print(report.timeline)
+    if trace:
+        print()
+        _report_trace(trace)
+    return 0
+
+
+def _demo_simulated(args: argparse.Namespace) -> int:
+    trace = args.trace if args.trace is not None else os.path.join("traces", "voice_pipeline.json")
+    if trace:
+        os.makedirs(os.path.dirname(os.path.abspath(trace)), exist_ok=True)
     with progress("simulating the voice pipeline in virtual time", total=1) as shown:
         report, timeline = run_virtual(
-            functools.partial(simulate, utterances=args.utterances, trace_path=args.trace or None)
+            functools.partial(simulate, utterances=args.utterances, trace_path=trace or None)
         )
         shown.advance()
     print("asyncfront demo: laptop voice-to-chat pipeline on fake devices (virtual time)")
@@ -28,10 +65,18 @@ def _demo(args: argparse.Namespace) -> int:
     print(report.describe())
     print()
     print(timeline)
-    if args.trace:
+    if trace:
         print()
-        print(f"Perfetto trace written to {args.trace} (open it at https://ui.perfetto.dev)")
+        _report_trace(trace)
     return 0
+
+
+def _report_trace(trace: str) -> None:
+    """Write the HTML timeline beside a Perfetto trace and say where both are."""
+    page = os.path.splitext(trace)[0] + ".html"
+    write_html(read_trace(trace), page, title=os.path.basename(trace))
+    print(f"Perfetto trace written to {trace} (open it at https://ui.perfetto.dev)")
+    print(f"HTML timeline written to {page}")
 
 
 _OPTION_HELP = {
@@ -111,13 +156,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m asyncfront``."""
     parser = argparse.ArgumentParser(prog="asyncfront", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="run the simulated voice pipeline and show it")
-    demo.add_argument("--utterances", type=int, default=2, help="voice turns to simulate")
+    demo = commands.add_parser(
+        "demo", help="run the voice assistant on real models (or --simulated) and show it"
+    )
+    demo.add_argument(
+        "--simulated",
+        action="store_true",
+        help="run the simulated laptop pipeline on fake devices in virtual time instead",
+    )
+    demo.add_argument(
+        "--utterances", type=int, default=2, help="voice turns to simulate (--simulated)"
+    )
     demo.add_argument(
         "--trace",
-        default=os.path.join("traces", "voice_pipeline.json"),
-        help="where to write the Perfetto trace ('' for none)",
+        default=None,
+        help="where to write the Perfetto trace (default traces/voice_assistant.json, "
+        "traces/voice_pipeline.json with --simulated; '' for none)",
     )
+    demo.add_argument("--audio", type=Path, default=None, help="16 kHz mono WAV to answer")
+    demo.add_argument(
+        "--checkpoint", type=Path, default=None, help="a local transformers causal-LM directory"
+    )
+    demo.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="where the untrained demo LM is saved (default ~/.cache/asyncfront/demo-lm)",
+    )
+    demo.add_argument("--tokens", type=int, default=48, help="tokens of reply to generate")
+    demo.add_argument(
+        "--tts", choices=("auto", "espeak", "tone"), default="auto", help="speech synthesis"
+    )
+    demo.add_argument(
+        "--output", type=Path, default=Path("traces") / "reply.wav", help="the reply's WAV file"
+    )
+    demo.add_argument("--docs", type=Path, default=None, help="Markdown folder to index")
+    demo.add_argument("--no-progress", action="store_true", help="no progress display")
     demo.set_defaults(handler=lambda args: _demo(args))
     sim = commands.add_parser(
         "simulate", help="run a scenario on fake devices in virtual time and write a trace"

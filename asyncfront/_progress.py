@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.progress import Progress, TaskID
 
-__all__ = ("ProgressTask", "progress")
+__all__ = ("ProgressTask", "progress", "progress_console")
 
 
 class ProgressTask(Protocol):
@@ -50,7 +50,7 @@ _SILENT = _Silent()
 _active = 0  # nested operations report through the outermost bar only
 
 
-def _console(console: Console | None) -> Console | None:
+def progress_console(console: Console | None = None) -> Console | None:
     """The console to draw on, or None when progress should stay quiet."""
     forced = os.environ.get("ASYNCFRONT_PROGRESS")
     if forced == "0":
@@ -72,7 +72,7 @@ def progress(
     error; nothing is drawn when it is not a terminal, or inside another progress block.
     """
     global _active
-    shown = _console(console) if _active == 0 else None
+    shown = progress_console(console) if _active == 0 else None
     if shown is None:
         yield _SILENT
         return

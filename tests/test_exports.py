@@ -9,7 +9,13 @@ import sys
 
 import pytest
 
-PACKAGES = ["asyncfront", "asyncfront.devices", "asyncfront.memory", "asyncfront.testing"]
+PACKAGES = [
+    "asyncfront",
+    "asyncfront.devices",
+    "asyncfront.memory",
+    "asyncfront.testing",
+    "asyncfront.demo",
+]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -35,7 +41,8 @@ def test_public_classes_live_in_private_modules(package: str) -> None:
 
 
 def test_import_does_not_load_heavy_dependencies() -> None:
-    """import asyncfront loads neither torch, kvikio nor ray."""
-    code = "import sys, asyncfront; print(sorted({'torch','kvikio','ray'} & set(sys.modules)))"
+    """import asyncfront (and asyncfront.demo) loads no torch, transformers, kvikio or ray."""
+    heavy = "{'torch', 'transformers', 'pocketsphinx', 'kvikio', 'ray'}"
+    code = f"import sys, asyncfront, asyncfront.demo; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

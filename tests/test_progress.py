@@ -63,11 +63,11 @@ def test_environment_forces_progress_on_and_off(
 def test_demo_is_quiet_off_a_terminal_and_shows_progress_on_one(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The demo writes no progress to a pipe, and a bar to a terminal's stderr."""
-    assert main(["demo", "--trace", ""]) == 0
+    """The simulated demo writes no progress to a pipe, and a bar to a terminal's stderr."""
+    assert main(["demo", "--simulated", "--trace", ""]) == 0
     assert capsys.readouterr().err == ""
     monkeypatch.setenv("ASYNCFRONT_PROGRESS", "1")
-    assert main(["demo", "--trace", ""]) == 0
+    assert main(["demo", "--simulated", "--trace", ""]) == 0
     captured = capsys.readouterr()
     assert "simulating the voice pipeline" in captured.err
     assert "simulating" not in captured.out

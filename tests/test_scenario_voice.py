@@ -86,10 +86,10 @@ def test_example_program_runs() -> None:
 
 
 def test_demo_command_runs(tmp_path: Path) -> None:
-    """python -m asyncfront demo prints the timeline and writes a trace."""
+    """python -m asyncfront demo --simulated prints the timeline and writes a trace."""
     trace = tmp_path / "voice.json"
     out = subprocess.run(
-        [sys.executable, "-m", "asyncfront", "demo", "--trace", str(trace)],
+        [sys.executable, "-m", "asyncfront", "demo", "--simulated", "--trace", str(trace)],
         capture_output=True,
         text=True,
         check=True,

