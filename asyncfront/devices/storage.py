@@ -273,37 +273,34 @@ class StorageDevice(ThreadPoolDevice):
     # -- work (runs in the device's threads) -----------------------------------------
 
     def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
-        path = self.resolve(file)
-        tensor = _torch_tensor(data)
-        if tensor is not None and tensor.device.type != "cpu":
-            done = self._device_transfer(True, tensor, path, offset)
-        else:
-            view = _host_view(data, writable=False)
-            try:
-                fd = self._fd(path, writable=True)
-            except OSError as exc:
-                raise StorageWriteError(path, offset, len(view), 0, _reason(exc)) from exc
-            done = self._pwrite_all(fd, view, path, offset)
-        with self._lock:
-            self._writes += 1
-            self._bytes_written += done
-        return done
+        return self._transfer_sync(True, data, file, offset)
 
     def _read_sync(self, out: object, file: str | os.PathLike[str], offset: int) -> int:
+        return self._transfer_sync(False, out, file, offset)
+
+    def _transfer_sync(
+        self, write: bool, buffer: object, file: str | os.PathLike[str], offset: int
+    ) -> int:
+        """Write all of ``buffer`` to, or fill it from, ``file`` at ``offset``."""
         path = self.resolve(file)
-        tensor = _torch_tensor(out)
+        tensor = _torch_tensor(buffer)
         if tensor is not None and tensor.device.type != "cpu":
-            done = self._device_transfer(False, tensor, path, offset)
+            done = self._device_transfer(write, tensor, path, offset)
         else:
-            view = _host_view(out, writable=True)
+            view = _host_view(buffer, writable=not write)
             try:
-                fd = self._fd(path, writable=False)
+                fd = self._fd(path, writable=write)
             except OSError as exc:
-                raise StorageReadError(path, offset, len(view), 0, _reason(exc)) from exc
-            done = self._pread_all(fd, view, path, offset)
+                error = StorageWriteError if write else StorageReadError
+                raise error(path, offset, len(view), 0, _reason(exc)) from exc
+            done = self._move_all(write, fd, view, path, offset)
         with self._lock:
-            self._reads += 1
-            self._bytes_read += done
+            if write:
+                self._writes += 1
+                self._bytes_written += done
+            else:
+                self._reads += 1
+                self._bytes_read += done
         return done
 
     def _sync_sync(self, file: str | os.PathLike[str]) -> None:
@@ -329,29 +326,24 @@ class StorageDevice(ThreadPoolDevice):
             return fd
 
     @staticmethod
-    def _pwrite_all(fd: int, view: memoryview, path: Path, offset: int) -> int:
+    def _move_all(write: bool, fd: int, view: memoryview, path: Path, offset: int) -> int:
+        """pwrite or preadv until the whole view moved; short moves raise."""
         expected = len(view)
         done = 0
         while done < expected:
             try:
-                n = os.pwrite(fd, view[done:], offset + done)
+                if write:
+                    n = os.pwrite(fd, view[done:], offset + done)
+                else:
+                    n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as exc:
-                raise StorageWriteError(path, offset, expected, done, _reason(exc)) from exc
+                error = StorageWriteError if write else StorageReadError
+                raise error(path, offset, expected, done, _reason(exc)) from exc
             if n == 0:
-                raise ShortWriteError(path, offset, expected, done, "the file took no more bytes")
-            done += n
-        return done
-
-    @staticmethod
-    def _pread_all(fd: int, view: memoryview, path: Path, offset: int) -> int:
-        expected = len(view)
-        done = 0
-        while done < expected:
-            try:
-                n = os.preadv(fd, [view[done:]], offset + done)
-            except OSError as exc:
-                raise StorageReadError(path, offset, expected, done, _reason(exc)) from exc
-            if n == 0:
+                if write:
+                    raise ShortWriteError(
+                        path, offset, expected, done, "the file took no more bytes"
+                    )
                 raise ShortReadError(path, offset, expected, done, "end of file")
             done += n
         return done
@@ -367,13 +359,12 @@ class StorageDevice(ThreadPoolDevice):
             host = torch.empty(expected, dtype=torch.uint8, pin_memory=True)
             if write:
                 host.copy_(data)
-                return self._pwrite_all(
-                    self._fd(path, writable=True), _host_view(host, writable=False), path, offset
-                )
-            done = self._pread_all(
-                self._fd(path, writable=False), _host_view(host, writable=True), path, offset
-            )
-            data.copy_(host)
+            done = self._move_all(
+                write, self._fd(path, writable=write), _host_view(host, writable=not write), path,
+                offset,
+            )  # fmt: skip
+            if not write:
+                data.copy_(host)
             return done
         handle = self._cufile(path)
         # The future's get() blocks this worker thread; ``data`` stays referenced (alive)
