@@ -1,27 +1,48 @@
-"""Dispatch-path cost: asyncfront queues and semaphores against raw asyncio, same run.
+"""Dispatch-path cost with the defaults a user gets, against raw asyncio in the same run.
 
-(a) stream: N no-op submissions through one queue, against an ``asyncio.Queue``
-    hand-off of N items from a producer to a consumer task.
-(b) ping-pong: N dependent round trips between two queues through two semaphores,
-    against two tasks bouncing a pair of ``asyncio.Event`` objects.
+Two shapes, each for barriers (``fn=None``) and for a real no-op function (``fn=noop``,
+no cost), on fake devices with ``open_runtime``'s defaults (trace on, garbage collection
+on, the default logger):
 
-Run: ``python benchmarks/dispatch.py [--n 20000] [--repeat 5]``. Each figure is the
-best of ``--repeat`` runs, in microseconds per item (stream) or per hop (ping-pong).
+* stream: N submissions through one queue, then await the last; baseline: a producer
+  puts N items on an ``asyncio.Queue`` and a consumer task takes them.
+* hop: N dependent hops between two queues through two semaphores (round i on A waits
+  for B's round i-1, round i on B for A's round i); baselines: two tasks handing a chain
+  of futures back and forth (a future hand-off), and anyio's memory-object-stream
+  ping-pong.
+
+Every case runs once per round, in fresh event loops, for ``--rounds`` rounds; the
+figures are medians with the range of the rounds, and the ratios compare medians
+(per-round ratio range in brackets). The run rewrites the "dispatch" section of
+``docs/benchmarks.md`` unless ``--no-docs`` is given.
+
+Run: ``python benchmarks/dispatch.py [--n 20000] [--rounds 7]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import anyio
+from _report import Figure, interleaved, ratio, table, write_section
 
 import asyncfront as af
 
 
+def noop() -> None:
+    """The work of a 'real function' submission: nothing, but a call."""
+
+
 async def raw_queue_stream(n: int) -> float:
-    """Producer puts n items on an asyncio.Queue; a consumer task takes them all."""
+    """A producer puts n items on an asyncio.Queue; a consumer task takes them all."""
     queue: asyncio.Queue[int | None] = asyncio.Queue()
 
     async def consumer() -> None:
@@ -38,81 +59,142 @@ async def raw_queue_stream(n: int) -> float:
     return (time.perf_counter() - start) / n * 1e6
 
 
-async def asyncfront_stream(n: int) -> float:
-    """n no-op submissions through one queue; await the last."""
-    async with af.open_runtime([af.devices.FakeDevice("dev")], trace=False) as rt:
+async def raw_future_hop(n: int) -> float:
+    """Two tasks hand a chain of n futures back and forth: hop i wakes the other task."""
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    futures = [loop.create_future() for _ in range(n + 1)]
+
+    async def side(first: int) -> None:
+        for i in range(first, n, 2):
+            await futures[i]
+            futures[i + 1].set_result(None)
+
+    a = asyncio.ensure_future(side(0))
+    b = asyncio.ensure_future(side(1))
+    futures[0].set_result(None)
+    await a
+    await b
+    await futures[n]
+    return (time.perf_counter() - start) / n * 1e6
+
+
+async def anyio_stream_hop(n: int) -> float:
+    """Two tasks bounce a token through two unbuffered anyio memory object streams."""
+    rounds = n // 2
+    to_b_send, to_b_receive = anyio.create_memory_object_stream[int](0)
+    to_a_send, to_a_receive = anyio.create_memory_object_stream[int](0)
+
+    async def a() -> None:
+        for i in range(rounds):
+            await to_b_send.send(i)
+            await to_a_receive.receive()
+
+    async def b() -> None:
+        for _ in range(rounds):
+            value = await to_b_receive.receive()
+            await to_a_send.send(value)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(b)
+        tg.start_soon(a)
+    return (time.perf_counter() - start) / (2 * rounds) * 1e6
+
+
+async def asyncfront_stream(n: int, fn: Callable[[], None] | None) -> float:
+    """n submissions through one queue of a fake device; await the last."""
+    async with af.open_runtime([af.devices.FakeDevice("dev")]) as rt:
         q = rt.queue("dev")
         await q.submit()  # the queue task is running
         start = time.perf_counter()
         sub = None
         for _ in range(n):
-            sub = q.submit()
+            sub = q.submit(fn)
         assert sub is not None
         await sub
         return (time.perf_counter() - start) / n * 1e6
 
 
-async def raw_event_pingpong(n: int) -> float:
-    """Two tasks bounce n hops through a pair of asyncio.Event objects."""
-    ping, pong = asyncio.Event(), asyncio.Event()
-    rounds = n // 2
-
-    async def a() -> None:
-        for _ in range(rounds):
-            ping.set()
-            await pong.wait()
-            pong.clear()
-
-    async def b() -> None:
-        for _ in range(rounds):
-            await ping.wait()
-            ping.clear()
-            pong.set()
-
-    start = time.perf_counter()
-    await asyncio.gather(a(), b())
-    return (time.perf_counter() - start) / (2 * rounds) * 1e6
-
-
-async def asyncfront_pingpong(n: int) -> float:
-    """Two queues; round i on A waits for B's round i-1, round i on B waits for A's round i."""
+async def asyncfront_hop(n: int, fn: Callable[[], None] | None) -> float:
+    """n dependent hops between two queues of two fake devices through two semaphores."""
     devices = [af.devices.FakeDevice("a"), af.devices.FakeDevice("b")]
-    async with af.open_runtime(devices, trace=False) as rt:
+    async with af.open_runtime(devices) as rt:
         qa, qb = rt.queue("a"), rt.queue("b")
-        ab, ba = af.TimelineSemaphore(name="ab"), af.TimelineSemaphore(name="ba")
+        ab, ba = rt.semaphore(name="ab"), rt.semaphore(name="ba")
         rounds = n // 2
-        await asyncio.sleep(0)
+        await qa.submit()
+        await qb.submit()
         start = time.perf_counter()
         last = None
         for i in range(1, rounds + 1):
-            qa.submit(waits=[(ba, i - 1)], signals=[(ab, i)])
-            last = qb.submit(waits=[(ab, i)], signals=[(ba, i)])
+            qa.submit(fn, waits=[(ba, i - 1)], signals=[(ab, i)])
+            last = qb.submit(fn, waits=[(ab, i)], signals=[(ba, i)])
         assert last is not None
         await last
         return (time.perf_counter() - start) / (2 * rounds) * 1e6
 
 
-def best(fn: Callable[[int], Awaitable[float]], n: int, repeat: int) -> float:
-    """The smallest per-item time of ``repeat`` fresh-loop runs."""
-    return min(asyncio.run(fn(n)) for _ in range(repeat))  # type: ignore[arg-type]
+def sample(make: Callable[[], Coroutine[Any, Any, float]]) -> Callable[[], float]:
+    """One sample: the coroutine run in a fresh event loop."""
+    return lambda: asyncio.run(make())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, default=20_000, help="items or hops per run")
-    parser.add_argument("--repeat", type=int, default=5, help="runs per figure (best kept)")
+    parser.add_argument("--n", type=int, default=20_000, help="items or hops per sample")
+    parser.add_argument("--rounds", type=int, default=7, help="samples per case (median kept)")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()
+    if args.n < 2 or args.rounds < 1:
+        parser.error("--n must be >= 2 and --rounds >= 1")
+    n = args.n
+    cases = [
+        ("queue hand-off", sample(lambda: raw_queue_stream(n))),
+        ("stream barrier", sample(lambda: asyncfront_stream(n, None))),
+        ("stream noop", sample(lambda: asyncfront_stream(n, noop))),
+        ("future hand-off", sample(lambda: raw_future_hop(n))),
+        ("anyio stream", sample(lambda: anyio_stream_hop(n))),
+        ("hop barrier", sample(lambda: asyncfront_hop(n, None))),
+        ("hop noop", sample(lambda: asyncfront_hop(n, noop))),
+    ]
+    figures = interleaved(cases, args.rounds)
+    queue, future, stream = (
+        figures["queue hand-off"],
+        figures["future hand-off"],
+        figures["anyio stream"],
+    )
+
+    def row(shape: str, what: str, ours: Figure, base: Figure, name: str) -> list[str]:
+        return [shape, what, ours.format(), name, base.format(), ratio(ours, base)]
+
     rows = [
-        ("stream", best(raw_queue_stream, args.n, args.repeat),
-         best(asyncfront_stream, args.n, args.repeat), "asyncio.Queue hand-off"),
-        ("ping-pong", best(raw_event_pingpong, args.n, args.repeat),
-         best(asyncfront_pingpong, args.n, args.repeat), "asyncio.Event ping-pong"),
-    ]  # fmt: skip
-    print(f"python {platform.python_version()} on {platform.machine()}, n={args.n}, "
-          f"best of {args.repeat}")  # fmt: skip
-    print(f"{'case':<10} {'baseline':<24} {'raw µs':>8} {'asyncfront µs':>14} {'ratio':>6}")
-    for case, raw, ours, baseline in rows:
-        print(f"{case:<10} {baseline:<24} {raw:>8.2f} {ours:>14.2f} {ours / raw:>5.1f}x")
+        row("stream", "barriers", figures["stream barrier"], queue, "asyncio.Queue hand-off"),
+        row("stream", "no-op function", figures["stream noop"], queue, "asyncio.Queue hand-off"),
+        row("hop", "barriers", figures["hop barrier"], future, "future hand-off"),
+        row("hop", "no-op function", figures["hop noop"], future, "future hand-off"),
+        row("hop", "barriers", figures["hop barrier"], stream, "anyio memory stream"),
+        row("hop", "no-op function", figures["hop noop"], stream, "anyio memory stream"),
+    ]
+    header = ["shape", "submissions", "asyncfront µs", "baseline", "baseline µs", "ratio"]
+    text = table(header, rows, align="llrlrr")
+    print(f"n={n}, {args.rounds} interleaved rounds; medians (min-max) in µs per item or hop")
+    print(text)
+    if not args.no_docs:
+        body = (
+            "What one submission costs on the hot path (submit → wait → run → signal) with the "
+            "defaults a user gets: `open_runtime` with its trace on, garbage collection on, "
+            "fake devices, against raw asyncio in the same process. Each case runs once per "
+            f"round in a fresh event loop, {args.rounds} rounds of {n:,} items or hops; "
+            "figures are medians with the range of the rounds in brackets, ratios compare "
+            "medians (the range of the per-round ratios in brackets).\n\n"
+            "- **stream**: submissions through one queue, then await the last; baseline: an "
+            "`asyncio.Queue` hand-off from a producer to a consumer task.\n"
+            "- **hop**: dependent hops between two queues on two devices through two "
+            "semaphores; baselines: a future hand-off chain between two tasks, and anyio's "
+            "unbuffered memory-object-stream ping-pong.\n\n" + text
+        )
+        write_section("dispatch", "Dispatch path (`benchmarks/dispatch.py`)", body)
 
 
 if __name__ == "__main__":
