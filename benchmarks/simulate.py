@@ -1,36 +1,51 @@
-"""Virtual-time simulation throughput and memory growth: 16 fake devices, 64-axis frontiers.
+"""Virtual-time simulation cost: per submission, against raw hops, by queue count and frontier size.
 
-Sixty-four queues, four on each of 16 ``FakeDevice``s, take submissions round robin.
-Each submission waits for the latest submission of the queue 7 places ahead, so causal
-history spreads to every queue and, after warm-up, every frontier holds all 64 axes.
-Work costs 1 µs of virtual time, the trace is off, and at most ``--window`` submissions
-are outstanding (the oldest is awaited before more are queued), as a long-running
-simulation would keep them.
+The workload: Q queues spread over D ``FakeDevice``s take submissions round robin; each
+waits for the latest submission of the queue 7 places ahead, so causal history spreads
+to every queue and, after warm-up, every frontier holds min(Q, capacity) axes. Work
+costs 1 µs of virtual time, the runtime keeps its defaults (trace on), and at most
+4,096 submissions are outstanding (the oldest is awaited before more are queued), as a
+long-running simulation would keep them.
 
-Reported: submissions per wall second over the whole run and per 100k block, the
-frontier size, and the process's resident memory (RSS, from ``/proc/self/statm``) after
-every 100k submissions; ``--tracemalloc`` also samples Python allocations (slower).
-Memory must stay flat after warm-up.
+Measured in one run, every case once per round:
 
-Run: ``python benchmarks/simulate.py [--submissions 1000000] [--window 4096]``.
+* the headline workload, 64 queues on 16 devices (64-axis frontiers), in µs of wall time
+  per submission and in raw hops (a future hand-off between two tasks, measured in the
+  same round) per submission;
+* flatness: 2 queues on 2 devices and 128 queues on 32 devices against it;
+* frontier size: the headline workload with ``frontier_capacity`` 8, 16, 32 and 64
+  (frontiers of that many axes); the slope of a least-squares line through the medians
+  is the cost per axis;
+* memory: the resident set (RSS) after every 100k submissions of one long run of the
+  headline workload (``--submissions``), which must stay flat after warm-up.
+
+The run rewrites the "simulate" section of ``docs/benchmarks.md`` unless ``--no-docs``.
+
+Run: ``python benchmarks/simulate.py [--per-case 20000] [--rounds 5] [--submissions 1000000]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import os
-import platform
+import statistics
+import sys
 import time
-import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import Figure, interleaved, table, write_section
+from dispatch import raw_future_hop
 
 import asyncfront as af
 from asyncfront.testing import FakeDevice, run_virtual
 
-DEVICES = 16
-QUEUES_PER_DEVICE = 4
 SAMPLE_EVERY = 100_000
 STRIDE = 7  # which queue's latest submission each one waits for
+WINDOW = 4096
 
 
 def rss_mib() -> float:
@@ -40,57 +55,115 @@ def rss_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-async def simulate(submissions: int, window: int, trace_python: bool) -> None:
-    devices = [FakeDevice(f"d{i}") for i in range(DEVICES)]
-    async with af.open_runtime(devices, trace=False) as rt:
-        queues = [rt.queue(d.name) for d in devices for _ in range(QUEUES_PER_DEVICE)]
-        n_queues = len(queues)
-        sems = [rt.semaphore(name=f"s{i}") for i in range(n_queues)]
-        counts = [0] * n_queues
+async def workload(
+    queues_total: int,
+    devices_total: int,
+    submissions: int,
+    samples: list[tuple[int, float]],
+    capacity: int = af.DEFAULT_FRONTIER_CAPACITY,
+) -> float:
+    """µs of wall time per submission; appends (submissions, RSS MiB) every 100k to samples."""
+    devices = [FakeDevice(f"d{i}") for i in range(devices_total)]
+    async with af.open_runtime(devices, frontier_capacity=capacity) as rt:
+        queues = [rt.queue(devices[i % devices_total]) for i in range(queues_total)]
+        sems = [rt.semaphore(name=f"s{i}") for i in range(queues_total)]
+        counts = [0] * queues_total
         outstanding: collections.deque[af.Submission] = collections.deque()
-        if trace_python:
-            tracemalloc.start()
-        start = block = time.perf_counter()
-        print(f"{'submissions':>12} {'per s (block)':>14} {'RSS MiB':>8} {'traced MiB':>10} axes")
+        start = time.perf_counter()
         last = None
         for n in range(1, submissions + 1):
-            q = n % n_queues
-            other = (q + STRIDE) % n_queues
+            q = n % queues_total
+            other = (q + STRIDE) % queues_total
             waits = [(sems[other], counts[other])] if counts[other] else []
             counts[q] += 1
             last = queues[q].submit(waits=waits, signals=[(sems[q], counts[q])], cost=1e-6)
             outstanding.append(last)
-            if len(outstanding) > window:
+            if len(outstanding) > WINDOW:
                 await outstanding.popleft()
             if n % SAMPLE_EVERY == 0:
-                now = time.perf_counter()
-                rate = SAMPLE_EVERY / (now - block)
-                traced = tracemalloc.get_traced_memory()[0] / 2**20 if trace_python else 0.0
-                head = outstanding[0]
-                if not head.done():
-                    await head
-                axes = len(head.frontier or ())
-                print(f"{n:>12,} {rate:>14,.0f} {rss_mib():>8.1f} {traced:>10.1f} {axes:>4}")
-                block = time.perf_counter()
+                samples.append((n, rss_mib()))
         assert last is not None
         await last
-        elapsed = time.perf_counter() - start
-        print(
-            f"total: {submissions:,} submissions in {elapsed:.1f} s wall, "
-            f"{submissions / elapsed:,.0f} per second, {rt.now():.3f} s virtual; "
-            f"last frontier {len(last.frontier or ())} axes"
-        )
+        return (time.perf_counter() - start) / submissions * 1e6
+
+
+def case(queues: int, devices: int, submissions: int, capacity: int = 64) -> float:
+    return float(
+        run_virtual(workload, queues, devices, submissions, [], capacity, idle_timeout=None)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--submissions", type=int, default=1_000_000)
-    parser.add_argument("--window", type=int, default=4096, help="most outstanding submissions")
-    parser.add_argument("--tracemalloc", action="store_true", help="also sample tracemalloc")
+    parser.add_argument("--per-case", type=int, default=20_000, help="submissions per sample")
+    parser.add_argument("--rounds", type=int, default=5, help="samples per case (median kept)")
+    parser.add_argument(
+        "--submissions", type=int, default=1_000_000, help="submissions of the memory run"
+    )
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     args = parser.parse_args()
-    print(f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores")
-    print(f"{DEVICES} fake devices, {DEVICES * QUEUES_PER_DEVICE} queues, trace off")
-    run_virtual(simulate, args.submissions, args.window, args.tracemalloc, idle_timeout=None)
+    if args.per_case < 1000 or args.rounds < 1 or args.submissions < 0:
+        parser.error("--per-case must be >= 1000, --rounds >= 1, --submissions >= 0")
+    n = args.per_case
+    sizes = (8, 16, 32, 64)
+    cases = [("raw hop", lambda: asyncio.run(raw_future_hop(n)))]
+    cases += [("2 queues, 2 devices", lambda: case(2, 2, n))]
+    cases += [("64 queues, 16 devices", lambda: case(64, 16, n))]
+    cases += [(f"{k}-axis frontiers", lambda k=k: case(64, 16, n, k)) for k in sizes[:-1]]
+    cases += [("128 queues, 32 devices", lambda: case(128, 32, n))]
+    figures = interleaved(cases, args.rounds)
+    raw = figures["raw hop"]
+    head = figures["64 queues, 16 devices"]
+
+    def hops(figure: Figure) -> str:
+        return f"{figure.median / raw.median:.1f}"
+
+    rows = [
+        [name, f.format(1), f"{1e6 / f.median:,.0f}", hops(f), f"{f.median / head.median:.2f}x"]
+        for name, f in figures.items()
+        if name != "raw hop"
+    ]
+    medians = [figures[f"{k}-axis frontiers"].median for k in sizes[:-1]] + [head.median]
+    mean_k, mean_t = statistics.fmean(sizes), statistics.fmean(medians)
+    slope = sum((k - mean_k) * (t - mean_t) for k, t in zip(sizes, medians, strict=True)) / sum(
+        (k - mean_k) ** 2 for k in sizes
+    )
+    text = table(
+        ["workload", "µs per submission", "submissions/s", "raw hops", "vs 64 queues"], rows
+    )
+    memory: list[tuple[int, float]] = []
+    if args.submissions:
+        run_virtual(workload, 64, 16, args.submissions, memory, idle_timeout=None)
+    print(f"{args.rounds} interleaved rounds of {n:,} submissions; raw hop {raw.format(2)} µs")
+    print(text)
+    print(f"cost per frontier axis: {slope:.3f} µs (least squares over {sizes} axes)")
+    for count, mib in memory:
+        print(f"{count:>10,} submissions: RSS {mib:.1f} MiB")
+    if not args.no_docs:
+        memory_text = ""
+        if memory:
+            settled = [mib for count, mib in memory if count >= 2 * SAMPLE_EVERY]
+            growth = (max(settled) - min(settled)) if settled else 0.0
+            memory_text = (
+                f"\n\nMemory over one run of {args.submissions:,} submissions of the 64-queue "
+                "workload, resident set after every 100k: "
+                + ", ".join(f"{mib:.1f}" for _, mib in memory)
+                + f" MiB; growth after the first 200k: {growth:.1f} MiB."
+            )
+        body = (
+            "The virtual-time workload: queues spread over `FakeDevice`s take submissions "
+            "round robin, each waiting for the latest submission of the queue 7 places "
+            "ahead, so every frontier holds one axis per queue (up to the capacity of 64); "
+            "work costs 1 µs of virtual time, the runtime keeps its defaults (trace on), and "
+            "at most 4,096 submissions are outstanding. Every case runs once per round, "
+            f"{args.rounds} rounds of {n:,} submissions; medians (min-max) of wall time. "
+            "**raw hops** divides by a future hand-off between two tasks measured in the "
+            f"same rounds ({raw.format(2)} µs).\n\n"
+            + text
+            + "\n\nCost per frontier axis (least-squares slope of the 64-queue workload with "
+            f"frontier capacities {', '.join(map(str, sizes))}): {slope:.3f} µs." + memory_text
+        )
+        write_section("simulate", "Simulation in virtual time (`benchmarks/simulate.py`)", body)
 
 
 if __name__ == "__main__":
