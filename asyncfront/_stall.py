@@ -1,0 +1,189 @@
+"""Stall analysis: which blocked waits can still be satisfied by work that is queued.
+
+A pure, synchronous decision over a snapshot of the runtime's queues and collective
+channels. A wait is *reachable* when the semaphore already holds the value, or some
+queued work that can itself run signals at least that value. Work can run when each of
+its waits is reachable; work queued behind a stalled head counts (the head fails and the
+queue goes on), but work never satisfies a wait of a submission ahead of it on its own
+queue: the queue runs that submission first. The analysis iterates to a fixpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._collective import CollectiveChannel
+    from ._frontier import Frontier
+    from ._queue import DeviceQueue, Submission
+    from ._semaphore import TimelineSemaphore
+
+__all__ = ("StallAnalysis", "StalledWait")
+
+
+@dataclass(frozen=True)
+class StalledWait:
+    """One wait of a blocked head, as the stall report names it (plain values only)."""
+
+    queue: str
+    submission: str
+    semaphore: str
+    value: int
+    current: int
+    reason: str | None  # None: queued work can still satisfy it
+
+    def describe(self) -> str:
+        """One line for logs and errors."""
+        why = self.reason if self.reason is not None else "queued work can still signal it"
+        return (
+            f"queue {self.queue!r}: submission {self.submission!r} waits for semaphore "
+            f"{self.semaphore!r} to reach {self.value} (value {self.current}); {why}"
+        )
+
+
+class _Item:
+    """A queued unit of work: a submission (with its queue position) or a collective step."""
+
+    __slots__ = ("name", "parts", "position", "queue", "runnable", "signals", "waits")
+
+    def __init__(
+        self,
+        name: str,
+        queue: DeviceQueue | None,
+        position: int,
+        waits: Sequence[tuple[TimelineSemaphore, int]],
+        signals: Sequence[tuple[TimelineSemaphore, int]],
+        parts: tuple[Submission, ...] = (),
+    ) -> None:
+        self.name = name
+        self.queue = queue
+        self.position = position
+        self.waits = waits
+        self.signals = signals
+        self.parts = parts
+        self.runnable = False
+
+
+class StallAnalysis:
+    """The fixpoint of reachable semaphore values over the queued work of a runtime."""
+
+    def __init__(
+        self, queues: Sequence[DeviceQueue], channels: Sequence[CollectiveChannel] = ()
+    ) -> None:
+        items: list[_Item] = []
+        by_submission: dict[int, _Item] = {}
+        for q in queues:
+            queued: list[Submission] = []
+            if q._current is not None:
+                queued.append(q._current)
+            queued.extend(q._fifo)
+            for position, sub in enumerate(queued):
+                item = _Item(sub.name, q, position, sub.waits, sub.signals)
+                items.append(item)
+                by_submission[id(sub)] = item
+        steps: list[_Item] = []
+        for channel in channels:
+            for queued_step in channel._steps:
+                steps.append(
+                    _Item(queued_step.name, None, 0, (), queued_step.signals, queued_step.parts)
+                )
+        self._items = items
+        # semaphore -> items that signal it and can run, with the value they signal
+        self._signallers: dict[TimelineSemaphore, list[tuple[int, _Item]]] = {}
+        self._all_signallers: dict[TimelineSemaphore, list[tuple[int, _Item]]] = {}
+        for item in (*items, *steps):
+            for sem, value in item.signals:
+                self._all_signallers.setdefault(sem, []).append((value, item))
+        changed = True
+        while changed:
+            changed = False
+            for item in items:
+                if not item.runnable and all(self._reachable(item, s, v) for s, v in item.waits):
+                    self._mark(item)
+                    changed = True
+            for step in steps:
+                if not step.runnable and all(
+                    (part_item := by_submission.get(id(part))) is None or part_item.runnable
+                    for part in step.parts
+                ):
+                    self._mark(step)
+                    changed = True
+
+    def _mark(self, item: _Item) -> None:
+        item.runnable = True
+        for sem, value in item.signals:
+            self._signallers.setdefault(sem, []).append((value, item))
+
+    def _reachable(self, waiter: _Item, sem: TimelineSemaphore, value: int) -> bool:
+        if sem._failure is not None or sem._value >= value:
+            return True  # it ends at once: satisfied, or failed
+        for signalled, item in self._signallers.get(sem, ()):
+            if signalled >= value and not _behind(item, waiter):
+                return True
+        return False
+
+    def reason(self, queue: DeviceQueue, sem: TimelineSemaphore, value: int) -> str | None:
+        """Why the head of ``queue`` can never see ``sem`` reach ``value``; None if it can."""
+        head = next((i for i in self._items if i.queue is queue and i.position == 0), None)
+        if head is None:
+            return None
+        if self._reachable(head, sem, value):
+            return None
+        candidates = [i for v, i in self._all_signallers.get(sem, ()) if v >= value]
+        if not candidates:
+            return "nothing queued signals it"
+        behind = [i.name for i in candidates if _behind(i, head)]
+        if len(behind) == len(candidates):
+            names = ", ".join(repr(n) for n in behind)
+            return f"only {names}, queued behind it on the same queue, signals it"
+        names = ", ".join(repr(i.name) for i in candidates if not _behind(i, head))
+        return f"what signals it ({names}) can never run"
+
+    def stalled_waits(
+        self, queues: Sequence[DeviceQueue], *, ended_from_outside: bool = False
+    ) -> list[StalledWait]:
+        """Every unmet wait of the blocked heads of ``queues``, with its reason.
+
+        With ``ended_from_outside``, waits that an error from outside the runtime (a
+        virtual-time idle timeout) has just ended count as unmet too.
+        """
+        found: list[StalledWait] = []
+        for q in queues:
+            blocked = q._blocked
+            sub = q._current
+            if blocked is None or sub is None:
+                continue
+            for sem, value, fut in blocked:
+                if fut.done() and not (ended_from_outside and _ended_from_outside(fut)):
+                    continue
+                found.append(
+                    StalledWait(
+                        queue=q.name,
+                        submission=sub.name,
+                        semaphore=sem.name,
+                        value=value,
+                        current=sem.value,
+                        reason=self.reason(q, sem, value),
+                    )
+                )
+        return found
+
+
+def _ended_from_outside(fut: asyncio.Future[Frontier]) -> bool:
+    from ._queue import StalledError
+    from ._semaphore import SemaphoreFailedError
+
+    if fut.cancelled():
+        return False
+    exc = fut.exception()
+    return exc is not None and not isinstance(exc, SemaphoreFailedError | StalledError)
+
+
+def _behind(item: _Item, waiter: _Item) -> bool:
+    """Whether ``item`` runs only after ``waiter`` finishes (same queue, not ahead of it)."""
+    return (
+        item.queue is not None and item.queue is waiter.queue and item.position >= waiter.position
+    )
