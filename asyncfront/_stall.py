@@ -33,14 +33,14 @@ class StalledWait:
     semaphore: str
     value: int
     current: int
-    reason: str | None  # None: queued work can still satisfy it
+    doomed: bool  # nothing queued can satisfy or fail it
+    reason: str
 
     def describe(self) -> str:
         """One line for logs and errors."""
-        why = self.reason if self.reason is not None else "queued work can still signal it"
         return (
             f"queue {self.queue!r}: submission {self.submission!r} waits for semaphore "
-            f"{self.semaphore!r} to reach {self.value} (value {self.current}); {why}"
+            f"{self.semaphore!r} to reach {self.value} (value {self.current}); {self.reason}"
         )
 
 
@@ -125,22 +125,33 @@ class StallAnalysis:
                 return True
         return False
 
-    def reason(self, queue: DeviceQueue, sem: TimelineSemaphore, value: int) -> str | None:
-        """Why the head of ``queue`` can never see ``sem`` reach ``value``; None if it can."""
+    def explain(self, queue: DeviceQueue, sem: TimelineSemaphore, value: int) -> tuple[bool, str]:
+        """Whether the head of ``queue`` waits in vain for ``sem`` to reach ``value``, and why.
+
+        A wait is in vain when queued work can neither satisfy it nor fail it: work that
+        cannot run fails in turn (its wait is aborted, or fails from upstream), and its
+        failure fails the semaphores it signals, which ends this wait with the root cause.
+        """
         head = next((i for i in self._items if i.queue is queue and i.position == 0), None)
-        if head is None:
-            return None
-        if self._reachable(head, sem, value):
-            return None
-        candidates = [i for v, i in self._all_signallers.get(sem, ()) if v >= value]
-        if not candidates:
-            return "nothing queued signals it"
-        behind = [i.name for i in candidates if _behind(i, head)]
-        if len(behind) == len(candidates):
-            names = ", ".join(repr(n) for n in behind)
-            return f"only {names}, queued behind it on the same queue, signals it"
-        names = ", ".join(repr(i.name) for i in candidates if not _behind(i, head))
-        return f"what signals it ({names}) can never run"
+        if head is None or self._reachable(head, sem, value):
+            return False, "queued work can still signal it"
+        signallers = self._all_signallers.get(sem, ())
+        ahead = [(v, i) for v, i in signallers if not _behind(i, head)]
+        if any(not i.runnable for _, i in ahead):
+            names = ", ".join(repr(i.name) for _, i in ahead if not i.runnable)
+            return False, f"it ends when {names}, stalled in turn, fails"
+        if not signallers:
+            return True, "nothing queued signals it"
+        if not ahead:
+            names = ", ".join(repr(i.name) for _, i in signallers)
+            return True, f"only {names}, queued behind it on the same queue, signals it"
+        top = max(v for v, _ in ahead)
+        return True, f"queued work signals it only up to {top}"
+
+    def reason(self, queue: DeviceQueue, sem: TimelineSemaphore, value: int) -> str | None:
+        """Why the head of ``queue`` waits in vain for ``sem`` to reach ``value``; else None."""
+        doomed, why = self.explain(queue, sem, value)
+        return why if doomed else None
 
     def stalled_waits(
         self, queues: Sequence[DeviceQueue], *, ended_from_outside: bool = False
@@ -159,6 +170,7 @@ class StallAnalysis:
             for sem, value, fut in blocked:
                 if fut.done() and not (ended_from_outside and _ended_from_outside(fut)):
                     continue
+                doomed, why = self.explain(q, sem, value)
                 found.append(
                     StalledWait(
                         queue=q.name,
@@ -166,7 +178,8 @@ class StallAnalysis:
                         semaphore=sem.name,
                         value=value,
                         current=sem.value,
-                        reason=self.reason(q, sem, value),
+                        doomed=doomed,
+                        reason=why,
                     )
                 )
         return found
