@@ -726,26 +726,24 @@ class Runtime:
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
-        declared = False  # a stall was declared: outside signallers had their grace
         while True:
             busy = self._busy_units()
             if not busy or self._crash is not None:
                 return
             settled = self._settled = loop.create_future()
             if all(u._blocked is not None for u in busy):
-                if not declared:
-                    # Nothing runs and everything waits: give outside signallers (threads,
-                    # timers) stall_timeout seconds before calling it a stall.
-                    try:
-                        await asyncio.wait_for(asyncio.shield(settled), self.stall_timeout)
-                    except TimeoutError:
-                        pass
-                    else:
-                        self._settled = None
-                        continue
+                # Nothing runs and everything waits: give outside signallers (threads,
+                # timers, host tasks passing a failure on) stall_timeout seconds before
+                # calling it a stall.
+                try:
+                    await asyncio.wait_for(asyncio.shield(settled), self.stall_timeout)
+                except TimeoutError:
+                    pass
+                else:
+                    self._settled = None
+                    continue
                 busy = self._busy_units()
                 if busy and all(u._blocked is not None for u in busy):
-                    declared = True
                     if not self._abort_stalled(busy):
                         await asyncio.sleep(0)  # the blocked waits are ending already
                         self._settled = None
