@@ -277,6 +277,9 @@ class DeviceQueue:
         # semaphore -> (value, submission) for the waits of pending submissions that were
         # unmet at submission, in FIFO order: finds a later signal that an earlier wait needs
         self._unmet: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
+        # semaphore -> (value, submission) for the signals of pending submissions, in FIFO
+        # order: a wait that work ahead of it signals is no same-queue deadlock
+        self._signalled: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -372,16 +375,26 @@ class DeviceQueue:
         self._fifo.append(sub)
         if waits_t:
             unmet = self._unmet
+            ahead = self._signalled
             for sem, value in waits_t:
                 if sem._value < value:
+                    signalled = ahead.get(sem)
+                    if signalled and signalled[-1][0] >= value:
+                        continue  # work ahead of it on this queue signals it
                     record = unmet.get(sem)
                     if record is None:
                         record = unmet[sem] = deque()
                     record.append((value, sub))
-        if signals_t and self._unmet:
+        if signals_t:
+            unmet = self._unmet
+            ahead = self._signalled
             for sem, value in signals_t:
-                if sem in self._unmet:
+                if unmet and sem in unmet:
                     self._warn_same_queue(sub, sem, value)
+                signalled = ahead.get(sem)
+                if signalled is None:
+                    signalled = ahead[sem] = deque()
+                signalled.append((value, sub))
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -551,7 +564,7 @@ class DeviceQueue:
                     self._fail(sub, exc)
                 finally:
                     self._current = None
-                    if self._unmet and sub.waits:
+                    if sub.signals or (self._unmet and sub.waits):
                         self._unindex(sub)
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
@@ -567,6 +580,7 @@ class DeviceQueue:
     def _fail_pending(self) -> None:
         """Fail every submission still in the FIFO: the queue is closing."""
         self._unmet.clear()
+        self._signalled.clear()
         fifo = self._fifo
         if fifo:
             closing = StalledError(f"queue {self.name!r} closed before this work ran")
@@ -602,14 +616,16 @@ class DeviceQueue:
         return aborted
 
     def _unindex(self, sub: Submission) -> None:
-        """Forget a finished submission's unmet waits (it is the oldest in each record)."""
-        unmet = self._unmet
-        for sem, _ in sub.waits:
-            record = unmet.get(sem)
-            while record and record[0][1] is sub:
-                record.popleft()
-            if record is not None and not record:
-                del unmet[sem]
+        """Forget a finished submission's waits and signals (the oldest in each record)."""
+        for index, pairs in ((self._unmet, sub.waits), (self._signalled, sub.signals)):
+            if not index:
+                continue
+            for sem, _ in pairs:
+                record = index.get(sem)
+                while record and record[0][1] is sub:
+                    record.popleft()
+                if record is not None and not record:
+                    del index[sem]
 
     def _earlier_waiter(self, sem: TimelineSemaphore, value: int) -> tuple[int, Submission] | None:
         """The first pending submission here waiting for ``sem`` at or below ``value``."""

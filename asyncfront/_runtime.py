@@ -743,11 +743,11 @@ class Runtime:
                     self._settled = None
                     continue
                 busy = self._busy_units()
-                if busy and all(u._blocked is not None for u in busy):
-                    if not self._abort_stalled(busy):
-                        await asyncio.sleep(0)  # the blocked waits are ending already
-                        self._settled = None
-                        continue
+                stalled = bool(busy) and all(u._blocked is not None for u in busy)
+                if stalled and not self._abort_stalled(busy):
+                    await asyncio.sleep(0)  # the blocked waits are ending already
+                    self._settled = None
+                    continue
             await settled
             self._settled = None
 

@@ -459,7 +459,12 @@ def test_no_same_queue_warning_for_a_pipeline_in_order() -> None:
             await done
             q.submit(waits=[(s, 2)])
             q.submit(signals=[(s, 3)])
-            assert q._unmet == {}
+            chain = af.TimelineSemaphore(name="chain")
+            q.submit(signals=[(chain, 1)])
+            for i in range(1, 20):  # each waits on the one ahead of it and signals the next
+                last = q.submit(waits=[(chain, i)], signals=[(chain, i + 1)])
+            await last
+            assert q._unmet == {} and q._signalled == {}
 
     with structlog.testing.capture_logs() as logs:
         run_virtual(main)
