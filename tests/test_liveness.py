@@ -471,6 +471,32 @@ def test_no_same_queue_warning_for_a_pipeline_in_order() -> None:
     assert [e for e in logs if e["event"] == "same_queue_wait"] == []
 
 
+def test_open_stall_report_names_both_sides_of_a_same_queue_deadlock() -> None:
+    """While open, the stall report names the stalled head and the later work it needs."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu")], stall_timeout=1.0) as rt:
+            q = rt.queue("gpu", name="q")
+            s = af.TimelineSemaphore(name="s")
+            subs["last"] = q.submit(waits=[(s, 1)], name="last")
+            subs["first"] = q.submit(signals=[(s, 1)], name="first")
+            await asyncio.sleep(3)
+            assert subs["last"].state is af.SubmissionState.WAITING
+
+    subs: dict[str, af.Submission] = {}
+    with structlog.testing.capture_logs() as logs:
+        run_virtual(main)
+    assert isinstance(subs["last"].exception(), af.StalledError)  # at close
+    assert subs["first"].exception() is None
+    stalls = [e for e in logs if e["event"] == "stall"]
+    assert [e["waits"] for e in stalls] == [
+        [
+            "queue 'q': submission 'last' waits for semaphore 's' to reach 1 (value 0); "
+            "only 'first', queued behind it on the same queue, signals it"
+        ]
+    ]
+
+
 def test_run_virtual_idle_error_names_the_stalled_queues() -> None:
     """Under run_virtual a hang raises an IdleTimeoutError naming queue, semaphore and value."""
 
