@@ -493,7 +493,8 @@ class DeviceQueue:
                                 device.claim_wait(sub, sem, value, fut)
                         if blocked is not None:
                             self._blocked = blocked
-                            runtime._queue_blocked()
+                            if runtime._stall_timer is None or runtime._draining:
+                                runtime._queue_blocked()
                             try:
                                 if len(blocked) == 1:
                                     await blocked[0][2]
@@ -564,7 +565,15 @@ class DeviceQueue:
                     self._fail(sub, exc)
                 finally:
                     self._current = None
-                    if sub.signals or (self._unmet and sub.waits):
+                    if sub.signals:
+                        signalled = self._signalled
+                        for sem, _ in sub.signals:  # each was recorded once, oldest first
+                            record = signalled.get(sem)
+                            if record:
+                                record.popleft()
+                                if not record:
+                                    del signalled[sem]
+                    if sub.waits and self._unmet:
                         self._unindex(sub)
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
@@ -616,16 +625,14 @@ class DeviceQueue:
         return aborted
 
     def _unindex(self, sub: Submission) -> None:
-        """Forget a finished submission's waits and signals (the oldest in each record)."""
-        for index, pairs in ((self._unmet, sub.waits), (self._signalled, sub.signals)):
-            if not index:
-                continue
-            for sem, _ in pairs:
-                record = index.get(sem)
-                while record and record[0][1] is sub:
-                    record.popleft()
-                if record is not None and not record:
-                    del index[sem]
+        """Forget a finished submission's unmet waits (it is the oldest in each record)."""
+        unmet = self._unmet
+        for sem, _ in sub.waits:
+            record = unmet.get(sem)
+            while record and record[0][1] is sub:
+                record.popleft()
+            if record is not None and not record:
+                del unmet[sem]
 
     def _earlier_waiter(self, sem: TimelineSemaphore, value: int) -> tuple[int, Submission] | None:
         """The first pending submission here waiting for ``sem`` at or below ``value``."""
