@@ -81,8 +81,8 @@ class TimelineSemaphore:
     )
 
     def __init__(self, initial: int = 0, name: str | None = None) -> None:
-        label = name if name is not None else "semaphore"
-        initial = check_value(f"semaphore {label!r} initial value", initial)
+        label = f"semaphore {name!r}" if name is not None else "semaphore"
+        initial = check_value(f"{label} initial value", initial)
         self.name = name if name is not None else f"sem{next(_names)}"
         self._value = initial
         self._frontier = EMPTY
