@@ -51,6 +51,7 @@ from ._placement import PlacementReason as PlacementReason
 from ._placement import PlacementResidency as PlacementResidency
 from ._placement import StageNeeds as StageNeeds
 from ._placement import place as place
+from ._queue import CancelledWorkError as CancelledWorkError
 from ._queue import DeviceQueue as DeviceQueue
 from ._queue import QueueStatistics as QueueStatistics
 from ._queue import StalledError as StalledError
@@ -74,6 +75,7 @@ __all__ = (
     "AdmissionError",
     "AxisFields",
     "Buffer",
+    "CancelledWorkError",
     "CollectiveChannel",
     "CollectiveStatistics",
     "CollectiveStep",

@@ -30,6 +30,7 @@ DEFAULT_FRONTIER_CAPACITY = 64
 
 _BYTE = 0xFF
 _ORDINAL_MASK = (1 << 40) - 1
+_U64_MAX = (1 << 64) - 1  # axes and epochs are unsigned 64-bit integers
 
 
 class Domain(enum.IntEnum):
@@ -195,7 +196,12 @@ class Frontier:
 
     Args:
         entries: a mapping ``{axis: epoch}`` or an iterable of ``(axis, epoch)`` pairs.
-            Zero epochs are dropped; negative epochs and repeated axes are errors.
+            Axes and epochs are unsigned 64-bit integers; zero epochs are dropped;
+            negative or oversized values and repeated axes are errors.
+
+    Raises:
+        TypeError: an entry is not a pair of ints.
+        ValueError: an axis or epoch outside ``0..2**64 - 1``, or an axis given twice.
     """
 
     __slots__ = ("_axes", "_epochs", "_hash")
@@ -215,8 +221,14 @@ class Frontier:
                 raise TypeError(
                     f"frontier entries must be (int, int) pairs, got ({ax!r}, {epoch!r})"
                 )
+            if not 0 <= ax <= _U64_MAX:
+                raise ValueError(f"frontier axis must be an unsigned 64-bit integer, got {ax}")
             if epoch < 0:
                 raise ValueError(f"epoch for axis {axis_name(ax)} must be >= 0, got {epoch}")
+            if epoch > _U64_MAX:
+                raise ValueError(
+                    f"epoch for axis {axis_name(ax)} must be at most 2**64 - 1, got {epoch}"
+                )
             if ax == previous:
                 raise ValueError(f"axis {axis_name(ax)} appears twice in frontier entries")
             previous = ax

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
-from ._semaphore import SemaphoreFailedError, TimelineSemaphore
+from ._semaphore import MAX_VALUE, SemaphoreFailedError, TimelineSemaphore, join_waiters
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
     from .devices._base import Device
 
 __all__ = (
+    "CancelledWorkError",
     "DeviceQueue",
     "Outcome",
     "QueueStatistics",
@@ -32,6 +33,15 @@ __all__ = (
 )
 
 SemaphoreValue = tuple[TimelineSemaphore, int]
+Waiting = tuple[TimelineSemaphore, int, "asyncio.Future[Frontier]"]
+
+
+class CancelledWorkError(RuntimeError):
+    """The work raised ``CancelledError`` itself (it awaited a task someone cancelled).
+
+    It fails that submission and its signals like any error, and the queue goes on; only
+    the runtime's own cancellation closes queues. ``__cause__`` is the ``CancelledError``.
+    """
 
 
 class StalledError(RuntimeError):
@@ -262,7 +272,14 @@ class DeviceQueue:
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
         self._last: Submission | None = None  # the most recently started submission
         self._current: Submission | None = None  # taken from the FIFO and not yet finished
-        self._blocked: tuple[TimelineSemaphore, int, asyncio.Future[Frontier]] | None = None
+        # the head's unmet waits while it waits on them
+        self._blocked: list[Waiting] | None = None
+        # semaphore -> (value, submission) for the waits of pending submissions that were
+        # unmet at submission, in FIFO order: finds a later signal that an earlier wait needs
+        self._unmet: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
+        # semaphore -> (value, submission) for the signals of pending submissions, in FIFO
+        # order: a wait that work ahead of it signals is no same-queue deadlock
+        self._signalled: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -308,13 +325,23 @@ class DeviceQueue:
         value)`` in ``waits`` is reached; then every pair in ``signals`` is signalled
         with the submission's frontier. ``fn=None`` is a pure barrier/signal.
 
+        A signal for a value that an earlier, still pending submission on this queue
+        waits for is logged as a warning (``same_queue_wait``): the queue runs that
+        earlier submission first, so it can only be satisfied from elsewhere.
+
         Raises:
             RuntimeError: the queue or its runtime is closed.
-            TypeError / ValueError: malformed waits or signals, or a signal value that
-                the semaphore has already reached.
+            TypeError: ``fn`` is not callable (nor None), or malformed waits or signals.
+            ValueError: a value outside ``0..2**64 - 1``, a signal value that the
+                semaphore has already reached, or a negative cost.
         """
         if self._closed:
             raise RuntimeError(f"queue {self.name!r} is closed")
+        if fn is not None and not callable(fn):
+            raise TypeError(
+                f"queue {self.name!r}: work must be callable (or None for a barrier), "
+                f"got {fn!r} ({type(fn).__name__})"
+            )
         waits_t = tuple(waits) if waits else ()
         signals_t = tuple(signals) if signals else ()
         if waits_t:
@@ -346,6 +373,28 @@ class DeviceQueue:
             self._loop.time(),
         )
         self._fifo.append(sub)
+        if waits_t:
+            unmet = self._unmet
+            ahead = self._signalled
+            for sem, value in waits_t:
+                if sem._value < value:
+                    signalled = ahead.get(sem)
+                    if signalled and signalled[-1][0] >= value:
+                        continue  # work ahead of it on this queue signals it
+                    record = unmet.get(sem)
+                    if record is None:
+                        record = unmet[sem] = deque()
+                    record.append((value, sub))
+        if signals_t:
+            unmet = self._unmet
+            ahead = self._signalled
+            for sem, value in signals_t:
+                if unmet and sem in unmet:
+                    self._warn_same_queue(sub, sem, value)
+                signalled = ahead.get(sem)
+                if signalled is None:
+                    signalled = ahead[sem] = deque()
+                signalled.append((value, sub))
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -356,6 +405,28 @@ class DeviceQueue:
                 "submit", queue=self.name, submission=name, epoch=epoch, waits=len(waits_t)
             )
         return sub
+
+    def _warn_same_queue(self, sub: Submission, sem: TimelineSemaphore, value: int) -> None:
+        earlier = self._earlier_waiter(sem, value)
+        if earlier is None or earlier[1] is sub:
+            return
+        waited, first = earlier
+        runtime = self.runtime
+        if runtime._log_warning:
+            runtime._log.warning(
+                "same_queue_wait",
+                queue=self.name,
+                submission=sub.name,
+                earlier=first.name,
+                semaphore=sem.name,
+                value=waited,
+                message=(
+                    f"submission {sub.name!r} signals semaphore {sem.name!r} to {value}, "
+                    f"which the earlier submission {first.name!r} on the same queue "
+                    f"{self.name!r} waits for (value {waited}): the queue runs "
+                    f"{first.name!r} first, so it waits until something else signals it"
+                ),
+            )
 
     def statistics(self) -> QueueStatistics:
         """A frozen snapshot of epochs, pending work and whether the head is blocked."""
@@ -403,27 +474,43 @@ class DeviceQueue:
                     base = self._base
                     if sub.waits:
                         sub.state = SubmissionState.WAITING
+                        blocked: list[Waiting] | None = None
                         for sem, value in sub.waits:
-                            if sem._failure is None and sem._value >= value:
+                            failure = sem._failure
+                            if failure is not None:
+                                if blocked is not None:
+                                    _drop_waiters(blocked)
+                                raise SemaphoreFailedError(sem, failure)
+                            if sem._value >= value:
                                 base = base.merge(sem._frontier)
+                                continue
+                            fut = sem._add_waiter(value)
+                            if blocked is None:
+                                blocked = [(sem, value, fut)]
                             else:
-                                if sem._failure is not None:
-                                    raise SemaphoreFailedError(sem, sem._failure)
-                                fut = sem._add_waiter(value)
-                                if claims:
-                                    device.claim_wait(sub, sem, value, fut)
-                                self._blocked = (sem, value, fut)
-                                if runtime._draining:
-                                    runtime._queue_settled()
-                                try:
-                                    base = base.merge(await fut)
-                                except asyncio.CancelledError:
-                                    fut.cancel()  # no-op once done
-                                    if fut.cancelled():
-                                        sem._forget_cancelled()
-                                    raise
-                                finally:
-                                    self._blocked = None
+                                blocked.append((sem, value, fut))
+                            if claims:
+                                device.claim_wait(sub, sem, value, fut)
+                        if blocked is not None:
+                            self._blocked = blocked
+                            if runtime._stall_timer is None or runtime._draining:
+                                runtime._queue_blocked()
+                            try:
+                                if len(blocked) == 1:
+                                    await blocked[0][2]
+                                else:
+                                    # Fail as soon as any wait fails, even while an
+                                    # earlier one is still pending.
+                                    await join_waiters([w[2] for w in blocked])
+                            except BaseException as exc:
+                                _drop_waiters(blocked)
+                                if not isinstance(exc, _WAIT_ENDINGS):
+                                    runtime._note_stall()  # an outside error ended the wait
+                                raise
+                            finally:
+                                self._blocked = None
+                            for _, _, fut in blocked:
+                                base = base.merge(fut.result())
                         if len(base._axes) > capacity:
                             base = base.truncated(capacity, keep=axis)
                         self._base = base
@@ -459,13 +546,35 @@ class DeviceQueue:
                     sub.state = _COMPLETED
                     if sub._futures is not None:
                         sub._wake()
-                except asyncio.CancelledError:
-                    self._fail(sub, StalledError(f"runtime closed before {sub.name!r} finished"))
-                    raise
+                except asyncio.CancelledError as exc:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        # The runtime itself is closing the queue.
+                        closing = StalledError(f"runtime closed before {sub.name!r} finished")
+                        self._fail(sub, closing)
+                        raise
+                    # The work raised CancelledError itself (it awaited something that
+                    # someone else cancelled): an error of this submission only.
+                    error = CancelledWorkError(
+                        f"work {sub.name!r} on queue {self.name!r} raised CancelledError "
+                        "(it awaited something that was cancelled)"
+                    )
+                    error.__cause__ = exc
+                    self._fail(sub, error)
                 except Exception as exc:
                     self._fail(sub, exc)
                 finally:
                     self._current = None
+                    if sub.signals:
+                        signalled = self._signalled
+                        for sem, _ in sub.signals:  # each was recorded once, oldest first
+                            record = signalled.get(sem)
+                            if record:
+                                record.popleft()
+                                if not record:
+                                    del signalled[sem]
+                    if sub.waits and self._unmet:
+                        self._unindex(sub)
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
                 runtime._completed_cache = None
@@ -479,25 +588,60 @@ class DeviceQueue:
 
     def _fail_pending(self) -> None:
         """Fail every submission still in the FIFO: the queue is closing."""
+        self._unmet.clear()
+        self._signalled.clear()
         fifo = self._fifo
         if fifo:
             closing = StalledError(f"queue {self.name!r} closed before this work ran")
             while fifo:
                 self._fail(fifo.popleft(), closing)
 
-    def _abort_blocked(self) -> bool:
-        """Fail the wait the queue is blocked on with a :class:`StalledError`."""
-        if self._blocked is None:
+    def _abort_blocked(self, doomed: Callable[[TimelineSemaphore, int], str | None]) -> bool:
+        """Fail the head's waits that ``doomed`` names a reason for with a StalledError.
+
+        ``doomed(semaphore, value)`` returns why nothing left can satisfy the wait, or
+        None when something still can. Returns whether a wait was aborted.
+        """
+        blocked = self._blocked
+        if blocked is None:
             return False
-        sem, value, fut = self._blocked
-        sem._abandon(
-            fut,
-            StalledError(
-                f"queue {self.name!r} waits for semaphore {sem.name!r} to reach {value} "
-                f"(value {sem.value}) and nothing left can signal it"
-            ),
-        )
-        return True
+        sub = self._current
+        label = sub.name if sub is not None else "?"
+        aborted = False
+        for sem, value, fut in blocked:
+            if fut.done():
+                continue
+            reason = doomed(sem, value)
+            if reason is None:
+                continue
+            sem._abandon(
+                fut,
+                StalledError(
+                    f"submission {label!r} on queue {self.name!r} waits for semaphore "
+                    f"{sem.name!r} to reach {value} (value {sem.value}) and {reason}"
+                ),
+            )
+            aborted = True
+        return aborted
+
+    def _unindex(self, sub: Submission) -> None:
+        """Forget a finished submission's unmet waits (it is the oldest in each record)."""
+        unmet = self._unmet
+        for sem, _ in sub.waits:
+            record = unmet.get(sem)
+            while record and record[0][1] is sub:
+                record.popleft()
+            if record is not None and not record:
+                del unmet[sem]
+
+    def _earlier_waiter(self, sem: TimelineSemaphore, value: int) -> tuple[int, Submission] | None:
+        """The first pending submission here waiting for ``sem`` at or below ``value``."""
+        record = self._unmet.get(sem)
+        if record:
+            for waited, sub in record:
+                if sem._value < waited <= value and sub.state not in _DONE:
+                    return waited, sub
+        return None
 
     def _fail(self, sub: Submission, exc: BaseException) -> None:
         root = exc
@@ -523,6 +667,18 @@ class DeviceQueue:
             )
 
 
+# what ends a queue's wait from inside the runtime; anything else came from outside
+_WAIT_ENDINGS = (SemaphoreFailedError, StalledError, asyncio.CancelledError)
+
+
+def _drop_waiters(blocked: list[Waiting]) -> None:
+    """Withdraw the waits a head no longer needs (it failed or was cancelled)."""
+    for sem, _, fut in blocked:
+        fut.cancel()  # no-op once done
+        if fut.cancelled():
+            sem._forget_cancelled()
+
+
 def _check_pairs(label: str, pairs: tuple[Any, ...]) -> None:
     for pair in pairs:
         if (
@@ -537,3 +693,8 @@ def _check_pairs(label: str, pairs: tuple[Any, ...]) -> None:
                 raise TypeError(f"{label} must be (TimelineSemaphore, int) pairs, got {pair!r}")
         if pair[1] < 0:
             raise ValueError(f"{label} value for semaphore {pair[0].name!r} must be >= 0")
+        if pair[1] > MAX_VALUE:
+            raise ValueError(
+                f"{label} value for semaphore {pair[0].name!r} must be at most 2**64 - 1 "
+                f"(the counter is 64-bit), got {pair[1]}"
+            )

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import logging
+import math
 import os
 import sys
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -46,6 +49,7 @@ from ._placement import (
 )
 from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
+from ._stall import StallAnalysis, StalledWait
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
 from .memory import BufferPool
@@ -60,6 +64,48 @@ __all__ = (
 )
 
 T = TypeVar("T")
+
+# loop -> (loop time, runtime ids, lines): the stalls seen when an outside error (a
+# virtual-time idle timeout) ended waits, for the runner that reports the error
+_StallNote = tuple[float, set[int], list[str]]
+_stall_notes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _StallNote]
+_stall_notes = weakref.WeakKeyDictionary()
+
+
+def stall_note(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """The stalled waits recorded on ``loop`` when an outside error last ended waits."""
+    note = _stall_notes.get(loop)
+    return list(note[2]) if note is not None else []
+
+
+def _check_options(
+    node: object, frontier_capacity: object, trace_capacity: object, stall_timeout: object
+) -> None:
+    """Refuse bad runtime options before anything is built, naming the argument."""
+    if not isinstance(node, int) or isinstance(node, bool) or not 0 <= node <= 255:
+        raise ValueError(f"node must be an int in 0..255, got {node!r}")
+    if (
+        not isinstance(frontier_capacity, int)
+        or isinstance(frontier_capacity, bool)
+        or frontier_capacity < 1
+    ):
+        raise ValueError(f"frontier_capacity must be an int >= 1, got {frontier_capacity!r}")
+    if (
+        not isinstance(trace_capacity, int)
+        or isinstance(trace_capacity, bool)
+        or trace_capacity < 0
+    ):
+        raise ValueError(f"trace_capacity must be an int >= 0, got {trace_capacity!r}")
+    if (
+        not isinstance(stall_timeout, int | float)
+        or isinstance(stall_timeout, bool)
+        or not math.isfinite(stall_timeout)
+        or stall_timeout <= 0
+    ):
+        raise ValueError(
+            f"stall_timeout must be a finite number of seconds > 0, got {stall_timeout!r}"
+        )
+
 
 _MAX_DEVICES = 256
 _QUEUES_PER_INCARNATION = 256
@@ -114,15 +160,22 @@ class Runtime:
         stall_timeout: float = 1.0,
         logger: Any = None,
     ) -> None:
+        _check_options(node, frontier_capacity, trace_capacity, stall_timeout)
+        devices = list(devices)
+        names: set[str] = set()
+        for device in devices:
+            if not isinstance(device, Device):
+                raise TypeError(f"devices must be Device instances, got {device!r}")
+            if device.name in names:
+                raise ValueError(f"two devices are named {device.name!r}")
+            names.add(device.name)
+        if len(devices) > _MAX_DEVICES:
+            raise ValueError(f"a runtime holds at most {_MAX_DEVICES} devices, got {len(devices)}")
         self.node = node
         self.frontier_capacity = frontier_capacity
-        self.stall_timeout = stall_timeout
+        self.stall_timeout = float(stall_timeout)
         self.devices: dict[str, Device] = {}
         for device in devices:
-            if device.name in self.devices:
-                raise ValueError(f"two devices are named {device.name!r}")
-            if len(self.devices) == _MAX_DEVICES:
-                raise ValueError(f"a runtime holds at most {_MAX_DEVICES} devices")
             device.index = len(self.devices)
             self.devices[device.name] = device
         self.trace = TraceRecorder(trace_capacity, enabled=trace)
@@ -146,6 +199,9 @@ class Runtime:
         self._crash: BaseException | None = None
         self._draining = False
         self._settled: asyncio.Future[None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None  # armed while a queue is blocked
+        self._stall_mark = -1  # progress when the timer was armed
+        self._stall_reported: tuple[StalledWait, ...] = ()
         self._open = False
         self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
         self._channels: list[CollectiveChannel] = []
@@ -573,32 +629,133 @@ class Runtime:
         if settled is not None and not settled.done():
             settled.set_result(None)
 
+    def _queue_blocked(self) -> None:
+        """A queue's head waits on semaphores: wake the drain, or arm the stall watch."""
+        if self._draining:
+            self._queue_settled()
+        elif self._stall_timer is None and self._open:
+            self._arm_stall_timer()
+
+    def _arm_stall_timer(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        self._stall_mark = self._progress_mark()
+        self._stall_timer = loop.call_later(self.stall_timeout, self._check_stall)
+
+    def _progress_mark(self) -> int:
+        return sum(self._completed_epochs.values())
+
+    def _busy_units(self) -> list[DeviceQueue | CollectiveChannel]:
+        busy: list[DeviceQueue | CollectiveChannel] = [q for q in self._queues if q._busy()]
+        busy += [c for c in self._channels if c._busy()]
+        return busy
+
+    def _stalled_waits(self, *, ended_from_outside: bool = False) -> list[StalledWait]:
+        """The blocked waits, with why each can never be satisfied (None: it still can)."""
+        blocked = [q for q in self._queues if q._blocked is not None]
+        if not blocked:
+            return []
+        analysis = StallAnalysis([q for q in self._queues if q._busy()], self._channels)
+        return analysis.stalled_waits(blocked, ended_from_outside=ended_from_outside)
+
+    def _check_stall(self) -> None:
+        """While open: report (never fail) a runtime in which nothing can make progress."""
+        self._stall_timer = None
+        if not self._open or self._draining:
+            return
+        busy = self._busy_units()
+        if not any(isinstance(u, DeviceQueue) and u._blocked is not None for u in busy):
+            return  # nothing waits: the next blocked queue arms the watch again
+        mark = self._progress_mark()
+        if mark != self._stall_mark or not all(u._blocked is not None for u in busy):
+            self._arm_stall_timer()  # work moved or is running: look again later
+            return
+        waits = tuple(self._stalled_waits())
+        if waits and waits != self._stall_reported:
+            self._stall_reported = waits
+            if self._log_warning:
+                self._log.warning(
+                    "stall",
+                    seconds=self.stall_timeout,
+                    waits=[w.describe() for w in waits],
+                    message=(
+                        f"nothing in the runtime made progress for {self.stall_timeout} s: "
+                        + "; ".join(w.describe() for w in waits)
+                    ),
+                )
+
+    def _note_stall(self) -> None:
+        """Record the stalled waits for whoever reports the outside error that ended them."""
+        loop = self._loop
+        if loop is None or not self._open:
+            return
+        now = loop.time()
+        note = _stall_notes.get(loop)
+        if note is not None and note[0] == now:
+            if id(self) in note[1]:
+                return
+            ids, lines = note[1], note[2]
+        else:
+            ids, lines = set(), []
+        lines.extend(w.describe() for w in self._stalled_waits(ended_from_outside=True))
+        ids.add(id(self))
+        _stall_notes[loop] = (now, ids, lines)
+
+    def _abort_stalled(self, busy: list[DeviceQueue | CollectiveChannel]) -> int:
+        """Fail exactly the blocked waits that nothing queued can satisfy; returns how many."""
+        queues = [u for u in busy if isinstance(u, DeviceQueue)]
+        analysis = StallAnalysis(queues, self._channels)
+        aborted = 0
+        for q in queues:
+            if q._abort_blocked(functools.partial(analysis.reason, q)):
+                aborted += 1
+        if not aborted:
+            # Every wait is reachable on its own, yet nothing moves: the queues' order
+            # forms a cycle (a head waits on work queued behind another stalled head that
+            # waits on it). Break it by failing every blocked wait.
+            for q in queues:
+                if q._abort_blocked(lambda sem, value: "it is part of a cycle of stalled queues"):
+                    aborted += 1
+        return aborted
+
     async def _drain(self) -> None:
         """Wait for every queue to finish; fail work that waits on what nothing will signal."""
         loop = asyncio.get_running_loop()
         self._draining = True
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         while True:
-            busy: list[DeviceQueue | CollectiveChannel] = [q for q in self._queues if q._busy()]
-            busy += [c for c in self._channels if c._busy()]
+            busy = self._busy_units()
             if not busy or self._crash is not None:
                 return
-            stalled = all(q._blocked is not None for q in busy)
             settled = self._settled = loop.create_future()
-            if stalled:
+            if all(u._blocked is not None for u in busy):
                 # Nothing runs and everything waits: give outside signallers (threads,
-                # timers) stall_timeout seconds before calling it a stall.
+                # timers, host tasks passing a failure on) stall_timeout seconds before
+                # calling it a stall.
                 try:
                     await asyncio.wait_for(asyncio.shield(settled), self.stall_timeout)
                 except TimeoutError:
-                    if all(q._blocked is not None for q in busy):
-                        for q in busy:
-                            q._abort_blocked()
-            else:
-                await settled
+                    pass
+                else:
+                    self._settled = None
+                    continue
+                busy = self._busy_units()
+                stalled = bool(busy) and all(u._blocked is not None for u in busy)
+                if stalled and not self._abort_stalled(busy):
+                    await asyncio.sleep(0)  # the blocked waits are ending already
+                    self._settled = None
+                    continue
+            await settled
             self._settled = None
 
     async def _close(self) -> None:
         self._open = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         for device in self._owned_pools:
             device.memory = None
         for q in self._queues:
@@ -635,10 +792,13 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open a runtime on the running loop; leaving drains the queues, then closes.
 
-    On a normal exit every queued submission finishes first; work that waits on a
-    semaphore nothing left can signal fails with :class:`StalledError` after
-    ``stall_timeout`` seconds instead of hanging. On an exception the queues are
-    cancelled and their pending work fails.
+    On a normal exit every queued submission finishes first. When nothing can make
+    progress for ``stall_timeout`` seconds, exactly the waits that nothing left (counting
+    work queued behind a stalled head, on any queue) can satisfy fail with
+    :class:`StalledError`, naming the queue, submission, semaphore and value; the rest
+    go on. While the runtime is open a stall is only reported: a ``stall`` warning on
+    the logger names each stalled wait. On an exception the queues are cancelled and
+    their pending work fails.
 
     Args:
         devices: the devices the runtime schedules on (names must be unique).
@@ -646,7 +806,14 @@ async def open_runtime(
         frontier_capacity: the most entries an operation's frontier keeps.
         trace: record every finished submission.
         trace_capacity: the most trace records kept (oldest dropped).
-        stall_timeout: seconds a fully blocked drain waits for outside signals.
+        stall_timeout: seconds with nothing able to make progress before a stall is
+            reported (while open) or its unsatisfiable waits fail (when leaving).
+
+    Raises:
+        ValueError: an option out of range (the message names it): ``node`` outside
+            0..255, ``frontier_capacity`` < 1, ``trace_capacity`` < 0, ``stall_timeout``
+            not a finite number > 0; or two devices with one name.
+        TypeError: an item of ``devices`` is not a :class:`Device`.
         logger: a structlog logger; by default the configured one, or a quiet one.
     """
     rt = Runtime(
@@ -662,6 +829,9 @@ async def open_runtime(
     try:
         yield rt
         await rt._drain()
+    except TimeoutError:
+        rt._note_stall()  # a virtual-time idle timeout: keep what was stalled for its report
+        raise
     finally:
         await rt._close()
 

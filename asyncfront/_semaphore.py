@@ -7,9 +7,10 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
+from typing import Any
 
 from ._frontier import EMPTY, Frontier
 
@@ -22,6 +23,8 @@ __all__ = (
 )
 
 _names = itertools.count()
+MAX_VALUE = (1 << 64) - 1
+"""The largest value a timeline semaphore holds: its counter is an unsigned 64-bit integer."""
 _condition_lock = threading.Lock()  # creates each semaphore's condition exactly once
 
 
@@ -78,8 +81,8 @@ class TimelineSemaphore:
     )
 
     def __init__(self, initial: int = 0, name: str | None = None) -> None:
-        if initial < 0:
-            raise ValueError(f"semaphore initial value must be >= 0, got {initial}")
+        label = f"semaphore {name!r}" if name is not None else "semaphore"
+        initial = check_value(f"{label} initial value", initial)
         self.name = name if name is not None else f"sem{next(_names)}"
         self._value = initial
         self._frontier = EMPTY
@@ -139,10 +142,19 @@ class TimelineSemaphore:
     def signal(self, value: int, frontier: Frontier | None = None) -> None:
         """Advance the value to ``value`` and merge ``frontier``; wakes satisfied waiters.
 
+        ``frontier`` may be a :class:`Frontier` or a mapping ``{axis: epoch}``.
+
         Raises:
-            ValueError: ``value`` is not greater than the current value.
+            TypeError: ``value`` is not an int, or ``frontier`` is neither a Frontier nor
+                a mapping of ints to ints.
+            ValueError: ``value`` is not greater than the current value, or above
+                ``2**64 - 1``.
             SemaphoreFailedError: the semaphore has failed.
         """
+        if type(value) is not int or value > MAX_VALUE:
+            value = check_value(f"semaphore {self.name!r}: signal value", value)
+        if frontier is not None and type(frontier) is not Frontier:
+            frontier = _as_frontier(self, frontier)
         if self._failure is not None:
             raise SemaphoreFailedError(self, self._failure)
         if value <= self._value:
@@ -218,8 +230,11 @@ class TimelineSemaphore:
         Returns at once, without a loop round trip, when the value is already reached.
 
         Raises:
+            TypeError / ValueError: ``value`` is not an int in ``0..2**64 - 1``.
             SemaphoreFailedError: the semaphore failed (now or later).
         """
+        if type(value) is not int or value > MAX_VALUE or value < 0:
+            value = check_value(f"semaphore {self.name!r}: wait value", value)
         if self._failure is not None:
             raise SemaphoreFailedError(self, self._failure)
         if self._value >= value:
@@ -293,6 +308,7 @@ class TimelineSemaphore:
             RuntimeError: called on the thread running the semaphore's loop (it would
                 deadlock).
         """
+        value = check_value(f"semaphore {self.name!r}: wait value", value)
         if self._loop is not None and _on_loop_thread(self._loop):
             raise RuntimeError(
                 f"wait_sync on semaphore {self.name!r} from its own event loop thread "
@@ -322,6 +338,31 @@ class TimelineSemaphore:
                 cond.wait(remaining)
 
 
+def check_value(label: str, value: Any) -> int:
+    """``value`` if it is an int in ``0..2**64 - 1``; else a TypeError or ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{label} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"{label} must be >= 0, got {value}")
+    if value > MAX_VALUE:
+        raise ValueError(f"{label} must be at most 2**64 - 1 (the counter is 64-bit), got {value}")
+    return int(value)
+
+
+def _as_frontier(sem: TimelineSemaphore, frontier: object) -> Frontier:
+    if isinstance(frontier, Frontier):
+        return frontier
+    if isinstance(frontier, Mapping):
+        try:
+            return Frontier(frontier)
+        except TypeError:
+            pass
+    raise TypeError(
+        f"semaphore {sem.name!r}: frontier must be a Frontier or a mapping of axis (int) "
+        f"to epoch (int), got {frontier!r}"
+    )
+
+
 def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
     try:
         return asyncio.get_running_loop() is loop
@@ -329,11 +370,85 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+def join_waiters(futures: Sequence[asyncio.Future[Frontier]]) -> asyncio.Future[None]:
+    """A future that completes once every waiter has, or fails with the first that fails.
+
+    A multi-wait fails as soon as any of its semaphores fails, even while an earlier
+    one is still pending (IREE's multi-wait semantics).
+    """
+    joined: asyncio.Future[None] = futures[0].get_loop().create_future()
+    remaining = len(futures)
+
+    def on_done(fut: asyncio.Future[Frontier]) -> None:
+        nonlocal remaining
+        if fut.cancelled():
+            if not joined.done():
+                joined.cancel()
+            return
+        exc = fut.exception()  # retrieved even when it comes too late to matter
+        if joined.done():
+            return
+        if exc is not None:
+            joined.set_exception(exc)
+            return
+        remaining -= 1
+        if not remaining:
+            joined.set_result(None)
+
+    for fut in futures:
+        fut.add_done_callback(on_done)
+    return joined
+
+
+def _check_waits(
+    label: str, waits: Iterable[tuple[TimelineSemaphore, int]]
+) -> list[tuple[TimelineSemaphore, int]]:
+    pairs = list(waits)
+    for pair in pairs:
+        if (
+            not isinstance(pair, tuple)
+            or len(pair) != 2
+            or not isinstance(pair[0], TimelineSemaphore)
+        ):
+            raise TypeError(f"{label} takes (TimelineSemaphore, int) pairs, got {pair!r}")
+        check_value(f"{label}: value for semaphore {pair[0].name!r}", pair[1])
+    return pairs
+
+
 async def wait_all(waits: Iterable[tuple[TimelineSemaphore, int]]) -> Frontier:
-    """Wait for every ``(semaphore, value)`` pair; returns their merged frontier."""
+    """Wait for every ``(semaphore, value)`` pair; returns their merged frontier.
+
+    Raises:
+        TypeError / ValueError: a malformed pair.
+        SemaphoreFailedError: any of the semaphores failed, now or while waiting,
+            even while others are still pending.
+    """
+    pairs = _check_waits("wait_all", waits)
+    for sem, _ in pairs:
+        if sem._failure is not None:
+            raise SemaphoreFailedError(sem, sem._failure)
     frontier = EMPTY
-    for sem, value in waits:
-        frontier = frontier.merge(await sem.wait(value))
+    pending: list[tuple[TimelineSemaphore, int]] = []
+    for sem, value in pairs:
+        if sem._value >= value:
+            frontier = frontier.merge(sem._frontier)
+        else:
+            pending.append((sem, value))
+    if not pending:
+        return frontier
+    if len(pending) == 1:
+        sem, value = pending[0]
+        return frontier.merge(await sem.wait(value))
+    waiters = [(sem, sem._add_waiter(value)) for sem, value in pending]
+    try:
+        await join_waiters([fut for _, fut in waiters])
+    finally:
+        for sem, fut in waiters:
+            fut.cancel()  # no-op once done
+            if fut.cancelled():
+                sem._forget_cancelled()
+    for _, fut in waiters:
+        frontier = frontier.merge(fut.result())
     return frontier
 
 
@@ -346,6 +461,7 @@ async def wait_any(waits: Sequence[tuple[TimelineSemaphore, int]]) -> tuple[int,
     """
     if not waits:
         raise ValueError("wait_any needs at least one (semaphore, value) pair")
+    waits = _check_waits("wait_any", waits)
     for index, (sem, value) in enumerate(waits):
         if sem._failure is None and sem._value >= value:
             return index, sem._frontier

@@ -5,6 +5,7 @@ from ..devices.fake import FakeDeviceError as FakeDeviceError
 from ._conformance import CONFORMANCE_CHECKS as CONFORMANCE_CHECKS
 from ._conformance import DeviceFactory as DeviceFactory
 from ._conformance import check_device_conformance as check_device_conformance
+from ._virtual import VirtualStallError as VirtualStallError
 from ._virtual import new_virtual_loop as new_virtual_loop
 from ._virtual import run_virtual as run_virtual
 
@@ -13,6 +14,7 @@ __all__ = (
     "DeviceFactory",
     "FakeDevice",
     "FakeDeviceError",
+    "VirtualStallError",
     "check_device_conformance",
     "new_virtual_loop",
     "run_virtual",

@@ -8,9 +8,26 @@ from typing import Any, TypeVar
 
 import looptime
 
-__all__ = ("new_virtual_loop", "run_virtual")
+from .._runtime import stall_note
+
+__all__ = ("VirtualStallError", "new_virtual_loop", "run_virtual")
 
 T = TypeVar("T")
+
+
+class VirtualStallError(looptime.IdleTimeoutError):
+    """A virtual-time loop went idle while runtime queues waited on semaphores.
+
+    A ``looptime.IdleTimeoutError`` (so code catching that still catches it) whose
+    message names each stalled queue, submission, semaphore and value, and why nothing
+    left can satisfy it; ``__cause__`` is looptime's own error.
+    """
+
+    def __init__(self, stalls: list[str]) -> None:
+        super().__init__(
+            "the event loop went idle with runtime queues stalled: " + "; ".join(stalls)
+        )
+        self.stalls = tuple(stalls)
 
 
 def new_virtual_loop(
@@ -34,12 +51,23 @@ def run_virtual(
 
     ``asyncio.sleep`` and every timer cost no wall time, so fake devices simulate hours
     of work in milliseconds. Do not use threads inside: they do not advance virtual time.
+
+    Raises:
+        VirtualStallError: the loop went idle (a hang) while runtime queues were stalled;
+            the message names each stalled queue, semaphore and value.
+        looptime.IdleTimeoutError: the loop went idle with no queue stalled.
     """
     loop = new_virtual_loop(start=start, idle_timeout=idle_timeout)
     previous = _current_loop()
     try:
         asyncio.set_event_loop(loop)
-        return loop.run_until_complete(main(*args))
+        try:
+            return loop.run_until_complete(main(*args))
+        except looptime.IdleTimeoutError as exc:
+            stalls = stall_note(loop)
+            if stalls and not isinstance(exc, VirtualStallError):
+                raise VirtualStallError(stalls) from exc
+            raise
     finally:
         try:
             loop.run_until_complete(loop.shutdown_asyncgens())
