@@ -69,6 +69,7 @@ from ._semaphore import wait_any as wait_any
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
+from .memory._safetensors import WeightsFormatError as WeightsFormatError
 
 __all__ = (
     "AdmissionError",
@@ -121,6 +122,7 @@ __all__ = (
     "TimelineSemaphore",
     "TraceRecord",
     "TraceRecorder",
+    "WeightsFormatError",
     "__version__",
     "axis",
     "axis_fields",
