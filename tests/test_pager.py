@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import resource
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -485,3 +487,147 @@ async def test_an_idle_session_resumes_bit_for_bit_unwritten_tokens_included(
         async with w.pager.use(grown) as use:
             sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
         assert await sub == _digest(torch.zeros(BLOCK, dtype=torch.float16))
+
+
+# -- a full disk -------------------------------------------------------------------------
+
+MiB = af.MiB
+BIG = (2 * MiB,)  # uint8 pages of 2 MiB: a page file past 1 MiB is what a full disk refuses
+
+
+@contextmanager
+def disk_full(limit: int = MiB) -> Iterator[Callable[[], None]]:
+    """Files of this process cannot grow past ``limit`` bytes (RLIMIT_FSIZE) until recovered.
+
+    Yields ``recover()``, which lifts the limit; leaving the block always does. The limit
+    leaves room for pytest's small capture files, and SIGXFSZ is ignored so that a write
+    past it fails with EFBIG, as on a full disk it fails with ENOSPC.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def recover() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield recover
+    finally:
+        recover()
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@asynccontextmanager
+async def big_pages(tmp_path: Path, count: int = 3) -> AsyncIterator[tuple[World, list[Any]]]:
+    """A context whose budget holds ``count`` 2 MiB pages, all allocated and filled."""
+    devices = [
+        CpuDevice("gpu0", memory=(count + 1) * 2 * MiB),
+        CpuDevice("host", memory=4 * MiB),
+        StorageDevice(tmp_path),
+    ]
+    async with af.open_runtime(devices) as rt:
+        host = rt.create_context("host", device="host", max_memory=4 * MiB)
+        pager = Pager(rt, host=host, copy=rt.queue("host", name="copy"), storage=rt.queue("nvme"))
+        async with pager:
+            w = World(rt, pager, host, pager._storage_device)
+            ctx = rt.create_context("llama", device="gpu0", max_memory=count * 2 * MiB)
+            pages, data = [], []
+            for i in range(count):
+                page = await pager.allocate(ctx, BIG, torch.uint8, owner=i)
+                data.append(_random(BIG, torch.uint8, 60 + i))
+                await (await w.fill(page, data[-1]))
+                pages.append(page)
+            yield w, [(page, _digest(values)) for page, values in zip(pages, data, strict=True)]
+
+
+async def _digest_of(w: World, page: Page) -> str:
+    async with w.pager.use(page) as use:
+        sub = page.context.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+    return str(await sub)
+
+
+async def test_an_allocation_needing_a_page_out_fails_with_the_disk_full_error(
+    tmp_path: Path,
+) -> None:
+    """Over budget with the disk full, allocate raises the write's error; pages stay intact."""
+    async with big_pages(tmp_path) as (w, pages):
+        ctx = pages[0][0].context
+        used = w.rt.usage(ctx)
+        with disk_full(), pytest.raises(StorageWriteError, match="EFBIG") as caught:
+            await asyncio.wait_for(w.pager.allocate(ctx, BIG, torch.uint8), 30)
+        assert caught.value.path == os.fspath(tmp_path / "pages.bin")
+        assert w.rt.usage(ctx) == used and w.rt.usage(w.host).used == 0
+        assert w.pager._file_space.live_blocks() == ()
+        stats = w.pager.statistics()
+        assert (stats.pages, stats.device_pages, stats.page_outs) == (3, 3, 0)
+        assert stats.failures >= 1
+        for page, digest in pages:  # nothing lost: resident, intact, usable
+            assert page.tier is Tier.DEVICE and page.semaphore.failure is None
+            assert await _digest_of(w, page) == digest
+        # Once the disk has room again, the same allocation pages out the LRU page.
+        grown = await w.pager.allocate(ctx, BIG, torch.uint8)
+        assert grown.tier is Tier.DEVICE
+        assert pages[0][0].tier is Tier.FILE
+        assert await _digest_of(w, pages[0][0]) == pages[0][1]
+
+
+async def test_an_allocation_with_a_timeout_succeeds_once_the_disk_recovers(
+    tmp_path: Path,
+) -> None:
+    """With timeout=, failed page-outs are retried; the allocation completes after recovery."""
+    async with big_pages(tmp_path) as (w, pages):
+        ctx = pages[0][0].context
+        with disk_full() as recover:
+            task = asyncio.ensure_future(w.pager.allocate(ctx, BIG, torch.uint8, timeout=60))
+            while w.pager.statistics().failures < 2:  # noqa: ASYNC110 (no event marks a retry)
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            recover()
+            grown = await asyncio.wait_for(task, 30)
+        assert grown.tier is Tier.DEVICE and grown in w.pager.lru()
+        victim, digest = pages[0]
+        assert victim.tier is Tier.FILE
+        assert await _digest_of(w, victim) == digest
+
+
+async def test_an_allocation_with_a_timeout_fails_with_the_storage_error_when_it_expires(
+    tmp_path: Path,
+) -> None:
+    """A disk that stays full fails a timed allocation with the write's error; nothing changes."""
+    async with big_pages(tmp_path) as (w, pages):
+        ctx = pages[0][0].context
+        used = w.rt.usage(ctx)
+        with disk_full(), pytest.raises(StorageWriteError, match="EFBIG"):
+            await asyncio.wait_for(w.pager.allocate(ctx, BIG, torch.uint8, timeout=0.2), 30)
+        assert w.pager.statistics().failures >= 2  # retried within the timeout
+        assert w.rt.usage(ctx) == used and len(w.pager.lru()) == 3
+        assert all(page.tier is Tier.DEVICE for page, _ in pages)
+
+
+# -- bad arguments -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "timeout", "error", "message"),
+    [
+        (BLOCK, "float17", None, ValueError, "unknown dtype 'float17'; accepted: .*float16"),
+        (BLOCK, 3, None, TypeError, "dtype must be a torch.dtype or its name"),
+        ((4, -1), torch.float16, None, ValueError, r"dimensions must be >= 0, got \(4, -1\)"),
+        ((4, 2.5), torch.float16, None, TypeError, "shape must hold ints, got float 2.5"),
+        ("abc", torch.float16, None, TypeError, "shape must be a sequence of ints"),
+        ((0, 8), torch.float16, None, ValueError, "at least one byte"),
+        (BLOCK, torch.float16, -1, ValueError, "timeout must be None or seconds >= 0, got -1"),
+    ],
+    ids=["dtype-name", "dtype-type", "negative-dim", "float-dim", "str-shape", "empty", "timeout"],
+)
+async def test_bad_allocate_arguments_raise_a_specific_error_and_change_nothing(
+    tmp_path: Path, shape: Any, dtype: Any, timeout: Any, error: type[Exception], message: str
+) -> None:
+    """A bad shape, dtype or timeout raises TypeError/ValueError saying what is accepted."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        with pytest.raises(error, match=message):
+            await w.pager.allocate(ctx, shape, dtype, timeout=timeout)
+        assert w.pager.lru() == () and w.rt.usage(ctx).used == 0
+        page = await w.pager.allocate(ctx, BLOCK, "float16")  # names work
+        assert page.dtype == "float16" and page.nbytes == 4 * KiB

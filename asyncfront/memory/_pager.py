@@ -45,7 +45,7 @@ from .._progress import progress
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from ._pool import Block, BufferPool
 from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
-from ._tensors import buffer_bytes, copy_bytes, import_torch
+from ._tensors import buffer_bytes, copy_bytes, import_torch, resolve_dtype
 
 if TYPE_CHECKING:
     from .._context import Buffer, ExecutionContext
@@ -67,6 +67,11 @@ DEFAULT_FILE_CAPACITY = 1 << 40
 
 FILE_ALIGNMENT = 4096
 """Alignment of page extents in the file: the page size direct I/O and GDS want."""
+
+_RETRY_FIRST = 0.01
+_RETRY_MAX = 1.0
+# Seconds between tries of failed page-outs while an allocation's timeout allows: the
+# first retry comes soon (a transient error), later ones back off to once a second.
 
 
 class Tier(enum.Enum):
@@ -201,6 +206,22 @@ def choose_page_outs(
     return plan_reclaim(movable, needed, reclaimable)
 
 
+def _dims(shape: object) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, or a TypeError / ValueError saying why not."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, Sequence) or isinstance(shape, str | bytes):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__} {shape!r}")
+    dims = []
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"shape must hold ints, got {type(dim).__name__} {dim!r} in {shape!r}")
+        if dim < 0:
+            raise ValueError(f"shape dimensions must be >= 0, got {tuple(shape)}")
+        dims.append(dim)
+    return tuple(dims)
+
+
 def _charged_to(page: Page) -> str:
     """The context whose budget holds the page's memory in its current tier."""
     if page.tier is Tier.HOST and page._host is not None:
@@ -282,22 +303,46 @@ class Pager:
         *,
         owner: object = None,
         name: str | None = None,
+        timeout: float | None = None,
     ) -> Page:
         """A new page of ``shape`` and ``dtype`` on ``context``'s device (uninitialised).
 
         Its memory is charged to ``context``; if that goes over the context's own
-        budget, its least recently used pages are paged out first.
+        budget, or the device is full, the least recently used pages that help are
+        paged out first.
+
+        Args:
+            context: the context whose device and budget hold the page.
+            shape: the page tensor's shape (non-negative ints, at least one byte).
+            dtype: a ``torch.dtype`` or its name (``"float16"``).
+            owner: a tag for the caller (a session id, a model name).
+            name: a label for logs; default ``"<owner>#<n>"``.
+            timeout: seconds the call may wait for memory. Without one, a page-out that
+                fails (a full disk) fails the allocation at once with its error; with
+                one, the failed page-outs are retried until the timeout, so the
+                allocation succeeds if the disk recovers in time.
+
+        Raises:
+            StorageError: the page-outs that would make room failed (the last error);
+                the pages stay resident and intact.
+            MemoryBudgetError: the budget cannot hold the page, or no memory was freed
+                within ``timeout``.
+            ValueError / TypeError: a bad ``shape``, ``dtype`` or ``timeout`` (nothing
+                changes).
         """
         self._check_open()
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ValueError(f"timeout must be None or seconds >= 0, got {timeout!r}")
         if context.device is self.host.device:
             raise ValueError(
                 f"context {context.name!r} is on the host tier's device {context.device.name!r}; "
                 "pages live on another device than their host copies"
             )
-        torch = import_torch()
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        dims = tuple(int(d) for d in shape)
-        nbytes = math.prod(dims) * torch.empty((), dtype=torch_dtype).element_size()
+        torch_dtype = resolve_dtype(dtype)
+        dims = _dims(shape)
+        nbytes = math.prod(dims) * torch_dtype.itemsize
         if nbytes <= 0:
             raise ValueError(f"a page needs at least one byte, got shape {dims}")
         self._count += 1
@@ -308,9 +353,11 @@ class Pager:
         page = Page(
             label, owner, context, dims, str(torch_dtype).removeprefix("torch."), nbytes, sem
         )
-        page._transit = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        page._transit = loop.create_future()
         try:
-            page._device = await self._allocate(context, page)
+            deadline = None if timeout is None else loop.time() + timeout
+            page._device = await self._allocate(context, page, deadline)
         finally:
             self._settle(page)
         page._device_tensor = self._typed(buffer_bytes(page._device), page)
@@ -602,30 +649,52 @@ class Pager:
             fresh.signal(page._value, old.frontier)
         page.semaphore = fresh
 
-    async def _allocate(self, context: ExecutionContext, page: Page) -> Buffer:
+    async def _allocate(
+        self, context: ExecutionContext, page: Page, deadline: float | None = None
+    ) -> Buffer:
         """Memory for ``page`` through ``context``'s budget (its device's, or the host's).
 
-        Over the context's own budget the memory manager would refuse at once, so the
-        least recently used pages of that tier go out first, or, when other pages are
-        moving (holding staging buffers they are about to give back), the allocation
-        waits for them; a full device goes through the pressure policy (this pager's
-        handler included).
+        Over the context's own budget, or on a full device, the least recently used
+        pages that help go out first (the memory manager would refuse or wait), or,
+        when other pages are moving (holding staging buffers they are about to give
+        back), the allocation waits for them. When the page-outs that would make room
+        fail and nothing else is moving, the allocation fails with their error, unless
+        a ``deadline`` (loop time) leaves time to try them again: a full disk may
+        recover. Any shortfall left goes to the memory manager, within the deadline.
         """
+        loop = asyncio.get_running_loop()
+        retry_delay = _RETRY_FIRST
         while True:
-            used, _, limit = context.usage()
-            if used + page.nbytes <= limit or page.nbytes > limit:
+            if page.nbytes > context.usage().limit:
+                break  # no amount of paging helps: let the memory manager say why
+            needed, _ = shortfall(self.runtime, context, page.nbytes)
+            if needed <= 0:
                 break
-            if await self.reclaim(context, page.nbytes):
+            freed, failures = await self._reclaim(context, page.nbytes)
+            if freed:
+                retry_delay = _RETRY_FIRST
                 continue
-            if not any(p._transit is not None for p in self._lru if p is not page):
+            moving = any(p._transit is not None for p in self._lru if p is not page)
+            remaining = None if deadline is None else deadline - loop.time()
+            if failures and not moving:
+                if remaining is None or remaining <= 0:
+                    raise failures[-1]
+                # Nothing will free memory by itself: try the page-outs again later.
+                await asyncio.sleep(min(retry_delay, remaining))
+                retry_delay = min(retry_delay * 2, _RETRY_MAX)
+                continue
+            if not moving:
                 break  # nothing will come back: let the memory manager say why
+            if remaining is not None and remaining <= 0:
+                break
             if self._returned is None:
-                self._returned = asyncio.get_running_loop().create_future()
-            await asyncio.wait([self._returned])
+                self._returned = loop.create_future()
+            await asyncio.wait([self._returned], timeout=remaining)
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
         # The copy and storage queues write this memory, not the context's queue: the
         # pool must not take the context queue's history as proof the old data is dead.
         return await self.runtime._memory.allocate(
-            context, page.nbytes, owner=page, requester=Frontier()
+            context, page.nbytes, owner=page, requester=Frontier(), timeout=remaining
         )
 
     def _free(self, buffer: Buffer, death: Frontier) -> None:
@@ -641,11 +710,17 @@ class Pager:
         """Page out least recently used pages so ``context`` can allocate ``nbytes``.
 
         For a device context, pages leave its device (to ``spill``); for the host
-        context, host copies go to the file. Returns the bytes freed.
+        context, host copies go to the file. Returns the bytes freed; a page whose
+        page-out fails keeps its data where it was and frees nothing.
         """
+        freed, _ = await self._reclaim(context, nbytes)
+        return freed
+
+    async def _reclaim(self, context: ExecutionContext, nbytes: int) -> tuple[int, list[Exception]]:
+        """:meth:`reclaim`, and the errors of the page-outs that failed."""
         needed, reclaimable = shortfall(self.runtime, context, nbytes)
         if needed <= 0 or self._closed:
-            return 0
+            return 0, []
         if context is self.host:
             plan = choose_page_outs(list(self._lru), needed, reclaimable, tier=Tier.HOST)
             target = Tier.FILE
@@ -654,7 +729,7 @@ class Pager:
             plan = choose_page_outs(order, needed, reclaimable)
             target = self.spill
         if not plan.victims:
-            return 0
+            return 0, []
         with progress(f"paging out {len(plan.victims)} pages", total=len(plan.victims)) as shown:
 
             async def page_out(page: Page) -> None:
@@ -667,13 +742,15 @@ class Pager:
                 *(page_out(page) for page in plan.victims), return_exceptions=True
             )
         freed = 0
+        failures: list[Exception] = []
         for page, outcome in zip(plan.victims, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
                     raise outcome  # cancellation and the like are not ours to swallow
-                continue  # logged by page_out; the page kept its data
+                failures.append(outcome)  # logged by page_out; the page kept its data
+                continue
             freed += page.nbytes
-        return freed
+        return freed, failures
 
     async def _on_memory_pressure(
         self, context: ExecutionContext, requested: int, available: int
