@@ -69,6 +69,7 @@ from ._semaphore import wait_any as wait_any
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
+from .memory._pager import PageCorruptedError as PageCorruptedError
 from .memory._safetensors import WeightsFormatError as WeightsFormatError
 
 __all__ = (
@@ -99,6 +100,7 @@ __all__ = (
     "ModelInfo",
     "ModelRegistry",
     "Order",
+    "PageCorruptedError",
     "PlacementCandidate",
     "PlacementDecision",
     "PlacementError",

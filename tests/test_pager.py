@@ -95,17 +95,21 @@ class Flaky(StorageDevice):
     fail_writes = 0
     fail_reads = 0
 
-    def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+    def _write_sync(
+        self, data: object, file: str | os.PathLike[str], offset: int, checksum: bool = False
+    ) -> int:
         if self.fail_writes:
             self.fail_writes -= 1
             raise StorageWriteError(self.resolve(file), offset, 4096, 0, "injected")
-        return super()._write_sync(data, file, offset)
+        return super()._write_sync(data, file, offset, checksum)
 
-    def _read_sync(self, out: object, file: str | os.PathLike[str], offset: int) -> int:
+    def _read_sync(
+        self, out: object, file: str | os.PathLike[str], offset: int, checksum: int | None = None
+    ) -> int:
         if self.fail_reads:
             self.fail_reads -= 1
             raise StorageReadError(self.resolve(file), offset, 4096, 0, "injected")
-        return super()._read_sync(out, file, offset)
+        return super()._read_sync(out, file, offset, checksum)
 
 
 # -- the decision ------------------------------------------------------------------------
@@ -243,10 +247,12 @@ async def test_device_copy_is_freed_only_after_the_write_is_signalled(tmp_path: 
     target: list[Page] = []
 
     class Watching(StorageDevice):
-        def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+        def _write_sync(
+            self, data: object, file: str | os.PathLike[str], offset: int, checksum: bool = False
+        ) -> int:
             page = target[0]
             seen.append((page._device is not None and not page._device.freed, page.semaphore.value))
-            return super()._write_sync(data, file, offset)
+            return super()._write_sync(data, file, offset, checksum)
 
     async with world(tmp_path, storage=Watching(tmp_path)) as w:
         ctx = w.context("llama", pages=2)
@@ -631,3 +637,109 @@ async def test_bad_allocate_arguments_raise_a_specific_error_and_change_nothing(
         assert w.pager.lru() == () and w.rt.usage(ctx).used == 0
         page = await w.pager.allocate(ctx, BLOCK, "float16")  # names work
         assert page.dtype == "float16" and page.nbytes == 4 * KiB
+
+
+# -- a corrupted page file ---------------------------------------------------------------
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _flip(path: Path, offset: int, nbytes: int) -> None:
+    """One bit of one byte inside the page changes."""
+    with open(path, "r+b") as f:
+        f.seek(offset + nbytes // 3)
+        byte = f.read(1)[0]
+        f.seek(offset + nbytes // 3)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _zero(path: Path, offset: int, nbytes: int) -> None:
+    """A run of the page's bytes becomes zeros (a lost write, a bad sector read as 0)."""
+    with open(path, "r+b") as f:
+        f.seek(offset + 512)
+        f.write(b"\0" * 1024)
+
+
+def _truncate_and_extend(path: Path, offset: int, nbytes: int) -> None:
+    """The file is cut inside the page, then grown back to its size: its tail reads as 0."""
+    size = path.stat().st_size
+    os.truncate(path, offset + nbytes // 2)
+    os.truncate(path, size)
+
+
+def _truncate(path: Path, offset: int, nbytes: int) -> None:
+    """The file ends inside the page."""
+    os.truncate(path, offset + nbytes // 2)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+@pytest.mark.parametrize(
+    "damage",
+    [_flip, _zero, _truncate_and_extend, _truncate],
+    ids=["flipped", "zeroed", "truncated-then-extended", "truncated"],
+)
+async def test_a_corrupted_page_raises_and_stays_in_its_file(
+    tmp_path: Path, damage: Callable[[Path, int, int], None], direct: bool
+) -> None:
+    """Changed bytes in the page file raise PageCorruptedError naming page, file and offset."""
+    async with world(tmp_path, direct=direct) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16, name="kv-3")
+        data = _random(BLOCK, torch.float16, 11)
+        await w.fill(page, data)
+        neighbour = await w.pager.allocate(ctx, BLOCK, torch.float16, name="kv-4")
+        await w.fill(neighbour, _random(BLOCK, torch.float16, 12))
+        await w.pager.page_out(neighbour)  # the page lies after another in the file
+        await w.pager.page_out(page)
+        path, offset = tmp_path / "pages.bin", page.file_offset
+        assert offset is not None and offset > 0
+        good = path.read_bytes()[offset : offset + page.nbytes]
+        value, stats = page.semaphore.value, w.pager.statistics()
+        damage(path, offset, page.nbytes)
+        with pytest.raises(af.PageCorruptedError) as caught:
+            async with w.pager.use(page):
+                pass
+        error = caught.value
+        assert isinstance(error, StorageReadError)
+        assert (error.page, error.path, error.offset) == ("kv-3", os.fspath(path), offset)
+        assert f"page 'kv-3' is corrupted in its file: 4,096 bytes at offset {offset:,}" in str(
+            error
+        )
+        assert repr(os.fspath(path)) in str(error)
+        if damage is _truncate:
+            assert error.actual_checksum is None and "the file ends" in str(error)
+        else:
+            assert error.actual_checksum is not None
+            assert error.actual_checksum != error.expected_checksum
+        # It stays where it was: in the file, same extent, same timeline value, nothing held.
+        assert page.tier is Tier.FILE and page.file_offset == offset and not page.in_transit
+        assert page.semaphore.value == value and page.semaphore.failure is None
+        assert w.rt.usage(ctx).used == 0 and w.rt.usage(w.host).used == 0
+        after = w.pager.statistics()
+        assert (after.file_pages, after.page_ins, after.failures) == (2, 0, stats.failures + 1)
+        # Repaired, the same page pages in bit for bit: the record was kept.
+        _write_at(path, offset, good)
+        assert await _digest_of(w, page) == _digest(data)
+
+
+async def test_host_pages_flushed_to_the_file_are_verified_too(tmp_path: Path) -> None:
+    """A page that went device → host → file is checked on page-in like any other."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16, name="kv")
+        data = _random(BLOCK, torch.float16, 13)
+        await w.fill(page, data)
+        await w.pager.page_out(page, Tier.HOST)
+        await w.pager.page_out(page, Tier.FILE)
+        offset = page.file_offset
+        assert offset is not None
+        _flip(tmp_path / "pages.bin", offset, page.nbytes)
+        with pytest.raises(af.PageCorruptedError, match="page 'kv' is corrupted"):
+            await w.pager.page_in(page)
+        assert page.tier is Tier.FILE
+        await w.pager.release(page)  # a corrupted page can still be released
+        assert w.pager.lru() == () and w.pager._file_space.live_blocks() == ()

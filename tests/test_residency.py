@@ -213,9 +213,15 @@ async def test_loads_of_different_models_run_at_once(tmp_path: Path) -> None:
     inside = threading.Barrier(2, timeout=10)
 
     class Gated(StorageDevice):
-        def _read_sync(self, out: object, file: str | os.PathLike[str], offset: int) -> int:
+        def _read_sync(
+            self,
+            out: object,
+            file: str | os.PathLike[str],
+            offset: int,
+            checksum: int | None = None,
+        ) -> int:
             inside.wait()  # passes only when the other load is reading too
-            return super()._read_sync(out, file, offset)
+            return super()._read_sync(out, file, offset, checksum)
 
     async with af.open_runtime([CpuDevice("gpu0", memory=1 << 20), Gated(tmp_path)]) as rt:
         for name in ("a", "b"):

@@ -1,6 +1,7 @@
 """Memory shared across models: death-frontier buffer pools, weight residency and paging."""
 
 from ._pager import Page as Page
+from ._pager import PageCorruptedError as PageCorruptedError
 from ._pager import Pager as Pager
 from ._pager import PagerStatistics as PagerStatistics
 from ._pager import PageUse as PageUse
@@ -51,6 +52,7 @@ __all__ = (
     "InvalidFreeError",
     "InvalidSizeError",
     "Page",
+    "PageCorruptedError",
     "PageUse",
     "Pager",
     "PagerStatistics",

@@ -19,7 +19,10 @@ any step fails, nothing is lost: the device copy is still there and the page sta
 resident and usable; only the host buffer and file extent it took are given back.
 Page-in reads file → host and copies host → device, and keeps the file extent until
 the data is back, so a failed page-in leaves the page in its file, to be paged in
-again. With ``direct=True`` the storage device reads and writes device memory itself
+again. The file tier is verified: each page-out's write returns the CRC32C of the bytes
+it wrote, each page-in's read checks it, and bytes that changed in the file (flipped,
+zeroed, truncated) raise :class:`PageCorruptedError` with the page, file and offset.
+With ``direct=True`` the storage device reads and writes device memory itself
 where it can reach it (GPUDirect Storage through KvikIO on CUDA; plain host memory
 otherwise), and the host tier is left out of file transfers.
 
@@ -43,6 +46,7 @@ from .._budget import format_bytes
 from .._frontier import Frontier
 from .._progress import progress
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
+from ..devices.storage import ChecksumError, ShortReadError, StorageReadError
 from ._pool import Block, BufferPool
 from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
 from ._tensors import buffer_bytes, copy_bytes, import_torch, resolve_dtype
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from ..devices.storage import StorageDevice
 
 __all__ = (
+    "PageCorruptedError",
     "Page",
     "PageUse",
     "Pager",
@@ -80,6 +85,45 @@ class Tier(enum.Enum):
     DEVICE = "device"
     HOST = "host"
     FILE = "file"
+
+
+class PageCorruptedError(StorageReadError):
+    """A page's bytes in the pager's file are not what its page-out wrote there.
+
+    Raised by a page-in whose read found other bytes than the page-out's checksum says
+    (flipped or zeroed bytes, a file cut short and grown again), or found the file cut
+    short. The page stays where it was: in the file tier, its record intact, so a
+    page-in can be tried again (after the file is repaired) or the page released.
+
+    Attributes:
+        page: the page's name.
+        path / offset / expected: the file, the page's offset in it, its size.
+        expected_checksum: the CRC32C the page-out wrote.
+        actual_checksum: the CRC32C of the bytes read; None when the file was too short.
+    """
+
+    def __init__(
+        self,
+        page: str,
+        path: str | os.PathLike[str],
+        offset: int,
+        nbytes: int,
+        expected_checksum: int,
+        actual_checksum: int | None,
+        actual: int | None = None,
+    ) -> None:
+        if actual_checksum is not None:
+            found = f"CRC32C {actual_checksum:#010x}, written as {expected_checksum:#010x}"
+        else:
+            found = f"the file ends {actual or 0:,} bytes into it"
+        super().__init__(path, offset, nbytes, nbytes if actual is None else actual, found)
+        self.args = (
+            f"page {page!r} is corrupted in its file: {nbytes:,} bytes at offset {offset:,} "
+            f"of {os.fspath(path)!r}: {found}; the page stays in the file",
+        )
+        self.page = page
+        self.expected_checksum = expected_checksum
+        self.actual_checksum = actual_checksum
 
 
 class Page:
@@ -124,6 +168,7 @@ class Page:
         self._host: Buffer | None = None
         self._host_tensor: Any = None
         self._extent: Block | None = None
+        self._checksum: int | None = None  # CRC32C of its bytes in the file tier
 
     @property
     def in_transit(self) -> bool:
@@ -373,6 +418,8 @@ class Pager:
         timeline, so that work's frontier carries the storage and copy axes.
 
         Raises:
+            PageCorruptedError: the page's bytes in the file changed since its page-out;
+                it stays in the file, its record intact.
             StorageError: the page-in failed; the page stays in the file, intact.
         """
         self._check_page(page)
@@ -417,7 +464,7 @@ class Pager:
             self._free(page._host, death)
         if page._extent is not None:
             self._file_space.free(page._extent, death)
-        page._device = page._host = page._extent = None
+        page._device = page._host = page._extent = page._checksum = None
         page._device_tensor = page._host_tensor = None
 
     # -- moving pages ----------------------------------------------------------------
@@ -507,11 +554,11 @@ class Pager:
                     waits=[after],
                     signals=[(out, 2)],
                     name=f"page-out write {page.name}",
+                    checksum=True,
                 )
             if copy is not None:
                 await copy
-            if write is not None:
-                await write
+            checksum = await write if write is not None else None
         except BaseException:
             # The device copy was never touched: the page stays resident and usable.
             if staging is not None:
@@ -530,7 +577,7 @@ class Pager:
         if write is not None:
             if staging is not None:
                 self._free(staging, _death(write))
-            page._extent = extent
+            page._extent, page._checksum = extent, checksum
             page.tier = Tier.FILE
         else:
             page._host, page._host_tensor = staging, source
@@ -551,9 +598,10 @@ class Pager:
             waits=[(page.semaphore, value)],
             signals=[(out, 1)],
             name=f"page-out write {page.name}",
+            checksum=True,
         )
         try:
-            await write
+            checksum = await write
         except BaseException:
             self._file_space.free(extent, _death(write))
             raise
@@ -563,7 +611,7 @@ class Pager:
         assert page._host is not None
         self._free(page._host, _death(write))
         page._host = page._host_tensor = None
-        page._extent = extent
+        page._extent, page._checksum = extent, checksum
         page.tier = Tier.FILE
         self._page_outs += 1
         self._bytes_out += page.nbytes
@@ -593,6 +641,7 @@ class Pager:
                     waits=[(sem, value)],  # the value the page-out signalled
                     signals=[(sem, value + 1)],
                     name=f"page-in read {page.name}",
+                    checksum=page._checksum,
                 )
                 value += 1
             if host_bytes is not None:
@@ -609,7 +658,7 @@ class Pager:
                 await read  # its own error, rather than the copy's failed wait
             if copy is not None:
                 await copy
-        except BaseException:
+        except BaseException as exc:
             # The data is still in its tier: give back what the attempt took, and give
             # the page a fresh timeline if this one failed or ran ahead.
             last = copy or read
@@ -618,6 +667,9 @@ class Pager:
             if staging is not None:
                 self._free(staging, _death(last) if last is not None else Frontier())
             self._rearm(page)
+            corrupted = self._corrupted(page, exc)
+            if corrupted is not None:
+                raise corrupted from exc
             raise
         last = copy or read
         assert last is not None and last.frontier is not None
@@ -627,7 +679,7 @@ class Pager:
             if staging is not None:
                 self._free(staging, _death(last))
             self._file_space.free(page._extent, _death(read))
-            page._extent = None
+            page._extent = page._checksum = None
         else:
             assert page._host is not None
             self._free(page._host, _death(last))
@@ -638,6 +690,22 @@ class Pager:
         self._page_ins += 1
         self._bytes_in += page.nbytes
         self._log("page_in", page, frontier=repr(last.frontier))
+
+    def _corrupted(self, page: Page, exc: BaseException) -> PageCorruptedError | None:
+        """The page-in error for bytes in the file that are not the page's, if ``exc`` is one."""
+        if page._checksum is None or page._extent is None:
+            return None
+        path = self._storage_device.resolve(self.file)
+        offset = page._extent.offset
+        if isinstance(exc, ChecksumError):
+            return PageCorruptedError(
+                page.name, path, offset, page.nbytes, page._checksum, exc.actual_checksum
+            )
+        if isinstance(exc, ShortReadError):
+            return PageCorruptedError(
+                page.name, path, offset, page.nbytes, page._checksum, None, exc.actual
+            )
+        return None
 
     def _rearm(self, page: Page) -> None:
         """After a failed page-in: a fresh semaphore at the page's value and frontier."""
