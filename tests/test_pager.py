@@ -73,6 +73,7 @@ async def world(
     storage: StorageDevice | None = None,
     spill: Tier = Tier.FILE,
     direct: bool = False,
+    verify: bool = True,
 ) -> AsyncIterator[World]:
     storage = storage if storage is not None else StorageDevice(tmp_path)
     devices = [
@@ -84,7 +85,9 @@ async def world(
         host = rt.create_context("host", device="host", max_memory=host_pages * 4 * KiB)
         copy = rt.queue("host", name="copy")
         nvme = storage.queue(name="nvme.pages")
-        pager = Pager(rt, host=host, copy=copy, storage=nvme, spill=spill, direct=direct)
+        pager = Pager(
+            rt, host=host, copy=copy, storage=nvme, spill=spill, direct=direct, verify=verify
+        )
         async with pager:
             yield World(rt, pager, host, storage)
 
@@ -743,3 +746,19 @@ async def test_host_pages_flushed_to_the_file_are_verified_too(tmp_path: Path) -
         assert page.tier is Tier.FILE
         await w.pager.release(page)  # a corrupted page can still be released
         assert w.pager.lru() == () and w.pager._file_space.live_blocks() == ()
+
+
+async def test_without_verify_the_file_tier_is_not_checked(tmp_path: Path) -> None:
+    """Pager(verify=False) keeps no checksum: a changed byte comes back as data."""
+    async with world(tmp_path, verify=False) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.uint8)
+        await w.fill(page, torch.zeros(BLOCK, dtype=torch.uint8))
+        await w.pager.page_out(page)
+        assert page.file_offset is not None
+        _write_at(tmp_path / "pages.bin", page.file_offset + 7, b"\x01")
+        async with w.pager.use(page) as use:
+            total = ctx.queue.submit(
+                lambda t: int(t.sum()), use.tensor, waits=[use.wait], signals=[use.signal]
+            )
+        assert await total == 1

@@ -296,6 +296,9 @@ class Pager:
             through KvikIO, that is GPUDirect Storage). False: always device → host
             → file and back, the copy queue moving device ↔ host.
         file_capacity: bytes of file space it may use.
+        verify: checksum every page written to the file (CRC32C) and check it when the
+            page is read back, so changed bytes raise :class:`PageCorruptedError`
+            instead of coming back as data. False leaves that to the filesystem.
         name: a label for logs, queue-free.
     """
 
@@ -310,6 +313,7 @@ class Pager:
         spill: Tier = Tier.FILE,
         direct: bool = False,
         file_capacity: int = DEFAULT_FILE_CAPACITY,
+        verify: bool = True,
         name: str = "pager",
     ) -> None:
         from ..devices.storage import StorageDevice
@@ -326,6 +330,7 @@ class Pager:
         self.file = file
         self.spill = spill
         self.direct = direct
+        self.verify = verify
         self.name = name
         self._file_space = BufferPool(
             file_capacity, alignment=FILE_ALIGNMENT, completed=runtime, name=os.fspath(file)
@@ -554,11 +559,12 @@ class Pager:
                     waits=[after],
                     signals=[(out, 2)],
                     name=f"page-out write {page.name}",
-                    checksum=True,
+                    checksum=self.verify,
                 )
             if copy is not None:
                 await copy
-            checksum = await write if write is not None else None
+            written = await write if write is not None else None
+            checksum = written if self.verify else None  # else the write returns a count
         except BaseException:
             # The device copy was never touched: the page stays resident and usable.
             if staging is not None:
@@ -598,10 +604,10 @@ class Pager:
             waits=[(page.semaphore, value)],
             signals=[(out, 1)],
             name=f"page-out write {page.name}",
-            checksum=True,
+            checksum=self.verify,
         )
         try:
-            checksum = await write
+            written = await write
         except BaseException:
             self._file_space.free(extent, _death(write))
             raise
@@ -611,7 +617,8 @@ class Pager:
         assert page._host is not None
         self._free(page._host, _death(write))
         page._host = page._host_tensor = None
-        page._extent, page._checksum = extent, checksum
+        page._extent = extent
+        page._checksum = written if self.verify else None  # else the write returns a count
         page.tier = Tier.FILE
         self._page_outs += 1
         self._bytes_out += page.nbytes
