@@ -70,6 +70,8 @@ from ._semaphore import wait_any as wait_any
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
+from .memory._pager import PageCorruptedError as PageCorruptedError
+from .memory._safetensors import WeightsFormatError as WeightsFormatError
 
 __all__ = (
     "AdmissionError",
@@ -100,6 +102,7 @@ __all__ = (
     "ModelInfo",
     "ModelRegistry",
     "Order",
+    "PageCorruptedError",
     "PlacementCandidate",
     "PlacementDecision",
     "PlacementError",
@@ -123,6 +126,7 @@ __all__ = (
     "TimelineSemaphore",
     "TraceRecord",
     "TraceRecorder",
+    "WeightsFormatError",
     "__version__",
     "axis",
     "axis_fields",

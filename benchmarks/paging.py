@@ -7,16 +7,25 @@ of every block (file → host → device) against an ``os.preadv`` loop into pre
 memory. "staged" is the pager's default path through the host tier; "direct" is
 ``Pager(direct=True)``, where the storage device reads and writes device memory itself
 (the "device" here is a CpuDevice, so CPU memory; on CUDA with KvikIO it would be
-GPUDirect Storage). Both sides write into the same directory, end their writes with
-one ``os.fsync`` of their file inside the timed region, and before the reads both
-files are fsynced and dropped from the page cache (``POSIX_FADV_DONTNEED``) unless
-``--warm`` keeps them cached. Every round trip is checked bit for bit outside the
-timed region. Raw and pager runs alternate; each figure is the best of ``--repeat``.
+GPUDirect Storage). The pager's default verifies the file tier (a CRC32C per page on
+page-out, checked on page-in); rows marked "no CRC" are ``Pager(verify=False)``, to
+show what the checksums cost. Both sides write into the same directory, end their
+writes with one ``os.fsync`` of their file inside the timed region, and before every
+read both files are fsynced and dropped from the page cache (``POSIX_FADV_DONTNEED``)
+unless ``--warm`` keeps them cached. Every round trip is checked bit for bit outside
+the timed region. "raw read + CRC32C" is the raw loop reading 1 MiB pieces and folding
+each into a CRC32C as it arrives, the least a verified read costs. Raw and pager runs
+alternate within each repeat. Each row gives the median of ``--repeat`` runs, their
+spread (slowest-fastest), the median's share of the raw loop's median, and the median
+of each run's share of the raw run of the same repeat ("paired": steadier where other
+work shares the machine).
 
 With aiofiles installed, one more row reads the raw file whole with aiofiles
-(``f.read()`` into a new bytes object), for comparison.
+(``f.read()`` into a new bytes object), for comparison. ``--crc`` first measures the
+checksum functions alone on one block in memory: ``crc32c`` (the one the storage device
+uses), ``google-crc32c`` when installed, and ``zlib.crc32``.
 
-Run: ``python benchmarks/paging.py [--dir DIR] [--blocks 64] [--block-mib 4] [--repeat 3]``.
+Run: ``python benchmarks/paging.py [--dir DIR] [--blocks 64] [--block-mib 4] [--repeat 5]``.
 """
 
 from __future__ import annotations
@@ -26,10 +35,13 @@ import asyncio
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +83,31 @@ def raw_write(path: Path, blocks: list[Any]) -> float:
     return time.perf_counter() - start
 
 
-def raw_read(path: Path, blocks: list[Any]) -> float:
-    """Sequential preadv into every block's memory; seconds."""
+def raw_read(path: Path, blocks: list[Any], checksum: bool = False) -> float:
+    """Sequential preadv into every block's memory; seconds.
+
+    With ``checksum``, each block is read in 1 MiB pieces and each piece's CRC32C is
+    folded in right after it arrives, as the storage device does: the least a verified
+    read can cost.
+    """
+    import crc32c
+
+    piece = MiB if checksum else None
     start = time.perf_counter()
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = 0
         for block in blocks:
             view = memoryview(block.numpy())
+            crc = 0
             done = 0
             while done < len(view):
-                n = os.preadv(fd, [view[done:]], offset + done)
+                end = len(view) if piece is None else min(done + piece, len(view))
+                n = os.preadv(fd, [view[done:end]], offset + done)
                 if n == 0:
                     raise EOFError(path)
+                if checksum:
+                    crc = crc32c.crc32c(view[done : done + n], crc)
                 done += n
             offset += done
     finally:
@@ -104,7 +128,12 @@ async def aiofiles_read(path: Path) -> float | None:
 
 
 async def pager_round_trip(
-    directory: Path, sources: list[Any], staging_blocks: int, warm: bool, direct: bool
+    directory: Path,
+    sources: list[Any],
+    staging_blocks: int,
+    warm: bool,
+    direct: bool,
+    verify: bool,
 ) -> tuple[float, float]:
     """Page every block out and back in through a Pager; seconds for each direction."""
     block_bytes = sources[0].numel()
@@ -121,7 +150,15 @@ async def pager_round_trip(
         assert isinstance(nvme, StorageDevice)
         queue = nvme.queue(name="nvme.pages")
         copy = rt.queue("host", name="copy")
-        pager = Pager(rt, host=host, copy=copy, storage=queue, file="pages.bin", direct=direct)
+        pager = Pager(
+            rt,
+            host=host,
+            copy=copy,
+            storage=queue,
+            file="pages.bin",
+            direct=direct,
+            verify=verify,
+        )
         async with pager:
             pages = []
             for source in sources:
@@ -164,16 +201,46 @@ def filesystem(path: Path) -> str:
         return "unknown"
 
 
+def crc_throughput(block: Any, repeat: int) -> list[tuple[str, float, float, float]]:
+    """GB/s of each checksum function over ``block`` in memory: (name, median, min, max)."""
+    view = memoryview(block.numpy())
+    frozen = bytes(view)  # google-crc32c takes read-only buffers only
+    functions: list[tuple[str, Callable[[], object]]] = []
+    import crc32c
+
+    functions.append(("crc32c (used)", lambda: crc32c.crc32c(view)))
+    try:
+        import google_crc32c
+    except ImportError:
+        pass
+    else:
+        functions.append(
+            (f"google-crc32c ({google_crc32c.implementation})", lambda: google_crc32c.value(frozen))
+        )
+    functions.append(("zlib.crc32", lambda: zlib.crc32(view)))
+    rows = []
+    for name, fn in functions:
+        rates = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            rates.append(len(view) / (time.perf_counter() - start) / 1e9)
+        rows.append((name, statistics.median(rates), min(rates), max(rates)))
+    return rows
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dir", default=None, help="directory for the files (default: /tmp)")
     parser.add_argument("--blocks", type=int, default=64)
     parser.add_argument("--block-mib", type=int, default=4)
     parser.add_argument("--staging", type=int, default=8, help="host staging budget, in blocks")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--warm", action="store_true", help="read from the page cache")
+    parser.add_argument("--crc", action="store_true", help="also time the checksum functions")
     args = parser.parse_args()
 
+    load_at_start = os.getloadavg()
     block_bytes = args.block_mib * MiB
     total_mib = args.blocks * args.block_mib
     gen = torch.Generator().manual_seed(0)
@@ -182,13 +249,20 @@ async def main() -> None:
         for _ in range(args.blocks)
     ]
     readback = [torch.empty_like(s) for s in sources]
+    crc_rows = crc_throughput(sources[0], max(args.repeat, 7)) if args.crc else []
     root = Path(tempfile.mkdtemp(prefix="asyncfront-paging-", dir=args.dir))
-    best: dict[str, float] = {}
+    runs: dict[str, list[float]] = {}
 
     def keep(label: str, seconds: float | None) -> None:
         if seconds is not None:
-            best[label] = min(best.get(label, float("inf")), seconds)
+            runs.setdefault(label, []).append(seconds)
 
+    modes = [
+        ("staged", False, True),
+        ("direct", True, True),
+        ("staged, no CRC", False, False),
+        ("direct, no CRC", True, False),
+    ]
     try:
         for _ in range(args.repeat):
             raw = root / "raw.bin"
@@ -198,13 +272,15 @@ async def main() -> None:
             if not all(torch.equal(a, b) for a, b in zip(sources, readback, strict=True)):
                 raise AssertionError("raw round trip differs")
             drop_cache(raw, args.warm)
+            keep("raw read + CRC32C", raw_read(raw, readback, checksum=True))
+            drop_cache(raw, args.warm)
             keep("aiofiles read", await aiofiles_read(raw))
             raw.unlink()
-            for mode, direct in (("staged", False), ("direct", True)):
-                run_dir = root / f"pager-{mode}"
+            for mode, direct, verify in modes:
+                run_dir = root / f"pager-{mode.replace(', ', '-').replace(' ', '-')}"
                 run_dir.mkdir()
                 out_s, in_s = await pager_round_trip(
-                    run_dir, sources, args.staging, args.warm, direct
+                    run_dir, sources, args.staging, args.warm, direct, verify
                 )
                 keep(f"page-out {mode}", out_s)
                 keep(f"page-in {mode}", in_s)
@@ -212,31 +288,44 @@ async def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
-    cache = "warm page cache" if args.warm else "page cache dropped before reads"
-    print(f"{args.blocks} blocks x {args.block_mib} MiB = {total_mib} MiB, best of {args.repeat}")
+    cache = "warm page cache" if args.warm else "page cache dropped before every read"
+    print(f"{args.blocks} blocks x {args.block_mib} MiB = {total_mib} MiB, {args.repeat} runs")
     print(f"dir {root.parent} ({filesystem(root.parent)}), fsync at the end of writes, {cache}")
     print(
         f"nproc {os.cpu_count()}, Python {platform.python_version()}, torch {torch.__version__}, "
         f"{platform.system()} {platform.release()}"
     )
+    start_load = ", ".join(f"{x:.1f}" for x in load_at_start)
+    end_load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average (1, 5, 15 min) at the start {start_load}, at the end {end_load}")
+    if crc_rows:
+        print()
+        print(f"checksum of one {args.block_mib} MiB block in memory, GB/s:")
+        print(f"| {'function':28} | {'median':>6} | {'spread':>11} |")
+        print(f"| {'-' * 28} | {'-' * 6}:| {'-' * 11}:|")
+        for name, median, low, high in crc_rows:
+            print(f"| {name:28} | {median:6.2f} | {low:5.2f}-{high:5.2f} |")
     print()
-    print(f"| {'':18} | {'MiB/s':>6} | {'of raw':>6} |")
-    print(f"| {'-' * 18} | {'-' * 6}:| {'-' * 6}:|")
-    rows = [
-        ("raw write", "raw write"),
-        ("page-out staged", "raw write"),
-        ("page-out direct", "raw write"),
-        ("raw read", "raw read"),
-        ("page-in staged", "raw read"),
-        ("page-in direct", "raw read"),
-        ("aiofiles read", "raw read"),
-    ]
+    print("MiB/s: median of the runs, spread (slowest-fastest), median's share of raw's median,")
+    print("and the median of each run's share of the raw run just before it (paired)")
+    print(f"| {'':24} | {'median':>6} | {'spread':>11} | {'of raw':>6} | {'paired':>6} |")
+    print(f"| {'-' * 24} | {'-' * 6}:| {'-' * 11}:| {'-' * 6}:| {'-' * 6}:|")
+    rows = [("raw write", "raw write")]
+    rows += [(f"page-out {mode}", "raw write") for mode, _, _ in modes]
+    rows += [("raw read", "raw read"), ("raw read + CRC32C", "raw read")]
+    rows += [(f"page-in {mode}", "raw read") for mode, _, _ in modes]
+    rows += [("aiofiles read", "raw read")]
     for label, baseline in rows:
-        if label not in best:
+        if label not in runs:
             continue
-        rate = total_mib / best[label]
-        ratio = best[baseline] / best[label]
-        print(f"| {label:18} | {rate:6.0f} | {ratio:6.0%} |")
+        rates = [total_mib / seconds for seconds in runs[label]]
+        median = statistics.median(rates)
+        ratio = median / statistics.median(total_mib / s for s in runs[baseline])
+        spread = f"{min(rates):5.0f}-{max(rates):5.0f}"
+        paired = statistics.median(
+            base / seconds for base, seconds in zip(runs[baseline], runs[label], strict=True)
+        )
+        print(f"| {label:24} | {median:6.0f} | {spread:>11} | {ratio:6.0%} | {paired:6.0%} |")
 
 
 if __name__ == "__main__":

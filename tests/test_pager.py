@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import resource
+import signal
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,6 +73,7 @@ async def world(
     storage: StorageDevice | None = None,
     spill: Tier = Tier.FILE,
     direct: bool = False,
+    verify: bool = True,
 ) -> AsyncIterator[World]:
     storage = storage if storage is not None else StorageDevice(tmp_path)
     devices = [
@@ -82,7 +85,9 @@ async def world(
         host = rt.create_context("host", device="host", max_memory=host_pages * 4 * KiB)
         copy = rt.queue("host", name="copy")
         nvme = storage.queue(name="nvme.pages")
-        pager = Pager(rt, host=host, copy=copy, storage=nvme, spill=spill, direct=direct)
+        pager = Pager(
+            rt, host=host, copy=copy, storage=nvme, spill=spill, direct=direct, verify=verify
+        )
         async with pager:
             yield World(rt, pager, host, storage)
 
@@ -93,17 +98,21 @@ class Flaky(StorageDevice):
     fail_writes = 0
     fail_reads = 0
 
-    def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+    def _write_sync(
+        self, data: object, file: str | os.PathLike[str], offset: int, checksum: bool = False
+    ) -> int:
         if self.fail_writes:
             self.fail_writes -= 1
             raise StorageWriteError(self.resolve(file), offset, 4096, 0, "injected")
-        return super()._write_sync(data, file, offset)
+        return super()._write_sync(data, file, offset, checksum)
 
-    def _read_sync(self, out: object, file: str | os.PathLike[str], offset: int) -> int:
+    def _read_sync(
+        self, out: object, file: str | os.PathLike[str], offset: int, checksum: int | None = None
+    ) -> int:
         if self.fail_reads:
             self.fail_reads -= 1
             raise StorageReadError(self.resolve(file), offset, 4096, 0, "injected")
-        return super()._read_sync(out, file, offset)
+        return super()._read_sync(out, file, offset, checksum)
 
 
 # -- the decision ------------------------------------------------------------------------
@@ -241,10 +250,12 @@ async def test_device_copy_is_freed_only_after_the_write_is_signalled(tmp_path: 
     target: list[Page] = []
 
     class Watching(StorageDevice):
-        def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+        def _write_sync(
+            self, data: object, file: str | os.PathLike[str], offset: int, checksum: bool = False
+        ) -> int:
             page = target[0]
             seen.append((page._device is not None and not page._device.freed, page.semaphore.value))
-            return super()._write_sync(data, file, offset)
+            return super()._write_sync(data, file, offset, checksum)
 
     async with world(tmp_path, storage=Watching(tmp_path)) as w:
         ctx = w.context("llama", pages=2)
@@ -485,3 +496,269 @@ async def test_an_idle_session_resumes_bit_for_bit_unwritten_tokens_included(
         async with w.pager.use(grown) as use:
             sub = ctx.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
         assert await sub == _digest(torch.zeros(BLOCK, dtype=torch.float16))
+
+
+# -- a full disk -------------------------------------------------------------------------
+
+MiB = af.MiB
+BIG = (2 * MiB,)  # uint8 pages of 2 MiB: a page file past 1 MiB is what a full disk refuses
+
+
+@contextmanager
+def disk_full(limit: int = MiB) -> Iterator[Callable[[], None]]:
+    """Files of this process cannot grow past ``limit`` bytes (RLIMIT_FSIZE) until recovered.
+
+    Yields ``recover()``, which lifts the limit; leaving the block always does. The limit
+    leaves room for pytest's small capture files, and SIGXFSZ is ignored so that a write
+    past it fails with EFBIG, as on a full disk it fails with ENOSPC.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def recover() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield recover
+    finally:
+        recover()
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@asynccontextmanager
+async def big_pages(tmp_path: Path, count: int = 3) -> AsyncIterator[tuple[World, list[Any]]]:
+    """A context whose budget holds ``count`` 2 MiB pages, all allocated and filled."""
+    devices = [
+        CpuDevice("gpu0", memory=(count + 1) * 2 * MiB),
+        CpuDevice("host", memory=4 * MiB),
+        StorageDevice(tmp_path),
+    ]
+    async with af.open_runtime(devices) as rt:
+        host = rt.create_context("host", device="host", max_memory=4 * MiB)
+        pager = Pager(rt, host=host, copy=rt.queue("host", name="copy"), storage=rt.queue("nvme"))
+        async with pager:
+            w = World(rt, pager, host, pager._storage_device)
+            ctx = rt.create_context("llama", device="gpu0", max_memory=count * 2 * MiB)
+            pages, data = [], []
+            for i in range(count):
+                page = await pager.allocate(ctx, BIG, torch.uint8, owner=i)
+                data.append(_random(BIG, torch.uint8, 60 + i))
+                await (await w.fill(page, data[-1]))
+                pages.append(page)
+            yield w, [(page, _digest(values)) for page, values in zip(pages, data, strict=True)]
+
+
+async def _digest_of(w: World, page: Page) -> str:
+    async with w.pager.use(page) as use:
+        sub = page.context.queue.submit(_digest, use.tensor, waits=[use.wait], signals=[use.signal])
+    return str(await sub)
+
+
+async def test_an_allocation_needing_a_page_out_fails_with_the_disk_full_error(
+    tmp_path: Path,
+) -> None:
+    """Over budget with the disk full, allocate raises the write's error; pages stay intact."""
+    async with big_pages(tmp_path) as (w, pages):
+        ctx = pages[0][0].context
+        used = w.rt.usage(ctx)
+        with disk_full(), pytest.raises(StorageWriteError, match="EFBIG") as caught:
+            await asyncio.wait_for(w.pager.allocate(ctx, BIG, torch.uint8), 30)
+        assert caught.value.path == os.fspath(tmp_path / "pages.bin")
+        assert w.rt.usage(ctx) == used and w.rt.usage(w.host).used == 0
+        assert w.pager._file_space.live_blocks() == ()
+        stats = w.pager.statistics()
+        assert (stats.pages, stats.device_pages, stats.page_outs) == (3, 3, 0)
+        assert stats.failures >= 1
+        for page, digest in pages:  # nothing lost: resident, intact, usable
+            assert page.tier is Tier.DEVICE and page.semaphore.failure is None
+            assert await _digest_of(w, page) == digest
+        # Once the disk has room again, the same allocation pages out the LRU page.
+        grown = await w.pager.allocate(ctx, BIG, torch.uint8)
+        assert grown.tier is Tier.DEVICE
+        assert pages[0][0].tier is Tier.FILE
+        assert await _digest_of(w, pages[0][0]) == pages[0][1]
+
+
+async def test_an_allocation_with_a_timeout_succeeds_once_the_disk_recovers(
+    tmp_path: Path,
+) -> None:
+    """With timeout=, failed page-outs are retried; the allocation completes after recovery."""
+    async with big_pages(tmp_path) as (w, pages):
+        ctx = pages[0][0].context
+        with disk_full() as recover:
+            task = asyncio.ensure_future(w.pager.allocate(ctx, BIG, torch.uint8, timeout=60))
+            while w.pager.statistics().failures < 2:  # noqa: ASYNC110 (no event marks a retry)
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            recover()
+            grown = await asyncio.wait_for(task, 30)
+        assert grown.tier is Tier.DEVICE and grown in w.pager.lru()
+        victim, digest = pages[0]
+        assert victim.tier is Tier.FILE
+        assert await _digest_of(w, victim) == digest
+
+
+async def test_an_allocation_with_a_timeout_fails_with_the_storage_error_when_it_expires(
+    tmp_path: Path,
+) -> None:
+    """A disk that stays full fails a timed allocation with the write's error; nothing changes."""
+    async with big_pages(tmp_path) as (w, pages):
+        ctx = pages[0][0].context
+        used = w.rt.usage(ctx)
+        with disk_full(), pytest.raises(StorageWriteError, match="EFBIG"):
+            await asyncio.wait_for(w.pager.allocate(ctx, BIG, torch.uint8, timeout=0.2), 30)
+        assert w.pager.statistics().failures >= 2  # retried within the timeout
+        assert w.rt.usage(ctx) == used and len(w.pager.lru()) == 3
+        assert all(page.tier is Tier.DEVICE for page, _ in pages)
+
+
+# -- bad arguments -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "dtype", "timeout", "error", "message"),
+    [
+        (BLOCK, "float17", None, ValueError, "unknown dtype 'float17'; accepted: .*float16"),
+        (BLOCK, 3, None, TypeError, "dtype must be a torch.dtype or its name"),
+        ((4, -1), torch.float16, None, ValueError, r"dimensions must be >= 0, got \(4, -1\)"),
+        ((4, 2.5), torch.float16, None, TypeError, "shape must hold ints, got float 2.5"),
+        ("abc", torch.float16, None, TypeError, "shape must be a sequence of ints"),
+        ((0, 8), torch.float16, None, ValueError, "at least one byte"),
+        (BLOCK, torch.float16, -1, ValueError, "timeout must be None or seconds >= 0, got -1"),
+    ],
+    ids=["dtype-name", "dtype-type", "negative-dim", "float-dim", "str-shape", "empty", "timeout"],
+)
+async def test_bad_allocate_arguments_raise_a_specific_error_and_change_nothing(
+    tmp_path: Path, shape: Any, dtype: Any, timeout: Any, error: type[Exception], message: str
+) -> None:
+    """A bad shape, dtype or timeout raises TypeError/ValueError saying what is accepted."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        with pytest.raises(error, match=message):
+            await w.pager.allocate(ctx, shape, dtype, timeout=timeout)
+        assert w.pager.lru() == () and w.rt.usage(ctx).used == 0
+        page = await w.pager.allocate(ctx, BLOCK, "float16")  # names work
+        assert page.dtype == "float16" and page.nbytes == 4 * KiB
+
+
+# -- a corrupted page file ---------------------------------------------------------------
+
+
+def _write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _flip(path: Path, offset: int, nbytes: int) -> None:
+    """One bit of one byte inside the page changes."""
+    with open(path, "r+b") as f:
+        f.seek(offset + nbytes // 3)
+        byte = f.read(1)[0]
+        f.seek(offset + nbytes // 3)
+        f.write(bytes([byte ^ 0x10]))
+
+
+def _zero(path: Path, offset: int, nbytes: int) -> None:
+    """A run of the page's bytes becomes zeros (a lost write, a bad sector read as 0)."""
+    with open(path, "r+b") as f:
+        f.seek(offset + 512)
+        f.write(b"\0" * 1024)
+
+
+def _truncate_and_extend(path: Path, offset: int, nbytes: int) -> None:
+    """The file is cut inside the page, then grown back to its size: its tail reads as 0."""
+    size = path.stat().st_size
+    os.truncate(path, offset + nbytes // 2)
+    os.truncate(path, size)
+
+
+def _truncate(path: Path, offset: int, nbytes: int) -> None:
+    """The file ends inside the page."""
+    os.truncate(path, offset + nbytes // 2)
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["staged", "direct"])
+@pytest.mark.parametrize(
+    "damage",
+    [_flip, _zero, _truncate_and_extend, _truncate],
+    ids=["flipped", "zeroed", "truncated-then-extended", "truncated"],
+)
+async def test_a_corrupted_page_raises_and_stays_in_its_file(
+    tmp_path: Path, damage: Callable[[Path, int, int], None], direct: bool
+) -> None:
+    """Changed bytes in the page file raise PageCorruptedError naming page, file and offset."""
+    async with world(tmp_path, direct=direct) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16, name="kv-3")
+        data = _random(BLOCK, torch.float16, 11)
+        await w.fill(page, data)
+        neighbour = await w.pager.allocate(ctx, BLOCK, torch.float16, name="kv-4")
+        await w.fill(neighbour, _random(BLOCK, torch.float16, 12))
+        await w.pager.page_out(neighbour)  # the page lies after another in the file
+        await w.pager.page_out(page)
+        path, offset = tmp_path / "pages.bin", page.file_offset
+        assert offset is not None and offset > 0
+        good = path.read_bytes()[offset : offset + page.nbytes]
+        value, stats = page.semaphore.value, w.pager.statistics()
+        damage(path, offset, page.nbytes)
+        with pytest.raises(af.PageCorruptedError) as caught:
+            async with w.pager.use(page):
+                pass
+        error = caught.value
+        assert isinstance(error, StorageReadError)
+        assert (error.page, error.path, error.offset) == ("kv-3", os.fspath(path), offset)
+        assert f"page 'kv-3' is corrupted in its file: 4,096 bytes at offset {offset:,}" in str(
+            error
+        )
+        assert repr(os.fspath(path)) in str(error)
+        if damage is _truncate:
+            assert error.actual_checksum is None and "the file ends" in str(error)
+        else:
+            assert error.actual_checksum is not None
+            assert error.actual_checksum != error.expected_checksum
+        # It stays where it was: in the file, same extent, same timeline value, nothing held.
+        assert page.tier is Tier.FILE and page.file_offset == offset and not page.in_transit
+        assert page.semaphore.value == value and page.semaphore.failure is None
+        assert w.rt.usage(ctx).used == 0 and w.rt.usage(w.host).used == 0
+        after = w.pager.statistics()
+        assert (after.file_pages, after.page_ins, after.failures) == (2, 0, stats.failures + 1)
+        # Repaired, the same page pages in bit for bit: the record was kept.
+        _write_at(path, offset, good)
+        assert await _digest_of(w, page) == _digest(data)
+
+
+async def test_host_pages_flushed_to_the_file_are_verified_too(tmp_path: Path) -> None:
+    """A page that went device → host → file is checked on page-in like any other."""
+    async with world(tmp_path) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.float16, name="kv")
+        data = _random(BLOCK, torch.float16, 13)
+        await w.fill(page, data)
+        await w.pager.page_out(page, Tier.HOST)
+        await w.pager.page_out(page, Tier.FILE)
+        offset = page.file_offset
+        assert offset is not None
+        _flip(tmp_path / "pages.bin", offset, page.nbytes)
+        with pytest.raises(af.PageCorruptedError, match="page 'kv' is corrupted"):
+            await w.pager.page_in(page)
+        assert page.tier is Tier.FILE
+        await w.pager.release(page)  # a corrupted page can still be released
+        assert w.pager.lru() == () and w.pager._file_space.live_blocks() == ()
+
+
+async def test_without_verify_the_file_tier_is_not_checked(tmp_path: Path) -> None:
+    """Pager(verify=False) keeps no checksum: a changed byte comes back as data."""
+    async with world(tmp_path, verify=False) as w:
+        ctx = w.context("llama", pages=2)
+        page = await w.pager.allocate(ctx, BLOCK, torch.uint8)
+        await w.fill(page, torch.zeros(BLOCK, dtype=torch.uint8))
+        await w.pager.page_out(page)
+        assert page.file_offset is not None
+        _write_at(tmp_path / "pages.bin", page.file_offset + 7, b"\x01")
+        async with w.pager.use(page) as use:
+            total = ctx.queue.submit(
+                lambda t: int(t.sum()), use.tensor, waits=[use.wait], signals=[use.signal]
+            )
+        assert await total == 1

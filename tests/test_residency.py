@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
+import re
+import struct
 import threading
 import weakref
 from pathlib import Path
@@ -17,7 +20,9 @@ from asyncfront.devices import CpuDevice, ShortReadError, StorageDevice
 from asyncfront.memory import (
     EvictionCandidate,
     RequestRate,
+    WeightsFormatError,
     choose_evictions,
+    parse_safetensors_header,
     plan_reclaim,
     read_safetensors_layout,
 )
@@ -208,9 +213,15 @@ async def test_loads_of_different_models_run_at_once(tmp_path: Path) -> None:
     inside = threading.Barrier(2, timeout=10)
 
     class Gated(StorageDevice):
-        def _read_sync(self, out: object, file: str | os.PathLike[str], offset: int) -> int:
+        def _read_sync(
+            self,
+            out: object,
+            file: str | os.PathLike[str],
+            offset: int,
+            checksum: int | None = None,
+        ) -> int:
             inside.wait()  # passes only when the other load is reading too
-            return super()._read_sync(out, file, offset)
+            return super()._read_sync(out, file, offset, checksum)
 
     async with af.open_runtime([CpuDevice("gpu0", memory=1 << 20), Gated(tmp_path)]) as rt:
         for name in ("a", "b"):
@@ -307,17 +318,21 @@ async def test_pressure_drops_the_cheapest_weights_not_the_least_recent(tmp_path
 
 
 async def test_failed_load_frees_what_it_took(tmp_path: Path) -> None:
-    """A truncated file raises ShortReadError; nothing stays charged or resident."""
+    """A file cut short after registering fails the load mid-way; the usage is as before."""
     path = tmp_path / "cut.safetensors"
     _save(path, 7)
-    path.write_bytes(path.read_bytes()[:-100])
     async with af.open_runtime(_devices(tmp_path)) as rt:
         ctx = rt.create_context("cut", device="gpu0", max_memory=64 * KiB)
+        rt.weights("other", {"w": torch.ones(16)})
+        await rt.ensure_resident("other", "gpu0", context=ctx)
+        before = rt.usage(ctx)
+        assert before.used > 0
         rt.weights("cut", path)
+        path.write_bytes(path.read_bytes()[:-100])  # the file changes after registering
         with pytest.raises(ShortReadError):
             await rt.ensure_resident("cut", "gpu0")
-        assert rt.usage(ctx).used == 0
-        assert rt.residency.resident() == ()
+        assert rt.usage(ctx) == before
+        assert [r.weights.name for r in rt.residency.resident()] == ["other"]
 
 
 async def test_context_defaults_to_the_weights_name(tmp_path: Path) -> None:
@@ -331,3 +346,107 @@ async def test_context_defaults_to_the_weights_name(tmp_path: Path) -> None:
         assert resident.context is other and rt.usage(other).used == resident.nbytes
         with pytest.raises(ValueError, match="size=3 bytes given"):
             rt.weights("sized", {"w": torch.ones(4)}, size=3)
+
+
+# -- the header is checked whole when weights are registered -------------------------------
+
+
+def _file(path: Path, header: object, data: bytes = b"", *, length: int | None = None) -> Path:
+    """A safetensors-framed file: the 8-byte length, ``header`` (JSON unless bytes), data."""
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+F32_8 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+BAD_HEADERS: list[tuple[str, object, int | None, str, str | None]] = [
+    # id, header, header length (None: the real one), what the message says, the entry
+    ("huge-length", {"w": F32_8}, 2**50, "header length 1,125,899,906,842,624 exceeds", None),
+    ("not-json", b"{not json", None, "not JSON", None),
+    ("a-list", [{"w": F32_8}], None, "must be a JSON object, got a JSON array", None),
+    ("no-dtype", {"w": {"shape": [2], "data_offsets": [0, 8]}}, None, "has no dtype", "w"),
+    ("unknown-dtype", {"w": {**F32_8, "dtype": "F17"}}, None, "unknown dtype 'F17'", "w"),
+    ("entry-not-object", {"w": [0, 8]}, None, "must be an object", "w"),
+    ("negative-dim", {"w": {**F32_8, "shape": [-2]}}, None, "non-negative integers", "w"),
+    ("float-dim", {"w": {**F32_8, "shape": [2.0]}}, None, "non-negative integers", "w"),
+    ("one-offset", {"w": {**F32_8, "data_offsets": [8]}}, None, "two integers", "w"),
+    ("reversed", {"w": {**F32_8, "data_offsets": [8, 0]}}, None, "begin <= end", "w"),
+    ("past-data", {"w": {**F32_8, "data_offsets": [8, 16]}}, None, "reach past", "w"),
+    (
+        "shape-vs-offsets",
+        {"w": {"dtype": "F32", "shape": [100], "data_offsets": [0, 8]}},
+        None,
+        "shape [100] of F32 takes 400 bytes but data_offsets [0, 8] hold 8",
+        "w",
+    ),
+    (
+        "overlap",
+        {"a": F32_8, "b": {"dtype": "U8", "shape": [4], "data_offsets": [4, 8]}},
+        None,
+        "overlap entry 'a'",
+        "b",
+    ),
+    ("metadata-values", {"__metadata__": {"n": 1}, "w": F32_8}, None, "must be a string", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "length", "message", "entry"),
+    [case[1:] for case in BAD_HEADERS],
+    ids=[case[0] for case in BAD_HEADERS],
+)
+async def test_a_malformed_header_is_refused_at_registration_and_changes_nothing(
+    tmp_path: Path, header: object, length: int | None, message: str, entry: str | None
+) -> None:
+    """Each malformed header raises WeightsFormatError naming file and entry; nothing is kept."""
+    bad = _file(tmp_path / "bad.safetensors", header, b"\0" * 8, length=length)
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        ctx = rt.create_context("w", device="gpu0", max_memory=64 * KiB)
+        with pytest.raises(af.WeightsFormatError, match=re.escape(message)) as caught:
+            rt.weights("w", bad)
+        error = caught.value
+        assert isinstance(error, ValueError)
+        assert error.path == os.fspath(bad) and repr(os.fspath(bad)) in str(error)
+        if entry is not None and entry != "__metadata__":
+            assert error.entry == entry and f"entry {entry!r}" in str(error)
+        assert rt.residency.statistics().registered == 0
+        assert rt.usage(ctx).used == 0
+        good = tmp_path / "good.safetensors"
+        _save(good, 3)
+        rt.weights("w", good)  # the name was not taken by the refused call
+        assert (await rt.ensure_resident("w", "gpu0")).weights.path == good
+
+
+def test_a_file_shorter_than_its_length_field_is_refused(tmp_path: Path) -> None:
+    """Fewer than 8 bytes, or a header cut short, raise WeightsFormatError with the sizes."""
+    short = tmp_path / "short.safetensors"
+    short.write_bytes(b"\1\0\0")
+    with pytest.raises(WeightsFormatError, match="has 3 bytes, fewer than the 8"):
+        read_safetensors_layout(short)
+    cut = _file(tmp_path / "cut.safetensors", {"w": F32_8}, length=1000)
+    with pytest.raises(WeightsFormatError, match="header length 1,000 exceeds the"):
+        read_safetensors_layout(cut)
+
+
+def test_the_header_parser_accepts_metadata_and_works_on_bytes() -> None:
+    """parse_safetensors_header checks bytes against a data size; __metadata__ is allowed."""
+    header = json.dumps(
+        {
+            "__metadata__": {"format": "pt"},
+            "b": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 16]},
+            "a": F32_8,
+            "empty": {"dtype": "F16", "shape": [0, 3], "data_offsets": [8, 8]},
+        }
+    ).encode()
+    layouts = parse_safetensors_header(header, 16, source="shard-1.safetensors")
+    assert [(t.name, t.dtype, t.shape, t.offset, t.nbytes) for t in layouts] == [
+        ("a", "float32", (2,), 0, 8),
+        ("empty", "float16", (0, 3), 8, 0),
+        ("b", "bfloat16", (2, 2), 8, 8),
+    ]
+    with pytest.raises(WeightsFormatError, match=r"'shard-1\.safetensors', entry 'b'.*reach past"):
+        parse_safetensors_header(header, 12, source="shard-1.safetensors")
+    dup = b'{"a": ' + json.dumps(F32_8).encode() + b', "a": ' + json.dumps(F32_8).encode() + b"}"
+    with pytest.raises(WeightsFormatError, match="entry 'a': the entry appears twice"):
+        parse_safetensors_header(dup, 8)

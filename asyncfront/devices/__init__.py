@@ -9,6 +9,7 @@ from ._base import SlotArbiter as SlotArbiter
 from .cpu import CpuDevice as CpuDevice
 from .fake import FakeDevice as FakeDevice
 from .fake import FakeDeviceError as FakeDeviceError
+from .storage import ChecksumError as ChecksumError
 from .storage import ShortReadError as ShortReadError
 from .storage import ShortWriteError as ShortWriteError
 from .storage import StorageDevice as StorageDevice
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .torch import TorchDevice as TorchDevice
 
 __all__ = (
+    "ChecksumError",
     "CpuDevice",
     "Device",
     "DeviceStatistics",

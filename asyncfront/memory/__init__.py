@@ -1,6 +1,7 @@
 """Memory shared across models: death-frontier buffer pools, weight residency and paging."""
 
 from ._pager import Page as Page
+from ._pager import PageCorruptedError as PageCorruptedError
 from ._pager import Pager as Pager
 from ._pager import PagerStatistics as PagerStatistics
 from ._pager import PageUse as PageUse
@@ -32,10 +33,12 @@ from ._residency import EvictionCandidate as EvictionCandidate
 from ._residency import Residency as Residency
 from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._residency import ResidentWeights as ResidentWeights
-from ._residency import TensorLayout as TensorLayout
 from ._residency import Weights as Weights
 from ._residency import choose_evictions as choose_evictions
-from ._residency import read_safetensors_layout as read_safetensors_layout
+from ._safetensors import TensorLayout as TensorLayout
+from ._safetensors import WeightsFormatError as WeightsFormatError
+from ._safetensors import parse_safetensors_header as parse_safetensors_header
+from ._safetensors import read_safetensors_layout as read_safetensors_layout
 
 __all__ = (
     "DEFAULT_ALIGNMENT",
@@ -49,6 +52,7 @@ __all__ = (
     "InvalidFreeError",
     "InvalidSizeError",
     "Page",
+    "PageCorruptedError",
     "PageUse",
     "Pager",
     "PagerStatistics",
@@ -69,9 +73,11 @@ __all__ = (
     "WaitCompleted",
     "WaitForFree",
     "Weights",
+    "WeightsFormatError",
     "WouldWaitError",
     "choose_evictions",
     "choose_page_outs",
+    "parse_safetensors_header",
     "plan_reclaim",
     "read_safetensors_layout",
 )

@@ -19,7 +19,10 @@ any step fails, nothing is lost: the device copy is still there and the page sta
 resident and usable; only the host buffer and file extent it took are given back.
 Page-in reads file → host and copies host → device, and keeps the file extent until
 the data is back, so a failed page-in leaves the page in its file, to be paged in
-again. With ``direct=True`` the storage device reads and writes device memory itself
+again. The file tier is verified: each page-out's write returns the CRC32C of the bytes
+it wrote, each page-in's read checks it, and bytes that changed in the file (flipped,
+zeroed, truncated) raise :class:`PageCorruptedError` with the page, file and offset.
+With ``direct=True`` the storage device reads and writes device memory itself
 where it can reach it (GPUDirect Storage through KvikIO on CUDA; plain host memory
 otherwise), and the host tier is left out of file transfers.
 
@@ -43,9 +46,10 @@ from .._budget import format_bytes
 from .._frontier import Frontier
 from .._progress import progress
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
+from ..devices.storage import ChecksumError, ShortReadError, StorageReadError
 from ._pool import Block, BufferPool
 from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
-from ._tensors import buffer_bytes, copy_bytes, import_torch
+from ._tensors import buffer_bytes, copy_bytes, import_torch, resolve_dtype
 
 if TYPE_CHECKING:
     from .._context import Buffer, ExecutionContext
@@ -54,6 +58,7 @@ if TYPE_CHECKING:
     from ..devices.storage import StorageDevice
 
 __all__ = (
+    "PageCorruptedError",
     "Page",
     "PageUse",
     "Pager",
@@ -68,6 +73,11 @@ DEFAULT_FILE_CAPACITY = 1 << 40
 FILE_ALIGNMENT = 4096
 """Alignment of page extents in the file: the page size direct I/O and GDS want."""
 
+_RETRY_FIRST = 0.01
+_RETRY_MAX = 1.0
+# Seconds between tries of failed page-outs while an allocation's timeout allows: the
+# first retry comes soon (a transient error), later ones back off to once a second.
+
 
 class Tier(enum.Enum):
     """Where a page's data lives."""
@@ -75,6 +85,45 @@ class Tier(enum.Enum):
     DEVICE = "device"
     HOST = "host"
     FILE = "file"
+
+
+class PageCorruptedError(StorageReadError):
+    """A page's bytes in the pager's file are not what its page-out wrote there.
+
+    Raised by a page-in whose read found other bytes than the page-out's checksum says
+    (flipped or zeroed bytes, a file cut short and grown again), or found the file cut
+    short. The page stays where it was: in the file tier, its record intact, so a
+    page-in can be tried again (after the file is repaired) or the page released.
+
+    Attributes:
+        page: the page's name.
+        path / offset / expected: the file, the page's offset in it, its size.
+        expected_checksum: the CRC32C the page-out wrote.
+        actual_checksum: the CRC32C of the bytes read; None when the file was too short.
+    """
+
+    def __init__(
+        self,
+        page: str,
+        path: str | os.PathLike[str],
+        offset: int,
+        nbytes: int,
+        expected_checksum: int,
+        actual_checksum: int | None,
+        actual: int | None = None,
+    ) -> None:
+        if actual_checksum is not None:
+            found = f"CRC32C {actual_checksum:#010x}, written as {expected_checksum:#010x}"
+        else:
+            found = f"the file ends {actual or 0:,} bytes into it"
+        super().__init__(path, offset, nbytes, nbytes if actual is None else actual, found)
+        self.args = (
+            f"page {page!r} is corrupted in its file: {nbytes:,} bytes at offset {offset:,} "
+            f"of {os.fspath(path)!r}: {found}; the page stays in the file",
+        )
+        self.page = page
+        self.expected_checksum = expected_checksum
+        self.actual_checksum = actual_checksum
 
 
 class Page:
@@ -119,6 +168,7 @@ class Page:
         self._host: Buffer | None = None
         self._host_tensor: Any = None
         self._extent: Block | None = None
+        self._checksum: int | None = None  # CRC32C of its bytes in the file tier
 
     @property
     def in_transit(self) -> bool:
@@ -201,6 +251,22 @@ def choose_page_outs(
     return plan_reclaim(movable, needed, reclaimable)
 
 
+def _dims(shape: object) -> tuple[int, ...]:
+    """``shape`` as a tuple of non-negative ints, or a TypeError / ValueError saying why not."""
+    if isinstance(shape, int) and not isinstance(shape, bool):
+        shape = (shape,)
+    if not isinstance(shape, Sequence) or isinstance(shape, str | bytes):
+        raise TypeError(f"shape must be a sequence of ints, got {type(shape).__name__} {shape!r}")
+    dims = []
+    for dim in shape:
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"shape must hold ints, got {type(dim).__name__} {dim!r} in {shape!r}")
+        if dim < 0:
+            raise ValueError(f"shape dimensions must be >= 0, got {tuple(shape)}")
+        dims.append(dim)
+    return tuple(dims)
+
+
 def _charged_to(page: Page) -> str:
     """The context whose budget holds the page's memory in its current tier."""
     if page.tier is Tier.HOST and page._host is not None:
@@ -230,6 +296,9 @@ class Pager:
             through KvikIO, that is GPUDirect Storage). False: always device → host
             → file and back, the copy queue moving device ↔ host.
         file_capacity: bytes of file space it may use.
+        verify: checksum every page written to the file (CRC32C) and check it when the
+            page is read back, so changed bytes raise :class:`PageCorruptedError`
+            instead of coming back as data. False leaves that to the filesystem.
         name: a label for logs, queue-free.
     """
 
@@ -244,6 +313,7 @@ class Pager:
         spill: Tier = Tier.FILE,
         direct: bool = False,
         file_capacity: int = DEFAULT_FILE_CAPACITY,
+        verify: bool = True,
         name: str = "pager",
     ) -> None:
         from ..devices.storage import StorageDevice
@@ -260,6 +330,7 @@ class Pager:
         self.file = file
         self.spill = spill
         self.direct = direct
+        self.verify = verify
         self.name = name
         self._file_space = BufferPool(
             file_capacity, alignment=FILE_ALIGNMENT, completed=runtime, name=os.fspath(file)
@@ -282,22 +353,46 @@ class Pager:
         *,
         owner: object = None,
         name: str | None = None,
+        timeout: float | None = None,
     ) -> Page:
         """A new page of ``shape`` and ``dtype`` on ``context``'s device (uninitialised).
 
         Its memory is charged to ``context``; if that goes over the context's own
-        budget, its least recently used pages are paged out first.
+        budget, or the device is full, the least recently used pages that help are
+        paged out first.
+
+        Args:
+            context: the context whose device and budget hold the page.
+            shape: the page tensor's shape (non-negative ints, at least one byte).
+            dtype: a ``torch.dtype`` or its name (``"float16"``).
+            owner: a tag for the caller (a session id, a model name).
+            name: a label for logs; default ``"<owner>#<n>"``.
+            timeout: seconds the call may wait for memory. Without one, a page-out that
+                fails (a full disk) fails the allocation at once with its error; with
+                one, the failed page-outs are retried until the timeout, so the
+                allocation succeeds if the disk recovers in time.
+
+        Raises:
+            StorageError: the page-outs that would make room failed (the last error);
+                the pages stay resident and intact.
+            MemoryBudgetError: the budget cannot hold the page, or no memory was freed
+                within ``timeout``.
+            ValueError / TypeError: a bad ``shape``, ``dtype`` or ``timeout`` (nothing
+                changes).
         """
         self._check_open()
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
+        ):
+            raise ValueError(f"timeout must be None or seconds >= 0, got {timeout!r}")
         if context.device is self.host.device:
             raise ValueError(
                 f"context {context.name!r} is on the host tier's device {context.device.name!r}; "
                 "pages live on another device than their host copies"
             )
-        torch = import_torch()
-        torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        dims = tuple(int(d) for d in shape)
-        nbytes = math.prod(dims) * torch.empty((), dtype=torch_dtype).element_size()
+        torch_dtype = resolve_dtype(dtype)
+        dims = _dims(shape)
+        nbytes = math.prod(dims) * torch_dtype.itemsize
         if nbytes <= 0:
             raise ValueError(f"a page needs at least one byte, got shape {dims}")
         self._count += 1
@@ -308,9 +403,11 @@ class Pager:
         page = Page(
             label, owner, context, dims, str(torch_dtype).removeprefix("torch."), nbytes, sem
         )
-        page._transit = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        page._transit = loop.create_future()
         try:
-            page._device = await self._allocate(context, page)
+            deadline = None if timeout is None else loop.time() + timeout
+            page._device = await self._allocate(context, page, deadline)
         finally:
             self._settle(page)
         page._device_tensor = self._typed(buffer_bytes(page._device), page)
@@ -326,6 +423,8 @@ class Pager:
         timeline, so that work's frontier carries the storage and copy axes.
 
         Raises:
+            PageCorruptedError: the page's bytes in the file changed since its page-out;
+                it stays in the file, its record intact.
             StorageError: the page-in failed; the page stays in the file, intact.
         """
         self._check_page(page)
@@ -370,7 +469,7 @@ class Pager:
             self._free(page._host, death)
         if page._extent is not None:
             self._file_space.free(page._extent, death)
-        page._device = page._host = page._extent = None
+        page._device = page._host = page._extent = page._checksum = None
         page._device_tensor = page._host_tensor = None
 
     # -- moving pages ----------------------------------------------------------------
@@ -460,11 +559,12 @@ class Pager:
                     waits=[after],
                     signals=[(out, 2)],
                     name=f"page-out write {page.name}",
+                    checksum=self.verify,
                 )
             if copy is not None:
                 await copy
-            if write is not None:
-                await write
+            written = await write if write is not None else None
+            checksum = written if self.verify else None  # else the write returns a count
         except BaseException:
             # The device copy was never touched: the page stays resident and usable.
             if staging is not None:
@@ -483,7 +583,7 @@ class Pager:
         if write is not None:
             if staging is not None:
                 self._free(staging, _death(write))
-            page._extent = extent
+            page._extent, page._checksum = extent, checksum
             page.tier = Tier.FILE
         else:
             page._host, page._host_tensor = staging, source
@@ -504,9 +604,10 @@ class Pager:
             waits=[(page.semaphore, value)],
             signals=[(out, 1)],
             name=f"page-out write {page.name}",
+            checksum=self.verify,
         )
         try:
-            await write
+            written = await write
         except BaseException:
             self._file_space.free(extent, _death(write))
             raise
@@ -517,6 +618,7 @@ class Pager:
         self._free(page._host, _death(write))
         page._host = page._host_tensor = None
         page._extent = extent
+        page._checksum = written if self.verify else None  # else the write returns a count
         page.tier = Tier.FILE
         self._page_outs += 1
         self._bytes_out += page.nbytes
@@ -546,6 +648,7 @@ class Pager:
                     waits=[(sem, value)],  # the value the page-out signalled
                     signals=[(sem, value + 1)],
                     name=f"page-in read {page.name}",
+                    checksum=page._checksum,
                 )
                 value += 1
             if host_bytes is not None:
@@ -562,7 +665,7 @@ class Pager:
                 await read  # its own error, rather than the copy's failed wait
             if copy is not None:
                 await copy
-        except BaseException:
+        except BaseException as exc:
             # The data is still in its tier: give back what the attempt took, and give
             # the page a fresh timeline if this one failed or ran ahead.
             last = copy or read
@@ -571,6 +674,9 @@ class Pager:
             if staging is not None:
                 self._free(staging, _death(last) if last is not None else Frontier())
             self._rearm(page)
+            corrupted = self._corrupted(page, exc)
+            if corrupted is not None:
+                raise corrupted from exc
             raise
         last = copy or read
         assert last is not None and last.frontier is not None
@@ -580,7 +686,7 @@ class Pager:
             if staging is not None:
                 self._free(staging, _death(last))
             self._file_space.free(page._extent, _death(read))
-            page._extent = None
+            page._extent = page._checksum = None
         else:
             assert page._host is not None
             self._free(page._host, _death(last))
@@ -592,6 +698,22 @@ class Pager:
         self._bytes_in += page.nbytes
         self._log("page_in", page, frontier=repr(last.frontier))
 
+    def _corrupted(self, page: Page, exc: BaseException) -> PageCorruptedError | None:
+        """The page-in error for bytes in the file that are not the page's, if ``exc`` is one."""
+        if page._checksum is None or page._extent is None:
+            return None
+        path = self._storage_device.resolve(self.file)
+        offset = page._extent.offset
+        if isinstance(exc, ChecksumError):
+            return PageCorruptedError(
+                page.name, path, offset, page.nbytes, page._checksum, exc.actual_checksum
+            )
+        if isinstance(exc, ShortReadError):
+            return PageCorruptedError(
+                page.name, path, offset, page.nbytes, page._checksum, None, exc.actual
+            )
+        return None
+
     def _rearm(self, page: Page) -> None:
         """After a failed page-in: a fresh semaphore at the page's value and frontier."""
         old = page.semaphore
@@ -602,30 +724,52 @@ class Pager:
             fresh.signal(page._value, old.frontier)
         page.semaphore = fresh
 
-    async def _allocate(self, context: ExecutionContext, page: Page) -> Buffer:
+    async def _allocate(
+        self, context: ExecutionContext, page: Page, deadline: float | None = None
+    ) -> Buffer:
         """Memory for ``page`` through ``context``'s budget (its device's, or the host's).
 
-        Over the context's own budget the memory manager would refuse at once, so the
-        least recently used pages of that tier go out first, or, when other pages are
-        moving (holding staging buffers they are about to give back), the allocation
-        waits for them; a full device goes through the pressure policy (this pager's
-        handler included).
+        Over the context's own budget, or on a full device, the least recently used
+        pages that help go out first (the memory manager would refuse or wait), or,
+        when other pages are moving (holding staging buffers they are about to give
+        back), the allocation waits for them. When the page-outs that would make room
+        fail and nothing else is moving, the allocation fails with their error, unless
+        a ``deadline`` (loop time) leaves time to try them again: a full disk may
+        recover. Any shortfall left goes to the memory manager, within the deadline.
         """
+        loop = asyncio.get_running_loop()
+        retry_delay = _RETRY_FIRST
         while True:
-            used, _, limit = context.usage()
-            if used + page.nbytes <= limit or page.nbytes > limit:
+            if page.nbytes > context.usage().limit:
+                break  # no amount of paging helps: let the memory manager say why
+            needed, _ = shortfall(self.runtime, context, page.nbytes)
+            if needed <= 0:
                 break
-            if await self.reclaim(context, page.nbytes):
+            freed, failures = await self._reclaim(context, page.nbytes)
+            if freed:
+                retry_delay = _RETRY_FIRST
                 continue
-            if not any(p._transit is not None for p in self._lru if p is not page):
+            moving = any(p._transit is not None for p in self._lru if p is not page)
+            remaining = None if deadline is None else deadline - loop.time()
+            if failures and not moving:
+                if remaining is None or remaining <= 0:
+                    raise failures[-1]
+                # Nothing will free memory by itself: try the page-outs again later.
+                await asyncio.sleep(min(retry_delay, remaining))
+                retry_delay = min(retry_delay * 2, _RETRY_MAX)
+                continue
+            if not moving:
                 break  # nothing will come back: let the memory manager say why
+            if remaining is not None and remaining <= 0:
+                break
             if self._returned is None:
-                self._returned = asyncio.get_running_loop().create_future()
-            await asyncio.wait([self._returned])
+                self._returned = loop.create_future()
+            await asyncio.wait([self._returned], timeout=remaining)
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
         # The copy and storage queues write this memory, not the context's queue: the
         # pool must not take the context queue's history as proof the old data is dead.
         return await self.runtime._memory.allocate(
-            context, page.nbytes, owner=page, requester=Frontier()
+            context, page.nbytes, owner=page, requester=Frontier(), timeout=remaining
         )
 
     def _free(self, buffer: Buffer, death: Frontier) -> None:
@@ -641,11 +785,17 @@ class Pager:
         """Page out least recently used pages so ``context`` can allocate ``nbytes``.
 
         For a device context, pages leave its device (to ``spill``); for the host
-        context, host copies go to the file. Returns the bytes freed.
+        context, host copies go to the file. Returns the bytes freed; a page whose
+        page-out fails keeps its data where it was and frees nothing.
         """
+        freed, _ = await self._reclaim(context, nbytes)
+        return freed
+
+    async def _reclaim(self, context: ExecutionContext, nbytes: int) -> tuple[int, list[Exception]]:
+        """:meth:`reclaim`, and the errors of the page-outs that failed."""
         needed, reclaimable = shortfall(self.runtime, context, nbytes)
         if needed <= 0 or self._closed:
-            return 0
+            return 0, []
         if context is self.host:
             plan = choose_page_outs(list(self._lru), needed, reclaimable, tier=Tier.HOST)
             target = Tier.FILE
@@ -654,7 +804,7 @@ class Pager:
             plan = choose_page_outs(order, needed, reclaimable)
             target = self.spill
         if not plan.victims:
-            return 0
+            return 0, []
         with progress(f"paging out {len(plan.victims)} pages", total=len(plan.victims)) as shown:
 
             async def page_out(page: Page) -> None:
@@ -667,13 +817,15 @@ class Pager:
                 *(page_out(page) for page in plan.victims), return_exceptions=True
             )
         freed = 0
+        failures: list[Exception] = []
         for page, outcome in zip(plan.victims, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
                     raise outcome  # cancellation and the like are not ours to swallow
-                continue  # logged by page_out; the page kept its data
+                failures.append(outcome)  # logged by page_out; the page kept its data
+                continue
             freed += page.nbytes
-        return freed
+        return freed, failures
 
     async def _on_memory_pressure(
         self, context: ExecutionContext, requested: int, available: int

@@ -22,9 +22,7 @@ are cheapest to lose, by priority and then by expected reload cost per second
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import struct
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from .._frontier import Frontier
 from .._progress import progress
 from .._semaphore import TimelineSemaphore
 from ._reclaim import Reclaim, ReclaimPlan, RequestRate, plan_reclaim, shortfall
+from ._safetensors import TensorLayout, read_safetensors_layout
 from ._tensors import buffer_bytes, copy_bytes, import_torch, typed_view
 
 if TYPE_CHECKING:
@@ -50,75 +49,14 @@ __all__ = (
     "Residency",
     "ResidencyStatistics",
     "ResidentWeights",
-    "TensorLayout",
     "Weights",
     "choose_evictions",
-    "read_safetensors_layout",
 )
 
 DEFAULT_BANDWIDTH = 2 << 30
 """Bytes per second assumed for a first load, before one has been measured."""
 
 _ALIGN = 64  # offsets of tensors packed from a dict: a multiple of every element size
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U64": "uint64",
-    "U32": "uint32",
-    "U16": "uint16",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
-
-
-@dataclass(frozen=True)
-class TensorLayout:
-    """Where one tensor of a weights set lies in its bytes (offset from the data start)."""
-
-    name: str
-    dtype: str  # a torch dtype name: "float16", "bfloat16", ...
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-
-def read_safetensors_layout(path: str | os.PathLike[str]) -> tuple[int, tuple[TensorLayout, ...]]:
-    """The data section's file offset and every tensor's layout, from a safetensors header.
-
-    Raises:
-        ValueError: the file is not a safetensors file or names an unknown dtype.
-    """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{os.fspath(path)!r} is too short to be a safetensors file")
-        (size,) = struct.unpack("<Q", head)
-        raw = f.read(size)
-    if len(raw) != size:
-        raise ValueError(f"{os.fspath(path)!r}: safetensors header cut short")
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{os.fspath(path)!r}: the safetensors header is not JSON") from exc
-    header.pop("__metadata__", None)
-    layouts = []
-    for name, info in header.items():
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise ValueError(f"{os.fspath(path)!r}: tensor {name!r} has dtype {info['dtype']!r}")
-        begin, end = info["data_offsets"]
-        layouts.append(TensorLayout(name, dtype, tuple(info["shape"]), begin, end - begin))
-    layouts.sort(key=lambda t: t.offset)
-    return 8 + size, tuple(layouts)
 
 
 class Weights:
@@ -502,17 +440,21 @@ class Residency:
                     _pack, raw, weights._host, weights.layouts, signals=[(sem, 1)], name="copy"
                 )
             await last
+            frontier = last.frontier
+            assert frontier is not None
+            resident = ResidentWeights(
+                weights, device, context, buffer, raw, (sem, sem.value), frontier
+            )
         except BaseException:
-            # Nothing but the load touched the buffer: it dies with the load's epoch.
+            # Nothing but the load touched the buffer: it dies with the load's epoch, and
+            # the budget gets its charge back whatever step failed.
             death = Frontier({last.queue.axis: last.epoch}) if last is not None else Frontier()
             rt._memory.free(buffer, death)
             raise
-        frontier = last.frontier
-        assert frontier is not None
         weights.load_seconds = rt.now() - started
         self._loads += 1
         self._log("weights_loaded", weights, device, seconds=weights.load_seconds)
-        return ResidentWeights(weights, device, context, buffer, raw, (sem, sem.value), frontier)
+        return resident
 
     # -- dropping and eviction -------------------------------------------------------
 

@@ -21,7 +21,15 @@ if TYPE_CHECKING:
     from ..devices._base import Device
     from ._pool import BufferPool
 
-__all__ = ("buffer_bytes", "copy_bytes", "import_torch", "torch_device", "typed_view")
+__all__ = (
+    "buffer_bytes",
+    "copy_bytes",
+    "dtype_names",
+    "import_torch",
+    "resolve_dtype",
+    "torch_device",
+    "typed_view",
+)
 
 _arenas: weakref.WeakKeyDictionary[BufferPool, Any] = weakref.WeakKeyDictionary()
 
@@ -35,6 +43,41 @@ def import_torch() -> Any:
             "asyncfront's weight residency and pager hold tensors and need PyTorch "
             "(pip install torch)"
         ) from exc
+
+
+def dtype_names() -> tuple[str, ...]:
+    """The names of torch's dtypes as ``str(dtype)`` gives them, less ``torch.``, sorted."""
+    torch = import_torch()
+    found = {
+        str(value).removeprefix("torch.")
+        for value in vars(torch).values()
+        if isinstance(value, torch.dtype)
+    }
+    return tuple(sorted(found))
+
+
+def resolve_dtype(dtype: object) -> Any:
+    """The torch dtype that ``dtype`` names: a ``torch.dtype``, or a name such as ``"float16"``.
+
+    Names are torch's (``"float16"``, ``"bfloat16"``, aliases like ``"half"``), with or
+    without a ``"torch."`` prefix.
+
+    Raises:
+        ValueError: a string that names no torch dtype (the message lists the names).
+        TypeError: neither a string nor a torch dtype.
+    """
+    torch = import_torch()
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+        raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(dtype_names())}")
+    raise TypeError(
+        f"dtype must be a torch.dtype or its name (such as 'float16'), "
+        f"got {type(dtype).__name__} {dtype!r}"
+    )
 
 
 def torch_device(device: Device) -> str:
