@@ -45,6 +45,25 @@ async def test_now_starts_at_zero(virtual_runtime):
     result.assert_outcomes(passed=1)
 
 
+def test_the_runtime_clock_reads_exact_virtual_times(pytester: pytest.Pytester) -> None:
+    """Under the fixture rt.now() reads exactly the virtual time run, 0.1 s steps included."""
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
+    pytester.makepyfile(
+        test_clock="""
+async def test_clock(virtual_runtime):
+    gpu = virtual_runtime.queue("gpu")
+    assert virtual_runtime.now() == 0.0
+    seen = []
+    for step in range(1, 41):
+        await gpu.submit(cost=0.1)
+        seen.append((virtual_runtime.now(), step / 10))
+    assert all(now == expected for now, expected in seen), seen
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
 def test_a_hang_fails_fast_instead_of_timing_out(pytester: pytest.Pytester) -> None:
     """Waiting on something nothing will signal fails after a second of idleness."""
     pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
