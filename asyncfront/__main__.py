@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ._progress import progress
-from ._timeline import read_trace, write_html
+from ._timeline import read_trace, trace_title, write_html
 from .scenarios import SCENARIOS
 from .scenarios.laptop_voice import simulate
 from .testing import run_virtual
@@ -152,9 +152,17 @@ def _demo_simulated(args: argparse.Namespace) -> int:
 
 
 def _report_trace(trace: str, title: str) -> None:
-    """Write the HTML timeline beside a Perfetto trace and say where both are."""
+    """Title a Perfetto trace, write the HTML timeline beside it, and say where both are.
+
+    The title goes into the trace's ``otherData`` too, so ``trace view`` finds it later.
+    """
     page = os.path.splitext(trace)[0] + ".html"
-    write_html(read_trace(trace), page, title=title)
+    document = read_trace(trace)
+    other = document.get("otherData")
+    document["otherData"] = {**(other if isinstance(other, dict) else {}), "title": title}
+    with open(trace, "w", encoding="utf-8") as out:
+        json.dump(document, out)
+    write_html(document, page, title=title)
     print(f"Perfetto trace written to {trace} (open it at https://ui.perfetto.dev)")
     print(f"HTML timeline written to {page}")
 
@@ -229,7 +237,7 @@ def _trace_view(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         document = read_trace(args.trace)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    title = args.title or f"asyncfront timeline: {os.path.basename(args.trace)}"
+    title = args.title or trace_title(document) or f"asyncfront timeline of {args.trace}"
     write_html(document, out, title=title)
     print(f"HTML timeline written to {out}")
     return 0

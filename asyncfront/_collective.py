@@ -407,8 +407,10 @@ class CollectiveChannel:
             else:  # resolved with the frontier the satisfying signal brings
                 captures.append((sem, sem._add_waiter(value)))
         step = CollectiveStep(self, epoch, name, parts, waits, signals, captures, finalize)
+        # The step, not its parts, signals: traces draw its dependants' arrows from this.
+        step_signals = [f"{sem.name} = {value}" for sem, value in signals]
         for part in parts:
-            part.annotate(collective=self.name, step=epoch)
+            part.annotate(collective=self.name, step=epoch, step_signals=step_signals)
         self._steps.append(step)
         wakeup, self._wakeup = self._wakeup, None
         if wakeup is not None and not wakeup.done():
