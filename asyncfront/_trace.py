@@ -230,7 +230,12 @@ class TraceRecorder:
         (``*`` for ten or more) counts the submissions that started in one cell, where
         they are too short to draw. Zero-length submissions (barriers) show as ``|``,
         failed ones as ``x``. A legend line follows the rows.
+
+        Raises:
+            ValueError: ``width`` below 1.
         """
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"format_timeline needs a width of at least 1 cell, got {width!r}")
         records = self.records
         if not records:
             return "(no trace records)"
@@ -241,7 +246,7 @@ class TraceRecorder:
             by_queue.setdefault(r.queue, []).append(r)
         rows = {name: _timeline_row(rs, cell, width) for name, rs in by_queue.items()}
         label = max(len(name) for name in rows)
-        lines = [f"{'':<{label}}  0 s{'':<{width - 12}}{end:>8.3f} s"]
+        lines = [f"{'':<{label}}  0 s{'':<{max(0, width - 12)}}{end:>8.3f} s"]
         lines += [f"{name:<{label}} [{row}]" for name, row in rows.items()]
         lines.append(
             f"{'':<{label}}  #,= a submission (alternating)  2-9,* submissions started in "

@@ -347,3 +347,31 @@ def test_simulate_writes_a_titled_html_timeline_beside_its_trace(tmp_path: Path)
     again = tmp_path / "again.html"
     assert main(["trace", "view", str(trace), "-o", str(again)]) == 0
     assert f"<title>{title}" in again.read_text(encoding="utf-8")
+
+
+def _text_timeline(costs: list[float], width: int) -> str:
+    async def body() -> str:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu", name="dense")
+            for n, cost in enumerate(costs):
+                last = q.submit(name=f"s{n}", cost=cost)
+            await last
+        return rt.trace.format_timeline(width=width)
+
+    return run_virtual(body)
+
+
+def test_the_text_timeline_keeps_back_to_back_submissions_apart() -> None:
+    """Eight back-to-back submissions read as ##==##==..., not one solid bar."""
+    text = _text_timeline([1.0] * 8, width=16)
+    assert "dense [##==##==##==##==]" in text.splitlines()
+
+
+def test_the_text_timeline_counts_submissions_too_short_to_draw() -> None:
+    """Cells holding many short submissions show their count (* for ten or more)."""
+    text = _text_timeline([0.25] * 12 + [3.0], width=6)  # 4 per cell in the first 3 cells
+    row = next(line for line in text.splitlines() if line.startswith("dense"))
+    assert row == "dense [444###]"
+    assert "2-9,* submissions started in one cell" in text
+    many = _text_timeline([0.01] * 30 + [1.0], width=2)
+    assert "dense [*#]" in many.splitlines()
