@@ -562,8 +562,10 @@ def _distributed() -> Any:
     try:
         import torch.distributed as dist
     except ImportError as exc:
+        from ._install import install_hint
+
         raise ImportError(
-            "collective channels across processes need torch.distributed (pip install torch)"
+            f"collective channels across processes need torch.distributed ({install_hint('torch')})"
         ) from exc
     if not dist.is_available():
         raise ImportError("this torch build has no torch.distributed support")
