@@ -25,6 +25,17 @@ def test_a_user_suite_using_the_fixtures_passes(pytester: pytest.Pytester) -> No
     result.assert_outcomes(passed=3)
 
 
+def test_the_documented_suite_passes_as_pasted_with_no_configuration(
+    pytester: pytest.Pytester,
+) -> None:
+    """The docs' example suite, pasted into a project with no pytest config, passes as is."""
+    pytester.makepyfile(test_pasted=_user_tests())  # no ini: pytest-asyncio's strict mode
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=3)
+    warnings = result.stdout.str().partition("warnings summary")[2]
+    assert "asyncfront" not in warnings  # pytest-asyncio may advise on its own settings
+
+
 def test_the_fixture_works_in_strict_mode_with_the_marker(pytester: pytest.Pytester) -> None:
     """In pytest-asyncio's strict mode an asyncio-marked test gets the runtime too."""
     pytester.makeini(
