@@ -14,11 +14,8 @@ from pathlib import Path
 from ._progress import progress
 from ._timeline import read_trace, trace_title, write_html
 from .scenarios import SCENARIOS
-from .scenarios.laptop_voice import simulate
+from .scenarios.laptop_voice import MAX_UTTERANCES, simulate
 from .testing import run_virtual
-
-MAX_UTTERANCES = 32
-"""The most voice turns ``demo --simulated`` simulates."""
 
 
 def _check_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

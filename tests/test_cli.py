@@ -38,7 +38,7 @@ def test_simulate_writes_a_perfetto_trace(tmp_path: Path) -> None:
 def test_simulate_refuses_an_option_the_scenario_lacks(capsys: pytest.CaptureFixture[str]) -> None:
     """An option a scenario does not take is a usage error naming what it takes."""
     with pytest.raises(SystemExit) as exit_info:
-        main(["simulate", "laptop_voice", "--depth", "3"])
+        main(["simulate", "rag_placement", "--depth", "3"])
     assert exit_info.value.code == 2
     assert "takes no options, not --depth" in capsys.readouterr().err
 

@@ -115,7 +115,8 @@ def _registry() -> dict[str, Scenario]:
             "A",
             "voice-to-chat on a laptop; voice input preempts background embedding",
             laptop_voice.simulate,
-            {},
+            {"utterances": 2},
+            {"utterances": (1, laptop_voice.MAX_UTTERANCES)},
         ),
         Scenario(
             "speculative_decoding",
