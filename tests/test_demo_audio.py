@@ -35,25 +35,30 @@ def _sample_as_float() -> np.ndarray:
     return np.frombuffer(audio.pcm, dtype="<i2").astype(np.float64) / 32768.0
 
 
-def test_a_22khz_stereo_recording_is_heard_like_the_16khz_original(tmp_path: Path) -> None:
-    """The shipped question at 22.05 kHz in stereo is read as 16 kHz mono with the same words."""
+@pytest.mark.parametrize("rate", [22050, 44100])
+def test_a_stereo_recording_at_another_rate_is_heard_like_the_original(
+    tmp_path: Path, rate: int
+) -> None:
+    """The shipped question as a stereo WAV at 22.05/44.1 kHz reads as 16 kHz mono, same words."""
     original = _sample_as_float()
-    times = np.arange(round(len(original) * 22050 / 16000)) / 22050
-    upsampled = np.interp(times, np.arange(len(original)) / 16000, original)
-    stereo = np.stack([upsampled, 0.5 * upsampled], axis=1)
-    path = _write(tmp_path / "question-22k-stereo.wav", stereo, 22050)
+    recording = resample(original, 16000, rate)  # band-limited, as a real recording is
+    stereo = np.stack([recording, 0.5 * recording], axis=1)
+    path = _write(tmp_path / f"question-{rate}-stereo.wav", stereo, rate)
     info = check_wav(path)
-    assert (info.sample_rate, info.channels) == (22050, 2)
+    assert (info.sample_rate, info.channels) == (rate, 2)
     audio = read_wav(path)
     assert audio.sample_rate == SPEECH_SAMPLE_RATE
     assert abs(len(audio.pcm) // 2 - len(original)) <= 1
     if missing_packages("pocketsphinx"):
         pytest.skip("needs pocketsphinx for the transcription half")
     recognizer = SpeechRecognizer()
-    heard = recognizer.transcribe(audio).split()
-    expected = recognizer.transcribe(read_wav()).split()
-    shared = set(heard) & set(expected)
-    assert len(shared) >= max(2, len(set(expected)) // 2), (heard, expected)
+    heard, expected = (
+        recognizer.transcribe(audio).split(),
+        recognizer.transcribe(read_wav()).split(),
+    )
+    # PocketSphinx can swap a word on 16-bit requantisation noise; most must agree, in order.
+    agree = sum(a == b for a, b in zip(heard, expected, strict=False))
+    assert agree >= len(expected) - 2 and len(expected) >= 4, (heard, expected)
 
 
 @pytest.mark.parametrize(("source", "target"), [(44100, 16000), (8000, 16000), (48000, 16000)])
