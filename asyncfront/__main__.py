@@ -5,19 +5,94 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ._progress import progress
-from ._timeline import read_trace, write_html
+from ._timeline import read_trace, trace_title, write_html
 from .scenarios import SCENARIOS
-from .scenarios.laptop_voice import simulate
+from .scenarios.laptop_voice import MAX_UTTERANCES, simulate
 from .testing import run_virtual
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _check_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Refuse the demo's bad arguments the way argparse does, before any model library loads.
+
+    Only file headers and small JSON files are read, so a mistake costs well under a
+    second instead of the seconds of loading after which the demo would otherwise fail.
+    """
+    if args.simulated:
+        if not 1 <= args.utterances <= MAX_UTTERANCES:
+            parser.error(f"--utterances must be 1..{MAX_UTTERANCES}, not {args.utterances}")
+        return
+    from .demo._speech import check_wav
+
+    if args.audio is not None:
+        try:
+            check_wav(args.audio)
+        except (OSError, ValueError) as error:
+            parser.error(f"--audio {error}")
+    if args.checkpoint is not None:
+        _check_checkpoint(parser, args.checkpoint)
+    if args.model_dir is not None and args.model_dir.exists() and not args.model_dir.is_dir():
+        parser.error(f"--model-dir {args.model_dir}: not a directory")
+    if args.tokens < 1:
+        parser.error(f"--tokens must be at least 1, not {args.tokens}")
+    context = _context_length(args.checkpoint if args.checkpoint is not None else args.model_dir)
+    if context is not None and args.tokens >= context:
+        parser.error(
+            f"--tokens must be 1..{context - 1} (the model's context is {context} tokens), "
+            f"not {args.tokens}"
+        )
+    if args.docs is not None and not args.docs.is_dir():
+        parser.error(f"--docs {args.docs}: not a directory of Markdown files")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output}: a directory; name the reply's WAV file")
+
+
+def _check_checkpoint(parser: argparse.ArgumentParser, path: Path) -> None:
+    """A usage error unless ``path`` is a directory with a readable ``config.json`` object."""
+    config = path / "config.json"
+    if not path.is_dir():
+        parser.error(f"--checkpoint {path}: no such directory (a transformers checkpoint)")
+    if not config.is_file():
+        parser.error(
+            f"--checkpoint {path}: not a transformers checkpoint (no config.json); pass the "
+            "directory save_pretrained wrote"
+        )
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        parser.error(f"--checkpoint {config}: not readable JSON ({error})")
+    if not isinstance(loaded, dict):
+        parser.error(f"--checkpoint {config}: a JSON {type(loaded).__name__}, not an object")
+
+
+def _context_length(checkpoint: Path | None) -> int | None:
+    """The context length a model directory's ``config.json`` declares, when it is known.
+
+    ``None`` for a directory not made yet (the untrained demo LM is created on first use)
+    or a config without ``n_positions``/``max_position_embeddings``: the model says then.
+    """
+    if checkpoint is None:
+        from .demo._language import default_model_dir
+
+        checkpoint = default_model_dir()
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    length = config.get("n_positions") or config.get("max_position_embeddings")
+    return length if isinstance(length, int) and not isinstance(length, bool) else None
+
+
+def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_demo(args, parser)
     if args.simulated:
         return _demo_simulated(args)
     from .demo import DemoDependencyError, DemoOptions, run_demo
@@ -47,7 +122,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(report.timeline)
     if trace:
         print()
-        _report_trace(trace)
+        _report_trace(trace, "asyncfront demo: voice assistant on real models (CPU)")
     return 0
 
 
@@ -67,14 +142,24 @@ def _demo_simulated(args: argparse.Namespace) -> int:
     print(timeline)
     if trace:
         print()
-        _report_trace(trace)
+        _report_trace(
+            trace, "asyncfront demo --simulated: laptop voice-to-chat pipeline (virtual time)"
+        )
     return 0
 
 
-def _report_trace(trace: str) -> None:
-    """Write the HTML timeline beside a Perfetto trace and say where both are."""
+def _report_trace(trace: str, title: str) -> None:
+    """Title a Perfetto trace, write the HTML timeline beside it, and say where both are.
+
+    The title goes into the trace's ``otherData`` too, so ``trace view`` finds it later.
+    """
     page = os.path.splitext(trace)[0] + ".html"
-    write_html(read_trace(trace), page, title=os.path.basename(trace))
+    document = read_trace(trace)
+    other = document.get("otherData")
+    document["otherData"] = {**(other if isinstance(other, dict) else {}), "title": title}
+    with open(trace, "w", encoding="utf-8") as out:
+        json.dump(document, out)
+    write_html(document, page, title=title)
     print(f"Perfetto trace written to {trace} (open it at https://ui.perfetto.dev)")
     print(f"HTML timeline written to {page}")
 
@@ -98,7 +183,7 @@ def _list_scenarios() -> str:
     width = max(len(name) for name in SCENARIOS)
     lines = []
     for s in SCENARIOS.values():
-        options = " ".join(f"[--{k} N, default {v}]" for k, v in s.options.items())
+        options = " ".join(f"[{s.describe_option(k)}]" for k in s.options)
         lines.append(f"{s.name:<{width}}  {s.section:<3} {s.description}")
         if options:
             lines.append(f"{'':<{width}}      options: {options}")
@@ -136,7 +221,10 @@ def _simulate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     print(timeline)
     if trace:
         print()
-        print(f"Perfetto trace written to {trace} (open it at https://ui.perfetto.dev)")
+        _report_trace(
+            trace,
+            f"asyncfront simulate {scenario.name} ({scenario.section}): {scenario.description}",
+        )
     return 0
 
 
@@ -146,7 +234,7 @@ def _trace_view(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         document = read_trace(args.trace)
     except (OSError, ValueError) as error:
         parser.error(str(error))
-    title = args.title or f"asyncfront timeline: {os.path.basename(args.trace)}"
+    title = args.title or trace_title(document) or f"asyncfront timeline of {args.trace}"
     write_html(document, out, title=title)
     print(f"HTML timeline written to {out}")
     return 0
@@ -173,7 +261,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="where to write the Perfetto trace (default traces/voice_assistant.json, "
         "traces/voice_pipeline.json with --simulated; '' for none)",
     )
-    demo.add_argument("--audio", type=Path, default=None, help="16 kHz mono WAV to answer")
+    demo.add_argument(
+        "--audio",
+        type=Path,
+        default=None,
+        help="PCM WAV to answer (any rate 8-192 kHz, mono or more channels: resampled to "
+        "16 kHz mono)",
+    )
     demo.add_argument(
         "--checkpoint", type=Path, default=None, help="a local transformers causal-LM directory"
     )
@@ -183,7 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="where the untrained demo LM is saved (default ~/.cache/asyncfront/demo-lm)",
     )
-    demo.add_argument("--tokens", type=int, default=48, help="tokens of reply to generate")
+    demo.add_argument(
+        "--tokens",
+        type=int,
+        default=48,
+        help="tokens of reply to generate (1 to the model's context length - 1)",
+    )
     demo.add_argument(
         "--tts", choices=("auto", "espeak", "tone"), default="auto", help="speech synthesis"
     )
@@ -192,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--docs", type=Path, default=None, help="Markdown folder to index")
     demo.add_argument("--no-progress", action="store_true", help="no progress display")
-    demo.set_defaults(handler=lambda args: _demo(args))
+    demo.set_defaults(handler=lambda args: _demo(args, demo))
     sim = commands.add_parser(
         "simulate", help="run a scenario on fake devices in virtual time and write a trace"
     )
@@ -200,6 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     sim.add_argument("--list", action="store_true", help="list the scenarios and exit")
     for option in _scenario_options():
         help_text = _OPTION_HELP.get(option, "for scenarios that take it")
+        ranges = ", ".join(
+            f"{s.name} {s.ranges[option][0]}..{s.ranges[option][1]}"
+            for s in SCENARIOS.values()
+            if option in s.ranges
+        )
+        if ranges:
+            help_text = f"{help_text}; allowed: {ranges}"
         sim.add_argument(f"--{option}", type=int, default=None, help=help_text)
     sim.add_argument(
         "--trace",

@@ -407,8 +407,10 @@ class CollectiveChannel:
             else:  # resolved with the frontier the satisfying signal brings
                 captures.append((sem, sem._add_waiter(value)))
         step = CollectiveStep(self, epoch, name, parts, waits, signals, captures, finalize)
+        # The step, not its parts, signals: traces draw its dependants' arrows from this.
+        step_signals = [f"{sem.name} = {value}" for sem, value in signals]
         for part in parts:
-            part.annotate(collective=self.name, step=epoch)
+            part.annotate(collective=self.name, step=epoch, step_signals=step_signals)
         self._steps.append(step)
         wakeup, self._wakeup = self._wakeup, None
         if wakeup is not None and not wakeup.done():
@@ -560,8 +562,10 @@ def _distributed() -> Any:
     try:
         import torch.distributed as dist
     except ImportError as exc:
+        from ._install import install_hint
+
         raise ImportError(
-            "collective channels across processes need torch.distributed (pip install torch)"
+            f"collective channels across processes need torch.distributed ({install_hint('torch')})"
         ) from exc
     if not dist.is_available():
         raise ImportError("this torch build has no torch.distributed support")

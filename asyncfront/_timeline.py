@@ -15,15 +15,32 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-__all__ = ("read_trace", "render_html", "write_html")
+__all__ = ("read_trace", "render_html", "trace_title", "write_html")
 
 DEFAULT_TITLE = "asyncfront timeline"
 
 
-def render_html(document: Mapping[str, Any], *, title: str = DEFAULT_TITLE) -> str:
-    """The timeline page for a trace-event document (``{"traceEvents": [...]}``)."""
+def trace_title(document: Mapping[str, Any]) -> str | None:
+    """The title a trace-event document carries in ``otherData.title``, if any.
+
+    ``python -m asyncfront demo`` and ``simulate`` store what the run was there, so a
+    page made later with ``trace view`` gets the same title.
+    """
+    other = document.get("otherData")
+    title = other.get("title") if isinstance(other, Mapping) else None
+    return title if isinstance(title, str) and title else None
+
+
+def render_html(document: Mapping[str, Any], *, title: str | None = None) -> str:
+    """The timeline page for a trace-event document (``{"traceEvents": [...]}``).
+
+    ``title`` defaults to the document's own (:func:`trace_title`), else
+    ``DEFAULT_TITLE``.
+    """
     if not isinstance(document.get("traceEvents"), list):
         raise ValueError("not a Chrome trace-event document: no 'traceEvents' list")
+    if title is None:
+        title = trace_title(document) or DEFAULT_TITLE
     template = resources.files(__package__).joinpath("_timeline.html").read_text("utf-8")
     # "<" escaped inside the JSON so no "</script>" in a name can end the data block.
     data = json.dumps(document, separators=(",", ":")).replace("<", "\\u003c")
@@ -31,7 +48,7 @@ def render_html(document: Mapping[str, Any], *, title: str = DEFAULT_TITLE) -> s
 
 
 def write_html(
-    document: Mapping[str, Any], path: str | os.PathLike[str], *, title: str = DEFAULT_TITLE
+    document: Mapping[str, Any], path: str | os.PathLike[str], *, title: str | None = None
 ) -> None:
     """Write :func:`render_html` of ``document`` to ``path``."""
     with open(path, "w", encoding="utf-8") as out:

@@ -223,26 +223,35 @@ class TraceRecorder:
         return {"traceEvents": events, "displayTimeUnit": "ms"}
 
     def format_timeline(self, width: int = 64) -> str:
-        """A text Gantt chart: a row per queue, ``#`` where its submissions ran.
+        """A text Gantt chart: a row per queue, a cell per ``1/width`` of the run.
 
-        Zero-length submissions (barriers) show as ``|``; failed ones as ``x``.
+        A cell shows the submission that ran most of it, ``#`` and ``=`` alternating
+        along a row so that back-to-back submissions stay apart; a digit ``2``-``9``
+        (``*`` for ten or more) counts the submissions that started in one cell, where
+        they are too short to draw. Zero-length submissions (barriers) show as ``|``,
+        failed ones as ``x``. A legend line follows the rows.
+
+        Raises:
+            ValueError: ``width`` below 1.
         """
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"format_timeline needs a width of at least 1 cell, got {width!r}")
         records = self.records
         if not records:
             return "(no trace records)"
         end = max(r.finished_at for r in records) or 1.0
-        scale = width / end
-        rows: dict[str, list[str]] = {}
+        cell = end / width
+        by_queue: dict[str, list[TraceRecord]] = {}
         for r in records:
-            row = rows.setdefault(r.queue, [" "] * width)
-            first = min(width - 1, int(r.started_at * scale))
-            last = max(first, min(width - 1, int(r.finished_at * scale - 1e-9)))
-            mark = "x" if r.error else ("#" if r.finished_at > r.started_at else "|")
-            for i in range(first, last + 1):
-                row[i] = mark
+            by_queue.setdefault(r.queue, []).append(r)
+        rows = {name: _timeline_row(rs, cell, width) for name, rs in by_queue.items()}
         label = max(len(name) for name in rows)
-        lines = [f"{'':<{label}}  0 s{'':<{width - 12}}{end:>8.3f} s"]
-        lines += [f"{name:<{label}} [{''.join(row)}]" for name, row in rows.items()]
+        lines = [f"{'':<{label}}  0 s{'':<{max(0, width - 12)}}{end:>8.3f} s"]
+        lines += [f"{name:<{label}} [{row}]" for name, row in rows.items()]
+        lines.append(
+            f"{'':<{label}}  #,= a submission (alternating)  2-9,* submissions started in "
+            "one cell  | zero-length  x failed"
+        )
         return "\n".join(lines)
 
     def export_perfetto(self, path: str | os.PathLike[str]) -> None:
@@ -261,3 +270,42 @@ class TraceRecorder:
         from ._timeline import write_html
 
         write_html(self.to_perfetto(), path, title=title)
+
+
+def _timeline_row(records: list[TraceRecord], cell: float, width: int) -> str:
+    """One queue's cells for :meth:`TraceRecorder.format_timeline`."""
+    owner: list[tuple[float, int] | None] = [None] * width  # (overlap, ordinal) ruling a cell
+    starts = [0] * width
+    failed = [False] * width
+    barrier = [False] * width
+    ordered = sorted(records, key=lambda r: (r.started_at, r.finished_at))
+    for ordinal, r in enumerate(ordered):
+        first = min(width - 1, int(r.started_at / cell))
+        if r.finished_at <= r.started_at:
+            barrier[first] = True
+            failed[first] = failed[first] or r.error is not None
+            continue
+        last = max(first, min(width - 1, int(r.finished_at / cell - 1e-9)))
+        starts[first] += 1
+        for i in range(first, last + 1):
+            overlap = min(r.finished_at, (i + 1) * cell) - max(r.started_at, i * cell)
+            current = owner[i]
+            if current is None or overlap > current[0]:
+                owner[i] = (overlap, ordinal)
+            failed[i] = failed[i] or r.error is not None
+    out = []
+    for i in range(width):
+        current = owner[i]
+        if failed[i]:
+            out.append("x")
+        elif starts[i] >= 10:
+            out.append("*")
+        elif starts[i] >= 2:
+            out.append(str(starts[i]))
+        elif current is not None:
+            out.append("#" if current[1] % 2 == 0 else "=")
+        elif barrier[i]:
+            out.append("|")
+        else:
+            out.append(" ")
+    return "".join(out)

@@ -15,7 +15,7 @@ import argparse
 import asyncio
 import tempfile
 
-from asyncfront.scenarios.kv_paging import simulate
+from asyncfront.scenarios.kv_paging import MAX_SESSIONS, MIN_SESSIONS, check_sessions, simulate
 
 
 def main() -> None:
@@ -23,8 +23,17 @@ def main() -> None:
     parser.add_argument(
         "--dir", default=None, help="where the page file goes (default: a temp dir)"
     )
-    parser.add_argument("--sessions", type=int, default=6)
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=6,
+        help=f"chat sessions sharing the KV budget, {MIN_SESSIONS}..{MAX_SESSIONS} (default 6)",
+    )
     args = parser.parse_args()
+    try:
+        check_sessions(args.sessions)
+    except ValueError as error:
+        parser.error(str(error))
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         report = asyncio.run(simulate(directory, sessions=args.sessions))
     print(report.describe())

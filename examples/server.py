@@ -21,7 +21,8 @@ A model that fails answers 500 with a JSON body naming the cause; a request whos
 memory cannot be had within its budget answers 503; the server keeps serving. The
 ``X-Inject-Fault`` header makes a stand-in model raise its value, to show that path.
 
-Run: pip install -e '.[server]' && python examples/server.py [--port 8000]
+Run, from the repository root:
+    .venv/bin/pip install -q -e '.[server]' && .venv/bin/python examples/server.py [--port 8000]
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ def main() -> int:
     args = parser.parse_args()
     trace = run_virtual(voice_trace)
     os.makedirs(os.path.dirname(os.path.abspath(args.html)), exist_ok=True)
-    trace.export_html(args.html, title="asyncfront timeline: voice pipeline")
+    trace.export_html(
+        args.html,
+        title="laptop voice-to-chat: two voice turns beside background indexing (virtual time)",
+    )
     print(f"HTML timeline written to {args.html}")
     if args.screenshot:
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -50,7 +53,7 @@ def main() -> int:
                 "--disable-gpu",
                 "--no-sandbox",
                 "--hide-scrollbars",
-                "--window-size=1400,380",
+                "--window-size=1400,400",
                 f"--screenshot={shot}",
                 url,
             ],

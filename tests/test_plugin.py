@@ -25,6 +25,17 @@ def test_a_user_suite_using_the_fixtures_passes(pytester: pytest.Pytester) -> No
     result.assert_outcomes(passed=3)
 
 
+def test_the_documented_suite_passes_as_pasted_with_no_configuration(
+    pytester: pytest.Pytester,
+) -> None:
+    """The docs' example suite, pasted into a project with no pytest config, passes as is."""
+    pytester.makepyfile(test_pasted=_user_tests())  # no ini: pytest-asyncio's strict mode
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=3)
+    warnings = result.stdout.str().partition("warnings summary")[2]
+    assert "asyncfront" not in warnings  # pytest-asyncio may advise on its own settings
+
+
 def test_the_fixture_works_in_strict_mode_with_the_marker(pytester: pytest.Pytester) -> None:
     """In pytest-asyncio's strict mode an asyncio-marked test gets the runtime too."""
     pytester.makeini(
@@ -39,6 +50,25 @@ async def test_now_starts_at_zero(virtual_runtime):
     assert virtual_runtime.now() == 0.0
     await virtual_runtime.queue("gpu").submit(cost=5.0)
     assert virtual_runtime.now() == 5.0
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
+def test_the_runtime_clock_reads_exact_virtual_times(pytester: pytest.Pytester) -> None:
+    """Under the fixture rt.now() reads exactly the virtual time run, 0.1 s steps included."""
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
+    pytester.makepyfile(
+        test_clock="""
+async def test_clock(virtual_runtime):
+    gpu = virtual_runtime.queue("gpu")
+    assert virtual_runtime.now() == 0.0
+    seen = []
+    for step in range(1, 41):
+        await gpu.submit(cost=0.1)
+        seen.append((virtual_runtime.now(), step / 10))
+    assert all(now == expected for now, expected in seen), seen
 """
     )
     result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")

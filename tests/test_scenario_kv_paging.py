@@ -61,3 +61,49 @@ def test_example_program_runs(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "identical" in out.stdout and "nvme.kv" in out.stdout
+
+
+@pytest.mark.parametrize("sessions", [2, 3])
+def test_the_example_runs_with_few_sessions(tmp_path: Path, sessions: int) -> None:
+    """examples/kv_paging.py --sessions 2 (or 3) picks sessions that exist and round-trips."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "kv_paging.py"), "--dir", str(tmp_path),
+         "--sessions", str(sessions)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"{sessions} sessions" in out.stdout and "identical" in out.stdout
+    assert "Traceback" not in out.stderr and "Stalled" not in out.stderr
+
+
+@pytest.mark.parametrize("sessions", ["1", "0", "-2", "65"])
+def test_the_example_refuses_a_session_count_out_of_range(tmp_path: Path, sessions: str) -> None:
+    """An out-of-range --sessions is a one-line usage error, exit status 2, no traceback."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "kv_paging.py"), "--dir", str(tmp_path),
+         "--sessions", sessions],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert (
+        f"error: sessions must be 2..64 (one session goes idle while another grows), not {sessions}"
+        in out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sessions": 1}, "sessions must be 2..64"),
+        ({"sessions": 4, "idle": 5}, "idle must be a session 1..4, not 5"),
+        ({"sessions": 4, "idle": 2, "grower": 2}, "both are 2"),
+    ],
+)
+def test_the_scenario_refuses_sessions_it_cannot_run(
+    tmp_path: Path, options: dict[str, int], message: str
+) -> None:
+    """simulate refuses impossible sessions with a ValueError before it opens anything."""
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(simulate(tmp_path, **options))
+    assert list(tmp_path.iterdir()) == []

@@ -204,12 +204,12 @@ def test_voice_after_the_image_reloads_bark_without_waiting() -> None:
 
 
 def test_example_program_runs(tmp_path: Path) -> None:
-    """examples/sdxl_memory_pressure_sim.py prints the drops, memory, frontiers and a trace."""
+    """examples/scenarios/sdxl_pressure.py prints the drops, memory, frontiers and a trace."""
     trace = tmp_path / "b2.json"
     out = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "examples" / "sdxl_memory_pressure_sim.py"),
+            str(ROOT / "examples" / "scenarios" / "sdxl_pressure.py"),
             "--trace",
             str(trace),
         ],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -216,3 +218,160 @@ def test_page_draws_the_trace_in_chromium(which: str, tmp_path: Path) -> None:
     shot = tmp_path / "timeline.png"
     _run_chromium(binary, f"--screenshot={shot}", "--window-size=1400,420", url)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- what a person sees: order, counts, titles, arrows ------------------------------------
+
+
+def _ordering_trace() -> af.TraceRecorder:
+    """Four GPUs met out of name order, a cross-lane and a same-lane dependency, a collective."""
+
+    async def body() -> af.TraceRecorder:
+        devices = [FakeDevice(name) for name in ("gpu10", "gpu1", "gpu2", "gpu0")]
+        async with af.open_runtime(devices) as rt:
+            ready, steps = af.TimelineSemaphore(name="ready"), af.TimelineSemaphore(name="steps")
+            q10, q1 = rt.queue("gpu10"), rt.queue("gpu1")
+            q10.submit(name="produce", cost=1.0, signals=[(ready, 1)])
+            q1.submit(name="consume", cost=2.0, waits=[(ready, 1)])  # starts as produce ends
+            q10.submit(name="same-lane", cost=0.5, waits=[(ready, 1)])
+            ring = rt.collective([rt.queue("gpu2"), rt.queue("gpu0")], name="ring")
+            for k in range(3):
+                waits = [(steps, k)] if k else []
+                ring.submit(name=f"step{k}", waits=waits, signals=[(steps, k + 1)], cost=1.0)
+            await q1.submit(name="after", cost=1.0, waits=[(steps, 3)])
+        return rt.trace
+
+    return run_virtual(body)
+
+
+_GEOMETRY_PROBE = """<script>
+(function () {
+  var body = document.body, bars = document.querySelectorAll("rect.bar"), report = [];
+  document.querySelectorAll("path.arrow").forEach(function (path) {
+    var length = path.getTotalLength(), end = path.getPointAtLength(length);
+    var box = bars[+path.getAttribute("data-target")].getBBox(), maxX = -Infinity;
+    for (var i = 0; i <= 50; i++) maxX = Math.max(maxX, path.getPointAtLength(length * i / 50).x);
+    report.push({ semaphore: path.getAttribute("data-semaphore"), end: [end.x, end.y],
+                  box: [box.x, box.y, box.width, box.height], max_x: maxX });
+  });
+  var rows = Array.from(document.querySelectorAll("g.device-row")).map(function (g) {
+    return [g.getAttribute("data-device"), g.querySelector("rect").getBBox().y];
+  });
+  body.setAttribute("data-geometry", JSON.stringify({ arrows: report, rows: rows }));
+})();
+</script>
+"""
+
+
+def _probe_page(binary: str, page: Path, probe: str) -> dict[str, str | None]:
+    """The body's attributes after ``probe`` ran in the page, checked free of errors."""
+    probed = page.with_name("probed-" + page.name)
+    probed.write_text(page.read_text(encoding="utf-8").replace("</body>", probe + "</body>"))
+    dumped = _run_chromium(binary, "--dump-dom", probed.as_uri())
+    console = [line for line in dumped.stderr.splitlines() if ":CONSOLE" in line]
+    assert console == [], "\n".join(console)
+    dom = _Elements()
+    dom.feed(dumped.stdout)
+    body = next(attrs for tag, attrs in dom.found if tag == "body")
+    assert body.get("data-ready") == "1" and "data-errors" not in body
+    summary = re.search(r'<span id="summary">(.*?)</span>', dumped.stdout)
+    body["summary"] = summary.group(1) if summary else None
+    return body
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("Chromium not found (apt-get install chromium, or set ASYNCFRONT_CHROMIUM)")
+    return binary
+
+
+def test_devices_sort_by_name_and_arrows_end_inside_their_target(
+    chromium: str, tmp_path: Path
+) -> None:
+    """In Chromium: gpu0, gpu1, gpu2, gpu10 top to bottom; each arrow's tip inside its bar."""
+    trace = _ordering_trace()
+    met = [e["args"]["name"] for e in trace.to_perfetto()["traceEvents"]
+           if e["name"] == "process_name"]  # fmt: skip
+    assert met != sorted(met, key=lambda n: int(n[3:]))  # the trace meets them out of order
+    page = tmp_path / "ordering.html"
+    trace.export_html(page)
+    body = _probe_page(chromium, page, _GEOMETRY_PROBE)
+    geometry = json.loads(str(body["data-geometry"]))
+    rows = geometry["rows"]
+    assert [name for name, _ in rows] == ["gpu0", "gpu1", "gpu2", "gpu10"]
+    assert [y for _, y in rows] == sorted(y for _, y in rows)
+    arrows = geometry["arrows"]
+    assert sorted(a["semaphore"] for a in arrows) == ["ready"] * 2 + ["steps"] * 5
+    for arrow in arrows:
+        (ex, ey), (bx, by, bw, bh) = arrow["end"], arrow["box"]
+        assert bx < ex <= bx + bw and by <= ey <= by + bh, arrow  # the tip is in the box
+        assert arrow["max_x"] <= ex + 0.5, arrow  # and the curve never passes it
+    assert body["summary"] == "4 devices, 4 queues, 10 submissions, 7 dependencies, 4 s long"
+
+
+def test_a_one_device_page_says_device_and_counts_collective_steps(
+    chromium: str, tmp_path: Path
+) -> None:
+    """'1 device, 1 queue', and waits on a collective step's signals count as dependencies."""
+
+    async def body() -> af.TraceRecorder:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            steps = af.TimelineSemaphore(name="steps")
+            ring = rt.collective([rt.queue("gpu")], name="solo")
+            ring.submit(name="first", signals=[(steps, 1)], cost=1.0)
+            await ring.submit(name="second", waits=[(steps, 1)], cost=1.0)
+        return rt.trace
+
+    page = tmp_path / "one.html"
+    run_virtual(body).export_html(page)
+    summary = _probe_page(chromium, page, "")["summary"]
+    assert summary == "1 device, 1 queue, 2 submissions, 1 dependency, 2 s long"
+
+
+def test_simulate_writes_a_titled_html_timeline_beside_its_trace(tmp_path: Path) -> None:
+    """simulate writes NAME.html beside NAME.json, titled with the scenario; trace view keeps it."""
+    trace = tmp_path / "b4.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncfront", "simulate", "streaming_translation",
+         "--depth", "2", "--trace", str(trace)],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    page = tmp_path / "b4.html"
+    assert f"HTML timeline written to {page}" in out.stdout
+    title = "asyncfront simulate streaming_translation (B4): six-stage streaming translation"
+    text = page.read_text(encoding="utf-8")
+    assert f"<title>{title}" in text and f"<h1>{title}" in text
+    assert _embedded(text)["otherData"]["title"].startswith(title)
+    again = tmp_path / "again.html"
+    assert main(["trace", "view", str(trace), "-o", str(again)]) == 0
+    assert f"<title>{title}" in again.read_text(encoding="utf-8")
+
+
+def _text_timeline(costs: list[float], width: int) -> str:
+    async def body() -> str:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu", name="dense")
+            for n, cost in enumerate(costs):
+                last = q.submit(name=f"s{n}", cost=cost)
+            await last
+        return rt.trace.format_timeline(width=width)
+
+    return run_virtual(body)
+
+
+def test_the_text_timeline_keeps_back_to_back_submissions_apart() -> None:
+    """Eight back-to-back submissions read as ##==##==..., not one solid bar."""
+    text = _text_timeline([1.0] * 8, width=16)
+    assert "dense [##==##==##==##==]" in text.splitlines()
+
+
+def test_the_text_timeline_counts_submissions_too_short_to_draw() -> None:
+    """Cells holding many short submissions show their count (* for ten or more)."""
+    text = _text_timeline([0.25] * 12 + [3.0], width=6)  # 4 per cell in the first 3 cells
+    row = next(line for line in text.splitlines() if line.startswith("dense"))
+    assert row == "dense [444###]"
+    assert "2-9,* submissions started in one cell" in text
+    many = _text_timeline([0.01] * 30 + [1.0], width=2)
+    assert "dense [*#]" in many.splitlines()

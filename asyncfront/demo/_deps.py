@@ -7,6 +7,8 @@ import importlib.util
 import threading
 from typing import Any
 
+from .._install import install_hint
+
 __all__ = ("DEMO_PACKAGES", "DemoDependencyError", "import_from", "missing_packages", "require")
 
 DEMO_PACKAGES = {
@@ -35,7 +37,7 @@ def require(*modules: str) -> None:
     missing = missing_packages(*modules)
     if missing:
         raise DemoDependencyError(
-            f"the demo needs {', '.join(missing)}: pip install 'asyncfront[demo]' "
+            f"the demo needs {', '.join(missing)}: {install_hint('demo')} "
             "(or run 'python -m asyncfront demo --simulated' for the simulated pipeline)"
         )
 

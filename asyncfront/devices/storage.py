@@ -6,7 +6,7 @@ arrays, CPU tensors, ``bytearray``, any writable buffer) moves with positional I
 (``os.pwrite`` / ``os.preadv``) straight from and into the caller's memory, in the
 device's worker threads. CUDA tensors go through KvikIO's ``CuFile`` (GPUDirect Storage
 where the platform has it) when the CUDA driver is loadable and ``kvikio`` is
-installed (``pip install 'asyncfront[gds]'``), or bounce through a host buffer
+installed (the ``gds`` extra), or bounce through a host buffer
 otherwise. torch and kvikio are imported only when such a tensor shows up.
 
 A transfer can carry a checksum: a write with ``checksum=True`` returns the CRC32C of
@@ -217,9 +217,11 @@ class StorageDevice(ThreadPoolDevice):
         if use_kvikio is None:
             use_kvikio = kvikio_available()
         elif use_kvikio and not kvikio_available():
+            from .._install import install_hint
+
             raise RuntimeError(
                 f"StorageDevice {name!r}: use_kvikio=True needs the CUDA driver (libcuda.so.1) "
-                "and kvikio; install them with pip install 'asyncfront[gds]' on a CUDA machine"
+                f"and kvikio; on a CUDA machine, install kvikio with {install_hint('gds')}"
             )
         self.kvikio = use_kvikio
         self._lock = threading.Lock()

@@ -49,9 +49,11 @@ def _require_torch() -> None:
     try:
         import torch  # noqa: F401
     except ImportError as exc:
+        from .._install import install_hint
+
         raise ImportError(
             "TorchDevice needs PyTorch, which is not installed: pip install torch==2.13.0 "
-            "(or pip install 'asyncfront[torch]')"
+            f"(or {install_hint('torch')})"
         ) from exc
 
 

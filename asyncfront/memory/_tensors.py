@@ -39,9 +39,11 @@ def import_torch() -> Any:
     try:
         return importlib.import_module("torch")
     except ImportError as exc:
+        from .._install import install_hint
+
         raise ImportError(
             "asyncfront's weight residency and pager hold tensors and need PyTorch "
-            "(pip install torch)"
+            f"({install_hint('torch')})"
         ) from exc
 
 

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol
 
-__all__ = ("SCENARIOS", "Scenario", "ScenarioReport", "get_scenario")
+__all__ = ("SCENARIOS", "SEED_RANGE", "Scenario", "ScenarioReport", "get_scenario")
+
+SEED_RANGE = (0, 2**32 - 1)
+"""The seeds a scenario's random pattern takes (those ``random.Random`` treats alike)."""
 
 
 class ScenarioReport(Protocol):
@@ -32,6 +35,8 @@ class Scenario:
         runner: ``simulate(**options, trace_path=...)``, an async function returning the
             report and a text timeline (run it under a virtual-time loop).
         options: the options it takes (``gpus``, ``depth``) with their defaults.
+        ranges: each option's allowed values, inclusive (``{"gpus": (1, 2)}``); the
+            command line refuses others before running anything.
     """
 
     name: str
@@ -39,17 +44,46 @@ class Scenario:
     description: str
     runner: Runner
     options: Mapping[str, int] = field(default_factory=dict)
+    ranges: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for option, (low, high) in self.ranges.items():
+            if option not in self.options:
+                raise ValueError(f"scenario {self.name!r}: a range for --{option}, not an option")
+            if not low <= self.options[option] <= high:
+                raise ValueError(
+                    f"scenario {self.name!r}: --{option} defaults to {self.options[option]}, "
+                    f"outside its range {low}..{high}"
+                )
+
+    def describe_option(self, option: str) -> str:
+        """``--depth 1..8, default 8``: the option, its allowed range and its default."""
+        low_high = self.ranges.get(option)
+        allowed = f"{low_high[0]}..{low_high[1]}" if low_high is not None else "N"
+        return f"--{option} {allowed}, default {self.options[option]}"
 
     def check_options(self, options: Mapping[str, int]) -> None:
-        """Refuse options the scenario does not take.
+        """Refuse options the scenario does not take and values outside their range.
 
         Raises:
-            ValueError: an unknown option (the message names the ones it takes).
+            ValueError: an unknown option (the message names the ones it takes), or a
+                value outside the option's range (the message gives the range).
         """
         unknown = sorted(options.keys() - self.options.keys())
         if unknown:
             takes = ", ".join(f"--{k}" for k in self.options) or "no options"
             raise ValueError(f"scenario {self.name!r} takes {takes}, not --{', --'.join(unknown)}")
+        for option, value in options.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(
+                    f"scenario {self.name!r}: --{option} must be an integer, not {value!r}"
+                )
+            low_high = self.ranges.get(option)
+            if low_high is not None and not low_high[0] <= value <= low_high[1]:
+                raise ValueError(
+                    f"scenario {self.name!r}: --{option} must be {low_high[0]}..{low_high[1]}, "
+                    f"not {value}"
+                )
 
     async def simulate(
         self, *, trace_path: str | None = None, **options: int
@@ -81,7 +115,8 @@ def _registry() -> dict[str, Scenario]:
             "A",
             "voice-to-chat on a laptop; voice input preempts background embedding",
             laptop_voice.simulate,
-            {},
+            {"utterances": 2},
+            {"utterances": (1, laptop_voice.MAX_UTTERANCES)},
         ),
         Scenario(
             "speculative_decoding",
@@ -92,6 +127,7 @@ def _registry() -> dict[str, Scenario]:
                 "rounds": speculative_decoding.DEFAULT_ROUNDS,
                 "seed": speculative_decoding.DEFAULT_SEED,
             },
+            {"rounds": (1, speculative_decoding.MAX_ROUNDS), "seed": SEED_RANGE},
         ),
         Scenario(
             "sdxl_pressure",
@@ -113,6 +149,7 @@ def _registry() -> dict[str, Scenario]:
             "six-stage streaming translation with decoder and TTS skip edges",
             streaming_translation.simulate,
             {"gpus": 2, "depth": streaming_translation.MAX_DEPTH},
+            {"gpus": (1, 2), "depth": (1, streaming_translation.MAX_DEPTH)},
         ),
         Scenario(
             "tensor_parallel",
@@ -120,6 +157,7 @@ def _registry() -> dict[str, Scenario]:
             "4-way tensor-parallel 70B with all-reduce windows filled by background models",
             tensor_parallel.simulate,
             {"depth": 2},
+            {"depth": (1, tensor_parallel.MAX_DEPTH)},
         ),
         Scenario(
             "moe_routing",
@@ -130,6 +168,11 @@ def _registry() -> dict[str, Scenario]:
                 "batches": moe_routing.DEFAULT_BATCHES,
                 "tokens": moe_routing.DEFAULT_TOKENS,
                 "seed": moe_routing.DEFAULT_SEED,
+            },
+            {
+                "batches": (1, moe_routing.MAX_BATCHES),
+                "tokens": (1, moe_routing.MAX_TOKENS),
+                "seed": SEED_RANGE,
             },
         ),
         Scenario(

@@ -32,12 +32,55 @@ from ..devices.storage import StorageDevice
 from ..memory._pager import Page, Pager, PagerStatistics, Tier
 from ..memory._tensors import import_torch
 
-__all__ = ("KV_SHAPE", "KvPagingReport", "kv_devices", "run_kv_paging", "simulate")
+__all__ = (
+    "KV_SHAPE",
+    "MAX_SESSIONS",
+    "MIN_SESSIONS",
+    "KvPagingReport",
+    "check_sessions",
+    "kv_devices",
+    "run_kv_paging",
+    "simulate",
+)
 
 KV_SHAPE = (2, 4, 4, 64, 32)
 """One KV block: (key/value, layers, heads, tokens, head dim) in float16, 128 KiB."""
 
 _KV_BYTES = 2 * 4 * 4 * 64 * 32 * 2
+
+MIN_SESSIONS = 2
+"""The fewest sessions the scenario runs: one goes idle while another grows."""
+
+MAX_SESSIONS = 64
+"""The most sessions the scenario runs (a KV budget of 8 MiB, a few seconds of decodes)."""
+
+
+def check_sessions(sessions: int, idle: int | None = None, grower: int | None = None) -> None:
+    """Refuse a session count, idle session or growing session the scenario cannot run.
+
+    Raises:
+        ValueError: ``sessions`` outside ``MIN_SESSIONS..MAX_SESSIONS``, or ``idle`` or
+            ``grower`` not a session number ``1..sessions``, or both the same session.
+    """
+    if isinstance(sessions, bool) or not isinstance(sessions, int):
+        raise ValueError(f"sessions must be an integer, not {sessions!r}")
+    if not MIN_SESSIONS <= sessions <= MAX_SESSIONS:
+        raise ValueError(
+            f"sessions must be {MIN_SESSIONS}..{MAX_SESSIONS} (one session goes idle while "
+            f"another grows), not {sessions}"
+        )
+    for role, number in (("idle", idle), ("grower", grower)):
+        if number is not None and not 1 <= number <= sessions:
+            raise ValueError(f"{role} must be a session 1..{sessions}, not {number}")
+    if idle is not None and idle == grower:
+        raise ValueError(f"the idle and the growing session must differ, both are {idle}")
+
+
+def _roles(sessions: int, idle: int | None, grower: int | None) -> tuple[int, int]:
+    """The idle and growing sessions: 3 and 1 by default, within ``1..sessions``."""
+    idle = idle if idle is not None else min(3, sessions)
+    grower = grower if grower is not None else (1 if idle != 1 else 2)
+    return idle, grower
 
 
 def kv_devices(directory: str | Path, *, sessions: int) -> list[Any]:
@@ -129,16 +172,28 @@ class KvPagingReport:
 
 
 async def run_kv_paging(
-    rt: Runtime, *, sessions: int = 6, idle: int = 3, grower: int = 1, steps: int = 4
+    rt: Runtime,
+    *,
+    sessions: int = 6,
+    idle: int | None = None,
+    grower: int | None = None,
+    steps: int = 4,
 ) -> KvPagingReport:
     """Run the scenario on a runtime holding :func:`kv_devices`.
 
     Args:
-        sessions: chat sessions sharing the KV budget.
-        idle: the session that goes idle and later resumes.
-        grower: the session whose conversation outgrows its first block.
+        sessions: chat sessions sharing the KV budget, ``MIN_SESSIONS..MAX_SESSIONS``.
+        idle: the session that goes idle and later resumes (default 3, or the last
+            session when there are fewer).
+        grower: the session whose conversation outgrows its first block (default 1,
+            or 2 when session 1 is the idle one).
         steps: decode steps per session before the idle one stops.
+
+    Raises:
+        ValueError: see :func:`check_sessions`; raised before anything is allocated.
     """
+    check_sessions(sessions, idle, grower)
+    idle, grower = _roles(sessions, idle, grower)
     torch = import_torch()
     storage = rt.device("nvme")
     assert isinstance(storage, StorageDevice)
@@ -239,6 +294,7 @@ async def run_kv_paging(
 
 async def simulate(directory: str | Path, **options: Any) -> KvPagingReport:
     """Open a runtime on :func:`kv_devices` with its page file in ``directory`` and run it."""
-    sessions = int(options.get("sessions", 6))
+    sessions = options.get("sessions", 6)
+    check_sessions(sessions, options.get("idle"), options.get("grower"))
     async with open_runtime(kv_devices(directory, sessions=sessions)) as rt:
         return await run_kv_paging(rt, **options)

@@ -21,6 +21,7 @@ from .._semaphore import TimelineSemaphore
 from ..devices.fake import FakeDevice
 
 __all__ = (
+    "MAX_UTTERANCES",
     "STAGE_COSTS",
     "VoiceReport",
     "laptop_devices",
@@ -29,6 +30,9 @@ __all__ = (
 )
 
 GiB = 1 << 30
+
+MAX_UTTERANCES = 32
+"""The most voice turns the command line simulates."""
 
 STAGE_COSTS = {
     "preprocess": 0.030,  # CPU: resample, VAD trim, log-mel features

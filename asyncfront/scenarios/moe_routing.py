@@ -49,6 +49,8 @@ __all__ = (
     "DEFAULT_TOKENS",
     "EXPERT_BYTES",
     "EXPERT_GPUS",
+    "MAX_BATCHES",
+    "MAX_TOKENS",
     "HOT_EXPERTS",
     "NVME_BYTES_PER_SECOND",
     "SECONDS",
@@ -80,6 +82,10 @@ SECONDS = {"router": 20e-6, "expert": 100e-6, "combine": 20e-6}
 DEFAULT_BATCHES = 6
 DEFAULT_TOKENS = 1
 DEFAULT_SEED = 171
+MAX_BATCHES = 64
+"""The most batches the command line routes."""
+MAX_TOKENS = 64
+"""The most tokens per batch the command line routes (a batch this large needs every expert)."""
 
 
 def expert_name(index: int) -> str:

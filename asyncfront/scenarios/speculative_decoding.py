@@ -51,6 +51,7 @@ __all__ = (
     "DEFAULT_ROUNDS",
     "DEFAULT_SEED",
     "DRAFT_TOKENS",
+    "MAX_ROUNDS",
     "MODELS",
     "SECONDS",
     "DraftRound",
@@ -73,6 +74,8 @@ ACCEPT_PROBABILITY = 0.8
 """Chance that the target agrees with one draft token, in the seeded pattern."""
 DEFAULT_ROUNDS = 8
 DEFAULT_SEED = 7
+MAX_ROUNDS = 64
+"""The most verify rounds the command line runs (each shows as its own timeline row)."""
 
 
 def speculative_devices() -> list[FakeDevice]:

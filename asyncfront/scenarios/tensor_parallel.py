@@ -36,6 +36,7 @@ __all__ = (
     "FILL_SUPPLY",
     "ITEM_SECONDS",
     "LAYERS",
+    "MAX_DEPTH",
     "SECONDS",
     "TensorParallelReport",
     "TensorParallelRun",
@@ -46,6 +47,8 @@ __all__ = (
 GPUS = 4
 LAYERS = 80
 """Transformer layers of Llama-3-70B."""
+MAX_DEPTH = 8
+"""The most decode steps the command line runs (each is 320 collective steps on 8 queues)."""
 SECONDS = {"attention": 120e-6, "all_reduce": 50e-6, "ffn": 180e-6}
 """Seconds per layer step on each GPU (all-reduces on the interconnect)."""
 FILLERS = {0: "bge", 1: "whisper", 2: "bge", 3: "layoutlm"}
@@ -183,7 +186,12 @@ async def simulate(
     """Decode ``depth`` tokens alone and gap-filled; return report and the gap-filled timeline.
 
     Writes a Perfetto trace of the gap-filled run to ``trace_path`` when given.
+
+    Raises:
+        ValueError: ``depth`` below 1 (nothing to decode, so nothing to compare).
     """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"tensor parallel decoding needs depth >= 1 decode steps, got {depth!r}")
     runs = []
     timeline = ""
     for fill in (False, True):

@@ -68,8 +68,11 @@ async def virtual_runtime(virtual_runtime_devices: list[FakeDevice]) -> AsyncIte
     loop = asyncio.get_running_loop()
     if not isinstance(loop, asyncio.BaseEventLoop):
         raise TypeError(f"virtual_runtime needs an asyncio event loop, not {type(loop).__name__}")
-    # Virtual time starts where the real clock is, so timers already set keep their order.
-    patched = looptime.patch_event_loop(loop, start=loop.time(), idle_timeout=1.0, _enabled=False)
+    # Virtual time starts at 0 so that the runtime's clock (loop time minus its origin)
+    # reads exactly: 0.0 + 5.0 - 0.0 is 5.0, where an origin taken from the real clock
+    # (say 91234.567891) leaves 5.000000000000028. pytest-asyncio's fresh loop has no
+    # timers yet whose real-clock deadlines this would reorder.
+    patched = looptime.patch_event_loop(loop, start=0.0, idle_timeout=1.0, _enabled=False)
     with patched.looptime_enabled():
         async with open_runtime(virtual_runtime_devices) as rt:
             yield rt
