@@ -21,7 +21,14 @@ if TYPE_CHECKING:
     from ..devices._base import Device
     from ._pool import BufferPool
 
-__all__ = ("buffer_bytes", "copy_bytes", "import_torch", "torch_device", "typed_view")
+__all__ = (
+    "buffer_bytes",
+    "copy_bytes",
+    "import_torch",
+    "resolve_dtype",
+    "torch_device",
+    "typed_view",
+)
 
 _arenas: weakref.WeakKeyDictionary[BufferPool, Any] = weakref.WeakKeyDictionary()
 
@@ -35,6 +42,30 @@ def import_torch() -> Any:
             "asyncfront's weight residency and pager hold tensors and need PyTorch "
             "(pip install torch)"
         ) from exc
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """A ``torch.dtype`` from itself or its name (``"float32"``, ``"torch.float32"``).
+
+    Raises:
+        TypeError: ``dtype`` is neither a torch dtype nor the name of one; the message
+            names the accepted forms.
+    """
+    torch = import_torch()
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        found = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(found, torch.dtype):
+            return found
+        raise TypeError(
+            f"dtype {dtype!r} names no torch dtype; give a torch.dtype (torch.float32) or "
+            f"the name of one ('float32', 'torch.float32', 'bfloat16', 'int8', ...)"
+        )
+    raise TypeError(
+        f"dtype must be a torch.dtype (torch.float32) or the name of one ('float32'), got "
+        f"{dtype!r} ({type(dtype).__name__})"
+    )
 
 
 def torch_device(device: Device) -> str:
