@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._budget import Charge, ContextUsage, MemoryBudgetError, MemoryLedger, QoS, format_bytes
 from ._frontier import Frontier
 from ._queue import DeviceQueue, Submission
-from .memory._pool import Block, Wait, WouldWaitError
+from .memory._pool import Block, BufferPool, Wait, WouldWaitError
 from .memory._tensors import resolve_dtype
 
 if TYPE_CHECKING:
@@ -136,7 +136,11 @@ class Buffer:
 
 @dataclass(frozen=True)
 class ContextStatistics:
-    """A snapshot of one context."""
+    """A snapshot of one context.
+
+    ``waits`` counts the times its requests queued for memory; ``waiting`` is how many
+    of them are queued now.
+    """
 
     name: str
     device: str
@@ -149,6 +153,7 @@ class ContextStatistics:
     allocations: int
     waits: int
     evictions: int
+    waiting: int = 0
 
 
 class ExecutionContext:
@@ -222,6 +227,7 @@ class ExecutionContext:
             allocations=self._allocations,
             waits=self._waits,
             evictions=self._evictions,
+            waiting=self.runtime._memory.waiting(self),
         )
 
     def __repr__(self) -> str:
@@ -493,6 +499,23 @@ class MemoryManager:
                 f"context {ctx.name!r}: cannot give back {nbytes!r} bytes, the owner holds {held:,}"
             )
         self._release(memory, ctx, nbytes, key)
+
+    def waiting(self, ctx: ExecutionContext) -> int:
+        """How many of ``ctx``'s requests are queued for memory now."""
+        memory = self._devices.get(ctx.device.name)
+        return 0 if memory is None else sum(1 for r in memory.waiters if r.ctx is ctx)
+
+    def placement_shortfall(self, ctx: ExecutionContext, nbytes: int) -> int:
+        """Bytes to free beside a free extent before ``ctx``'s pool can place ``nbytes``.
+
+        Zero when a free extent fits it now (or the device keeps no pool). Memory that
+        frees elsewhere in a fragmented pool does not help, so whoever frees memory for
+        the request (a pager, weight residency) must free at least this much.
+        """
+        pool: BufferPool | None = ctx.device.memory
+        if pool is None or not 0 < nbytes <= pool.capacity:
+            return 0
+        return max(0, nbytes - pool.largest_free_extent())
 
     def _request(
         self,
@@ -792,6 +815,8 @@ class MemoryManager:
             memory.dequeue(request)
             if not future.done():
                 future.cancel()
+            if request.status in _WAITING_FOR_DEVICE and memory.waiters:
+                self._wake(memory)  # it may have held back less urgent requests
             if completion is not None and not completion.done():
                 completion.cancel()
                 completion.add_done_callback(_consume_result)

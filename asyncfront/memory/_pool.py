@@ -545,6 +545,10 @@ class BufferPool:
             cursor = end
         return max(largest, self.capacity - cursor)
 
+    def largest_free_extent(self) -> int:
+        """The largest contiguous free range now (cached or never used), in bytes."""
+        return self._largest_free()
+
     def _largest_free(self) -> int:
         fresh = self.capacity - self._top
         largest = max((seg.nbytes for seg in self._free.values()), default=0)
