@@ -628,25 +628,63 @@ class MemoryManager:
         if isinstance(decision, Wait):
             request.pending = decision
             return _Status.EPOCHS
+        error = self._fragmentation(memory, request, pool)
+        if error is not None:
+            request.error = error
+            return _Status.REFUSED
+        return _Status.FRAGMENTED
+
+    def _fragmentation(
+        self, memory: _DeviceMemory, request: _Request, pool: BufferPool
+    ) -> MemoryBudgetError | None:
+        """The refusal of a request no free by others could give a fitting extent, or None.
+
+        The requester's own live blocks stay where they are while it waits; every other
+        block could be freed.
+        """
+        ctx = request.ctx
         kept_blocks = [
             buf._block
             for buf in ctx._buffers
             if buf.owner is request.owner and buf._block is not None
         ]
         largest = pool.largest_extent(kept_blocks)
-        if request.nbytes > largest:
-            request.error = _refusal(
-                ctx,
-                ledger,
-                request.nbytes,
-                f"the pool {pool.name!r} is fragmented: {format_bytes(decision.bytes_free)} "
-                f"are free but the largest free extent is "
-                f"{format_bytes(decision.largest_free)}, and the requester's own "
-                f"{len(kept_blocks)} live blocks leave at most {format_bytes(largest)} "
-                f"contiguous however much others free",
-            )
-            return _Status.REFUSED
-        return _Status.FRAGMENTED
+        if request.nbytes <= largest:
+            return None
+        stats = pool.statistics()
+        return _refusal(
+            ctx,
+            memory.ledger,
+            request.nbytes,
+            f"the pool {pool.name!r} is fragmented: "
+            f"{format_bytes(stats.bytes_cached + stats.bytes_fresh)} are free but the largest "
+            f"free extent is {format_bytes(pool.largest_free_extent())}, and the requester's "
+            f"own {len(kept_blocks)} live blocks leave at most {format_bytes(largest)} "
+            f"contiguous however much others free",
+        )
+
+    def _check_possible(self, memory: _DeviceMemory, request: _Request) -> MemoryBudgetError | None:
+        """Why ``request`` can never be served as things stand, or None if it can be."""
+        kept = memory.held.get(request.key, 0)
+        if request.charge > memory.ledger.ceiling(request.ctx.name, kept):
+            return self._impossible(memory, request, kept)
+        pool = request.ctx.device.memory if request.place else None
+        return None if pool is None else self._fragmentation(memory, request, pool)
+
+    def _refuse_impossible(self, memory: _DeviceMemory, keys: set[tuple[str, object]]) -> None:
+        """Refuse the waiting requests of ``keys`` that their holders' grants made impossible.
+
+        A holder's own grant raises what it keeps, so its other waiting requests may no
+        longer fit however much others free.
+        """
+        for request in list(memory.waiters):
+            future = request.future
+            if request.key in keys and future is not None and not future.done():
+                error = self._check_possible(memory, request)
+                if error is not None:
+                    request.error = error
+                    request.status = _Status.REFUSED
+                    future.set_result(None)
 
     def _impossible(self, memory: _DeviceMemory, request: _Request, kept: int) -> MemoryBudgetError:
         """The refusal of a request above its ceiling, saying which bound it exceeds."""
@@ -694,16 +732,16 @@ class MemoryManager:
         waiters = memory.waiters
         if not waiters:
             return
-        ledger = memory.ledger
         blocked: int | None = None
+        granted: set[tuple[str, object]] = set()
         for request in list(waiters):
             future = request.future
             if future is None or future.done():
                 continue
             if blocked is not None and request.priority < blocked:
-                kept = memory.held.get(request.key, 0)
-                if request.charge > ledger.ceiling(request.ctx.name, kept):
-                    request.error = self._impossible(memory, request, kept)
+                error = self._check_possible(memory, request)
+                if error is not None:
+                    request.error = error
                     request.status = _Status.REFUSED
                     future.set_result(None)
                 continue
@@ -713,8 +751,12 @@ class MemoryManager:
                 status is _Status.EPOCHS and previous is not _Status.EPOCHS
             ):
                 future.set_result(None)
+                if status is _Status.GRANTED:
+                    granted.add(request.key)
             elif status in _WAITING_FOR_DEVICE and blocked is None:
                 blocked = request.priority
+        if granted:
+            self._refuse_impossible(memory, granted)
 
     # -- acting on the decision ----------------------------------------------------
 
@@ -730,6 +772,8 @@ class MemoryManager:
         while True:
             status = request.status = self._attempt(memory, request, newcomer=True)
             if status is _Status.GRANTED:
+                if memory.waiters:
+                    self._refuse_impossible(memory, {request.key})
                 return
             if status is _Status.REFUSED:
                 assert request.error is not None
