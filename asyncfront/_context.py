@@ -293,7 +293,7 @@ class _Request:
         self.status: _Status | None = None
         self.block: Block | None = None
         self.pending: Wait | None = None
-        self.error: MemoryBudgetError | None = None
+        self.error: Exception | None = None  # why it was refused
         self.future: asyncio.Future[None] | None = None
 
     @property
@@ -597,6 +597,12 @@ class MemoryManager:
         """
         ledger = memory.ledger
         ctx = request.ctx
+        if self._contexts.get(ctx.name) is not ctx:
+            request.error = RuntimeError(
+                f"context {ctx.name!r} was closed while its allocation of "
+                f"{format_bytes(request.nbytes)} waited"
+            )
+            return _Status.REFUSED
         key = request.key
         kept = memory.held.get(key, 0)
         if request.charge > ledger.ceiling(ctx.name, kept):
@@ -663,8 +669,10 @@ class MemoryManager:
             f"contiguous however much others free",
         )
 
-    def _check_possible(self, memory: _DeviceMemory, request: _Request) -> MemoryBudgetError | None:
+    def _check_possible(self, memory: _DeviceMemory, request: _Request) -> Exception | None:
         """Why ``request`` can never be served as things stand, or None if it can be."""
+        if self._contexts.get(request.ctx.name) is not request.ctx:
+            return RuntimeError(f"context {request.ctx.name!r} was closed")
         kept = memory.held.get(request.key, 0)
         if request.charge > memory.ledger.ceiling(request.ctx.name, kept):
             return self._impossible(memory, request, kept)

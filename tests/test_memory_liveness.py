@@ -612,3 +612,28 @@ async def test_pager_allocate_on_a_fragmented_device_pool_pages_out_to_open_an_e
             assert big.tier is Tier.DEVICE and big.nbytes == 8 * KiB
             assert any(p.tier is not Tier.DEVICE for p in pages[1::2])
             assert rt.usage(ctx).used == ctx.device.memory.statistics().bytes_in_use
+
+
+def test_closing_a_context_refuses_its_waiting_allocations_at_once() -> None:
+    """A request waiting on a context that is closed ends then with the reason."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("g", memory=MiB)]) as rt:
+            a = rt.create_context("a", device="g", max_memory=MiB, qos="best_effort")
+            b = rt.create_context("b", device="g", max_memory=MiB, qos="best_effort")
+            async with rt.session(a) as sa:
+                sb = rt.session(b)
+                await sb.__aenter__()
+                held = await sa.allocate(MiB)
+                pending = asyncio.ensure_future(sb.allocate(MiB, timeout=5.0))
+                await asyncio.sleep(1.0)
+                rt.close_context(b)
+                with pytest.raises(
+                    RuntimeError, match=r"context 'b' was closed while its allocation of 1\.0 MiB"
+                ):
+                    await pending
+                assert rt.now() == 1.0
+                sa.free(held)
+                assert rt.available_memory("g") == MiB
+
+    run_virtual(main)
