@@ -2,10 +2,14 @@
 
 A context is one model's (or tenant's) share of a device: its own queue, whose
 priority follows its tier, and a memory budget in the device's :class:`MemoryLedger`.
-Sessions run work on the context's queue and allocate through its budget. When an
-allocation does not fit, the pressure policy runs in order: evict BestEffort
-contexts' memory, ask the ``on_memory_pressure`` handlers, then wait for memory to be
-freed, or raise :class:`MemoryBudgetError` when waiting cannot help.
+Sessions run work on the context's queue and allocate through its budget: one
+synchronous decision charges the block's span and places it in the pool together.
+An allocation that no amount of freeing by others could serve (over its limit, above
+what the other contexts' reservations leave, or larger than any extent the requester's
+own blocks leave in a fragmented pool) raises :class:`MemoryBudgetError` at once.
+Otherwise, when it does not fit, the pressure policy runs in order: evict BestEffort
+contexts' memory, ask the ``on_memory_pressure`` handlers, then wait, until a free or
+a change of holders lets it fit, makes it impossible, or its deadline passes.
 """
 
 from __future__ import annotations
@@ -1009,7 +1013,17 @@ class Session:
         return await self.submit(fn, *args, cost=cost, **kwargs)
 
     async def allocate(self, nbytes: int, *, timeout: float | None = None) -> Buffer:
-        """Allocate through the context's budget (see the pressure policy in the module doc)."""
+        """Allocate through the context's budget (see the pressure policy in the module doc).
+
+        The budget is charged the block's span (``buf.charged``). ``timeout`` bounds any
+        wait, as a deadline on the loop's clock; ``0`` answers now.
+
+        Raises:
+            TypeError: ``nbytes`` is not an ``int``.
+            ValueError: ``nbytes`` is not positive, or ``timeout`` is negative.
+            MemoryBudgetError: it can never be served as things stand, or was not
+                within ``timeout`` seconds; the message has the numbers and the reason.
+        """
         self._check()
         buf = await self.runtime._memory.allocate(self.context, nbytes, timeout=timeout, owner=self)
         self._buffers[buf] = None
