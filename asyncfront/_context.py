@@ -504,6 +504,13 @@ class MemoryManager:
             )
         self._release(memory, ctx, nbytes, key)
 
+    def charge_for(self, ctx: ExecutionContext, nbytes: int) -> int:
+        """The bytes an allocation of ``nbytes`` on ``ctx`` is charged: its block's span."""
+        pool: BufferPool | None = ctx.device.memory
+        if pool is None or not 0 < nbytes <= pool.capacity:
+            return nbytes
+        return pool.footprint(nbytes)
+
     def waiting(self, ctx: ExecutionContext) -> int:
         """How many of ``ctx``'s requests are queued for memory now."""
         memory = self._devices.get(ctx.device.name)
@@ -547,10 +554,7 @@ class MemoryManager:
             raise ValueError(f"context {ctx.name!r}: allocation size must be > 0, got {nbytes!r}")
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"context {ctx.name!r}: timeout must be >= 0 seconds, got {timeout}")
-        charge = nbytes
-        pool = ctx.device.memory if place else None
-        if pool is not None and nbytes <= pool.capacity:
-            charge = pool.footprint(nbytes)
+        charge = self.charge_for(ctx, nbytes) if place else nbytes
         return _Request(
             ctx, nbytes, charge, ctx if owner is None else owner, requester, place, next(self._seq)
         )

@@ -637,3 +637,29 @@ def test_closing_a_context_refuses_its_waiting_allocations_at_once() -> None:
                 assert rt.available_memory("g") == MiB
 
     run_virtual(main)
+
+
+async def test_pager_over_its_budget_counts_block_spans_for_unaligned_pages(
+    tmp_path: Path,
+) -> None:
+    """1000-byte pages are charged 1024: over budget, the pager pages its own out."""
+    pytest.importorskip("torch")
+    from asyncfront.devices import CpuDevice, StorageDevice
+    from asyncfront.memory import Pager, Tier
+
+    devices = [
+        CpuDevice("gpu0", memory=32 * KiB),
+        CpuDevice("host", memory=32 * KiB),
+        StorageDevice(tmp_path),
+    ]
+    async with af.open_runtime(devices) as rt:
+        host = rt.create_context("host", device="host", max_memory=32 * KiB)
+        copy = rt.queue("host", name="copy")
+        nvme = devices[2].queue(name="nvme.pages")
+        async with Pager(rt, host=host, copy=copy, storage=nvme) as pager:
+            ctx = rt.create_context("kv", device="gpu0", max_memory=4090)
+            pages = [
+                await asyncio.wait_for(pager.allocate(ctx, (1000,), "uint8"), 30) for _ in range(4)
+            ]
+            assert pages[0].tier is not Tier.DEVICE and pages[3].tier is Tier.DEVICE
+            assert rt.usage(ctx).used == 3 * 1024

@@ -613,7 +613,8 @@ class Pager:
         """
         while True:
             used, _, limit = context.usage()
-            if used + page.nbytes <= limit or page.nbytes > limit:
+            charge = self.runtime._memory.charge_for(context, page.nbytes)
+            if used + charge <= limit or charge > limit:
                 break
             if await self.reclaim(context, page.nbytes):
                 continue

@@ -110,8 +110,9 @@ def shortfall(
     """
     ledger = runtime._memory._memory(context.device).ledger
     used, _, limit = ledger.usage(context.name)
-    if used + nbytes > limit:
-        return used + nbytes - limit, {context.name: UNLIMITED}
+    charge = runtime._memory.charge_for(context, nbytes)  # the budget counts block spans
+    if used + charge > limit:
+        return used + charge - limit, {context.name: UNLIMITED}
     reclaimable: dict[str, float] = {}
     for name in ledger.accounts():
         other_used, other_reserved, _ = ledger.usage(name)
@@ -119,7 +120,7 @@ def shortfall(
     reclaimable[context.name] = UNLIMITED
     # A fragmented pool needs a fitting extent, not just free bytes in the budget.
     needed = max(
-        nbytes - ledger.available_to(context.name),
+        charge - ledger.available_to(context.name),
         runtime._memory.placement_shortfall(context, nbytes),
     )
     return needed, reclaimable
