@@ -23,6 +23,7 @@ from ._collective import CollectiveStep as CollectiveStep
 from ._context import Buffer as Buffer
 from ._context import ContextStatistics as ContextStatistics
 from ._context import ExecutionContext as ExecutionContext
+from ._context import ForeignBufferError as ForeignBufferError
 from ._context import Session as Session
 from ._context import SyncSession as SyncSession
 from ._frontier import DEFAULT_FRONTIER_CAPACITY as DEFAULT_FRONTIER_CAPACITY
@@ -87,6 +88,7 @@ __all__ = (
     "DeviceQueue",
     "Domain",
     "ExecutionContext",
+    "ForeignBufferError",
     "Frontier",
     "GiB",
     "Graph",

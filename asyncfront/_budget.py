@@ -52,6 +52,39 @@ class QoS(enum.Enum):
     BEST_EFFORT = "best_effort"
     """Reserves nothing; uses spare capacity; first to wait or be evicted."""
 
+    @classmethod
+    def _missing_(cls, value: object) -> QoS | None:
+        # ``QoS("best-effort")``: case, hyphens, spaces and a missing underscore are
+        # forgiven, so the tiers' names read from configuration files work as written.
+        if isinstance(value, str):
+            key = value.strip().lower().replace("-", "_").replace(" ", "_")
+            return _BY_NAME.get(key.replace("_", ""))
+        return None
+
+    @classmethod
+    def coerce(cls, value: QoS | str) -> QoS:
+        """A tier from a :class:`QoS` or its name (``"guaranteed"``, ``"best-effort"``, ...).
+
+        Names are matched ignoring case, hyphens, spaces and underscores, so
+        ``"best_effort"``, ``"best-effort"``, ``"besteffort"`` and ``"BEST_EFFORT"`` all
+        name :attr:`BEST_EFFORT`.
+
+        Raises:
+            TypeError: ``value`` is neither a QoS nor a string.
+            ValueError: the string names no tier.
+        """
+        if isinstance(value, QoS):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(
+                f"qos must be a QoS or one of the names {_NAMES}, got "
+                f"{value!r} ({type(value).__name__})"
+            )
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"qos {value!r} names no tier; use one of {_NAMES}") from None
+
     @property
     def priority(self) -> int:
         """The queue priority of the tier (higher runs first)."""
@@ -59,6 +92,8 @@ class QoS(enum.Enum):
 
 
 _PRIORITY = {QoS.GUARANTEED: 20, QoS.BURSTABLE: 10, QoS.BEST_EFFORT: 0}
+_BY_NAME = {tier.value.replace("_", ""): tier for tier in QoS}
+_NAMES = ", ".join(repr(tier.value) for tier in QoS)
 
 
 class AdmissionError(RuntimeError):
@@ -118,6 +153,14 @@ class _Account:
         return max(self.reserved, self.used)
 
 
+def _check_bytes(context: str, what: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(
+            f"context {context!r}: {what} must be an int number of bytes, got {value!r} "
+            f"({type(value).__name__}); for a fraction of a unit write int(1.5 * GiB)"
+        )
+
+
 class MemoryLedger:
     """The budget book of one device: who reserved, who uses, what is left."""
 
@@ -128,17 +171,25 @@ class MemoryLedger:
         self.capacity = capacity
         self._accounts: dict[str, _Account] = {}
         self._committed = 0
+        self._reserved = 0  # the sum of every account's reservation
 
     # -- admission -----------------------------------------------------------------
 
-    def admit(self, name: str, qos: QoS, max_memory: int, base_memory: int | None) -> int:
-        """Open an account; returns its reservation.
+    def check_admission(self, name: str, qos: QoS, max_memory: int, base_memory: int | None) -> int:
+        """The reservation an account would get, or the error admitting it would raise.
+
+        Changes nothing: :meth:`admit` runs the same checks, so a caller may validate a
+        context completely before creating anything else for it.
 
         Raises:
             AdmissionError: the reservation does not fit what the device has left, or
                 the name is taken.
+            TypeError: a size is not an ``int`` number of bytes.
             ValueError: inconsistent sizes.
         """
+        _check_bytes(name, "max_memory", max_memory)
+        if base_memory is not None:
+            _check_bytes(name, "base_memory", base_memory)
         if name in self._accounts:
             raise AdmissionError(f"a context named {name!r} already exists on {self.device!r}")
         if max_memory < 0:
@@ -166,8 +217,21 @@ class MemoryLedger:
                 f"{self.device!r}, but {format_bytes(self.capacity)} minus "
                 f"{format_bytes(self._committed)} committed leaves {format_bytes(free)}"
             )
+        return reserved
+
+    def admit(self, name: str, qos: QoS, max_memory: int, base_memory: int | None) -> int:
+        """Open an account; returns its reservation.
+
+        Raises:
+            AdmissionError: the reservation does not fit what the device has left, or
+                the name is taken.
+            TypeError: a size is not an ``int`` number of bytes.
+            ValueError: inconsistent sizes.
+        """
+        reserved = self.check_admission(name, qos, max_memory, base_memory)
         self._accounts[name] = _Account(name, qos, reserved, max_memory)
         self._committed += reserved
+        self._reserved += reserved
         return reserved
 
     def close(self, name: str) -> None:
@@ -178,6 +242,7 @@ class MemoryLedger:
                 f"context {name!r} still uses {format_bytes(account.used)}; free it first"
             )
         self._committed -= account.committed
+        self._reserved -= account.reserved
         del self._accounts[name]
 
     # -- charging ------------------------------------------------------------------
@@ -224,6 +289,21 @@ class MemoryLedger:
         account = self._accounts[name]
         headroom = max(0, account.reserved - account.used)
         return min(account.limit - account.used, headroom + self.available)
+
+    def ceiling(self, name: str, kept: int) -> int:
+        """The most the account could ever be granted while it keeps ``kept`` bytes.
+
+        That is what it could get if every other holder freed everything: its limit, and
+        the device's capacity less the other accounts' reservations (held even unused),
+        both less ``kept``. A request above it cannot be served by waiting; only a change
+        of holders (a context closed, a reservation returned) can raise it.
+        """
+        account = self._accounts[name]
+        return min(account.limit, self.capacity - self.reserved_by_others(name)) - kept
+
+    def reserved_by_others(self, name: str) -> int:
+        """The reservations of every account but ``name``'s."""
+        return self._reserved - self._accounts[name].reserved
 
     def usage(self, name: str) -> ContextUsage:
         """``(used, reserved, limit)`` of one account."""

@@ -2,16 +2,22 @@
 
 A context is one model's (or tenant's) share of a device: its own queue, whose
 priority follows its tier, and a memory budget in the device's :class:`MemoryLedger`.
-Sessions run work on the context's queue and allocate through its budget. When an
-allocation does not fit, the pressure policy runs in order: evict BestEffort
-contexts' memory, ask the ``on_memory_pressure`` handlers, then wait for memory to be
-freed, or raise :class:`MemoryBudgetError` when waiting cannot help.
+Sessions run work on the context's queue and allocate through its budget: one
+synchronous decision charges the block's span and places it in the pool together.
+An allocation that no amount of freeing by others could serve (over its limit, above
+what the other contexts' reservations leave, or larger than any extent the requester's
+own blocks leave in a fragmented pool) raises :class:`MemoryBudgetError` at once.
+Otherwise, when it does not fit, the pressure policy runs in order: evict BestEffort
+contexts' memory, ask the ``on_memory_pressure`` handlers, then wait, until a free or
+a change of holders lets it fit, makes it impossible, or its deadline passes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
+import bisect
+import contextlib
+import enum
 import inspect
 import itertools
 import threading
@@ -23,6 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ._budget import Charge, ContextUsage, MemoryBudgetError, MemoryLedger, QoS, format_bytes
 from ._frontier import Frontier
 from ._queue import DeviceQueue, Submission
+from .memory._pool import Block, BufferPool, Wait, WouldWaitError
+from .memory._tensors import resolve_dtype
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -32,6 +40,7 @@ __all__ = (
     "Buffer",
     "ContextStatistics",
     "ExecutionContext",
+    "ForeignBufferError",
     "MemoryPressureHandler",
     "Session",
     "SyncSession",
@@ -48,19 +57,43 @@ EvictionHandler = Callable[[int], "int | Awaitable[int]"]
 """``handler(nbytes_wanted)``: release some of this context's memory; returns bytes freed."""
 
 
+class ForeignBufferError(ValueError):
+    """A buffer (or context) was handed to a runtime, context or session it is not of.
+
+    Freeing it there would corrupt two budgets at once, so the call is refused and
+    nothing changes.
+    """
+
+
 class Buffer:
     """Device memory held by a context, charged to its budget until freed."""
 
-    __slots__ = ("_block", "context", "freed", "nbytes", "owner")
+    __slots__ = ("_block", "_charge", "context", "freed", "nbytes", "owner")
 
     def __init__(
-        self, context: ExecutionContext, nbytes: int, block: Any, owner: object = None
+        self,
+        context: ExecutionContext,
+        nbytes: int,
+        block: Any,
+        owner: object = None,
+        *,
+        charge: int | None = None,
     ) -> None:
         self.context = context
         self.nbytes = nbytes
         self._block = block
+        self._charge = nbytes if charge is None else charge
         self.owner = owner  # the session that allocated it, if any
         self.freed = False
+
+    @property
+    def charged(self) -> int:
+        """The bytes charged to the context's budget: the pool block's span, when pooled.
+
+        At least ``nbytes``: the pool rounds every block up to its alignment, and the
+        budget counts what the pool really holds.
+        """
+        return self._charge
 
     @property
     def device(self) -> str:
@@ -80,17 +113,21 @@ class Buffer:
     def tensor(self, dtype: Any = None, shape: Any = None) -> Any:
         """The buffer's memory as the device's array type (a ``torch.Tensor`` view).
 
-        With no ``dtype``, the raw bytes; with ``dtype`` and no ``shape``, as many
-        elements as fit, flat. Valid until the buffer is freed.
+        With no ``dtype``, the raw bytes; with ``dtype`` (a ``torch.dtype`` or its name,
+        ``"float32"`` or ``"torch.float32"``) and no ``shape``, as many elements as fit,
+        flat. Valid until the buffer is freed.
 
         Raises:
-            TypeError: the device only accounts for memory (no addressable buffers).
+            TypeError: the device only accounts for memory (no addressable buffers), or
+                ``dtype`` is neither a torch dtype nor the name of one.
             ValueError: the buffer was freed.
         """
         if self.freed:
             raise ValueError(f"{self!r} was freed")
         if self._block is None:
             raise TypeError(f"device {self.device!r} keeps no pool: {self!r} has no memory")
+        if dtype is not None:
+            dtype = resolve_dtype(dtype)
         return self.context.device.view(self._block, dtype, shape)
 
     def __repr__(self) -> str:
@@ -103,7 +140,11 @@ class Buffer:
 
 @dataclass(frozen=True)
 class ContextStatistics:
-    """A snapshot of one context."""
+    """A snapshot of one context.
+
+    ``waits`` counts the times its requests queued for memory; ``waiting`` is how many
+    of them are queued now.
+    """
 
     name: str
     device: str
@@ -116,6 +157,7 @@ class ContextStatistics:
     allocations: int
     waits: int
     evictions: int
+    waiting: int = 0
 
 
 class ExecutionContext:
@@ -189,6 +231,7 @@ class ExecutionContext:
             allocations=self._allocations,
             waits=self._waits,
             evictions=self._evictions,
+            waiting=self.runtime._memory.waiting(self),
         )
 
     def __repr__(self) -> str:
@@ -200,30 +243,114 @@ class ExecutionContext:
         )
 
 
+class _Status(enum.Enum):
+    """Where one attempt to serve a request left it."""
+
+    GRANTED = "granted"  # charged (and placed): the request is served
+    REFUSED = "refused"  # it can never be served as things stand: ``error`` says why
+    OVER_LIMIT = "over_limit"  # over its context's max_memory: the context's other owners
+    NO_SPACE = "no_space"  # the device is committed: others' frees or evictions help
+    FRAGMENTED = "fragmented"  # the budget fits but no free extent does: others' frees help
+    EPOCHS = "epochs"  # a block fits once ``pending``'s epochs complete
+
+
+_WAITING_FOR_DEVICE = (_Status.NO_SPACE, _Status.FRAGMENTED)
+
+
+class _Request:
+    """One allocation (or reservation) being served: what it asks and where it stands."""
+
+    __slots__ = (
+        "block",
+        "charge",
+        "ctx",
+        "error",
+        "future",
+        "nbytes",
+        "owner",
+        "pending",
+        "place",
+        "priority",
+        "requester",
+        "seq",
+        "status",
+    )
+
+    def __init__(
+        self,
+        ctx: ExecutionContext,
+        nbytes: int,
+        charge: int,
+        owner: object,
+        requester: Frontier | None,
+        place: bool,
+        seq: int,
+    ) -> None:
+        self.ctx = ctx
+        self.nbytes = nbytes
+        self.charge = charge  # what the budget is charged: the block's span when placed
+        self.owner = owner
+        self.requester = requester
+        self.place = place
+        self.priority = ctx.priority
+        self.seq = seq  # arrival order: kept across retries, so waiters keep their turn
+        self.status: _Status | None = None
+        self.block: Block | None = None
+        self.pending: Wait | None = None
+        self.error: Exception | None = None  # why it was refused
+        self.future: asyncio.Future[None] | None = None
+
+    @property
+    def key(self) -> tuple[str, object]:
+        """The holder the request charges: its owner within its context."""
+        return (self.ctx.name, self.owner)
+
+
 class _DeviceMemory:
     """Budgets, the pool and the memory waiters of one device."""
 
     def __init__(self, device: Device, ledger: MemoryLedger) -> None:
         self.device = device
         self.ledger = ledger
-        # (-priority, sequence, context, nbytes, owner, future) of allocations waiting
-        self.waiters: list[
-            tuple[int, int, ExecutionContext, int, object, asyncio.Future[None]]
-        ] = []
-        # bytes charged per owner (a session, or the context for owner-less calls)
-        self.held: dict[object, int] = {}
+        # requests waiting for memory, most urgent first, then in arrival order
+        self.waiters: list[_Request] = []
+        # bytes charged per holder: (context name, owner), the owner being a session or
+        # whatever else allocates (the context itself for owner-less calls)
+        self.held: dict[tuple[str, object], int] = {}
+        # bumped on every change that may let a waiter through (frees, closes, admissions)
+        self.version = 0
 
-    def hold(self, owner: object, nbytes: int) -> None:
-        """Record bytes charged on behalf of ``owner`` (negative to release)."""
-        held = self.held.get(owner, 0) + nbytes
+    def hold(self, key: tuple[str, object], nbytes: int) -> None:
+        """Record bytes charged on behalf of a holder (negative to release)."""
+        held = self.held.get(key, 0) + nbytes
         if held:
-            self.held[owner] = held
+            self.held[key] = held
         else:
-            self.held.pop(owner, None)
+            self.held.pop(key, None)
+
+    def enqueue(self, request: _Request) -> None:
+        """Queue a waiting request in urgency order (higher priority, then older, first)."""
+        bisect.insort(self.waiters, request, key=_urgency)
+
+    def dequeue(self, request: _Request) -> None:
+        """Remove a request that stopped waiting (served, refused, timed out, cancelled)."""
+        with contextlib.suppress(ValueError):
+            self.waiters.remove(request)
+
+
+def _urgency(request: _Request) -> tuple[int, int]:
+    return (-request.priority, request.seq)
 
 
 class MemoryManager:
-    """Admission, budgets and pressure handling for every device of a runtime."""
+    """Admission, budgets and pressure handling for every device of a runtime.
+
+    Every request for memory, a pool block (:meth:`allocate`) or bytes of budget alone
+    (:meth:`reserve`), goes through one synchronous decision, :meth:`_attempt`, that
+    either serves it, refuses it when no amount of freeing by others could (the numbers
+    in a :class:`MemoryBudgetError`), or says what it waits for. Waiting requests are
+    decided again, most urgent first, whenever memory frees or holders change.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -237,10 +364,13 @@ class MemoryManager:
     def _memory(self, device: Device) -> _DeviceMemory:
         memory = self._devices.get(device.name)
         if memory is None:
-            capacity = device.memory_capacity or 0
-            memory = _DeviceMemory(device, MemoryLedger(device.name, capacity))
-            self._devices[device.name] = memory
+            memory = self._devices[device.name] = self._new_memory(device)
         return memory
+
+    @staticmethod
+    def _new_memory(device: Device) -> _DeviceMemory:
+        capacity = device.memory_capacity or 0
+        return _DeviceMemory(device, MemoryLedger(device.name, capacity))
 
     def create_context(
         self,
@@ -248,18 +378,29 @@ class MemoryManager:
         device: Device,
         max_memory: int,
         base_memory: int | None,
-        qos: QoS,
+        qos: QoS | str,
     ) -> ExecutionContext:
+        # Everything is checked before anything changes: a refused context leaves no
+        # account, queue or name behind.
+        if not isinstance(name, str):
+            raise TypeError(f"a context name must be a str, got {name!r} ({type(name).__name__})")
+        if not name:
+            raise ValueError("a context name must not be empty")
+        tier = QoS.coerce(qos)
         if name in self._contexts:
             raise ValueError(f"a context named {name!r} already exists")
-        memory = self._memory(device)
-        reserved = memory.ledger.admit(name, qos, max_memory, base_memory)
-        queue = self.runtime.queue(device, priority=qos.priority, name=name)
+        memory = self._devices.get(device.name) or self._new_memory(device)
+        memory.ledger.check_admission(name, tier, max_memory, base_memory)
+        queue = self.runtime.queue(device, priority=tier.priority, name=name)
+        reserved = memory.ledger.admit(name, tier, max_memory, base_memory)
+        self._devices.setdefault(device.name, memory)
         ctx = ExecutionContext(
-            self.runtime, name, device, qos, max_memory, base_memory, reserved, queue
+            self.runtime, name, device, tier, max_memory, base_memory, reserved, queue
         )
         self._contexts[name] = ctx
         self._log("context_admitted", ctx, reserved=reserved, limit=max_memory)
+        if reserved:
+            self._wake(memory)  # a new reservation may leave some waiters no way to fit
         return ctx
 
     def context(self, name: str) -> ExecutionContext:
@@ -302,42 +443,139 @@ class MemoryManager:
         owner: object = None,
         requester: Frontier | None = None,
     ) -> Buffer:
-        """Charge ``nbytes`` to ``ctx`` (running the pressure policy if needed), then place it.
+        """Charge ``ctx`` for a block of ``nbytes`` and place it, as one decision.
 
-        ``owner`` (a session) marks the buffer: waiting for memory only makes sense while
-        somebody other than the owner holds memory that could be freed. ``requester`` is
-        the frontier of the work that will first touch the memory; by default the context
-        queue's, right for work submitted there later. Memory written by other queues
-        must say so (``Frontier()`` when unknown: reuse then waits for completion).
+        The budget is charged what the pool really holds (the block's span, alignment
+        included). ``owner`` (a session) marks the buffer: waiting only makes sense for
+        what somebody other than the owner could free. ``requester`` is the frontier of
+        the work that will first touch the memory; by default the context queue's, right
+        for work submitted there later. Memory written by other queues must say so
+        (``Frontier()`` when unknown: reuse then waits for completion).
+
+        Raises:
+            TypeError: ``nbytes`` is not an ``int``.
+            ValueError: ``nbytes`` is not positive, or ``timeout`` is negative.
+            MemoryBudgetError: it can never be served as things stand (over the
+                context's ``max_memory``, more than the device could ever spare for it,
+                or a pool too fragmented for any free by others to help), or not within
+                ``timeout`` seconds.
         """
-        if ctx.closed:
-            raise RuntimeError(f"context {ctx.name!r} is closed")
-        if not isinstance(nbytes, int) or nbytes <= 0:
-            raise ValueError(f"context {ctx.name!r}: allocation size must be > 0, got {nbytes!r}")
-        memory = self._memory(ctx.device)
-        if owner is None:
-            owner = ctx
-        await self._charge(ctx, memory, nbytes, timeout, owner)
-        pool = ctx.device.memory
-        block = None
-        if pool is not None:
-            try:
-                block = await pool.allocate(
-                    nbytes, ctx.queue.frontier if requester is None else requester
-                )
-            except BaseException:
-                self._release(memory, ctx, nbytes, owner)
-                raise
-        buf = Buffer(ctx, nbytes, block, owner)
+        request = self._request(ctx, nbytes, timeout, owner, requester, place=True)
+        await self._acquire(request, timeout)
+        buf = Buffer(ctx, nbytes, request.block, request.owner, charge=request.charge)
         ctx._buffers[buf] = None
         ctx._allocations += 1
         return buf
 
+    async def reserve(
+        self,
+        ctx: ExecutionContext,
+        nbytes: int,
+        *,
+        timeout: float | None = None,
+        owner: object = None,
+    ) -> None:
+        """Charge ``nbytes`` to ``ctx``'s budget without taking a pool block.
+
+        For memory the budget must count but the pool does not place (a submission's
+        working memory). It waits, evicts, asks the pressure handlers and fails exactly
+        like :meth:`allocate`; :meth:`unreserve` with the same ``owner`` gives it back.
+
+        Raises:
+            TypeError: ``nbytes`` is not an ``int``.
+            ValueError: ``nbytes`` is not positive, or ``timeout`` is negative.
+            MemoryBudgetError: as for :meth:`allocate`.
+        """
+        request = self._request(ctx, nbytes, timeout, owner, None, place=False)
+        await self._acquire(request, timeout)
+
+    def unreserve(self, ctx: ExecutionContext, nbytes: int, *, owner: object = None) -> None:
+        """Give back ``nbytes`` that :meth:`reserve` charged to ``ctx`` for ``owner``.
+
+        Raises:
+            ValueError: ``owner`` holds fewer bytes of ``ctx``'s budget.
+        """
+        memory = self._memory(ctx.device)
+        key = (ctx.name, ctx if owner is None else owner)
+        held = memory.held.get(key, 0)
+        if not 0 < nbytes <= held:
+            raise ValueError(
+                f"context {ctx.name!r}: cannot give back {nbytes!r} bytes, the owner holds {held:,}"
+            )
+        self._release(memory, ctx, nbytes, key)
+
+    def charge_for(self, ctx: ExecutionContext, nbytes: int) -> int:
+        """The bytes an allocation of ``nbytes`` on ``ctx`` is charged: its block's span."""
+        pool: BufferPool | None = ctx.device.memory
+        if pool is None or not 0 < nbytes <= pool.capacity:
+            return nbytes
+        return pool.footprint(nbytes)
+
+    def waiting(self, ctx: ExecutionContext) -> int:
+        """How many of ``ctx``'s requests are queued for memory now."""
+        memory = self._devices.get(ctx.device.name)
+        return 0 if memory is None else sum(1 for r in memory.waiters if r.ctx is ctx)
+
+    def placement_shortfall(self, ctx: ExecutionContext, nbytes: int) -> int:
+        """Bytes to free beside a free extent before ``ctx``'s pool can place ``nbytes``.
+
+        Zero when a free extent fits it now (or the device keeps no pool). Memory that
+        frees elsewhere in a fragmented pool does not help, so whoever frees memory for
+        the request (a pager, weight residency) must free at least this much.
+        """
+        pool: BufferPool | None = ctx.device.memory
+        if pool is None or not 0 < nbytes <= pool.capacity:
+            return 0
+        return max(0, nbytes - pool.largest_free_extent())
+
+    def _request(
+        self,
+        ctx: ExecutionContext,
+        nbytes: int,
+        timeout: float | None,
+        owner: object,
+        requester: Frontier | None,
+        *,
+        place: bool,
+    ) -> _Request:
+        """Check a request's arguments and say what it charges; changes nothing."""
+        if ctx.runtime is not self.runtime or self._contexts.get(ctx.name) is not ctx:
+            if ctx.closed:
+                raise RuntimeError(f"context {ctx.name!r} is closed")
+            raise ForeignBufferError(
+                f"context {ctx.name!r} belongs to another runtime than this one"
+            )
+        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+            raise TypeError(
+                f"context {ctx.name!r}: allocation size must be an int number of bytes, "
+                f"got {nbytes!r} ({type(nbytes).__name__})"
+            )
+        if nbytes <= 0:
+            raise ValueError(f"context {ctx.name!r}: allocation size must be > 0, got {nbytes!r}")
+        if timeout is not None and not timeout >= 0:
+            raise ValueError(f"context {ctx.name!r}: timeout must be >= 0 seconds, got {timeout}")
+        charge = self.charge_for(ctx, nbytes) if place else nbytes
+        return _Request(
+            ctx, nbytes, charge, ctx if owner is None else owner, requester, place, next(self._seq)
+        )
+
     def free(self, buf: Buffer, death: Frontier | None = None) -> None:
-        """Return a buffer; the pool reuses it once ``death`` (default: queue tail) is safe."""
+        """Return a buffer; the pool reuses it once ``death`` (default: queue tail) is safe.
+
+        Raises:
+            TypeError: ``buf`` is not a :class:`Buffer`.
+            ForeignBufferError: the buffer belongs to another runtime.
+            ValueError: it was already freed, or is not its context's.
+        """
+        if not isinstance(buf, Buffer):
+            raise TypeError(f"free() takes a Buffer, got {buf!r} ({type(buf).__name__})")
+        ctx = buf.context
+        if ctx.runtime is not self.runtime:
+            raise ForeignBufferError(
+                f"{buf!r} belongs to another runtime; free it through a session of that one"
+            )
         if buf.freed:
             raise ValueError(f"{buf!r} was already freed")
-        ctx = buf.context
         if buf not in ctx._buffers:
             raise ValueError(f"{buf!r} does not belong to context {ctx.name!r}")
         if death is None:
@@ -347,142 +585,326 @@ class MemoryManager:
             pool.free(buf._block, death)
         buf.freed = True
         del ctx._buffers[buf]
-        self._release(self._memory(ctx.device), ctx, buf.nbytes, buf.owner)
+        self._release(self._memory(ctx.device), ctx, buf._charge, (ctx.name, buf.owner))
 
     def _release(
-        self, memory: _DeviceMemory, ctx: ExecutionContext, nbytes: int, owner: object
+        self, memory: _DeviceMemory, ctx: ExecutionContext, nbytes: int, key: tuple[str, object]
     ) -> None:
         memory.ledger.release(ctx.name, nbytes)
-        memory.hold(owner, -nbytes)
+        memory.hold(key, -nbytes)
         self._wake(memory)
 
-    async def _charge(
-        self,
-        ctx: ExecutionContext,
-        memory: _DeviceMemory,
-        nbytes: int,
-        timeout: float | None,
-        owner: object,
-    ) -> None:
-        ledger = memory.ledger
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        asked_handlers = False
-        while True:
-            if memory.waiters and self._ahead_of(memory, ctx):
-                charge = Charge.NO_SPACE  # queue behind more urgent waiters: no overtaking
-            else:
-                charge = ledger.try_charge(ctx.name, nbytes)
-            if charge is Charge.GRANTED:
-                memory.hold(owner, nbytes)
-                return
-            if charge is Charge.OVER_LIMIT:
-                # Only frees within the context help: other sessions' buffers, once they
-                # end, as long as the request fits beside what this owner keeps.
-                if not self._context_can_free(memory, ctx, nbytes, owner):
-                    raise _refusal(ctx, ledger, nbytes, "over the context's max_memory")
-            else:
-                self._log(
-                    "memory_pressure",
-                    ctx,
-                    requested=nbytes,
-                    available=ledger.available_to(ctx.name),
-                )
-                if await self._evict_for(ctx, memory, nbytes):
-                    continue
-                if not asked_handlers and self._handlers:
-                    asked_handlers = True
-                    if await self._ask_handlers(ctx, nbytes, ledger.available_to(ctx.name)):
-                        continue
-                if not self._can_free(memory, owner):
-                    raise _refusal(ctx, ledger, nbytes, _NOTHING_TO_FREE)
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise _refusal(ctx, ledger, nbytes, f"no memory was freed within {timeout} s")
-            self._log("memory_wait", ctx, requested=nbytes)
-            ctx._waits += 1
-            granted = await self._wait_for_memory(memory, ctx, nbytes, owner, remaining)
-            if granted:
-                return
-            asked_handlers = False
+    # -- the decision --------------------------------------------------------------
 
-    def _ahead_of(self, memory: _DeviceMemory, ctx: ExecutionContext) -> bool:
-        """Whether a waiter of higher priority than ``ctx`` is waiting for device memory.
+    def _attempt(self, memory: _DeviceMemory, request: _Request, *, newcomer: bool) -> _Status:
+        """Serve ``request`` now if possible, else say why not; synchronous and loop-free.
 
-        A waiter held back by its own context's limit is not waiting for the device.
+        A granted request is charged (and holds its block); any other outcome changes
+        nothing but the request's own fields. A ``newcomer`` (not yet queued) queues
+        behind more urgent requests waiting for the device: no overtaking.
         """
-        return any(
-            -prio > ctx.priority
-            and not fut.done()
-            and not _over_limit(memory.ledger, other, nbytes)
-            for prio, _, other, nbytes, _, fut in memory.waiters
+        ledger = memory.ledger
+        ctx = request.ctx
+        if self._contexts.get(ctx.name) is not ctx:
+            request.error = RuntimeError(
+                f"context {ctx.name!r} was closed while its allocation of "
+                f"{format_bytes(request.nbytes)} waited"
+            )
+            return _Status.REFUSED
+        key = request.key
+        kept = memory.held.get(key, 0)
+        if request.charge > ledger.ceiling(ctx.name, kept):
+            request.error = self._impossible(memory, request, kept)
+            return _Status.REFUSED
+        if newcomer and memory.waiters and self._ahead_of(memory, request):
+            return _Status.NO_SPACE
+        charge = ledger.try_charge(ctx.name, request.charge)
+        if charge is Charge.OVER_LIMIT:
+            return _Status.OVER_LIMIT
+        if charge is Charge.NO_SPACE:
+            return _Status.NO_SPACE
+        pool = ctx.device.memory if request.place else None
+        if pool is None:
+            memory.hold(key, request.charge)
+            return _Status.GRANTED
+        requester = ctx.queue.frontier if request.requester is None else request.requester
+        decision = pool.try_allocate(request.nbytes, requester)
+        if isinstance(decision, Block):
+            if decision.span < request.charge:
+                # The block at the end of a capacity that is not a multiple of the
+                # alignment holds less than a full span: charge what it holds.
+                ledger.release(ctx.name, request.charge - decision.span)
+                request.charge = decision.span
+            memory.hold(key, request.charge)
+            request.block = decision
+            return _Status.GRANTED
+        ledger.release(ctx.name, request.charge)  # nothing placed: charge nothing
+        if isinstance(decision, Wait):
+            request.pending = decision
+            return _Status.EPOCHS
+        error = self._fragmentation(memory, request, pool)
+        if error is not None:
+            request.error = error
+            return _Status.REFUSED
+        return _Status.FRAGMENTED
+
+    def _fragmentation(
+        self, memory: _DeviceMemory, request: _Request, pool: BufferPool
+    ) -> MemoryBudgetError | None:
+        """The refusal of a request no free by others could give a fitting extent, or None.
+
+        The requester's own live blocks stay where they are while it waits; every other
+        block could be freed.
+        """
+        ctx = request.ctx
+        kept_blocks = [
+            buf._block
+            for buf in ctx._buffers
+            if buf.owner is request.owner and buf._block is not None
+        ]
+        largest = pool.largest_extent(kept_blocks)
+        if request.nbytes <= largest:
+            return None
+        stats = pool.statistics()
+        return _refusal(
+            ctx,
+            memory.ledger,
+            request.nbytes,
+            f"the pool {pool.name!r} is fragmented: "
+            f"{format_bytes(stats.bytes_cached + stats.bytes_fresh)} are free but the largest "
+            f"free extent is {format_bytes(pool.largest_free_extent())}, and the requester's "
+            f"own {len(kept_blocks)} live blocks leave at most {format_bytes(largest)} "
+            f"contiguous however much others free",
         )
 
-    def _context_can_free(
-        self, memory: _DeviceMemory, ctx: ExecutionContext, nbytes: int, owner: object
-    ) -> bool:
-        """Whether ``nbytes`` fits ``ctx``'s limit once its other owners free their memory."""
-        used, _, limit = memory.ledger.usage(ctx.name)
-        own = memory.held.get(owner, 0)
-        return used > own and own + nbytes <= limit
+    def _check_possible(self, memory: _DeviceMemory, request: _Request) -> Exception | None:
+        """Why ``request`` can never be served as things stand, or None if it can be."""
+        if self._contexts.get(request.ctx.name) is not request.ctx:
+            return RuntimeError(f"context {request.ctx.name!r} was closed")
+        kept = memory.held.get(request.key, 0)
+        if request.charge > memory.ledger.ceiling(request.ctx.name, kept):
+            return self._impossible(memory, request, kept)
+        pool = request.ctx.device.memory if request.place else None
+        return None if pool is None else self._fragmentation(memory, request, pool)
 
-    async def _wait_for_memory(
-        self,
-        memory: _DeviceMemory,
-        ctx: ExecutionContext,
-        nbytes: int,
-        owner: object,
-        timeout: float | None,
-    ) -> bool:
-        """Queue for memory; True when the wake-up already charged it to ``ctx``."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (-ctx.priority, next(self._seq), ctx, nbytes, owner, fut)
-        heapq.heappush(memory.waiters, entry)
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except TimeoutError:
-            if fut.done() and not fut.cancelled():
-                return True  # granted as the timeout fired
-            fut.cancel()
-            return False
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self._release(memory, ctx, nbytes, owner)  # granted but nobody will use it
-            else:
-                fut.cancel()
-            raise
+    def _refuse_impossible(self, memory: _DeviceMemory, keys: set[tuple[str, object]]) -> None:
+        """Refuse the waiting requests of ``keys`` that their holders' grants made impossible.
+
+        A holder's own grant raises what it keeps, so its other waiting requests may no
+        longer fit however much others free.
+        """
+        for request in list(memory.waiters):
+            future = request.future
+            if request.key in keys and future is not None and not future.done():
+                error = self._check_possible(memory, request)
+                if error is not None:
+                    request.error = error
+                    request.status = _Status.REFUSED
+                    future.set_result(None)
+
+    def _impossible(self, memory: _DeviceMemory, request: _Request, kept: int) -> MemoryBudgetError:
+        """The refusal of a request above its ceiling, saying which bound it exceeds."""
+        ledger = memory.ledger
+        ctx = request.ctx
+        limit = ledger.usage(ctx.name).limit
+        charged = (
+            ""
+            if request.charge == request.nbytes
+            else f" (a block of {format_bytes(request.charge)} with the pool's alignment)"
+        )
+        if kept + request.charge > limit:
+            held = f", {format_bytes(kept)} of it held by the requester" if kept else ""
+            reason = f"over the context's max_memory{charged}{held}"
+        else:
+            others = ledger.reserved_by_others(ctx.name)
+            reason = (
+                f"it can never fit{charged}: {format_bytes(ledger.capacity)} on the device "
+                f"less {format_bytes(others)} reserved by other contexts leaves at most "
+                f"{format_bytes(ledger.ceiling(ctx.name, kept))} for it"
+                + (f" beside the {format_bytes(kept)} the requester holds" if kept else "")
+            )
+        return _refusal(ctx, ledger, request.nbytes, reason)
+
+    def _ahead_of(self, memory: _DeviceMemory, request: _Request) -> bool:
+        """Whether a more urgent request waits for the device (not for its own limit)."""
+        priority = request.priority
+        return any(
+            other.priority > priority
+            and other.status in _WAITING_FOR_DEVICE
+            and other.future is not None
+            and not other.future.done()
+            for other in memory.waiters
+        )
 
     def _wake(self, memory: _DeviceMemory) -> None:
-        """Charge waiting allocations that now fit, most urgent first, oldest first."""
+        """Decide every waiting request again, most urgent first, oldest first.
+
+        Those that now fit are served, those that can no longer fit ever are refused,
+        and those whose block now only waits for epochs go to wait for them. A request
+        blocked for the device holds back the less urgent ones (no overtaking), but only
+        while it can fit.
+        """
+        memory.version += 1
         waiters = memory.waiters
         if not waiters:
             return
-        ledger = memory.ledger
-        keep = []
-        blocked_priority: int | None = None
-        for entry in sorted(waiters, key=lambda e: (e[0], e[1])):
-            prio, _, ctx, nbytes, owner, fut = entry
-            if fut.done():
+        blocked: int | None = None
+        granted: set[tuple[str, object]] = set()
+        for request in list(waiters):
+            future = request.future
+            if future is None or future.done():
                 continue
-            if blocked_priority is not None and prio > blocked_priority:
-                keep.append(entry)  # a more urgent waiter is still blocked: no overtaking
+            if blocked is not None and request.priority < blocked:
+                error = self._check_possible(memory, request)
+                if error is not None:
+                    request.error = error
+                    request.status = _Status.REFUSED
+                    future.set_result(None)
                 continue
-            charge = ledger.try_charge(ctx.name, nbytes)
-            if charge is Charge.GRANTED:
-                memory.hold(owner, nbytes)
-                fut.set_result(None)
-            else:
-                keep.append(entry)
-                # A waiter over its own context's limit holds back nobody else.
-                if charge is Charge.NO_SPACE and blocked_priority is None:
-                    blocked_priority = prio
-        heapq.heapify(keep)
-        memory.waiters = keep
+            status = self._attempt(memory, request, newcomer=False)
+            previous, request.status = request.status, status
+            if status in (_Status.GRANTED, _Status.REFUSED) or (
+                status is _Status.EPOCHS and previous is not _Status.EPOCHS
+            ):
+                future.set_result(None)
+                if status is _Status.GRANTED:
+                    granted.add(request.key)
+            elif status in _WAITING_FOR_DEVICE and blocked is None:
+                blocked = request.priority
+        if granted:
+            self._refuse_impossible(memory, granted)
 
-    def _can_free(self, memory: _DeviceMemory, owner: object) -> bool:
-        """Whether anyone but ``owner`` holds memory on the device that could be freed."""
-        return any(holder is not owner for holder in memory.held)
+    # -- acting on the decision ----------------------------------------------------
+
+    async def _acquire(self, request: _Request, timeout: float | None) -> None:
+        """Serve ``request``: evict, ask the pressure handlers, wait, or raise."""
+        ctx = request.ctx
+        memory = self._memory(ctx.device)
+        loop = asyncio.get_running_loop()
+        # A deadline on the loop clock: a remaining time recomputed by subtraction can
+        # shrink to a few ulps that never expire on a virtual clock.
+        deadline = None if timeout is None else loop.time() + timeout
+        asked: int | None = None  # memory.version when the handlers were last asked
+        while True:
+            status = request.status = self._attempt(memory, request, newcomer=True)
+            if status is _Status.GRANTED:
+                if memory.waiters:
+                    self._refuse_impossible(memory, {request.key})
+                return
+            if status is _Status.REFUSED:
+                assert request.error is not None
+                raise request.error
+            if status in _WAITING_FOR_DEVICE:
+                self._log(
+                    "memory_pressure",
+                    ctx,
+                    requested=request.nbytes,
+                    available=memory.ledger.available_to(ctx.name),
+                    fragmented=status is _Status.FRAGMENTED,
+                )
+                if await self._evict_for(ctx, memory, request.charge):
+                    continue
+                if self._handlers and asked != memory.version:
+                    # Asked again only once memory changed since: a handler that answers
+                    # "retry" without freeing anything cannot make this loop spin.
+                    asked = memory.version
+                    available = memory.ledger.available_to(ctx.name)
+                    if await self._ask_handlers(ctx, request.nbytes, available):
+                        continue
+                if status is _Status.NO_SPACE and not self._others_hold(memory, request):
+                    raise _refusal(ctx, memory.ledger, request.nbytes, _NOTHING_TO_FREE)
+            self._log("memory_wait", ctx, requested=request.nbytes, reason=status.value)
+            ctx._waits += 1
+            if await self._wait(memory, request, deadline, timeout):
+                return
+
+    async def _wait(
+        self,
+        memory: _DeviceMemory,
+        request: _Request,
+        deadline: float | None,
+        timeout: float | None,
+    ) -> bool:
+        """Queue ``request`` until a decision serves it (True) or calls for a retry (False).
+
+        Raises:
+            MemoryBudgetError: a decision refused it, or ``deadline`` passed first.
+            Exception: the completion source's error when waiting for epochs.
+        """
+        loop = asyncio.get_running_loop()
+        future = request.future = loop.create_future()
+        memory.enqueue(request)
+        completion: asyncio.Future[None] | None = None
+        pending = request.pending if request.status is _Status.EPOCHS else None
+        if pending is not None:
+            pool = request.ctx.device.memory
+            assert pool is not None
+            wait_completed = pool._wait_completed
+            if wait_completed is None:
+                memory.dequeue(request)
+                raise WouldWaitError(
+                    pool._describe_wait(pending)
+                    + " and the pool has no completion source to wait with",
+                    pending,
+                )
+            completion = asyncio.ensure_future(wait_completed(pending.frontier))
+        try:
+            async with asyncio.timeout_at(deadline):
+                if completion is None:
+                    await future
+                else:
+                    await asyncio.wait((future, completion), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            if request.status is _Status.GRANTED and future.done():
+                return True  # served as the deadline fired
+            if request.status is _Status.REFUSED and future.done():
+                assert request.error is not None
+                raise request.error from None
+            raise _refusal(
+                request.ctx,
+                memory.ledger,
+                request.nbytes,
+                f"no memory was freed within {timeout} s "
+                f"({request.status.value if request.status else 'waiting'})",
+            ) from None
+        except asyncio.CancelledError:
+            if request.status is _Status.GRANTED and future.done():
+                self._undo(memory, request)  # served, but nobody will use it
+            raise
+        finally:
+            memory.dequeue(request)
+            if not future.done():
+                future.cancel()
+            if request.status in _WAITING_FOR_DEVICE and memory.waiters:
+                self._wake(memory)  # it may have held back less urgent requests
+            if completion is not None and not completion.done():
+                completion.cancel()
+                completion.add_done_callback(_consume_result)
+        if future.done():
+            if request.status is _Status.GRANTED:
+                return True
+            if request.status is _Status.REFUSED:
+                assert request.error is not None
+                raise request.error
+        elif completion is not None and completion.done():
+            completion.result()  # the completion source's error, if it raised
+        return False
+
+    def _undo(self, memory: _DeviceMemory, request: _Request) -> None:
+        """Give back what a decision granted to a request that was cancelled meanwhile."""
+        ctx = request.ctx
+        block, request.block = request.block, None
+        if block is not None:
+            pool = ctx.device.memory
+            assert pool is not None
+            # Never used: it dies where it was born, with what its death was known as.
+            pool.free(block, block.requester)
+        self._release(memory, ctx, request.charge, request.key)
+
+    def _others_hold(self, memory: _DeviceMemory, request: _Request) -> bool:
+        """Whether any holder but the request's own holds memory on the device."""
+        key = request.key
+        return any(holder != key for holder in memory.held)
 
     async def _evict_for(self, ctx: ExecutionContext, memory: _DeviceMemory, nbytes: int) -> bool:
         """Ask lower-tier contexts (BestEffort first) to give memory back for ``ctx``."""
@@ -595,14 +1017,37 @@ class Session:
         return await self.submit(fn, *args, cost=cost, **kwargs)
 
     async def allocate(self, nbytes: int, *, timeout: float | None = None) -> Buffer:
-        """Allocate through the context's budget (see the pressure policy in the module doc)."""
+        """Allocate through the context's budget (see the pressure policy in the module doc).
+
+        The budget is charged the block's span (``buf.charged``). ``timeout`` bounds any
+        wait, as a deadline on the loop's clock; ``0`` answers now.
+
+        Raises:
+            TypeError: ``nbytes`` is not an ``int``.
+            ValueError: ``nbytes`` is not positive, or ``timeout`` is negative.
+            MemoryBudgetError: it can never be served as things stand, or was not
+                within ``timeout`` seconds; the message has the numbers and the reason.
+        """
         self._check()
         buf = await self.runtime._memory.allocate(self.context, nbytes, timeout=timeout, owner=self)
         self._buffers[buf] = None
         return buf
 
     def free(self, buf: Buffer, death: Frontier | None = None) -> None:
-        """Free a buffer; its death frontier is the context queue's frontier by default."""
+        """Free a buffer; its death frontier is the context queue's frontier by default.
+
+        Any session of the buffer's context may free it.
+
+        Raises:
+            ForeignBufferError: the buffer belongs to another context or runtime.
+            ValueError: it was already freed.
+        """
+        if isinstance(buf, Buffer) and buf.context is not self.context:
+            raise ForeignBufferError(
+                f"session on context {self.context.name!r} cannot free {buf!r}: it belongs "
+                f"to context {buf.context.name!r}"
+                + ("" if buf.context.runtime is self.runtime else " of another runtime")
+            )
         self.runtime._memory.free(buf, death)
         self._buffers.pop(buf, None)
 
@@ -709,9 +1154,10 @@ def _refusal(
     return MemoryBudgetError(ctx.name, nbytes, limit, used, ledger.available, reason)
 
 
-def _over_limit(ledger: MemoryLedger, ctx: ExecutionContext, nbytes: int) -> bool:
-    used, _, limit = ledger.usage(ctx.name)
-    return used + nbytes > limit
+def _consume_result(task: asyncio.Future[None]) -> None:
+    """Retrieve a cancelled completion wait's outcome so no error goes unreported."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _on_thread_of(loop: asyncio.AbstractEventLoop) -> bool:

@@ -392,16 +392,22 @@ class Runtime:
         device: str | Device | None = None,
         max_memory: int = 0,
         base_memory: int | None = None,
-        qos: QoS = QoS.GUARANTEED,
+        qos: QoS | str = QoS.GUARANTEED,
     ) -> ExecutionContext:
         """Admit a context: a queue on ``device`` at the tier's priority and a memory budget.
 
         Guaranteed reserves ``max_memory`` now; Burstable reserves ``base_memory`` and
         may grow to ``max_memory`` from spare memory; BestEffort reserves nothing.
-        ``device`` may be omitted when the runtime has a single device.
+        ``device`` may be omitted when the runtime has a single device. ``qos`` may be
+        a tier's name (``"guaranteed"``, ``"burstable"``, ``"best_effort"``; see
+        :meth:`QoS.coerce`). Everything is checked before anything is created: a refused
+        call leaves no account, queue or name behind.
 
         Raises:
             AdmissionError: the reservation does not fit what the device has left.
+            TypeError: a size is not an ``int``, or ``qos`` is neither a QoS nor a str.
+            ValueError: the name is taken or empty, sizes are inconsistent, or ``qos``
+                names no tier.
         """
         if not self._open:
             raise RuntimeError("the runtime is not open (use 'async with open_runtime(...)')")

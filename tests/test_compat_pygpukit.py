@@ -288,9 +288,10 @@ def test_memory_pressure_handling(capsys: pytest.CaptureFixture[str]) -> None:
         ThreadPoolExecutor(1) as other_thread,
     ):
         held = sa.allocate(1 * GB)  # 1 GiB of spare memory is left
-        # 3 GiB asked, 1 GiB available: refused at once although `a` could free memory
+        # 2 GiB asked (it would fit if `a` freed), 1 GiB available: the handler refuses
+        # at once although `a` could free memory
         with pytest.raises(af.MemoryBudgetError, match="refused by the memory-pressure handler"):
-            sb.allocate(3 * GB)
+            sb.allocate(2 * GB)
         # 1.5 GiB asked, 1 GiB available: allowed, so it waits until `a` frees
         waiting = other_thread.submit(sb.allocate, 3 * GB // 2, timeout=5.0)
         eventually(lambda: b.statistics().waits == 1)
@@ -299,7 +300,7 @@ def test_memory_pressure_handling(capsys: pytest.CaptureFixture[str]) -> None:
         assert waiting.result(timeout=5.0).nbytes == 3 * GB // 2
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        f"Context b: requested {3 * GB}, available {1 * GB}",
+        f"Context b: requested {2 * GB}, available {1 * GB}",
         f"Context b: requested {3 * GB // 2}, available {1 * GB}",
     ]
 

@@ -740,7 +740,8 @@ class Pager:
         loop = asyncio.get_running_loop()
         retry_delay = _RETRY_FIRST
         while True:
-            if page.nbytes > context.usage().limit:
+            charge = self.runtime._memory.charge_for(context, page.nbytes)
+            if charge > context.usage().limit:
                 break  # no amount of paging helps: let the memory manager say why
             needed, _ = shortfall(self.runtime, context, page.nbytes)
             if needed <= 0:

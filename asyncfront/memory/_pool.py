@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeAlias
 
@@ -422,6 +422,7 @@ class BufferPool:
             requester: the frontier of the work that will use the block.
 
         Raises:
+            TypeError: ``nbytes`` is not an ``int``.
             InvalidSizeError: ``nbytes`` is zero or negative.
             PoolExhaustedError: ``nbytes`` exceeds the capacity (it can never fit).
         """
@@ -454,6 +455,11 @@ class BufferPool:
         return WaitForFree(nbytes, self._bytes_cached + fresh, self._largest_free())
 
     def _check_size(self, nbytes: int) -> None:
+        if type(nbytes) is not int and (not isinstance(nbytes, int) or isinstance(nbytes, bool)):
+            raise TypeError(
+                f"pool {self.name!r}: allocation size must be an int number of bytes, got "
+                f"{nbytes!r} ({type(nbytes).__name__})"
+            )
         if nbytes <= 0:
             raise InvalidSizeError(
                 f"pool {self.name!r}: allocation size must be > 0 bytes, got {nbytes}"
@@ -501,6 +507,47 @@ class BufferPool:
     def _aligned(self, nbytes: int) -> int:
         mask = self.alignment - 1
         return (nbytes + mask) & ~mask
+
+    def footprint(self, nbytes: int) -> int:
+        """The bytes a block of ``nbytes`` occupies: rounded up to the alignment.
+
+        Budgets charge this, not ``nbytes``: it is what the pool really holds. (The one
+        block that ends at a capacity that is not a multiple of the alignment holds less;
+        its :attr:`Block.span` says exactly.)
+
+        Raises:
+            TypeError: ``nbytes`` is not an ``int``.
+            InvalidSizeError: ``nbytes`` is zero or negative.
+            PoolExhaustedError: ``nbytes`` exceeds the capacity.
+        """
+        self._check_size(nbytes)
+        return min(self._aligned(nbytes), self.capacity)
+
+    def largest_extent(self, kept: Iterable[Block] = ()) -> int:
+        """The largest contiguous range that ``kept`` blocks leave, were all others freed.
+
+        A request larger than this can never be placed while those blocks stay live,
+        however long it waits: fragmentation, not a lack of free bytes, is what stops
+        it. Blocks not of this pool, or no longer live, are ignored.
+
+        Args:
+            kept: live blocks that stay where they are (the requester's own).
+        """
+        starts = sorted(
+            (block._offset, block._offset + block._span)
+            for block in kept
+            if block._owner is self and self._live.get(block._offset) is block
+        )
+        largest = 0
+        cursor = 0
+        for start, end in starts:
+            largest = max(largest, start - cursor)
+            cursor = end
+        return max(largest, self.capacity - cursor)
+
+    def largest_free_extent(self) -> int:
+        """The largest contiguous free range now (cached or never used), in bytes."""
+        return self._largest_free()
 
     def _largest_free(self) -> int:
         fresh = self.capacity - self._top
@@ -615,6 +662,7 @@ class BufferPool:
 
         Raises:
             WouldWaitError: serving it needs a wait (``.decision`` says which).
+            TypeError: ``nbytes`` is not an ``int``.
             InvalidSizeError: ``nbytes`` is zero or negative.
             PoolExhaustedError: ``nbytes`` exceeds the capacity.
         """
@@ -635,6 +683,7 @@ class BufferPool:
             requester: the frontier of the work that will use the block.
 
         Raises:
+            TypeError: ``nbytes`` is not an ``int``.
             InvalidSizeError: ``nbytes`` is zero or negative.
             PoolExhaustedError: ``nbytes`` exceeds the capacity.
             WouldWaitError: it must wait for epochs but the pool has no

@@ -104,19 +104,26 @@ def shortfall(
     """Bytes ``context`` lacks for an ``nbytes`` allocation now, and what freeing helps.
 
     Over its own ``max_memory``, only the context's own memory helps. Otherwise the
-    device lacks room: the context's own memory counts in full, another context's only
-    the part of its usage above its reservation.
+    device lacks room (budget, or a free extent that fits in a fragmented pool): the
+    context's own memory counts in full, another context's only the part of its usage
+    above its reservation.
     """
     ledger = runtime._memory._memory(context.device).ledger
     used, _, limit = ledger.usage(context.name)
-    if used + nbytes > limit:
-        return used + nbytes - limit, {context.name: UNLIMITED}
+    charge = runtime._memory.charge_for(context, nbytes)  # the budget counts block spans
+    if used + charge > limit:
+        return used + charge - limit, {context.name: UNLIMITED}
     reclaimable: dict[str, float] = {}
     for name in ledger.accounts():
         other_used, other_reserved, _ = ledger.usage(name)
         reclaimable[name] = max(0, other_used - other_reserved)
     reclaimable[context.name] = UNLIMITED
-    return nbytes - ledger.available_to(context.name), reclaimable
+    # A fragmented pool needs a fitting extent, not just free bytes in the budget.
+    needed = max(
+        charge - ledger.available_to(context.name),
+        runtime._memory.placement_shortfall(context, nbytes),
+    )
+    return needed, reclaimable
 
 
 class RequestRate:
