@@ -1,0 +1,19 @@
+"""Real PyTorch models on asyncfront's memory: pager-backed KV caches and optimizer state."""
+
+from ._kv_cache import DEFAULT_PAGE_TOKENS as DEFAULT_PAGE_TOKENS
+from ._kv_cache import KVCacheGrowthError as KVCacheGrowthError
+from ._kv_cache import KVCacheNotPinnedError as KVCacheNotPinnedError
+from ._kv_cache import KVCachePagedOutError as KVCachePagedOutError
+from ._kv_cache import KVCacheStatistics as KVCacheStatistics
+from ._kv_cache import PagedKVCache as PagedKVCache
+from ._kv_cache import PagedKVLayer as PagedKVLayer
+
+__all__ = (
+    "DEFAULT_PAGE_TOKENS",
+    "KVCacheGrowthError",
+    "KVCacheNotPinnedError",
+    "KVCachePagedOutError",
+    "KVCacheStatistics",
+    "PagedKVCache",
+    "PagedKVLayer",
+)
