@@ -7,6 +7,10 @@ from ._kv_cache import KVCachePagedOutError as KVCachePagedOutError
 from ._kv_cache import KVCacheStatistics as KVCacheStatistics
 from ._kv_cache import PagedKVCache as PagedKVCache
 from ._kv_cache import PagedKVLayer as PagedKVLayer
+from ._optimizer import OptimizerStateNotPinnedError as OptimizerStateNotPinnedError
+from ._optimizer import OptimizerStatePagedOutError as OptimizerStatePagedOutError
+from ._optimizer import OptimizerStateStatistics as OptimizerStateStatistics
+from ._optimizer import PagedOptimizerState as PagedOptimizerState
 
 __all__ = (
     "DEFAULT_PAGE_TOKENS",
@@ -14,6 +18,10 @@ __all__ = (
     "KVCacheNotPinnedError",
     "KVCachePagedOutError",
     "KVCacheStatistics",
+    "OptimizerStateNotPinnedError",
+    "OptimizerStatePagedOutError",
+    "OptimizerStateStatistics",
     "PagedKVCache",
     "PagedKVLayer",
+    "PagedOptimizerState",
 )
