@@ -1,10 +1,11 @@
 """The paged KV cache: page-out and page-in of a session's cache, and its cost per decoded token.
 
 Page-out / page-in: a ``PagedKVCache`` shaped like GPT-2 small's attention (12 layers,
-12 heads of 64, float32) holding ``--tokens`` positions in pages of 64 is filled through
-its ``update`` (the transformers Cache API), paged out to the page file
-(``PagedKVCache.page_out``: device → host on the copy queue, host → file on the storage
-queue, with the pager's defaults) and paged back in (``page_in``). The baseline, in the
+12 heads of 64, float32) holding ``--tokens`` positions in pages of ``--page-tokens``
+(64, the default) is filled through its ``update`` (the transformers Cache API), paged
+out to the page file (``PagedKVCache.page_out``: device → host on the copy queue, host →
+file on the storage queue, with the pager's defaults) and paged back in (``page_in``).
+The baseline, in the
 same run and alternating with it, is a raw sequential ``os.pwrite`` of the same bytes
 from one buffer, then ``os.pread`` into preallocated memory. Both end their writes with
 one ``os.fsync`` inside the timed region, and both files are dropped from the page cache
@@ -16,6 +17,7 @@ seed) on transformers' ``DynamicCache`` called directly (the baseline), on a
 ``PagedKVCache`` through ``cache.run`` on a CPU device queue (a worker thread per step),
 and on a ``PagedKVCache`` inline on the event loop (``reserve`` + ``pinned``). All three
 produce the same tokens (checked). Per-token medians and spread over ``--repeat`` runs.
+``--threads`` sets torch's intra-op threads (default: torch's own choice).
 
 Run: ``python benchmarks/kv_cache_paging.py [--dir DIR] [--tokens 1024] [--decode 64]
 [--repeat 5]``.
@@ -39,10 +41,10 @@ import transformers
 import asyncfront as af
 from asyncfront.devices import CpuDevice, StorageDevice
 from asyncfront.memory import Pager, Tier
-from asyncfront.models import PagedKVCache
+from asyncfront.models import DEFAULT_PAGE_TOKENS, PagedKVCache
 
 MiB = 1 << 20
-LAYERS, HEADS, HEAD_DIM, PAGE_TOKENS = 12, 12, 64, 64
+LAYERS, HEADS, HEAD_DIM = 12, 12, 64
 
 
 def drop_cache(path: Path) -> None:
@@ -92,10 +94,12 @@ def raw_round_trip(path: Path, data: Any) -> tuple[float, float]:
     return write, read
 
 
-async def paged_round_trip(directory: Path, tokens: int, seed: int) -> tuple[float, float, int]:
+async def paged_round_trip(
+    directory: Path, tokens: int, page_tokens: int, seed: int
+) -> tuple[float, float, int]:
     """Seconds for a filled cache's page-out (+ fsync) and page-in after a drop; its bytes."""
-    pages_per_layer = -(-tokens // PAGE_TOKENS)
-    page_bytes = 2 * HEADS * PAGE_TOKENS * HEAD_DIM * 4
+    pages_per_layer = -(-tokens // page_tokens)
+    page_bytes = 2 * HEADS * page_tokens * HEAD_DIM * 4
     need = LAYERS * pages_per_layer * page_bytes
     storage = StorageDevice(directory, name="nvme")
     devices = [
@@ -115,7 +119,7 @@ async def paged_round_trip(directory: Path, tokens: int, seed: int) -> tuple[flo
         )
         async with pager:
             cache = PagedKVCache(
-                pager, llm, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM, page_tokens=PAGE_TOKENS
+                pager, llm, layers=LAYERS, heads=HEADS, head_dim=HEAD_DIM, page_tokens=page_tokens
             )
             gen = torch.Generator().manual_seed(seed)
             kv = [torch.randn(2, 1, HEADS, tokens, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
@@ -210,10 +214,17 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the files go (default: a temp dir)")
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--decode", type=int, default=64)
+    parser.add_argument("--page-tokens", type=int, default=DEFAULT_PAGE_TOKENS)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: its own)"
+    )
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    print(f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")  # fmt: skip
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, {versions}, "
+          f"{torch.get_num_threads()} torch threads")  # fmt: skip
     results: dict[str, list[float]] = {k: [] for k in ("out", "in", "raw out", "raw in")}
     nbytes = 0
     with tempfile.TemporaryDirectory(dir=args.dir) as name:
@@ -223,11 +234,14 @@ def main() -> None:
             w, rd = raw_round_trip(directory / "raw.bin", raw)
             results["raw out"].append(w)
             results["raw in"].append(rd)
-            out, back, nbytes = asyncio.run(paged_round_trip(directory, args.tokens, r))
+            out, back, nbytes = asyncio.run(
+                paged_round_trip(directory, args.tokens, args.page_tokens, r)
+            )
             results["out"].append(out)
             results["in"].append(back)
-        print(f"\nKV cache of {args.tokens} positions, {LAYERS} layers x {HEADS} heads x "
-              f"{HEAD_DIM}, float32: {nbytes / MiB:.1f} MiB in pages of {PAGE_TOKENS}")  # fmt: skip
+        shape = f"{LAYERS} layers x {HEADS} heads x {HEAD_DIM}"
+        print(f"\nKV cache of {args.tokens} positions, {shape}, float32: "
+              f"{nbytes / MiB:.1f} MiB in pages of {args.page_tokens}")  # fmt: skip
         for key, label in (
             ("out", "PagedKVCache.page_out (+fsync)"),
             ("raw out", "raw pwrite + fsync         "),

@@ -266,7 +266,9 @@ class PagedKVCache:
     Args:
         pager: the pager whose pages hold the keys and values.
         context: the context whose device budget holds the pages while resident.
-        layers / heads / head_dim: the attention layout (see :meth:`for_model`).
+        layers: attention layers (see :meth:`for_model` to read these from a config).
+        heads: key/value heads per layer.
+        head_dim: size of one head's keys and values.
         dtype: the keys' and values' dtype (a torch dtype or its name).
         batch_size: sequences per forward pass.
         page_tokens: positions per page.

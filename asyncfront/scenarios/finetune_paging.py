@@ -476,8 +476,9 @@ async def run_finetune(
             moments = _moments_of(optimizer, model)
         optimizer_bytes = state.nbytes if state is not None else _moment_bytes(optimizer)
     finally:
-        if mover is not None:
+        if mover is not None:  # the loop failed first: stop the paging and collect it
             mover.cancel()
+            await asyncio.gather(mover, return_exceptions=True)
         if state is not None:
             await state.aclose()
         if pager is not None:
