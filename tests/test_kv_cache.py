@@ -260,3 +260,16 @@ async def test_bad_shapes_and_sizes_are_refused(tmp_path: Path, model: Any) -> N
         with pytest.raises(ValueError, match="tokens >= 0, got -1"):
             await wrong.reserve(-1)
         await wrong.aclose()
+
+
+async def test_growth_past_the_budget_fails_with_the_budget_error(
+    tmp_path: Path, model: Any
+) -> None:
+    """A pinned cache outgrowing its context's budget raises MemoryBudgetError; close frees all."""
+    async with world(tmp_path, device_pages=2) as w:
+        cache = _cache(w, model)
+        with pytest.raises(af.MemoryBudgetError, match=r"'kv' is in use with 8\.0 KiB in 2 pinned"):
+            await cache.run(w.llm.queue, model.generate, _prompt(), cache=cache, max_new_tokens=8)
+        assert len(cache.pages()) == 2  # one page per layer, the budget's worth
+        await cache.aclose()
+        assert w.rt.usage(w.llm).used == 0

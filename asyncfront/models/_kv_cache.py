@@ -31,7 +31,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._budget import format_bytes
+from .._budget import MemoryBudgetError, format_bytes
 from .._semaphore import TimelineSemaphore
 from ..memory._pager import Page, Pager, PageUse, Tier
 from ..memory._tensors import import_torch
@@ -524,7 +524,8 @@ class PagedKVCache:
 
         Raises:
             ValueError: ``tokens`` is negative.
-            MemoryBudgetError: the context's budget cannot hold another page.
+            MemoryBudgetError: the context's budget cannot hold another page (at once
+                when the cache is pinned and its own pages fill the budget).
         """
         if tokens < 0:
             raise ValueError(f"reserve takes a count of tokens >= 0, got {tokens}")
@@ -613,6 +614,7 @@ class PagedKVCache:
         needed = -(-tokens // self.page_tokens)
         for layer in self.paged_layers:
             while len(layer.pages) < needed:
+                self._check_can_grow()
                 page = await self.pager.allocate(
                     self.context,
                     self.page_shape,
@@ -627,6 +629,30 @@ class PagedKVCache:
                     pin.uses[page] = use
                     pin.added.append(use)
                     layer._tensors.append(use.tensor)
+
+    def _check_can_grow(self) -> None:
+        """Refuse a page that cannot fit beside the cache's own pinned pages, ever.
+
+        While pinned, the cache's pages cannot be paged out to make room, and the budget
+        would wait for memory only they hold: say so now instead.
+        """
+        pin = self._pin
+        if pin is None:
+            return
+        pinned = sum(page.nbytes for page in pin.uses)
+        used, _, limit = self.context.usage()
+        nbytes = self._page_bytes()
+        if pinned + nbytes > limit:
+            available = self.context.runtime.available_memory(self.context.device)
+            raise MemoryBudgetError(
+                self.context.name,
+                nbytes,
+                limit,
+                used,
+                available,
+                f"cache {self.name!r} is in use with {format_bytes(pinned)} in "
+                f"{len(pin.uses)} pinned pages and cannot grow past the budget",
+            )
 
     def _grow_from_use(self, tokens: int) -> None:
         """Called by a layer's update that needs room for ``tokens`` positions."""
