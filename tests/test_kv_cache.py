@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import asyncfront as af
-from asyncfront.devices import CpuDevice, StorageDevice
+from asyncfront.devices import CpuDevice, StorageDevice, StorageWriteError
 from asyncfront.memory import Pager, Tier
 from asyncfront.models import (
     KVCacheGrowthError,
@@ -79,9 +79,23 @@ class World:
     storage: af.DeviceQueue
 
 
+class FailingWrites(StorageDevice):
+    """Fails the next ``failures`` writes, then behaves."""
+
+    failures = 0
+
+    def _write_sync(self, data: object, file: Any, offset: int) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise StorageWriteError(self.resolve(file), offset, 0, 0, "injected")
+        return super()._write_sync(data, file, offset)
+
+
 @asynccontextmanager
-async def world(tmp_path: Path, *, device_pages: int = 64) -> AsyncIterator[World]:
-    storage = StorageDevice(tmp_path, name="nvme")
+async def world(
+    tmp_path: Path, *, device_pages: int = 64, storage: StorageDevice | None = None
+) -> AsyncIterator[World]:
+    storage = storage if storage is not None else StorageDevice(tmp_path, name="nvme")
     devices = [
         CpuDevice("gpu0", memory=device_pages * PAGE_BYTES),
         CpuDevice("host", memory=64 * PAGE_BYTES),
@@ -271,5 +285,30 @@ async def test_growth_past_the_budget_fails_with_the_budget_error(
         with pytest.raises(af.MemoryBudgetError, match=r"'kv' is in use with 8\.0 KiB in 2 pinned"):
             await cache.run(w.llm.queue, model.generate, _prompt(), cache=cache, max_new_tokens=8)
         assert len(cache.pages()) == 2  # one page per layer, the budget's worth
+        await cache.aclose()
+        assert w.rt.usage(w.llm).used == 0
+
+
+async def test_a_failed_page_out_leaves_the_cache_resident_and_exact(
+    tmp_path: Path, model: Any, reference: tuple[list[int], list[Any]]
+) -> None:
+    """A page-out whose write fails raises StorageWriteError; decoding goes on, exactly."""
+    tokens, _ = reference
+    storage = FailingWrites(tmp_path, name="nvme")
+    async with world(tmp_path, storage=storage) as w:
+        cache = _cache(w, model)
+        ids, got = _prompt(), []
+        for i in range(STEPS):
+            if i == 8:
+                storage.failures = 1
+                with pytest.raises(StorageWriteError, match="injected"):
+                    await cache.page_out(Tier.FILE)
+                assert any(page.tier is Tier.DEVICE for page in cache.pages())
+            if i == 9:
+                await cache.page_out(Tier.FILE)  # the storage behaves again
+                assert cache.tier is Tier.FILE
+            _, ids = await cache.run(w.llm.queue, _step, model, cache, ids)
+            got.append(int(ids))
+        assert got == tokens
         await cache.aclose()
         assert w.rt.usage(w.llm).used == 0

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import asyncfront as af
-from asyncfront.devices import StorageDevice
+from asyncfront.devices import StorageDevice, StorageWriteError
 from asyncfront.memory import Pager, Tier
 from asyncfront.models import (
     OptimizerStateNotPinnedError,
@@ -166,3 +166,35 @@ async def test_bad_optimizers_and_budgets_are_refused(tmp_path: Path) -> None:
             await state.allocate()
         assert rt.usage(train).used == 0 and not state.pages()
         assert pager.statistics().pages == 0
+
+
+class FailingWrites(StorageDevice):
+    """Fails every write from the ``fail_from``-th on."""
+
+    fail_from = 1 << 30
+    writes = 0
+
+    def _write_sync(self, data: object, file: Any, offset: int) -> int:
+        self.writes += 1
+        if self.writes >= self.fail_from:
+            raise StorageWriteError(self.resolve(file), offset, 0, 0, "injected")
+        return super()._write_sync(data, file, offset)
+
+
+def test_a_failed_page_out_fails_the_step_with_its_cause(tmp_path: Path) -> None:
+    """A write failing in step 1's page-out fails page_sem; the fine-tune raises it, no hang."""
+    storage = FailingWrites(tmp_path, name="nvme")
+    moments = len(list(tiny_gpt2().parameters()))
+    storage.fail_from = moments + 1  # step 0's page-out succeeds, step 1's first write fails
+
+    async def main() -> None:
+        devices = [*finetune_devices(tmp_path)[:2], storage]
+        async with af.open_runtime(devices) as rt:
+            with pytest.raises(af.SemaphoreFailedError) as failed:
+                await run_finetune(rt, steps=3, length=32)
+            assert isinstance(failed.value.__cause__, StorageWriteError)
+            train = rt.context("finetune")
+            assert rt.usage(train).used == 0  # the moments' pages were released
+
+    asyncio.run(main())
+    assert storage.writes == 2 * moments  # step 1 tried each page once; step 2 never ran
