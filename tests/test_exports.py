@@ -15,6 +15,7 @@ PACKAGES = [
     "asyncfront.memory",
     "asyncfront.testing",
     "asyncfront.demo",
+    "asyncfront.models",
 ]
 
 
@@ -41,8 +42,9 @@ def test_public_classes_live_in_private_modules(package: str) -> None:
 
 
 def test_import_does_not_load_heavy_dependencies() -> None:
-    """import asyncfront (and asyncfront.demo) loads no torch, transformers, kvikio or ray."""
+    """import asyncfront (and .demo, .models) loads no torch, transformers, kvikio or ray."""
     heavy = "{'torch', 'transformers', 'pocketsphinx', 'kvikio', 'ray'}"
-    code = f"import sys, asyncfront, asyncfront.demo; print(sorted({heavy} & set(sys.modules)))"
+    modules = "asyncfront, asyncfront.demo, asyncfront.models"
+    code = f"import sys, {modules}; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

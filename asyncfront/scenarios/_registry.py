@@ -99,6 +99,7 @@ class Scenario:
 
 def _registry() -> dict[str, Scenario]:
     from . import (
+        finetune_paging,
         laptop_voice,
         moe_routing,
         multimedia_request,
@@ -135,6 +136,13 @@ def _registry() -> dict[str, Scenario]:
             "SDXL under memory pressure: weights dropped with a death frontier, then reloaded",
             sdxl_pressure.simulate,
             {},
+        ),
+        Scenario(
+            "finetune_paging",
+            "B2c",
+            "a fine-tune pages its optimizer state to NVMe and back inside every backward pass",
+            finetune_paging.simulate,
+            {"steps": finetune_paging.DEFAULT_STEPS},
         ),
         Scenario(
             "rag_placement",
