@@ -84,11 +84,11 @@ class FailingWrites(StorageDevice):
 
     failures = 0
 
-    def _write_sync(self, data: object, file: Any, offset: int) -> int:
+    def _write_sync(self, data: object, file: Any, offset: int, checksum: bool = False) -> int:
         if self.failures:
             self.failures -= 1
             raise StorageWriteError(self.resolve(file), offset, 0, 0, "injected")
-        return super()._write_sync(data, file, offset)
+        return super()._write_sync(data, file, offset, checksum)
 
 
 @asynccontextmanager

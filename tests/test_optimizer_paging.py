@@ -174,11 +174,11 @@ class FailingWrites(StorageDevice):
     fail_from = 1 << 30
     writes = 0
 
-    def _write_sync(self, data: object, file: Any, offset: int) -> int:
+    def _write_sync(self, data: object, file: Any, offset: int, checksum: bool = False) -> int:
         self.writes += 1
         if self.writes >= self.fail_from:
             raise StorageWriteError(self.resolve(file), offset, 0, 0, "injected")
-        return super()._write_sync(data, file, offset)
+        return super()._write_sync(data, file, offset, checksum)
 
 
 def test_a_failed_page_out_fails_the_step_with_its_cause(tmp_path: Path) -> None:

@@ -143,6 +143,7 @@ def _registry() -> dict[str, Scenario]:
             "a fine-tune pages its optimizer state to NVMe and back inside every backward pass",
             finetune_paging.simulate,
             {"steps": finetune_paging.DEFAULT_STEPS},
+            {"steps": (1, 1000)},
         ),
         Scenario(
             "rag_placement",
