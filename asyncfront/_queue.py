@@ -277,9 +277,9 @@ class DeviceQueue:
         # semaphore -> (value, submission) for the waits of pending submissions that were
         # unmet at submission, in FIFO order: finds a later signal that an earlier wait needs
         self._unmet: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
-        # semaphore -> (value, submission) for the signals of pending submissions, in FIFO
-        # order: a wait that work ahead of it signals is no same-queue deadlock
-        self._signalled: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
+        # semaphore -> the highest value pending submissions here signal it to: a wait
+        # that work ahead of it signals is no same-queue deadlock
+        self._signalled: dict[TimelineSemaphore, int] = {}
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
@@ -378,8 +378,7 @@ class DeviceQueue:
             ahead = self._signalled
             for sem, value in waits_t:
                 if sem._value < value:
-                    signalled = ahead.get(sem)
-                    if signalled and signalled[-1][0] >= value:
+                    if ahead.get(sem, -1) >= value:
                         continue  # work ahead of it on this queue signals it
                     record = unmet.get(sem)
                     if record is None:
@@ -391,10 +390,8 @@ class DeviceQueue:
             for sem, value in signals_t:
                 if unmet and sem in unmet:
                     self._warn_same_queue(sub, sem, value)
-                signalled = ahead.get(sem)
-                if signalled is None:
-                    signalled = ahead[sem] = deque()
-                signalled.append((value, sub))
+                if ahead.get(sem, -1) < value:
+                    ahead[sem] = value
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -567,12 +564,10 @@ class DeviceQueue:
                     self._current = None
                     if sub.signals:
                         signalled = self._signalled
-                        for sem, _ in sub.signals:  # each was recorded once, oldest first
-                            record = signalled.get(sem)
-                            if record:
-                                record.popleft()
-                                if not record:
-                                    del signalled[sem]
+                        for sem, value in sub.signals:
+                            # the record is this one's unless later work signals higher
+                            if signalled.get(sem) == value:
+                                del signalled[sem]
                     if sub.waits and self._unmet:
                         self._unindex(sub)
                 self._completed_epoch = sub.epoch
