@@ -18,7 +18,8 @@ each into a CRC32C as it arrives, the least a verified read costs. Raw and pager
 alternate within each repeat. Each row gives the median of ``--repeat`` runs, their
 spread (slowest-fastest), the median's share of the raw loop's median, and the median
 of each run's share of the raw run of the same repeat ("paired": steadier where other
-work shares the machine).
+work shares the machine), and the CPU seconds the process spent per GiB moved (all
+threads, kernel time included: what a path costs whether or not the CPUs are busy).
 
 With aiofiles installed, one more row reads the raw file whole with aiofiles
 (``f.read()`` into a new bytes object), for comparison. ``--crc`` first measures the
@@ -43,7 +44,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -52,6 +53,24 @@ from asyncfront.devices import CpuDevice, StorageDevice
 from asyncfront.memory import Pager, Tier
 
 MiB = 1 << 20
+
+
+class Timing(NamedTuple):
+    """Wall seconds of one timed transfer, and the CPU seconds the process spent in it."""
+
+    seconds: float
+    cpu: float
+
+
+def clock() -> Timing:
+    """Now, on both clocks (all of the process's threads count for the CPU clock)."""
+    return Timing(time.perf_counter(), time.process_time())
+
+
+def since(start: Timing) -> Timing:
+    """What passed on both clocks since ``start``."""
+    now = clock()
+    return Timing(now.seconds - start.seconds, now.cpu - start.cpu)
 
 
 def drop_cache(path: Path, warm: bool) -> None:
@@ -65,9 +84,9 @@ def drop_cache(path: Path, warm: bool) -> None:
         os.close(fd)
 
 
-def raw_write(path: Path, blocks: list[Any]) -> float:
-    """Sequential pwrite of every block, then one fsync; seconds."""
-    start = time.perf_counter()
+def raw_write(path: Path, blocks: list[Any]) -> Timing:
+    """Sequential pwrite of every block, then one fsync."""
+    start = clock()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         offset = 0
@@ -80,11 +99,11 @@ def raw_write(path: Path, blocks: list[Any]) -> float:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return time.perf_counter() - start
+    return since(start)
 
 
-def raw_read(path: Path, blocks: list[Any], checksum: bool = False) -> float:
-    """Sequential preadv into every block's memory; seconds.
+def raw_read(path: Path, blocks: list[Any], checksum: bool = False) -> Timing:
+    """Sequential preadv into every block's memory.
 
     With ``checksum``, each block is read in 1 MiB pieces and each piece's CRC32C is
     folded in right after it arrives, as the storage device does: the least a verified
@@ -93,7 +112,7 @@ def raw_read(path: Path, blocks: list[Any], checksum: bool = False) -> float:
     import crc32c
 
     piece = MiB if checksum else None
-    start = time.perf_counter()
+    start = clock()
     fd = os.open(path, os.O_RDONLY)
     try:
         offset = 0
@@ -112,19 +131,19 @@ def raw_read(path: Path, blocks: list[Any], checksum: bool = False) -> float:
             offset += done
     finally:
         os.close(fd)
-    return time.perf_counter() - start
+    return since(start)
 
 
-async def aiofiles_read(path: Path) -> float | None:
-    """Whole-file read with aiofiles (None when it is not installed); seconds."""
+async def aiofiles_read(path: Path) -> Timing | None:
+    """Whole-file read with aiofiles (None when it is not installed)."""
     try:
         import aiofiles
     except ImportError:
         return None
-    start = time.perf_counter()
+    start = clock()
     async with aiofiles.open(path, "rb") as f:
         await f.read()
-    return time.perf_counter() - start
+    return since(start)
 
 
 async def pager_round_trip(
@@ -134,8 +153,8 @@ async def pager_round_trip(
     warm: bool,
     direct: bool,
     verify: bool,
-) -> tuple[float, float]:
-    """Page every block out and back in through a Pager; seconds for each direction."""
+) -> tuple[Timing, Timing]:
+    """Page every block out and back in through a Pager; the timing of each direction."""
     block_bytes = sources[0].numel()
     total = block_bytes * len(sources)
     devices = [
@@ -169,15 +188,15 @@ async def pager_round_trip(
                     )
                 pages.append(page)
 
-            start = time.perf_counter()
+            start = clock()
             await asyncio.gather(*(pager.page_out(page, Tier.FILE) for page in pages))
             await nvme.sync(queue, "pages.bin")
-            out_seconds = time.perf_counter() - start
+            out_timing = since(start)
 
             drop_cache(directory / "pages.bin", warm)
-            start = time.perf_counter()
+            start = clock()
             await asyncio.gather(*(pager.page_in(page) for page in pages))
-            in_seconds = time.perf_counter() - start
+            in_timing = since(start)
 
             for page, source in zip(pages, sources, strict=True):
                 async with pager.use(page) as use:
@@ -186,7 +205,7 @@ async def pager_round_trip(
                     )
                 if not same:
                     raise AssertionError(f"{page!r} did not round-trip bit for bit")
-    return out_seconds, in_seconds
+    return out_timing, in_timing
 
 
 def filesystem(path: Path) -> str:
@@ -252,10 +271,12 @@ async def main() -> None:
     crc_rows = crc_throughput(sources[0], max(args.repeat, 7)) if args.crc else []
     root = Path(tempfile.mkdtemp(prefix="asyncfront-paging-", dir=args.dir))
     runs: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
 
-    def keep(label: str, seconds: float | None) -> None:
-        if seconds is not None:
-            runs.setdefault(label, []).append(seconds)
+    def keep(label: str, timing: Timing | None) -> None:
+        if timing is not None:
+            runs.setdefault(label, []).append(timing.seconds)
+            cpu.setdefault(label, []).append(timing.cpu)
 
     modes = [
         ("staged", False, True),
@@ -279,11 +300,11 @@ async def main() -> None:
             for mode, direct, verify in modes:
                 run_dir = root / f"pager-{mode.replace(', ', '-').replace(' ', '-')}"
                 run_dir.mkdir()
-                out_s, in_s = await pager_round_trip(
+                out_timing, in_timing = await pager_round_trip(
                     run_dir, sources, args.staging, args.warm, direct, verify
                 )
-                keep(f"page-out {mode}", out_s)
-                keep(f"page-in {mode}", in_s)
+                keep(f"page-out {mode}", out_timing)
+                keep(f"page-in {mode}", in_timing)
                 shutil.rmtree(run_dir)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -307,9 +328,11 @@ async def main() -> None:
             print(f"| {name:28} | {median:6.2f} | {low:5.2f}-{high:5.2f} |")
     print()
     print("MiB/s: median of the runs, spread (slowest-fastest), median's share of raw's median,")
-    print("and the median of each run's share of the raw run just before it (paired)")
-    print(f"| {'':24} | {'median':>6} | {'spread':>11} | {'of raw':>6} | {'paired':>6} |")
-    print(f"| {'-' * 24} | {'-' * 6}:| {'-' * 11}:| {'-' * 6}:| {'-' * 6}:|")
+    print("the median of each run's share of the raw run of its repeat (paired), and the CPU")
+    print("time of the process (all threads) per GiB moved, median")
+    head = f"| {'':24} | {'median':>6} | {'spread':>11} | {'of raw':>6} | {'paired':>6} |"
+    print(f"{head} {'CPU s/GiB':>9} |")
+    print(f"| {'-' * 24} | {'-' * 6}:| {'-' * 11}:| {'-' * 6}:| {'-' * 6}:| {'-' * 9}:|")
     rows = [("raw write", "raw write")]
     rows += [(f"page-out {mode}", "raw write") for mode, _, _ in modes]
     rows += [("raw read", "raw read"), ("raw read + CRC32C", "raw read")]
@@ -325,7 +348,9 @@ async def main() -> None:
         paired = statistics.median(
             base / seconds for base, seconds in zip(runs[baseline], runs[label], strict=True)
         )
-        print(f"| {label:24} | {median:6.0f} | {spread:>11} | {ratio:6.0%} | {paired:6.0%} |")
+        cpu_per_gib = statistics.median(cpu[label]) * 1024 / total_mib
+        row = f"| {label:24} | {median:6.0f} | {spread:>11} | {ratio:6.0%} | {paired:6.0%} |"
+        print(f"{row} {cpu_per_gib:9.3f} |")
 
 
 if __name__ == "__main__":

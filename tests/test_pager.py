@@ -626,8 +626,18 @@ async def test_an_allocation_with_a_timeout_fails_with_the_storage_error_when_it
         ("abc", torch.float16, None, TypeError, "shape must be a sequence of ints"),
         ((0, 8), torch.float16, None, ValueError, "at least one byte"),
         (BLOCK, torch.float16, -1, ValueError, "timeout must be None or seconds >= 0, got -1"),
+        (BLOCK, torch.float16, float("nan"), ValueError, "timeout must be None or seconds"),
     ],
-    ids=["dtype-name", "dtype-type", "negative-dim", "float-dim", "str-shape", "empty", "timeout"],
+    ids=[
+        "dtype-name",
+        "dtype-type",
+        "negative-dim",
+        "float-dim",
+        "str-shape",
+        "empty",
+        "timeout",
+        "nan-timeout",
+    ],
 )
 async def test_bad_allocate_arguments_raise_a_specific_error_and_change_nothing(
     tmp_path: Path, shape: Any, dtype: Any, timeout: Any, error: type[Exception], message: str

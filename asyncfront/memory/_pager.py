@@ -115,7 +115,7 @@ class PageCorruptedError(StorageReadError):
         if actual_checksum is not None:
             found = f"CRC32C {actual_checksum:#010x}, written as {expected_checksum:#010x}"
         else:
-            found = f"the file ends {actual or 0:,} bytes into it"
+            found = f"the file ends {actual or 0:,} bytes into the page"
         super().__init__(path, offset, nbytes, nbytes if actual is None else actual, found)
         self.args = (
             f"page {page!r} is corrupted in its file: {nbytes:,} bytes at offset {offset:,} "
@@ -382,8 +382,8 @@ class Pager:
         """
         self._check_open()
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
-        ):
+            isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout >= 0
+        ):  # (not >= 0 refuses NaN too)
             raise ValueError(f"timeout must be None or seconds >= 0, got {timeout!r}")
         if context.device is self.host.device:
             raise ValueError(
