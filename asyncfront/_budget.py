@@ -299,7 +299,8 @@ class MemoryLedger:
         of holders (a context closed, a reservation returned) can raise it.
         """
         account = self._accounts[name]
-        return min(account.limit, self.capacity - self.reserved_by_others(name)) - kept
+        others = self._reserved - account.reserved
+        return min(account.limit, self.capacity - others) - kept
 
     def reserved_by_others(self, name: str) -> int:
         """The reservations of every account but ``name``'s."""

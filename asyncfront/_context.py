@@ -266,6 +266,7 @@ class _Request:
         "ctx",
         "error",
         "future",
+        "key",
         "nbytes",
         "owner",
         "pending",
@@ -284,7 +285,6 @@ class _Request:
         owner: object,
         requester: Frontier | None,
         place: bool,
-        seq: int,
     ) -> None:
         self.ctx = ctx
         self.nbytes = nbytes
@@ -292,18 +292,15 @@ class _Request:
         self.owner = owner
         self.requester = requester
         self.place = place
-        self.priority = ctx.priority
-        self.seq = seq  # arrival order: kept across retries, so waiters keep their turn
+        self.priority = ctx.queue.priority
+        # arrival order among waiters, taken when it first waits and kept across retries
+        self.seq: int | None = None
         self.status: _Status | None = None
         self.block: Block | None = None
         self.pending: Wait | None = None
         self.error: Exception | None = None  # why it was refused
         self.future: asyncio.Future[None] | None = None
-
-    @property
-    def key(self) -> tuple[str, object]:
-        """The holder the request charges: its owner within its context."""
-        return (self.ctx.name, self.owner)
+        self.key = (ctx.name, owner)  # the holder it charges: its owner within its context
 
 
 class _DeviceMemory:
@@ -339,6 +336,7 @@ class _DeviceMemory:
 
 
 def _urgency(request: _Request) -> tuple[int, int]:
+    assert request.seq is not None
     return (-request.priority, request.seq)
 
 
@@ -539,13 +537,13 @@ class MemoryManager:
         place: bool,
     ) -> _Request:
         """Check a request's arguments and say what it charges; changes nothing."""
-        if ctx.runtime is not self.runtime or self._contexts.get(ctx.name) is not ctx:
+        if self._contexts.get(ctx.name) is not ctx:
             if ctx.closed:
                 raise RuntimeError(f"context {ctx.name!r} is closed")
             raise ForeignBufferError(
                 f"context {ctx.name!r} belongs to another runtime than this one"
             )
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool):
+        if type(nbytes) is not int and (not isinstance(nbytes, int) or isinstance(nbytes, bool)):
             raise TypeError(
                 f"context {ctx.name!r}: allocation size must be an int number of bytes, "
                 f"got {nbytes!r} ({type(nbytes).__name__})"
@@ -554,10 +552,11 @@ class MemoryManager:
             raise ValueError(f"context {ctx.name!r}: allocation size must be > 0, got {nbytes!r}")
         if timeout is not None and not timeout >= 0:
             raise ValueError(f"context {ctx.name!r}: timeout must be >= 0 seconds, got {timeout}")
-        charge = self.charge_for(ctx, nbytes) if place else nbytes
-        return _Request(
-            ctx, nbytes, charge, ctx if owner is None else owner, requester, place, next(self._seq)
-        )
+        charge = nbytes
+        pool: BufferPool | None = ctx.device.memory if place else None
+        if pool is not None and nbytes <= pool.capacity:
+            charge = min(pool._aligned(nbytes), pool.capacity)  # pool.footprint, checked
+        return _Request(ctx, nbytes, charge, ctx if owner is None else owner, requester, place)
 
     def free(self, buf: Buffer, death: Frontier | None = None) -> None:
         """Return a buffer; the pool reuses it once ``death`` (default: queue tail) is safe.
@@ -612,29 +611,29 @@ class MemoryManager:
             )
             return _Status.REFUSED
         key = request.key
-        kept = memory.held.get(key, 0)
-        if request.charge > ledger.ceiling(ctx.name, kept):
-            request.error = self._impossible(memory, request, kept)
-            return _Status.REFUSED
         if newcomer and memory.waiters and self._ahead_of(memory, request):
-            return _Status.NO_SPACE
-        charge = ledger.try_charge(ctx.name, request.charge)
-        if charge is Charge.OVER_LIMIT:
-            return _Status.OVER_LIMIT
-        if charge is Charge.NO_SPACE:
-            return _Status.NO_SPACE
+            charge = Charge.NO_SPACE  # queue behind more urgent waiters: no overtaking
+        else:
+            charge = ledger.try_charge(ctx.name, request.charge)
+        if charge is not Charge.GRANTED:
+            # Only a request the budget cannot take now may be one it can never take.
+            kept = memory.held.get(key, 0)
+            if request.charge > ledger.ceiling(ctx.name, kept):
+                request.error = self._impossible(memory, request, kept)
+                return _Status.REFUSED
+            return _Status.OVER_LIMIT if charge is Charge.OVER_LIMIT else _Status.NO_SPACE
         pool = ctx.device.memory if request.place else None
         if pool is None:
             memory.hold(key, request.charge)
             return _Status.GRANTED
         requester = ctx.queue.frontier if request.requester is None else request.requester
         decision = pool.try_allocate(request.nbytes, requester)
-        if isinstance(decision, Block):
-            if decision.span < request.charge:
+        if type(decision) is Block:
+            if decision._span < request.charge:
                 # The block at the end of a capacity that is not a multiple of the
                 # alignment holds less than a full span: charge what it holds.
-                ledger.release(ctx.name, request.charge - decision.span)
-                request.charge = decision.span
+                ledger.release(ctx.name, request.charge - decision._span)
+                request.charge = decision._span
             memory.hold(key, request.charge)
             request.block = decision
             return _Status.GRANTED
@@ -833,6 +832,8 @@ class MemoryManager:
         """
         loop = asyncio.get_running_loop()
         future = request.future = loop.create_future()
+        if request.seq is None:
+            request.seq = next(self._seq)
         memory.enqueue(request)
         completion: asyncio.Future[None] | None = None
         pending = request.pending if request.status is _Status.EPOCHS else None
