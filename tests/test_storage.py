@@ -13,6 +13,7 @@ import pytest
 
 import asyncfront as af
 from asyncfront.devices import (
+    ChecksumError,
     CpuDevice,
     ShortReadError,
     StorageDevice,
@@ -24,6 +25,7 @@ from asyncfront.devices import (
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
+crc32c = pytest.importorskip("crc32c")
 
 
 def _random(shape: tuple[int, ...], dtype: Any, seed: int = 0) -> Any:
@@ -157,9 +159,11 @@ async def test_two_storage_queues_transfer_at_once(tmp_path: Path) -> None:
     inside = threading.Barrier(2, timeout=10)
 
     class Gated(StorageDevice):
-        def _write_sync(self, data: object, file: str | os.PathLike[str], offset: int) -> int:
+        def _write_sync(
+            self, data: object, file: str | os.PathLike[str], offset: int, checksum: bool = False
+        ) -> int:
             inside.wait()  # returns only once the other transfer is running too
-            return super()._write_sync(data, file, offset)
+            return super()._write_sync(data, file, offset, checksum)
 
     async with af.open_runtime([Gated(tmp_path, workers=2)]) as rt:
         storage = rt.device("nvme")
@@ -206,6 +210,62 @@ async def test_bad_arguments_are_rejected_at_submission(tmp_path: Path) -> None:
             await storage.read(q, torch.zeros(4, 4).t(), "f.bin")
 
 
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+@pytest.mark.parametrize("nbytes", [0, 1000, 3 * (1 << 20) + 5], ids=["empty", "small", "pieces"])
+async def test_checksummed_transfers_return_and_verify_the_crc32c(
+    tmp_path: Path, nbytes: int
+) -> None:
+    """write(checksum=True) returns the bytes' CRC32C; read(checksum=) verifies them."""
+    data = _random((nbytes,), torch.uint8, seed=5)
+    expected = crc32c.crc32c(data.numpy().tobytes())
+    async with af.open_runtime([StorageDevice(tmp_path)]) as rt:
+        storage = rt.device("nvme")
+        assert isinstance(storage, StorageDevice)
+        q = storage.queue()
+        assert await storage.write(q, data, "c.bin", 4096, checksum=True) == expected
+        out = torch.empty_like(data)
+        assert await storage.read(q, out, "c.bin", 4096, checksum=expected) == nbytes
+        assert torch.equal(out, data)
+        assert storage.statistics().bytes_read == storage.statistics().bytes_written == nbytes
+
+
+async def test_a_checksum_mismatch_raises_with_the_numbers_and_the_queue_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Changed bytes fail the read with ChecksumError (both CRCs, path, offset); no hang."""
+    data = bytes(range(256)) * 16
+    async with af.open_runtime([StorageDevice(tmp_path)]) as rt:
+        storage = rt.device("nvme")
+        assert isinstance(storage, StorageDevice)
+        q = storage.queue()
+        crc = await storage.write(q, data, "c.bin", 8192, checksum=True)
+        _overwrite(tmp_path / "c.bin", 8192 + 100, b"\xff")
+        sem = af.TimelineSemaphore(name="read")
+        bad = storage.read(q, bytearray(len(data)), "c.bin", 8192, checksum=crc, signals=[(sem, 1)])
+        ok = storage.read(q, bytearray(10), "c.bin", 8192)
+        with pytest.raises(ChecksumError) as info:
+            await bad
+        err = info.value
+        assert isinstance(err, StorageReadError)
+        assert (err.path, err.offset, err.expected, err.actual) == (
+            str(tmp_path / "c.bin"),
+            8192,
+            4096,
+            4096,
+        )
+        assert err.expected_checksum == crc and err.actual_checksum != crc
+        assert f"written as {crc:#010x}" in str(err) and "offset 8,192" in str(err)
+        assert sem.failure is err
+        assert await ok == 10
+        with pytest.raises(ValueError, match="checksum must be a CRC32C"):
+            storage.read(q, bytearray(1), "c.bin", checksum=1 << 32)
+
+
 def test_kvikio_is_chosen_only_where_the_driver_and_package_exist(tmp_path: Path) -> None:
     """use_kvikio=None follows availability; True without driver or kvikio raises clearly."""
     assert StorageDevice(tmp_path).kvikio is kvikio_available()
@@ -229,8 +289,9 @@ async def test_cuda_tensors_round_trip_through_kvikio(tmp_path: Path) -> None:
         src = _random((1 << 20,), torch.float16).cuda()
         dst = torch.empty_like(src)
         assert storage.can_access(src)
-        await storage.write(q, src, "gpu.bin", 4096)
-        await storage.read(q, dst, "gpu.bin", 4096)
+        crc = await storage.write(q, src, "gpu.bin", 4096, checksum=True)
+        assert crc == crc32c.crc32c(src.cpu().view(torch.uint8).numpy().tobytes())
+        await storage.read(q, dst, "gpu.bin", 4096, checksum=crc)
         assert torch.equal(src.view(torch.uint8), dst.view(torch.uint8))
 
 
@@ -246,6 +307,9 @@ async def test_cuda_tensors_bounce_through_host_without_kvikio(tmp_path: Path) -
         src = _random((4096,), torch.bfloat16).cuda()
         dst = torch.empty_like(src)
         assert not storage.can_access(src)
-        await storage.write(q, src, "gpu.bin")
-        await storage.read(q, dst, "gpu.bin")
+        crc = await storage.write(q, src, "gpu.bin", checksum=True)
+        assert crc == crc32c.crc32c(src.cpu().view(torch.uint8).numpy().tobytes())
+        await storage.read(q, dst, "gpu.bin", checksum=crc)
         assert torch.equal(src.view(torch.uint8), dst.view(torch.uint8))
+        with pytest.raises(ChecksumError):
+            await storage.read(q, dst, "gpu.bin", checksum=crc ^ 1)
