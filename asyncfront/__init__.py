@@ -66,6 +66,7 @@ from ._semaphore import SemaphoreStatistics as SemaphoreStatistics
 from ._semaphore import TimelineSemaphore as TimelineSemaphore
 from ._semaphore import wait_all as wait_all
 from ._semaphore import wait_any as wait_any
+from ._trace import DEFAULT_TRACE_CAPACITY as DEFAULT_TRACE_CAPACITY
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
@@ -80,6 +81,7 @@ __all__ = (
     "ContextStatistics",
     "ContextUsage",
     "DEFAULT_FRONTIER_CAPACITY",
+    "DEFAULT_TRACE_CAPACITY",
     "DeviceQueue",
     "Domain",
     "ExecutionContext",

@@ -254,13 +254,17 @@ class DeviceQueue:
         self.priority = priority
         self.name = name
         self._capacity = frontier_capacity
+        # What every trace record of this queue names: plain values, shared by the records.
+        self._trace_info = (name, axis, device.name, priority)
         self._loop = asyncio.get_running_loop()
         self._fifo: deque[Submission] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._next_epoch = 1
         self._completed_epoch = 0
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
-        self._last: Submission | None = None  # the most recently started submission
+        # The epoch of the most recently started submission (its base is self._base): an
+        # epoch, not the submission, so a finished submission's arguments are not kept.
+        self._last_epoch = 0
         self._current: Submission | None = None  # taken from the FIFO and not yet finished
         self._blocked: tuple[TimelineSemaphore, int, asyncio.Future[Frontier]] | None = None
         self._closed = False
@@ -271,9 +275,8 @@ class DeviceQueue:
     @property
     def frontier(self) -> Frontier:
         """The frontier of the most recently started submission."""
-        last = self._last
-        frontier = last.frontier if last is not None else None
-        return frontier if frontier is not None else self._base
+        epoch = self._last_epoch
+        return self._materialize(self._base, epoch) if epoch else self._base
 
     def _materialize(self, base: Frontier, epoch: int) -> Frontier:
         """``base | {axis: epoch}``, truncated to the runtime's frontier capacity."""
@@ -429,7 +432,7 @@ class DeviceQueue:
                         self._base = base
                     # The frontier is base | {axis: epoch}, built only when someone needs it.
                     sub._base = base
-                    self._last = sub
+                    self._last_epoch = sub.epoch
                     if sub.fn is None and sub.cost is None:
                         sub.started_at = sub.finished_at = loop.time()
                         result = None
@@ -473,6 +476,10 @@ class DeviceQueue:
                     runtime._axis_completed(axis, sub.epoch)
                 if tracer.enabled:
                     tracer._add(sub)
+                # Let go of the finished work before idling: an idle queue task must not
+                # keep its last submission (arguments, traceback) or result alive.
+                del sub
+                result = None
         finally:
             self._closed = True
             self._fail_pending()
@@ -505,7 +512,7 @@ class DeviceQueue:
             root = root.root_cause
         if sub._base is None:
             sub._base = self._base
-            self._last = sub
+            self._last_epoch = sub.epoch
         if sub.finished_at is None:
             sub.finished_at = self._loop.time()
         for sem, value in sub.signals:

@@ -125,7 +125,9 @@ class Runtime:
                 raise ValueError(f"a runtime holds at most {_MAX_DEVICES} devices")
             device.index = len(self.devices)
             self.devices[device.name] = device
-        self.trace = TraceRecorder(trace_capacity, enabled=trace)
+        self.trace = TraceRecorder(
+            trace_capacity, enabled=trace, frontier_capacity=frontier_capacity
+        )
         self._log = logger if logger is not None else _default_logger()
         self._log_debug = _enabled(self._log, logging.DEBUG)
         self._log_info = _enabled(self._log, logging.INFO)
