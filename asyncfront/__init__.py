@@ -8,6 +8,7 @@ virtual time.
 from . import devices as devices
 from . import memory as memory
 from . import testing as testing
+from ._blocking import RuntimeCrashedError as RuntimeCrashedError
 from ._budget import AdmissionError as AdmissionError
 from ._budget import ContextUsage as ContextUsage
 from ._budget import GiB as GiB
@@ -109,6 +110,7 @@ __all__ = (
     "QueueStatistics",
     "Runtime",
     "RuntimeStatistics",
+    "RuntimeCrashedError",
     "RuntimeThread",
     "SemaphoreFailedError",
     "SemaphoreStatistics",

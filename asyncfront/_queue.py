@@ -353,12 +353,44 @@ class DeviceQueue:
         if wakeup is not None:
             self._wakeup = None
             wakeup.set_result(None)
+        elif self._task is None:
+            self.runtime._start_queue(self)
         runtime = self.runtime
         if runtime._log_debug:
             runtime._log.debug(
                 "submit", queue=self.name, submission=name, epoch=epoch, waits=len(waits_t)
             )
         return sub
+
+    @property
+    def closed(self) -> bool:
+        """Whether the queue refuses new work (closed by :meth:`close` or its runtime)."""
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse new submissions; the work already queued still runs, in order.
+
+        Once that work has finished the queue's task ends and the queue retires: the
+        runtime forgets it and frees its slot, and its axis reads as complete for good
+        (:meth:`asyncfront.Runtime.axis_retired`), so death frontiers naming it never
+        wait. Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)  # the idle task wakes, sees the queue closed, and ends
+        runtime = self.runtime
+        if runtime._open and not self._busy():
+            runtime._retire(self)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """The consumer task ended: a queue closed while its runtime is open retires."""
+        runtime = self.runtime
+        if runtime._open and self._closed and not self._busy():
+            runtime._retire(self)
 
     def statistics(self) -> QueueStatistics:
         """A frozen snapshot of epochs, pending work and whether the head is blocked."""
@@ -396,6 +428,8 @@ class DeviceQueue:
         try:
             while True:
                 if not fifo:
+                    if self._closed:
+                        return  # closed and drained: the task ends, the queue retires
                     runtime._queue_settled()
                     wakeup = self._wakeup = loop.create_future()
                     await wakeup
