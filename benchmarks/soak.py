@@ -1,7 +1,8 @@
 """Soak: memory stays flat over long runs of submissions, allocations, contexts and graphs.
 
-Four parts run one after another in one process, each with the defaults a user gets
-(the trace on at its default capacity, logging at its quiet default):
+Four parts run one after another on one runtime, as a long-lived server would run
+them, with the defaults a user gets (the trace on at its default capacity, logging at
+its quiet default):
 
 - submissions: 10^6 through 8 queues on 4 fake devices; each waits on the latest
   submission of another queue and signals its own semaphore (at most 4,096 outstanding);
@@ -108,88 +109,98 @@ class Sampler:
             print(f"  {label} RSS {rss:7.1f} MiB  {t:7.1f} s")
 
 
-async def submissions(part: Part) -> None:
-    devices = [FakeDevice(f"d{i}") for i in range(4)]
-    async with af.open_runtime(devices) as rt:
-        queues = [rt.queue(d.name) for d in devices for _ in range(2)]
-        sems = [rt.semaphore(name=f"s{i}") for i in range(len(queues))]
-        counts = [0] * len(queues)
-        outstanding: collections.deque[af.Submission] = collections.deque()
-        sampler = Sampler(part)
-        part.warm_index = None  # warm-up lasts until the trace is full
-        for n in range(1, part.operations + 1):
-            q = n % len(queues)
-            other = (q + 3) % len(queues)
-            waits = [(sems[other], counts[other])] if counts[other] else []
-            counts[q] += 1
-            outstanding.append(queues[q].submit(waits=waits, signals=[(sems[q], counts[q])]))
-            if len(outstanding) > 4096:
+async def submissions(rt: af.Runtime, part: Part) -> None:
+    queues = [rt.queue(d) for d in rt.devices.values() for _ in range(2)]
+    sems = [rt.semaphore(name=f"s{i}") for i in range(len(queues))]
+    counts = [0] * len(queues)
+    outstanding: collections.deque[af.Submission] = collections.deque()
+    sampler = Sampler(part)
+    part.warm_index = None  # warm-up lasts until the trace is full
+    for n in range(1, part.operations + 1):
+        q = n % len(queues)
+        other = (q + 3) % len(queues)
+        waits = [(sems[other], counts[other])] if counts[other] else []
+        counts[q] += 1
+        outstanding.append(queues[q].submit(waits=waits, signals=[(sems[q], counts[q])]))
+        if len(outstanding) > 4096:
+            await outstanding.popleft()
+        if n % sampler.every == 0:
+            while outstanding:
                 await outstanding.popleft()
-            if n % sampler.every == 0:
-                while outstanding:
-                    await outstanding.popleft()
-                sampler.tick(n)
-                if part.warm_index is None and len(rt.trace) == rt.trace.capacity:
-                    part.warm_index = len(part.samples) - 1
-        part.note = f"trace {len(rt.trace):,} records kept, {rt.trace.dropped:,} dropped"
+            sampler.tick(n)
+            if part.warm_index is None and len(rt.trace) == rt.trace.capacity:
+                part.warm_index = len(part.samples) - 1
+    part.note = f"trace {len(rt.trace):,} records kept, {rt.trace.dropped:,} dropped"
 
 
-async def allocations(part: Part) -> None:
-    async with af.open_runtime([FakeDevice("gpu", memory=af.GiB)]) as rt:
-        a = rt.create_context("a", device="gpu", max_memory=256 * af.MiB)
-        b = rt.create_context("b", device="gpu", max_memory=256 * af.MiB, qos=af.QoS.BURSTABLE)
-        sizes = [4 * af.KiB << (i % 9) for i in range(97)]  # 4 KiB .. 1 MiB
-        sampler = Sampler(part)
-        async with rt.session(a) as sa, rt.session(b) as sb:
-            held: collections.deque[tuple[af.Session, af.Buffer]] = collections.deque()
-            for n in range(1, part.operations + 1):
-                s = sa if n % 3 else sb
-                held.append((s, await s.allocate(sizes[n % len(sizes)])))
-                if len(held) > 32:
-                    owner, buf = held.popleft()
-                    owner.free(buf)
-                sampler.tick(n)
-            while held:
+async def allocations(rt: af.Runtime, part: Part) -> None:
+    a = rt.create_context("a", device="gpu", max_memory=256 * af.MiB)
+    b = rt.create_context("b", device="gpu", max_memory=256 * af.MiB, qos=af.QoS.BURSTABLE)
+    sizes = [4 * af.KiB << (i % 9) for i in range(97)]  # 4 KiB .. 1 MiB
+    sampler = Sampler(part)
+    async with rt.session(a) as sa, rt.session(b) as sb:
+        held: collections.deque[tuple[af.Session, af.Buffer]] = collections.deque()
+        for n in range(1, part.operations + 1):
+            s = sa if n % 3 else sb
+            held.append((s, await s.allocate(sizes[n % len(sizes)])))
+            if len(held) > 32:
                 owner, buf = held.popleft()
                 owner.free(buf)
-
-
-async def contexts(part: Part) -> None:
-    async with af.open_runtime([FakeDevice("gpu", memory=af.GiB)]) as rt:
-        sampler = Sampler(part)
-        for n in range(1, part.operations + 1):
-            ctx = rt.create_context(f"c{n}", device="gpu", max_memory=af.MiB)
-            async with rt.session(ctx) as s:
-                await s.allocate(64 * af.KiB)
-                if n % 100 == 0:
-                    await s.run(sum, (1, 2))
-            rt.close_context(ctx)
-            if n % sampler.every == 0:
-                await asyncio.sleep(0)  # let the last closed queue's task end
             sampler.tick(n)
-        part.note = f"{len(rt.queues)} queues and {len(rt.contexts)} contexts left"
+        while held:
+            owner, buf = held.popleft()
+            owner.free(buf)
+    rt.close_context(a)
+    rt.close_context(b)
 
 
-async def graph_runs(part: Part) -> None:
-    async with af.open_runtime([FakeDevice("cpu", kind="cpu"), FakeDevice("gpu")]) as rt:
-        sampler = Sampler(part)
-        for n in range(1, part.operations + 1):
-            g = rt.graph("rag")
-            tok = g.stage("tokenize", str.split, "what is a frontier", device="cpu")
-            emb = g.stage("embed", len, tok, device="gpu")
-            g.stage("answer", lambda n, words: f"{words[-1]}:{n}", emb, tok, device="cpu")
-            run = await g.submit()
-            await run.results()
-            sampler.tick(n)
-        part.note = f"{len(rt.queues)} queues"
+async def contexts(rt: af.Runtime, part: Part) -> None:
+    sampler = Sampler(part)
+    for n in range(1, part.operations + 1):
+        ctx = rt.create_context(f"c{n}", device="gpu", max_memory=af.MiB)
+        async with rt.session(ctx) as s:
+            await s.allocate(64 * af.KiB)
+            if n % 100 == 0:
+                await s.run(sum, (1, 2))
+        rt.close_context(ctx)
+        if n % sampler.every == 0:
+            await asyncio.sleep(0)  # let the last closed queue's task end
+        sampler.tick(n)
+    part.note = f"{len(rt.queues)} queues (the submissions' 8) and {len(rt.contexts)} contexts left"
 
 
-def _run(body: Callable[[Part], Awaitable[None]], part: Part) -> Part:
+async def graph_runs(rt: af.Runtime, part: Part) -> None:
+    sampler = Sampler(part)
+    for n in range(1, part.operations + 1):
+        g = rt.graph("rag")
+        tok = g.stage("tokenize", str.split, "what is a frontier", device="cpu")
+        emb = g.stage("embed", len, tok, device="gpu")
+        g.stage("answer", lambda n, words: f"{words[-1]}:{n}", emb, tok, device="cpu")
+        run = await g.submit()
+        await run.results()
+        sampler.tick(n)
+    part.note = f"{len(rt.queues)} queues, trace {len(rt.trace):,} records kept"
+
+
+Body = Callable[[af.Runtime, Part], Awaitable[None]]
+
+
+def run_parts(parts: list[tuple[Body, Part]]) -> list[Part]:
+    """Run every part in turn on one runtime: a GiB "gpu", a "cpu" and two more devices."""
+
     async def main() -> None:
-        await body(part)
+        devices = [
+            FakeDevice("gpu", memory=af.GiB),
+            FakeDevice("cpu", kind="cpu"),
+            FakeDevice("d2"),
+            FakeDevice("d3"),
+        ]
+        async with af.open_runtime(devices) as rt:
+            for body, part in parts:
+                await body(rt, part)
 
     asyncio.run(main())
-    return part
+    return [part for _, part in parts]
 
 
 def machine() -> str:
@@ -228,7 +239,7 @@ def section(parts: list[Part], command: str, started: str) -> str:
         BEGIN,
         "## Soak: memory over long runs (`benchmarks/soak.py`)",
         "",
-        "Four parts in one process with the defaults a user gets (trace on at its default "
+        "Four parts in turn on one runtime with the defaults a user gets (trace on at its default "
         f"capacity of {af.DEFAULT_TRACE_CAPACITY:,} records, quiet logging); RSS sampled every "
         "tenth of a part. The baseline of each part is its own warm-up sample (after its "
         "first tenth; for the submissions, the first sample with the trace at its bound); "
@@ -280,12 +291,14 @@ def main() -> int:
     scale = 10 if args.quick else 1
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(machine())
-    parts = [
-        _run(submissions, Part("submissions", SUBMISSIONS // scale, "submissions")),
-        _run(allocations, Part("allocate/free", ALLOCATIONS // scale, "cycles")),
-        _run(contexts, Part("contexts", CONTEXTS // scale, "create/close")),
-        _run(graph_runs, Part("graph runs", GRAPH_RUNS // scale, "runs")),
-    ]
+    parts = run_parts(
+        [
+            (submissions, Part("submissions", SUBMISSIONS // scale, "submissions")),
+            (allocations, Part("allocate/free", ALLOCATIONS // scale, "cycles")),
+            (contexts, Part("contexts", CONTEXTS // scale, "create/close")),
+            (graph_runs, Part("graph runs", GRAPH_RUNS // scale, "runs")),
+        ]
+    )
     for p in parts:
         print(f"{p.name:<14} growth after warm-up {p.growth:+.2f} MiB ({p.note})")
     command = "python benchmarks/soak.py" + (" --quick" if args.quick else "")
