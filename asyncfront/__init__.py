@@ -8,6 +8,7 @@ virtual time.
 from . import devices as devices
 from . import memory as memory
 from . import testing as testing
+from ._blocking import RuntimeCrashedError as RuntimeCrashedError
 from ._budget import AdmissionError as AdmissionError
 from ._budget import ContextUsage as ContextUsage
 from ._budget import GiB as GiB
@@ -68,6 +69,7 @@ from ._semaphore import SemaphoreStatistics as SemaphoreStatistics
 from ._semaphore import TimelineSemaphore as TimelineSemaphore
 from ._semaphore import wait_all as wait_all
 from ._semaphore import wait_any as wait_any
+from ._trace import DEFAULT_TRACE_CAPACITY as DEFAULT_TRACE_CAPACITY
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
@@ -85,6 +87,7 @@ __all__ = (
     "ContextStatistics",
     "ContextUsage",
     "DEFAULT_FRONTIER_CAPACITY",
+    "DEFAULT_TRACE_CAPACITY",
     "DeviceQueue",
     "Domain",
     "ExecutionContext",
@@ -114,6 +117,7 @@ __all__ = (
     "QueueStatistics",
     "Runtime",
     "RuntimeStatistics",
+    "RuntimeCrashedError",
     "RuntimeThread",
     "SemaphoreFailedError",
     "SemaphoreStatistics",

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._blocking import RuntimeCrashedError, check_timeout, valid_timeout, wait_blocking
 from ._budget import Charge, ContextUsage, MemoryBudgetError, MemoryLedger, QoS, format_bytes
 from ._frontier import Frontier
 from ._queue import DeviceQueue, Submission
@@ -412,12 +413,26 @@ class MemoryManager:
         return tuple(self._contexts.values())
 
     def close_context(self, ctx: ExecutionContext) -> None:
-        """Free the context's buffers and return its reservation."""
+        """Free the context's buffers, return its reservation and close its queue.
+
+        Closing a closed context does nothing.
+
+        Raises:
+            ValueError: ``ctx`` is not a context of this runtime.
+        """
+        if ctx.closed:
+            return
+        if self._contexts.get(ctx.name) is not ctx:
+            raise ValueError(
+                f"context {ctx.name!r} does not belong to this runtime; its contexts are "
+                f"{sorted(self._contexts)}"
+            )
         for buf in list(ctx._buffers):
             self.free(buf)
         self._memory(ctx.device).ledger.close(ctx.name)
         del self._contexts[ctx.name]
         ctx.closed = True
+        ctx.queue.close()
         self._wake(self._memory(ctx.device))
 
     def usage(self, ctx: ExecutionContext) -> ContextUsage:
@@ -1066,19 +1081,27 @@ class SyncSession:
     """A session for synchronous code on another thread than the runtime's loop.
 
     ``with rt.session_sync(ctx) as s: s.run(fn)`` blocks the calling thread while the
-    work runs on the runtime's loop.
+    work runs on the runtime's loop. Every blocking call ends: with its result, with
+    :class:`TimeoutError` after ``timeout`` seconds (the session's default, or the
+    call's own), or with :class:`asyncfront.RuntimeCrashedError` when the runtime's
+    thread (a :class:`asyncfront.RuntimeThread`) crashes or closes first.
     """
 
-    def __init__(self, runtime: Runtime, context: ExecutionContext) -> None:
+    def __init__(
+        self, runtime: Runtime, context: ExecutionContext, *, timeout: float | None = None
+    ) -> None:
         self._session = Session(runtime, context)
         self._loop = runtime._require_loop()
+        check_timeout(timeout, f"session_sync on context {context.name!r}")
+        self._runtime = runtime
+        self.timeout = timeout
         if _on_thread_of(self._loop):
             raise RuntimeError(
                 "session_sync() blocks its thread and cannot run on the runtime's own loop "
                 "thread; use 'async with rt.session(ctx)'"
             )
 
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def _call(self, coro: Coroutine[Any, Any, T], what: str, timeout: float | None = None) -> T:
         if _on_thread_of(self._loop):
             # Blocking the loop thread on work scheduled onto that same loop never ends.
             coro.close()
@@ -1087,10 +1110,22 @@ class SyncSession:
                 "runtime's loop answers, so it cannot run on that loop's thread (inside a "
                 "memory-pressure or eviction handler); only free() and submit() can"
             )
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        wait = self.timeout if timeout is None else timeout
+        label = f"{what} on context {self.context.name!r}"
+        if not valid_timeout(wait):
+            coro.close()
+            check_timeout(wait, label)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        except RuntimeError:  # the loop is closed: nothing will ever answer
+            coro.close()
+            raise RuntimeCrashedError(
+                f"session on context {self.context.name!r}: the runtime's loop is closed"
+            ) from None
+        return wait_blocking(future, label, wait, self._runtime._host_ended)
 
     def __enter__(self) -> SyncSession:
-        self._call(self._session.__aenter__())
+        self._call(self._session.__aenter__(), "opening the session")
         return self
 
     def __exit__(
@@ -1099,7 +1134,7 @@ class SyncSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._call(self._session.__aexit__(exc_type, exc, tb))
+        self._call(self._session.__aexit__(exc_type, exc, tb), "closing the session")
 
     @property
     def context(self) -> ExecutionContext:
@@ -1107,17 +1142,37 @@ class SyncSession:
         return self._session.context
 
     def run(
-        self, fn: Callable[..., Any] | None = None, *args: Any, cost: float | None = None, **kw: Any
+        self,
+        fn: Callable[..., Any] | None = None,
+        *args: Any,
+        cost: float | None = None,
+        timeout: float | None = None,
+        **kw: Any,
     ) -> Any:
-        """Run work on the context's queue and block until its result."""
-        return self._call(self._session.run(fn, *args, cost=cost, **kw))
+        """Run work on the context's queue and block until its result.
+
+        Raises:
+            TimeoutError: no result within ``timeout`` seconds (default: the session's).
+                The wait is cancelled; the submission, already queued, still runs.
+        """
+        return self._call(
+            self._session.run(fn, *args, cost=cost, **kw), f"run of {_work_name(fn)}", timeout
+        )
 
     def submit(
-        self, fn: Callable[..., Any] | None = None, *args: Any, cost: float | None = None, **kw: Any
+        self,
+        fn: Callable[..., Any] | None = None,
+        *args: Any,
+        cost: float | None = None,
+        timeout: float | None = None,
+        **kw: Any,
     ) -> Submission:
         """Queue work and return its submission (await it from the loop, or call ``run``).
 
         Works on the runtime's loop thread too, for example inside a memory-pressure handler.
+
+        Raises:
+            TimeoutError: the loop did not take the submission within ``timeout`` seconds.
         """
         if _on_thread_of(self._loop):
             return self._session.submit(fn, *args, cost=cost, **kw)
@@ -1125,13 +1180,25 @@ class SyncSession:
         async def submit() -> Submission:
             return self._session.submit(fn, *args, cost=cost, **kw)
 
-        return self._call(submit())
+        return self._call(submit(), f"submit of {_work_name(fn)}", timeout)
 
     def allocate(self, nbytes: int, *, timeout: float | None = None) -> Buffer:
-        """Allocate through the context's budget, blocking while the policy waits."""
-        return self._call(self._session.allocate(nbytes, timeout=timeout))
+        """Allocate through the context's budget, blocking while the policy waits.
 
-    def free(self, buf: Buffer, death: Frontier | None = None) -> None:
+        ``timeout`` bounds the allocation's wait (as :meth:`Session.allocate`); the
+        blocking call itself gives up at most one second later should the loop not
+        answer. Without it, the session's default bounds the blocking call.
+        """
+        wait = self.timeout if timeout is None or not valid_timeout(timeout) else timeout + 1.0
+        return self._call(
+            self._session.allocate(nbytes, timeout=timeout),
+            f"allocation of {format_bytes(nbytes)}",
+            wait,
+        )
+
+    def free(
+        self, buf: Buffer, death: Frontier | None = None, *, timeout: float | None = None
+    ) -> None:
         """Free a buffer.
 
         Works on the runtime's loop thread too: memory-pressure and eviction handlers run
@@ -1144,7 +1211,11 @@ class SyncSession:
         async def free() -> None:
             self._session.free(buf, death)
 
-        self._call(free())
+        self._call(free(), "free", timeout)
+
+
+def _work_name(fn: Callable[..., Any] | None) -> str:
+    return repr(getattr(fn, "__name__", "work")) if fn is not None else "a barrier"
 
 
 def _refusal(

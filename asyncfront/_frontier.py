@@ -31,6 +31,7 @@ DEFAULT_FRONTIER_CAPACITY = 64
 _BYTE = 0xFF
 _ORDINAL_MASK = (1 << 40) - 1
 _U64_MAX = (1 << 64) - 1  # axes and epochs are unsigned 64-bit integers
+_QUEUE_MASK = (1 << 32) - 1
 
 
 class Domain(enum.IntEnum):
@@ -56,8 +57,8 @@ class AxisFields(NamedTuple):
 
     @property
     def queue(self) -> int:
-        """Queue index of a queue axis (bits 31:24)."""
-        return (self.ordinal >> 24) & _BYTE
+        """Queue slot of a queue axis (bits 31:0)."""
+        return self.ordinal & _QUEUE_MASK
 
 
 def _check_byte(label: str, value: int) -> None:
@@ -76,16 +77,20 @@ def axis(
 ) -> int:
     """Build an axis: ``[63:56] incarnation | [55:48] node | [47:40] domain | [39:0] ordinal``.
 
-    For queue axes the ordinal is ``device << 32 | queue << 24``; other domains may pass
-    ``ordinal`` directly (any 40-bit value).
+    For queue axes the ordinal is ``device << 32 | queue``: 8 bits of device and a 32-bit
+    queue slot; other domains may pass ``ordinal`` directly (any 40-bit value).
+
+    Raises:
+        ValueError: a field is out of range (the message names it and its range).
     """
     _check_byte("incarnation", incarnation)
     _check_byte("node", node)
     _check_byte("domain", int(domain))
     if ordinal is None:
         _check_byte("device", device)
-        _check_byte("queue", queue)
-        ordinal = device << 32 | queue << 24
+        if not 0 <= queue <= _QUEUE_MASK:
+            raise ValueError(f"axis queue must be in 0..{_QUEUE_MASK}, got {queue}")
+        ordinal = device << 32 | queue
     elif not 0 <= ordinal <= _ORDINAL_MASK:
         raise ValueError(f"axis ordinal must fit in 40 bits, got {ordinal}")
     return incarnation << 56 | node << 48 | int(domain) << 40 | ordinal
@@ -105,8 +110,18 @@ _AXIS_NAMES: dict[int, str] = {}
 
 
 def set_axis_name(value: int, name: str) -> None:
-    """Give an axis a human-readable name used by reprs and traces."""
+    """Give an axis a human-readable name used by reprs and traces.
+
+    The runtime names each queue's axis while the queue lives and forgets the name when
+    the queue retires, so names do not accumulate over a long-running process.
+    """
     _AXIS_NAMES[value] = name
+
+
+def _forget_axis_name(value: int, name: str) -> None:
+    """Drop the name of ``value`` if it is still ``name`` (another owner may have renamed it)."""
+    if _AXIS_NAMES.get(value) == name:
+        del _AXIS_NAMES[value]
 
 
 def axis_name(value: int) -> str:

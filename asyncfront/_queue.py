@@ -264,13 +264,17 @@ class DeviceQueue:
         self.priority = priority
         self.name = name
         self._capacity = frontier_capacity
+        # What every trace record of this queue names: plain values, shared by the records.
+        self._trace_info = (name, axis, device.name, priority)
         self._loop = asyncio.get_running_loop()
         self._fifo: deque[Submission] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._next_epoch = 1
         self._completed_epoch = 0
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
-        self._last: Submission | None = None  # the most recently started submission
+        # The epoch of the most recently started submission (its base is self._base): an
+        # epoch, not the submission, so a finished submission's arguments are not kept.
+        self._last_epoch = 0
         self._current: Submission | None = None  # taken from the FIFO and not yet finished
         # the head's unmet waits while it waits on them
         self._blocked: list[Waiting] | None = None
@@ -288,9 +292,8 @@ class DeviceQueue:
     @property
     def frontier(self) -> Frontier:
         """The frontier of the most recently started submission."""
-        last = self._last
-        frontier = last.frontier if last is not None else None
-        return frontier if frontier is not None else self._base
+        epoch = self._last_epoch
+        return self._materialize(self._base, epoch) if epoch else self._base
 
     def _materialize(self, base: Frontier, epoch: int) -> Frontier:
         """``base | {axis: epoch}``, truncated to the runtime's frontier capacity."""
@@ -396,6 +399,8 @@ class DeviceQueue:
         if wakeup is not None:
             self._wakeup = None
             wakeup.set_result(None)
+        elif self._task is None:
+            self.runtime._start_queue(self)
         runtime = self.runtime
         if runtime._log_debug:
             runtime._log.debug(
@@ -424,6 +429,35 @@ class DeviceQueue:
                     f"{first.name!r} first, so it waits until something else signals it"
                 ),
             )
+    @property
+    def closed(self) -> bool:
+        """Whether the queue refuses new work (closed by :meth:`close` or its runtime)."""
+        return self._closed
+
+    def close(self) -> None:
+        """Refuse new submissions; the work already queued still runs, in order.
+
+        Once that work has finished the queue's task ends and the queue retires: the
+        runtime forgets it and frees its slot, and its axis reads as complete for good
+        (:meth:`asyncfront.Runtime.axis_retired`), so death frontiers naming it never
+        wait. Closing twice is harmless.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            wakeup.set_result(None)  # the idle task wakes, sees the queue closed, and ends
+        runtime = self.runtime
+        if runtime._open and not self._busy():
+            runtime._retire(self)
+
+    def _task_ended(self, task: asyncio.Task[None]) -> None:
+        """The consumer task ended: a queue closed while its runtime is open retires."""
+        runtime = self.runtime
+        if runtime._open and self._closed and not self._busy():
+            runtime._retire(self)
 
     def statistics(self) -> QueueStatistics:
         """A frozen snapshot of epochs, pending work and whether the head is blocked."""
@@ -461,6 +495,8 @@ class DeviceQueue:
         try:
             while True:
                 if not fifo:
+                    if self._closed:
+                        return  # closed and drained: the task ends, the queue retires
                     runtime._queue_settled()
                     wakeup = self._wakeup = loop.create_future()
                     await wakeup
@@ -513,7 +549,7 @@ class DeviceQueue:
                         self._base = base
                     # The frontier is base | {axis: epoch}, built only when someone needs it.
                     sub._base = base
-                    self._last = sub
+                    self._last_epoch = sub.epoch
                     if sub.fn is None and sub.cost is None:
                         sub.started_at = sub.finished_at = loop.time()
                         result = None
@@ -577,6 +613,10 @@ class DeviceQueue:
                     runtime._axis_completed(axis, sub.epoch)
                 if tracer.enabled:
                     tracer._add(sub)
+                # Let go of the finished work before idling: an idle queue task must not
+                # keep its last submission (arguments, traceback) or result alive.
+                del sub
+                result = None
         finally:
             self._closed = True
             self._fail_pending()
@@ -644,7 +684,7 @@ class DeviceQueue:
             root = root.root_cause
         if sub._base is None:
             sub._base = self._base
-            self._last = sub
+            self._last_epoch = sub.epoch
         if sub.finished_at is None:
             sub.finished_at = self._loop.time()
         for sem, value in sub.signals:

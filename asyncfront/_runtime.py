@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import heapq
@@ -17,8 +18,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import anyio
 import structlog
+from anyio.from_thread import BlockingPortal
 
+from ._blocking import RuntimeCrashedError, check_timeout, wait_blocking
 from ._budget import ContextUsage, QoS
 from ._collective import CollectiveChannel, _distributed
 from ._context import (
@@ -29,9 +33,11 @@ from ._context import (
     SyncSession,
 )
 from ._frontier import (
+    _QUEUE_MASK,
     DEFAULT_FRONTIER_CAPACITY,
     Domain,
     Frontier,
+    _forget_axis_name,
     axis,
     axis_name,
     set_axis_name,
@@ -108,7 +114,61 @@ def _check_options(
 
 
 _MAX_DEVICES = 256
-_QUEUES_PER_INCARNATION = 256
+_LAST_INCARNATION = 255
+
+
+class _QueueSlots:
+    """The queue slots of one device: which are live, which are free for a next incarnation.
+
+    A closed queue's slot is reused with the next incarnation, so its axis value is never
+    reused; a slot whose 256 incarnations are spent is retired for good and forgotten. The
+    state is bounded by the most queues ever open at once, not by how many have closed, and
+    it alone tells whether an axis belongs to a queue that has retired.
+    """
+
+    __slots__ = ("free", "fresh", "last", "live")
+
+    def __init__(self) -> None:
+        self.fresh = 0  # the lowest slot never used
+        self.live: dict[int, int] = {}  # slot -> incarnation of its open queue
+        self.last: dict[int, int] = {}  # free slot -> incarnation of its last queue
+        self.free: list[int] = []  # heap of the free slots
+
+    def take(self, device: str) -> tuple[int, int]:
+        """A slot and incarnation for a new queue: the lowest free slot, else a fresh one."""
+        if self.free:
+            slot = heapq.heappop(self.free)
+            incarnation = self.last.pop(slot) + 1
+        else:
+            slot = self.fresh
+            if slot > _QUEUE_MASK:
+                raise RuntimeError(
+                    f"device {device!r} ran out of queue axes: {_QUEUE_MASK + 1:,} queues "
+                    "are open at once"
+                )
+            self.fresh = slot + 1
+            incarnation = 0
+        self.live[slot] = incarnation
+        return slot, incarnation
+
+    def release(self, slot: int) -> None:
+        """The queue in ``slot`` retired: free the slot for its next incarnation, if any."""
+        incarnation = self.live.pop(slot)
+        if incarnation < _LAST_INCARNATION:
+            self.last[slot] = incarnation
+            heapq.heappush(self.free, slot)
+
+    def retired(self, slot: int, incarnation: int) -> bool:
+        """Whether the queue ``(slot, incarnation)`` existed here and has retired."""
+        if slot >= self.fresh:
+            return False
+        live = self.live.get(slot)
+        if live is not None:
+            return incarnation < live
+        last = self.last.get(slot)
+        if last is not None:
+            return incarnation <= last
+        return True  # every incarnation of this slot has come and gone
 
 
 @dataclass(frozen=True)
@@ -178,7 +238,9 @@ class Runtime:
         for device in devices:
             device.index = len(self.devices)
             self.devices[device.name] = device
-        self.trace = TraceRecorder(trace_capacity, enabled=trace)
+        self.trace = TraceRecorder(
+            trace_capacity, enabled=trace, frontier_capacity=frontier_capacity
+        )
         self._log = logger if logger is not None else _default_logger()
         self._log_debug = _enabled(self._log, logging.DEBUG)
         self._log_info = _enabled(self._log, logging.INFO)
@@ -187,7 +249,7 @@ class Runtime:
         self._residency: Residency | None = None  # created on first use
         self._owned_pools: list[Device] = []
         self._queues: list[DeviceQueue] = []
-        self._queue_slots: dict[str, int] = {}
+        self._queue_slots: dict[int, _QueueSlots] = {}  # by device index
         self._completed_epochs: dict[int, int] = {}
         self._completed_cache: Frontier | None = None  # reset by queues on completion
         self._known_axes: set[int] = set()
@@ -197,6 +259,9 @@ class Runtime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._crash: BaseException | None = None
+        self._crashed: asyncio.Future[None] | None = None  # see _crash_signal
+        # Set by a RuntimeThread hosting this runtime: resolves when its thread ends.
+        self._host_ended: concurrent.futures.Future[None] | None = None
         self._draining = False
         self._settled: asyncio.Future[None] | None = None
         self._stall_timer: asyncio.TimerHandle | None = None  # armed while a queue is blocked
@@ -234,28 +299,75 @@ class Runtime:
         dev = self.device(device) if isinstance(device, str) else device
         if self.devices.get(dev.name) is not dev:
             raise ValueError(f"device {dev.name!r} does not belong to this runtime")
-        slot = self._queue_slots.get(dev.name, 0)
-        self._queue_slots[dev.name] = slot + 1
-        incarnation, index = divmod(slot, _QUEUES_PER_INCARNATION)
-        if incarnation > 255:
-            raise RuntimeError(f"device {dev.name!r} ran out of queue axes")
+        slots = self._queue_slots.get(dev.index)
+        if slots is None:
+            slots = self._queue_slots[dev.index] = _QueueSlots()
+        slot, incarnation = slots.take(dev.name)
         queue_axis = axis(
             node=self.node,
             domain=Domain.QUEUE,
             device=dev.index,
-            queue=index,
+            queue=slot,
             incarnation=incarnation,
         )
-        qname = name if name is not None else f"{dev.name}.q{slot}"
+        if name is not None:
+            qname = name
+        elif incarnation:
+            qname = f"{dev.name}.q{slot}#{incarnation}"
+        else:
+            qname = f"{dev.name}.q{slot}"
         set_axis_name(queue_axis, qname)
         self._known_axes.add(queue_axis)
         q = DeviceQueue(self, dev, queue_axis, priority, qname, self.frontier_capacity)
         self._queues.append(q)
-        task = asyncio.get_running_loop().create_task(q._run(), name=f"asyncfront:{qname}")
+        return q
+
+    def _start_queue(self, q: DeviceQueue) -> None:
+        """Start the consumer task of ``q`` (on its first submission: idle queues cost none)."""
+        task = q._loop.create_task(q._run(), name=f"asyncfront:{q.name}")
         q._task = task
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        return q
+        task.add_done_callback(q._task_ended)
+
+    def _retire(self, q: DeviceQueue) -> None:
+        """A closed queue drained and its task ended: forget it, free its slot.
+
+        From here its axis reads as complete (:meth:`axis_retired`), with no state kept
+        for it: not its completed epoch, its name, its queue object or its task.
+        """
+        ax = q.axis
+        if ax not in self._known_axes:
+            return
+        self._queues.remove(q)
+        self._known_axes.discard(ax)
+        if self._completed_epochs.pop(ax, None) is not None:
+            self._completed_cache = None
+        heap = self._completion_waiters.pop(ax, None)
+        for _, _, fut in heap or ():
+            if not fut.done():
+                fut.set_result(None)
+        for key, default in list(self._default_queues.items()):
+            if default is q:
+                del self._default_queues[key]
+        _forget_axis_name(ax, q.name)
+        self._queue_slots[q.device.index].release(ax & _QUEUE_MASK)
+        if self._log_info:
+            self._log.info("queue_retired", queue=q.name, epoch=q.completed_epoch)
+
+    def axis_retired(self, ax: int) -> bool:
+        """Whether ``ax`` names a queue of this runtime that closed and drained.
+
+        Such an axis reads as complete forever (every epoch it will ever have has
+        completed) although the runtime keeps nothing for it: death frontiers and
+        :meth:`wait_completed` never wait on it.
+        """
+        if ax in self._completed_epochs:
+            return False
+        if (ax >> 48) & 0xFF != self.node or (ax >> 40) & 0xFF != Domain.QUEUE:
+            return False
+        slots = self._queue_slots.get((ax >> 32) & 0xFF)
+        return slots is not None and slots.retired(ax & _QUEUE_MASK, ax >> 56)
 
     def semaphore(self, initial: int = 0, name: str | None = None) -> TimelineSemaphore:
         """A new timeline semaphore bound to the runtime's loop."""
@@ -431,16 +543,29 @@ class Runtime:
         return self._memory.contexts
 
     def close_context(self, ctx: ExecutionContext) -> None:
-        """Free the context's buffers and give its reservation back to the device."""
+        """Free the context's buffers, give its reservation back and close its queue.
+
+        Work already on the context's queue still runs; then the queue retires, its
+        task ends and its slot is free for another queue (with a new incarnation, so
+        the axis value is never reused), and its axis reads as complete. Closing a
+        context twice is harmless: the second call does nothing.
+
+        Raises:
+            ValueError: ``ctx`` belongs to another runtime.
+        """
         self._memory.close_context(ctx)
 
     def session(self, ctx: ExecutionContext) -> Session:
         """``async with rt.session(ctx) as s``: run work and allocate on ``ctx``."""
         return Session(self, ctx)
 
-    def session_sync(self, ctx: ExecutionContext) -> SyncSession:
-        """``with rt.session_sync(ctx) as s``: the same, for code on another thread."""
-        return SyncSession(self, ctx)
+    def session_sync(self, ctx: ExecutionContext, *, timeout: float | None = None) -> SyncSession:
+        """``with rt.session_sync(ctx) as s``: the same, for code on another thread.
+
+        ``timeout`` (seconds) bounds each blocking call of the session unless the call
+        passes its own; a call that runs out raises :class:`TimeoutError`.
+        """
+        return SyncSession(self, ctx, timeout=timeout)
 
     def usage(self, ctx: ExecutionContext) -> ContextUsage:
         """``(used, reserved, limit)`` bytes of ``ctx``."""
@@ -529,19 +654,28 @@ class Runtime:
 
     @property
     def completed(self) -> Frontier:
-        """The frontier of completed epochs on every queue axis (the epoch tracker)."""
+        """The frontier of completed epochs on every live queue axis (the epoch tracker).
+
+        Retired queues (closed and drained) leave it: their axes read as complete through
+        :meth:`is_complete`, :meth:`wait_completed` and :meth:`axis_retired`.
+        """
         cached = self._completed_cache
         if cached is None:
             cached = self._completed_cache = Frontier(self._completed_epochs)
         return cached
 
     def is_complete(self, frontier: Frontier) -> bool:
-        """Whether every epoch named by ``frontier`` has completed."""
+        """Whether every epoch named by ``frontier`` has completed.
+
+        An axis of a retired queue (closed and drained) reads as complete.
+        """
         done = self._completed_epochs
-        return all(done.get(ax, 0) >= epoch for ax, epoch in frontier)
+        return all(done.get(ax, 0) >= epoch or self.axis_retired(ax) for ax, epoch in frontier)
 
     async def wait_completed(self, frontier: Frontier) -> None:
         """Wait until every epoch named by ``frontier`` has completed on its axis.
+
+        An axis of a retired queue (closed and drained) reads as complete at once.
 
         Raises:
             ValueError: an axis of ``frontier`` belongs to no queue of this runtime
@@ -550,7 +684,7 @@ class Runtime:
         """
         done = self._completed_epochs
         for ax, epoch in frontier:
-            if done.get(ax, 0) >= epoch:
+            if done.get(ax, 0) >= epoch or self.axis_retired(ax):
                 continue
             if ax not in self._known_axes:
                 raise ValueError(
@@ -628,6 +762,18 @@ class Runtime:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None and self._crash is None:
             self._crash = task.exception()
+            signal = self._crashed
+            if signal is not None and not signal.done():
+                signal.set_result(None)
+
+    def _crash_signal(self) -> asyncio.Future[None]:
+        """A future that resolves when a queue or channel task crashes (at once if one did)."""
+        signal = self._crashed
+        if signal is None:
+            signal = self._crashed = (self._loop or asyncio.get_running_loop()).create_future()
+            if self._crash is not None:
+                signal.set_result(None)
+        return signal
 
     def _queue_settled(self) -> None:
         """A queue went idle or blocked: wake the drain, if one is waiting."""
@@ -847,18 +993,27 @@ class RuntimeThread:
 
     ``with start_runtime_thread(devices) as thread:`` opens the runtime; ``thread.call``
     runs a coroutine function on its loop and ``thread.call_soon`` a plain function,
-    each blocking the caller until the result is ready. Leaving drains and closes.
+    each blocking the caller until the result is ready, ``timeout`` seconds pass (the
+    work is cancelled, :class:`TimeoutError`), or the thread ends first
+    (:class:`RuntimeCrashedError` naming the crash). Leaving drains and closes.
+
+    The thread runs an anyio :class:`~anyio.from_thread.BlockingPortal` on asyncio: the
+    portal carries the calls from other threads, their cancellation and the shutdown;
+    the runtime's queues run on plain asyncio inside it.
     """
 
     def __init__(self, devices: Iterable[Device] = (), **options: Any) -> None:
         self._devices = list(devices)
         self._options = options
         self._thread: threading.Thread | None = None
+        self._portal: BlockingPortal | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runtime: Runtime | None = None
         self._stop: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        # Resolves once the runtime is open (or with the error that kept it from opening).
+        self._opened: concurrent.futures.Future[None] = concurrent.futures.Future()
+        # Resolves when the thread's loop has ended: with its crash, if it crashed.
+        self._ended: concurrent.futures.Future[None] = concurrent.futures.Future()
 
     @property
     def runtime(self) -> Runtime:
@@ -868,67 +1023,160 @@ class RuntimeThread:
         return self._runtime
 
     def start(self, timeout: float = 30.0) -> RuntimeThread:
-        """Start the thread and wait until the runtime is open."""
+        """Start the thread and wait until the runtime is open.
+
+        Raises:
+            RuntimeError: already started, or the runtime failed to open (``__cause__``).
+            TimeoutError: the runtime did not open within ``timeout`` seconds (the thread
+                is stopped).
+        """
         if self._thread is not None:
             raise RuntimeError("the runtime thread was already started")
         self._thread = threading.Thread(target=self._main, name="asyncfront-runtime", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout):
+        concurrent.futures.wait(
+            [self._opened, self._ended], timeout, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        if self._opened.done():
+            error = self._opened.exception()
+            if error is None:
+                return self
+        elif self._ended.done():
+            error = self._ended.exception()
+        else:
+            self._request_stop()
             raise TimeoutError(f"the runtime did not open within {timeout} s")
-        if self._error is not None:
-            raise RuntimeError("the runtime failed to open") from self._error
-        return self
+        self._thread.join()
+        self._thread = None
+        raise RuntimeError("the runtime failed to open") from error
 
     def _main(self) -> None:
         try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported to the thread that closes or starts us
-            self._error = exc
-        finally:
-            self._ready.set()
+            anyio.run(self._host, backend="asyncio")
+        except BaseException as exc:  # every blocked caller learns of it through _ended
+            crash = _leaf(exc)
+            if not self._opened.done():
+                self._opened.set_exception(crash)
+            if not self._ended.done():
+                self._ended.set_exception(crash)
+        else:
+            if not self._opened.done():
+                self._opened.set_exception(RuntimeError("the runtime thread stopped first"))
+            if not self._ended.done():
+                self._ended.set_result(None)
 
-    async def _serve(self) -> None:
+    async def _host(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with open_runtime(self._devices, **self._options) as rt:
-            self._runtime = rt
-            self._ready.set()
-            await self._stop.wait()
-        self._runtime = None
+        async with BlockingPortal() as portal:
+            try:
+                async with open_runtime(self._devices, **self._options) as rt:
+                    self._runtime = rt
+                    self._portal = portal
+                    rt._host_ended = self._ended
+                    self._opened.set_result(None)
+                    stop = asyncio.ensure_future(self._stop.wait())
+                    crash = rt._crash_signal()
+                    try:
+                        # A crashed queue task ends the runtime: closing it raises the crash.
+                        await asyncio.wait((stop, crash), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        stop.cancel()
+            except BaseException as exc:
+                # Tell blocked callers why before the portal cancels their calls.
+                if not self._ended.done():
+                    self._ended.set_exception(exc)
+                raise
+            finally:
+                self._portal = None
+                self._runtime = None
+                await portal.stop(cancel_remaining=True)
 
-    def call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
-        """Run ``await fn(*args, **kwargs)`` on the runtime's loop; block for its result."""
-        loop = self._running_loop()
-        return asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), loop).result()
+    def call(
+        self,
+        fn: Callable[..., Coroutine[Any, Any, T]],
+        *args: Any,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``await fn(*args, **kwargs)`` on the runtime's loop; block for its result.
 
-    def call_soon(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` on the runtime's loop thread; block for its result."""
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds; the coroutine is cancelled.
+            RuntimeCrashedError: the runtime's thread crashed or closed first.
+            RuntimeError: the thread is not running, or this is its own loop's thread.
+        """
+        check_timeout(timeout, f"call to {_label(fn)}")
+        portal = self._running_portal()
+        work: Callable[[], Coroutine[Any, Any, T]] = functools.partial(fn, *args, **kwargs)
+        future: concurrent.futures.Future[T] = portal.start_task_soon(work)
+        return wait_blocking(future, f"call to {_label(fn)}", timeout, self._ended)
+
+    def call_soon(
+        self, fn: Callable[..., T], *args: Any, timeout: float | None = None, **kwargs: Any
+    ) -> T:
+        """Run ``fn(*args, **kwargs)`` on the runtime's loop thread; block for its result.
+
+        Raises:
+            TimeoutError: not done within ``timeout`` seconds (if it had not started, it
+                never runs).
+            RuntimeCrashedError: the runtime's thread crashed or closed first.
+            RuntimeError: the thread is not running, or this is its own loop's thread.
+        """
 
         async def run() -> T:
             return fn(*args, **kwargs)
 
-        return self.call(run)
+        check_timeout(timeout, f"call to {_label(fn)}")
+        portal = self._running_portal()
+        return wait_blocking(
+            portal.start_task_soon(run), f"call to {_label(fn)}", timeout, self._ended
+        )
 
-    def _running_loop(self) -> asyncio.AbstractEventLoop:
-        loop = self._loop
-        if loop is None or self._runtime is None:
+    def _wait(self, future: concurrent.futures.Future[T], what: str, timeout: float | None) -> T:
+        """Block for ``future`` (from this thread's loop) as :meth:`call` does."""
+        return wait_blocking(future, what, timeout, self._ended)
+
+    def _running_portal(self) -> BlockingPortal:
+        if self._ended.done():
+            crash = None if self._ended.cancelled() else self._ended.exception()
+            if crash is not None:
+                raise RuntimeCrashedError(
+                    f"the runtime's thread crashed: {type(crash).__name__}: {crash}"
+                ) from crash
+        portal = self._portal
+        if portal is None or self._runtime is None:
             raise RuntimeError("the runtime thread is not running")
         if self._thread is not None and threading.get_ident() == self._thread.ident:
             raise RuntimeError("RuntimeThread.call from the runtime's own loop would deadlock")
-        return loop
+        return portal
 
-    def close(self, timeout: float | None = 60.0) -> None:
-        """Drain and close the runtime, then join the thread."""
-        thread, loop, stop = self._thread, self._loop, self._stop
-        if thread is None:
-            return
+    def _request_stop(self) -> None:
+        loop, stop = self._loop, self._stop
         if loop is not None and stop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop may have just ended
                 loop.call_soon_threadsafe(stop.set)
+
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Drain and close the runtime, then join the thread.
+
+        Raises:
+            TimeoutError: the thread did not end within ``timeout`` seconds.
+            RuntimeError: the runtime's thread failed (``__cause__``: its error).
+        """
+        thread = self._thread
+        if thread is None:
+            return
+        self._request_stop()
         thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"the runtime thread did not close within {timeout} s")
         self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
+        error = self._ended.exception() if self._ended.done() else None
+        if error is not None:
+            # Reported once: a second close() returns quietly.
+            self._ended = concurrent.futures.Future()
+            self._ended.set_result(None)
             raise RuntimeError("the runtime thread failed") from error
 
     def __enter__(self) -> RuntimeThread:
@@ -940,6 +1188,18 @@ class RuntimeThread:
     def __repr__(self) -> str:
         state = "running" if self._runtime is not None else "stopped"
         return f"<RuntimeThread {state} devices={[d.name for d in self._devices]}>"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups, else ``exc``."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _label(fn: Callable[..., Any]) -> str:
+    """A readable name of a callable for messages."""
+    return repr(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or fn)
 
 
 def start_runtime_thread(devices: Iterable[Device] = (), **options: Any) -> RuntimeThread:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from importlib import resources
 from typing import Any
 
-__all__ = ("read_trace", "render_html", "trace_title", "write_html")
+__all__ = ("dropped_notice", "read_trace", "render_html", "trace_title", "write_html")
 
 DEFAULT_TITLE = "asyncfront timeline"
 
@@ -44,7 +44,33 @@ def render_html(document: Mapping[str, Any], *, title: str | None = None) -> str
     template = resources.files(__package__).joinpath("_timeline.html").read_text("utf-8")
     # "<" escaped inside the JSON so no "</script>" in a name can end the data block.
     data = json.dumps(document, separators=(",", ":")).replace("<", "\\u003c")
-    return template.replace("__TITLE__", html.escape(title)).replace("__TRACE__", data)
+    page = template.replace("__TITLE__", html.escape(title)).replace("__TRACE__", data)
+    notice = dropped_notice(document)
+    if notice:
+        page = page.replace(
+            "<body>",
+            f'<body>\n<p id="dropped" style="{_NOTICE_STYLE}">{html.escape(notice)}</p>',
+            1,
+        )
+    return page
+
+
+_NOTICE_STYLE = "margin:0;padding:6px 12px;background:#5a4a12;color:#ffe9a8;font:13px sans-serif"
+
+
+def dropped_notice(document: Mapping[str, Any]) -> str | None:
+    """The line saying how many older records the trace dropped, or None if it kept all.
+
+    Read from the document's ``otherData`` (as :meth:`TraceRecorder.to_perfetto` writes it),
+    so a timeline drawn from a saved JSON file says it too.
+    """
+    other = document.get("otherData")
+    dropped = other.get("dropped_records") if isinstance(other, Mapping) else None
+    if not isinstance(dropped, int) or isinstance(dropped, bool) or dropped <= 0:
+        return None
+    kept = other.get("records") if isinstance(other, Mapping) else None
+    shown = f"; the {kept:,} most recent are shown" if isinstance(kept, int) else ""
+    return f"{dropped:,} older submissions were dropped from the trace{shown}."
 
 
 def write_html(

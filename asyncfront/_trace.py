@@ -1,4 +1,11 @@
-"""Trace recording and export: every finished submission, as Perfetto/Chrome JSON or HTML."""
+"""Trace recording and export: every finished submission, as Perfetto/Chrome JSON or HTML.
+
+A record is a flat tuple of plain values (names, numbers, strings, an immutable
+frontier) taken when a submission finishes, so the trace never keeps a submission, its
+queue, its semaphores, its work's arguments or an exception's traceback alive. The
+recorder is a ring: past its capacity the oldest records go, and every export says how
+many were dropped.
+"""
 
 from __future__ import annotations
 
@@ -9,31 +16,50 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._frontier import Frontier, axis_name
+from ._frontier import DEFAULT_FRONTIER_CAPACITY, Frontier, axis_name
 
 if TYPE_CHECKING:
-    from ._queue import DeviceQueue, Submission
-    from ._semaphore import TimelineSemaphore
+    from ._queue import Submission
 
-__all__ = ("TraceRecord", "TraceRecorder")
+__all__ = ("DEFAULT_TRACE_CAPACITY", "TraceRecord", "TraceRecorder")
 
-DEFAULT_TRACE_CAPACITY = 1_000_000
+DEFAULT_TRACE_CAPACITY = 50_000
+"""Default number of records a trace keeps (the oldest are dropped beyond it).
 
-# (queue, name, epoch, submitted_at, started_at, finished_at, frontier, waits, signals, error,
-#  annotations)
+Measured on CPython 3.11 with tracemalloc (the memory a full ring gives back when
+cleared): about 0.7 KB per record for work with one wait and one signal on a few axes,
+about 1.1 KB when every frontier holds 64 axes. The default ring therefore costs about
+35 MB, at most about 55 MB.
+"""
+
+# Queue facts shared by every record of one queue: (name, axis, device name, priority).
+QueueInfo = tuple[str, int, str, int]
+
+# One sync point in a record: (semaphore name, value, semaphore identity). The identity
+# (``id()`` of the semaphore) only tells apart semaphores that share a name when
+# exports draw dependency arrows; it never refers back to the object.
+_Point = tuple[str, int, int]
+
+# (queue, name, epoch, submitted_at, started_at, finished_at, frontier or its base,
+#  waits, signals, error, annotations)
 _Raw = tuple[
-    "DeviceQueue",
+    QueueInfo,
     str,
     int,
     float,
     "float | None",
     "float | None",
     "Frontier | None",
-    "tuple[tuple[TimelineSemaphore, int], ...]",
-    "tuple[tuple[TimelineSemaphore, int], ...]",
-    "BaseException | None",
+    tuple[_Point, ...],
+    tuple[_Point, ...],
+    "str | None",
     "dict[str, Any] | None",
 ]
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"TypeName: message"``: how records and logs show an error without keeping it."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -61,73 +87,130 @@ class TraceRecord:
 
 
 class TraceRecorder:
-    """Appends a raw record per finished submission; formats only on export.
+    """Appends a flat record per finished submission; formats only on export.
 
-    Holds at most ``capacity`` records (the oldest are dropped), so long runs stay flat
-    in memory. ``enabled=False`` records nothing.
+    Holds at most ``capacity`` records (the oldest are dropped and counted in
+    :attr:`dropped`), so long runs stay flat in memory. ``enabled=False`` records
+    nothing.
+
+    Args:
+        capacity: the most records kept (see :data:`DEFAULT_TRACE_CAPACITY`).
+        enabled: whether to record at all.
+        frontier_capacity: the runtime's frontier capacity, used to build a record's
+            frontier on export exactly as the queue would have.
+
+    Raises:
+        ValueError: ``capacity`` is negative or ``frontier_capacity`` below 1.
     """
 
-    def __init__(self, capacity: int = DEFAULT_TRACE_CAPACITY, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        capacity: int = DEFAULT_TRACE_CAPACITY,
+        *,
+        enabled: bool = True,
+        frontier_capacity: int = DEFAULT_FRONTIER_CAPACITY,
+    ) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"trace capacity must be an int >= 0, got {capacity!r}")
+        if (
+            isinstance(frontier_capacity, bool)
+            or not isinstance(frontier_capacity, int)
+            or frontier_capacity < 1
+        ):
+            raise ValueError(f"frontier capacity must be an int >= 1, got {frontier_capacity!r}")
         self.capacity = capacity
         self.enabled = enabled
         self.origin = 0.0
+        self.frontier_capacity = frontier_capacity
         self._raw: deque[_Raw] = deque(maxlen=capacity)
+        self._added = 0  # records appended since the last clear (kept + dropped)
 
     def _add(self, sub: Submission) -> None:
-        if self.enabled:
-            self._raw.append(
-                (
-                    sub.queue,
-                    sub.name,
-                    sub.epoch,
-                    sub.submitted_at,
-                    sub.started_at,
-                    sub.finished_at,
-                    sub.frontier,
-                    sub.waits,
-                    sub.signals,
-                    sub._exception,
-                    sub.annotations,
-                )
+        """Record a finished submission as plain values (the queue task calls this)."""
+        waits = sub.waits
+        signals = sub.signals
+        exc = sub._exception
+        frontier = sub._frontier
+        self._raw.append(
+            (
+                sub.queue._trace_info,
+                sub.name,
+                sub.epoch,
+                sub.submitted_at,
+                sub.started_at,
+                sub.finished_at,
+                frontier if frontier is not None else sub._base,
+                tuple([(s.name, v, id(s)) for s, v in waits]) if waits else (),
+                tuple([(s.name, v, id(s)) for s, v in signals]) if signals else (),
+                None if exc is None else describe_error(exc),
+                sub.annotations,
             )
+        )
+        self._added += 1
+
+    @property
+    def dropped(self) -> int:
+        """How many records the ring dropped (oldest first) since the last :meth:`clear`."""
+        return self._added - len(self._raw)
 
     def clear(self) -> None:
-        """Forget every record."""
+        """Forget every record (and the dropped count)."""
         self._raw.clear()
+        self._added = 0
 
     def __len__(self) -> int:
         return len(self._raw)
 
+    def _frontier(self, stored: Frontier | None, axis: int, epoch: int) -> Frontier:
+        """A record's frontier: stored whole, or built from its base as the queue builds it."""
+        if stored is None:
+            return Frontier()
+        if stored.get(axis) >= epoch:
+            return stored
+        frontier = stored.with_epoch(axis, epoch)
+        if len(frontier) > self.frontier_capacity:
+            frontier = frontier.truncated(self.frontier_capacity, keep=axis)
+        return frontier
+
     def __iter__(self) -> Iterator[TraceRecord]:
         origin = self.origin
-        for q, name, epoch, sub_at, start, end, frontier, waits, signals, exc, notes in self._raw:
+        for info, name, epoch, sub_at, start, end, stored, waits, signals, error, notes in list(
+            self._raw
+        ):
             start_t = (start if start is not None else sub_at) - origin
             end_t = (end if end is not None else start_t + origin) - origin
             yield TraceRecord(
-                queue=q.name,
-                axis=q.axis,
-                device=q.device.name,
+                queue=info[0],
+                axis=info[1],
+                device=info[2],
                 name=name,
                 epoch=epoch,
                 submitted_at=sub_at - origin,
                 started_at=start_t,
                 finished_at=end_t,
-                frontier=frontier if frontier is not None else Frontier(),
-                waits=tuple((s.name, v) for s, v in waits),
-                signals=tuple((s.name, v) for s, v in signals),
-                error=None if exc is None else f"{type(exc).__name__}: {exc}",
+                frontier=self._frontier(stored, info[1], epoch),
+                waits=tuple((s, v) for s, v, _ in waits),
+                signals=tuple((s, v) for s, v, _ in signals),
+                error=error,
                 annotations=dict(notes) if notes else {},
             )
 
     @property
     def records(self) -> list[TraceRecord]:
-        """Every record, oldest first."""
+        """Every record kept, oldest first."""
         return list(self)
 
     def __repr__(self) -> str:
-        return f"<TraceRecorder records={len(self._raw)} capacity={self.capacity}>"
+        return (
+            f"<TraceRecorder records={len(self._raw)} capacity={self.capacity} "
+            f"dropped={self.dropped}>"
+        )
 
     # -- export --------------------------------------------------------------------
+
+    def _axis_names(self, raw: list[_Raw]) -> dict[int, str]:
+        """Names of the queues the records ran on: they outlive the queues themselves."""
+        return {info[1]: info[0] for info, *_ in raw}
 
     def to_perfetto(self) -> dict[str, Any]:
         """The trace as a Chrome trace-event document that ui.perfetto.dev loads.
@@ -136,62 +219,71 @@ class TraceRecorder:
         submission with its frontier, waits, signals and annotations (graph stage,
         placement, collective step), and flow arrows from the
         submission that signalled a semaphore value to each one that waited on it.
+        ``otherData`` (the format's metadata) says how many records were kept and how
+        many older ones the ring dropped.
         """
         events: list[dict[str, Any]] = []
         pids: dict[str, int] = {}
         tids: dict[int, int] = {}
-        producers: dict[int, list[tuple[int, int, int, float]]] = {}
+        producers: dict[tuple[str, int], list[tuple[int, float, int, int, float]]] = {}
         origin = self.origin
         raw = list(self._raw)
-        for q, *_ in raw:
-            if q.device.name not in pids:
-                pid = pids[q.device.name] = len(pids) + 1
+        names = self._axis_names(raw)
+
+        def name_of(ax: int) -> str:
+            known = names.get(ax)
+            return known if known is not None else axis_name(ax)
+
+        for (qname, qaxis, device, priority), *_ in raw:
+            if device not in pids:
+                pid = pids[device] = len(pids) + 1
                 events.append(
-                    {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": q.device.name}}
+                    {"name": "process_name", "ph": "M", "pid": pid, "args": {"name": device}}
                 )
-            if q.axis not in tids:
-                tid = tids[q.axis] = len(tids) + 1
+            if qaxis not in tids:
+                tid = tids[qaxis] = len(tids) + 1
                 events.append(
                     {
                         "name": "thread_name",
                         "ph": "M",
-                        "pid": pids[q.device.name],
+                        "pid": pids[device],
                         "tid": tid,
-                        "args": {"name": q.name},
+                        "args": {"name": qname},
                     }
                 )
                 events.append(
                     {
                         "name": "thread_sort_index",
                         "ph": "M",
-                        "pid": pids[q.device.name],
+                        "pid": pids[device],
                         "tid": tid,
-                        "args": {"sort_index": -q.priority},
+                        "args": {"sort_index": -priority},
                     }
                 )
-        timed: list[tuple[_Raw, int, int, float, float]] = []
-        for rec in raw:
-            q, name, epoch, sub_at, start, end, frontier, waits, signals, exc, notes = rec
-            pid, tid = pids[q.device.name], tids[q.axis]
+        timed: list[tuple[tuple[_Point, ...], int, int, float]] = []
+        for info, name, epoch, sub_at, start, end, stored, waits, signals, error, notes in raw:
+            qname, qaxis, device, _ = info
+            pid, tid = pids[device], tids[qaxis]
             ts = ((start if start is not None else sub_at) - origin) * 1e6
             dur = max(0.0, ((end if end is not None else sub_at) - origin) * 1e6 - ts)
-            timed.append((rec, pid, tid, ts, dur))
+            timed.append((waits, pid, tid, ts))
+            frontier = self._frontier(stored, qaxis, epoch)
             args: dict[str, Any] = {
-                "queue": q.name,
+                "queue": qname,
                 "epoch": epoch,
-                "frontier": {axis_name(a): e for a, e in (frontier or Frontier())},
-                "waits": [f"{s.name} >= {v}" for s, v in waits],
-                "signals": [f"{s.name} = {v}" for s, v in signals],
+                "frontier": {name_of(a): e for a, e in frontier},
+                "waits": [f"{s} >= {v}" for s, v, _ in waits],
+                "signals": [f"{s} = {v}" for s, v, _ in signals],
                 "submitted_us": round((sub_at - origin) * 1e6, 3),
             }
-            if exc is not None:
-                args["error"] = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                args["error"] = error
             if notes:
                 args.update(notes)
             events.append(
                 {
                     "name": name,
-                    "cat": "failed" if exc is not None else "submission",
+                    "cat": "failed" if error is not None else "submission",
                     "ph": "X",
                     "ts": round(ts, 3),
                     "dur": round(dur, 3),
@@ -200,27 +292,37 @@ class TraceRecorder:
                     "args": args,
                 }
             )
-            for sem, value in signals:
-                producers.setdefault(id(sem), []).append((value, pid, tid, ts + dur))
+            for sem, value, ident in signals:
+                producers.setdefault((sem, ident), []).append((value, ts + dur, pid, tid, ts))
         for entries in producers.values():
             entries.sort()
         flow_id = 0
-        for (_q, _n, _e, _s, _st, _en, _f, waits, _sig, _x, _a), pid, tid, ts, _dur in timed:
-            for sem, value in waits:
-                candidates = producers.get(id(sem))
+        for waits, pid, tid, ts in timed:
+            for sem, value, ident in waits:
+                candidates = producers.get((sem, ident))
                 if not candidates:
                     continue
-                producer = next((c for c in candidates if c[0] >= value), None)
+                # The first signal that reached the value and had finished when the waiter
+                # started (an identity reused after a semaphore died cannot match later work).
+                producer = next((c for c in candidates if c[0] >= value and c[4] <= ts), None)
                 if producer is None:
                     continue
                 flow_id += 1
-                _, ppid, ptid, pts = producer
-                common = {"name": sem.name, "cat": "dependency", "id": flow_id}
+                _, pts, ppid, ptid, _ = producer
+                common = {"name": sem, "cat": "dependency", "id": flow_id}
                 events.append({**common, "ph": "s", "ts": round(pts, 3), "pid": ppid, "tid": ptid})
                 events.append(
                     {**common, "ph": "f", "bp": "e", "ts": round(ts, 3), "pid": pid, "tid": tid}
                 )
-        return {"traceEvents": events, "displayTimeUnit": "ms"}
+        return {
+            "traceEvents": events,
+            "displayTimeUnit": "ms",
+            "otherData": {
+                "records": len(raw),
+                "dropped_records": self.dropped,
+                "capacity": self.capacity,
+            },
+        }
 
     def format_timeline(self, width: int = 64) -> str:
         """A text Gantt chart: a row per queue, a cell per ``1/width`` of the run.
@@ -229,7 +331,8 @@ class TraceRecorder:
         along a row so that back-to-back submissions stay apart; a digit ``2``-``9``
         (``*`` for ten or more) counts the submissions that started in one cell, where
         they are too short to draw. Zero-length submissions (barriers) show as ``|``,
-        failed ones as ``x``. A legend line follows the rows.
+        failed ones as ``x``. A legend line follows the rows, and a last line says how
+        many older records the ring dropped, when it dropped any.
 
         Raises:
             ValueError: ``width`` below 1.
@@ -238,6 +341,8 @@ class TraceRecorder:
             raise ValueError(f"format_timeline needs a width of at least 1 cell, got {width!r}")
         records = self.records
         if not records:
+            if self.dropped:
+                return f"(no trace records; {self.dropped:,} older records dropped)"
             return "(no trace records)"
         end = max(r.finished_at for r in records) or 1.0
         cell = end / width
@@ -252,6 +357,11 @@ class TraceRecorder:
             f"{'':<{label}}  #,= a submission (alternating)  2-9,* submissions started in "
             "one cell  | zero-length  x failed"
         )
+        if self.dropped:
+            lines.append(
+                f"({self.dropped:,} older records dropped: the trace keeps the last "
+                f"{self.capacity:,})"
+            )
         return "\n".join(lines)
 
     def export_perfetto(self, path: str | os.PathLike[str]) -> None:

@@ -392,16 +392,16 @@ def test_default_capacity_is_64() -> None:
 @given(
     node=st.integers(0, 255),
     device=st.integers(0, 255),
-    queue=st.integers(0, 255),
+    queue=st.integers(0, 2**32 - 1),
     incarnation=st.integers(0, 255),
 )
 def test_queue_axis_bit_layout(node: int, device: int, queue: int, incarnation: int) -> None:
-    """A queue axis is incarnation<<56 | node<<48 | QUEUE<<40 | device<<32 | queue<<24."""
+    """A queue axis is incarnation<<56 | node<<48 | QUEUE<<40 | device<<32 | queue (32 bits)."""
     value = af.axis(node, Domain.QUEUE, device, queue, incarnation)
-    assert value == incarnation << 56 | node << 48 | device << 32 | queue << 24
+    assert value == incarnation << 56 | node << 48 | device << 32 | queue
     assert 0 <= value < 1 << 64
     fields = af.axis_fields(value)
-    assert fields == af.AxisFields(incarnation, node, Domain.QUEUE, device << 32 | queue << 24)
+    assert fields == af.AxisFields(incarnation, node, Domain.QUEUE, device << 32 | queue)
     assert (fields.device, fields.queue) == (device, queue)
 
 
@@ -435,7 +435,6 @@ def test_domain_values() -> None:
         ("domain", 256),
         ("device", 256),
         ("device", -1),
-        ("queue", 256),
         ("incarnation", 256),
         ("incarnation", -1),
     ],
@@ -444,6 +443,13 @@ def test_axis_rejects_out_of_range_fields(field: str, value: int) -> None:
     """Every byte field outside 0..255 raises ValueError naming the field and value."""
     with pytest.raises(ValueError, match=rf"{field} must be in 0\.\.255, got {value}"):
         af.axis(**{field: value})
+
+
+@pytest.mark.parametrize("queue", [-1, 2**32])
+def test_axis_rejects_out_of_range_queue(queue: int) -> None:
+    """A queue slot outside 32 bits raises ValueError naming the range and value."""
+    with pytest.raises(ValueError, match=rf"queue must be in 0\.\.4294967295, got {queue}"):
+        af.axis(queue=queue)
 
 
 @pytest.mark.parametrize("ordinal", [-1, 1 << 40])

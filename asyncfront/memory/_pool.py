@@ -380,6 +380,13 @@ class BufferPool:
         if wait_completed is None and completed is not None and not callable(completed):
             wait_completed = getattr(completed, "wait_completed", None)
         self._wait_completed = wait_completed
+        # An axis the source calls retired (a closed, drained queue) is complete for good
+        # although the completed frontier no longer lists it.
+        self._axis_retired: Callable[[int], bool] | None = (
+            getattr(completed, "axis_retired", None)
+            if completed is not None and not callable(completed)
+            else None
+        )
         # Cached segments, by start and by end (for O(1) coalescing), and their starts
         # in address order (for first-fit scans).
         self._free: dict[int, _Segment] = {}
@@ -428,7 +435,7 @@ class BufferPool:
         """
         self._check_size(nbytes)
         free = self._free
-        knowledge = _Knowledge(requester, self._read_completed)
+        knowledge = _Knowledge(requester, self._read_completed, self._axis_retired)
         blocked: list[_Segment] = []
         for offset in self._offsets:
             seg = free[offset]
@@ -787,6 +794,11 @@ class BufferPool:
         )
 
 
+def _unzip(entries: list[tuple[int, int]]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Sorted ``(axis, epoch)`` entries as the two tuples a frontier is made of."""
+    return tuple(ax for ax, _ in entries), tuple(e for _, e in entries)
+
+
 def _completed_reader(source: CompletedSource | None) -> Callable[[], Frontier]:
     if source is None:
         return lambda: EMPTY
@@ -798,11 +810,17 @@ def _completed_reader(source: CompletedSource | None) -> Callable[[], Frontier]:
 class _Knowledge:
     """What one allocation may rely on, read lazily: the requester, completion, both."""
 
-    __slots__ = ("_completed", "_known", "_read_completed", "requester")
+    __slots__ = ("_axis_retired", "_completed", "_known", "_read_completed", "requester")
 
-    def __init__(self, requester: Frontier, read_completed: Callable[[], Frontier]) -> None:
+    def __init__(
+        self,
+        requester: Frontier,
+        read_completed: Callable[[], Frontier],
+        axis_retired: Callable[[int], bool] | None = None,
+    ) -> None:
         self.requester = requester
         self._read_completed = read_completed
+        self._axis_retired = axis_retired
         self._completed: Frontier | None = None
         self._known: Frontier | None = None
 
@@ -823,6 +841,18 @@ class _Knowledge:
 
     def reuse(self, seg: _Segment) -> Reuse | None:
         """The rule that makes ``seg`` safe to hand out now, or None."""
+        rule = self._rule(seg)
+        retired = self._axis_retired
+        if rule is None and retired is not None:
+            # Entries on retired axes are complete for good: drop them from the death
+            # frontier (once) and decide again.
+            death = seg.death
+            if any(retired(ax) for ax in death.axes):
+                seg.death = Frontier._make(*_unzip([(ax, e) for ax, e in death if not retired(ax)]))
+                rule = self._rule(seg)
+        return rule
+
+    def _rule(self, seg: _Segment) -> Reuse | None:
         death = seg.death
         if seg.tainted:
             return Reuse.COMPLETED if self.completed.dominates(death) else None
