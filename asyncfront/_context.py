@@ -896,13 +896,13 @@ class MemoryManager:
             if completion is not None and not completion.done():
                 completion.cancel()
                 completion.add_done_callback(_consume_result)
-        if future.done():
-            if request.status is _Status.GRANTED:
-                return True
-            if request.status is _Status.REFUSED:
-                assert request.error is not None
-                raise request.error
-        elif completion is not None and completion.done():
+        # Only a decision (in _wake) sets these while the request waits.
+        if request.status is _Status.GRANTED:
+            return True
+        if request.status is _Status.REFUSED:
+            assert request.error is not None
+            raise request.error
+        if completion is not None and completion.done() and not completion.cancelled():
             completion.result()  # the completion source's error, if it raised
         return False
 
