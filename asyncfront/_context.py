@@ -35,6 +35,7 @@ __all__ = (
     "MemoryPressureHandler",
     "Session",
     "SyncSession",
+    "WorkingMemory",
 )
 
 T = TypeVar("T")
@@ -98,6 +99,33 @@ class Buffer:
         return (
             f"<Buffer {format_bytes(self.nbytes)} on {self.device!r} of context "
             f"{self.context.name!r} offset={self.offset} {state}>"
+        )
+
+
+class WorkingMemory:
+    """Working memory reserved in a context's budget for one piece of work.
+
+    Made by ``submit(..., memory=nbytes)`` (through
+    :meth:`MemoryManager.reserve_working`): the bytes count in the context's usage and
+    the device's commitment from when the work's waits are met until it finishes. The
+    work allocates the memory itself (PyTorch's allocator); the reservation is what the
+    budget promises it, so pool blocks and working memory together never exceed what
+    the device holds.
+    """
+
+    __slots__ = ("context", "name", "nbytes", "released")
+
+    def __init__(self, context: ExecutionContext, nbytes: int, name: str) -> None:
+        self.context = context
+        self.nbytes = nbytes
+        self.name = name
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return (
+            f"<WorkingMemory {format_bytes(self.nbytes)} for {self.name!r} of context "
+            f"{self.context.name!r} {state}>"
         )
 
 
@@ -258,6 +286,7 @@ class MemoryManager:
         ctx = ExecutionContext(
             self.runtime, name, device, qos, max_memory, base_memory, reserved, queue
         )
+        queue.context = ctx
         self._contexts[name] = ctx
         self._log("context_admitted", ctx, reserved=reserved, limit=max_memory)
         return ctx
@@ -332,6 +361,38 @@ class MemoryManager:
         ctx._buffers[buf] = None
         ctx._allocations += 1
         return buf
+
+    async def reserve_working(
+        self,
+        ctx: ExecutionContext,
+        nbytes: int,
+        name: str = "work",
+        *,
+        timeout: float | None = None,
+    ) -> WorkingMemory:
+        """Charge ``nbytes`` of working memory to ``ctx`` without placing a block.
+
+        The charge waits, evicts and is refused exactly like :meth:`allocate`'s; nothing
+        is taken from the pool (the work's own allocator provides the memory).
+
+        Raises:
+            MemoryBudgetError: the budget cannot hold it (nothing is charged).
+        """
+        if ctx.closed:
+            raise RuntimeError(f"context {ctx.name!r} is closed")
+        if type(nbytes) is not int or nbytes <= 0:
+            raise ValueError(f"context {ctx.name!r}: working memory must be > 0, got {nbytes!r}")
+        working = WorkingMemory(ctx, nbytes, name)
+        await self._charge(ctx, self._memory(ctx.device), nbytes, timeout, working)
+        return working
+
+    def release_working(self, working: WorkingMemory) -> None:
+        """Return a reservation made by :meth:`reserve_working`."""
+        if working.released:
+            raise ValueError(f"{working!r} was already released")
+        working.released = True
+        ctx = working.context
+        self._release(self._memory(ctx.device), ctx, working.nbytes, working)
 
     def free(self, buf: Buffer, death: Frontier | None = None) -> None:
         """Return a buffer; the pool reuses it once ``death`` (default: queue tail) is safe."""
@@ -579,7 +640,9 @@ class Session:
     ) -> Submission:
         """Queue work on the context's queue and return the submission at once.
 
-        Accepts ``waits=``, ``signals=`` and ``name=`` like :meth:`DeviceQueue.submit`.
+        Accepts ``waits=``, ``signals=``, ``name=`` and ``memory=`` (working memory
+        reserved from the context's budget while it runs) like
+        :meth:`DeviceQueue.submit`.
         """
         self._check()
         return self.context.queue.submit(fn, *args, cost=cost, **kwargs)
@@ -591,7 +654,7 @@ class Session:
         cost: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run work on the context's queue and return its result."""
+        """Run work on the context's queue and return its result (``memory=`` as in submit)."""
         return await self.submit(fn, *args, cost=cost, **kwargs)
 
     async def allocate(self, nbytes: int, *, timeout: float | None = None) -> Buffer:

@@ -34,6 +34,7 @@ from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._residency import ResidentWeights as ResidentWeights
 from ._residency import TensorLayout as TensorLayout
 from ._residency import Weights as Weights
+from ._residency import WeightsFile as WeightsFile
 from ._residency import choose_evictions as choose_evictions
 from ._residency import read_safetensors_layout as read_safetensors_layout
 
@@ -69,6 +70,7 @@ __all__ = (
     "WaitCompleted",
     "WaitForFree",
     "Weights",
+    "WeightsFile",
     "WouldWaitError",
     "choose_evictions",
     "choose_page_outs",

@@ -1,0 +1,107 @@
+"""transformers checkpoints as models: ``config.json`` built on meta, safetensors mapped.
+
+The module comes from the directory's ``config.json`` (``AutoConfig`` and an
+``AutoModel*`` class's ``from_config``), built under the process-wide build lock; its
+weights are the directory's safetensors (one file, or the shards of a
+``*.safetensors.index.json``), read by positional reads on the storage queue into the
+model's block. ``from_pretrained``'s loader is never used, and outputs equal its
+outputs bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from ..memory._residency import Weights
+from ..memory._tensors import import_torch
+from ._model import Model, weights_source
+
+if TYPE_CHECKING:
+    from .._context import ExecutionContext
+    from .._runtime import Runtime
+    from ..devices._base import Device
+
+__all__ = ("from_transformers",)
+
+
+def _import_transformers() -> Any:
+    try:
+        return importlib.import_module("transformers")
+    except ImportError as exc:
+        raise ImportError(
+            "from_transformers needs the transformers package: pip install transformers"
+        ) from exc
+
+
+def from_transformers(
+    rt: Runtime,
+    name: str,
+    checkpoint_dir: str | os.PathLike[str],
+    *,
+    device: str | Device,
+    context: ExecutionContext | None = None,
+    auto_class: str = "AutoModel",
+    dtype: Any = None,
+    priority: int | None = None,
+    train: bool = False,
+) -> Model:
+    """Register a transformers checkpoint directory as a model of ``rt``.
+
+    Args:
+        rt: the runtime.
+        name: the model's name (and its weights').
+        checkpoint_dir: a directory with ``config.json`` and safetensors weights.
+        device: where the model lives.
+        context: whose budget holds the weights (default: the context named ``name``).
+        auto_class: the transformers auto class that builds the module from the config:
+            ``"AutoModel"``, ``"AutoModelForCausalLM"``, ...
+        dtype: the weights' dtype; None keeps the checkpoint's. Only the checkpoint's
+            own floating dtype is accepted: the weights are the file's bytes.
+        priority: eviction priority (higher stays longer).
+        train: parameters require gradients and the module is in train mode.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` or no safetensors in the directory.
+        ValueError: an unknown ``auto_class``, or a ``dtype`` other than the checkpoint's.
+        CheckpointMismatchError: the checkpoint lacks a parameter of the module (named).
+    """
+    path = os.fspath(checkpoint_dir)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} has no config.json")
+    transformers = _import_transformers()
+    torch = import_torch()
+    if not auto_class.startswith("AutoModel") or not hasattr(transformers, auto_class):
+        raise ValueError(
+            f"auto_class must name a transformers AutoModel class such as 'AutoModel' or "
+            f"'AutoModelForCausalLM', got {auto_class!r}"
+        )
+    auto = getattr(transformers, auto_class)
+    source = weights_source(path)
+    probe = Weights(name, source)
+    floats = Counter(t.dtype for t in probe.layouts if getattr(torch, t.dtype).is_floating_point)
+    stored = getattr(torch, floats.most_common(1)[0][0]) if floats else torch.float32
+    if dtype is not None:
+        wanted = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if wanted != stored:
+            raise ValueError(
+                f"model {name!r}: the checkpoint's weights are {stored}, dtype={wanted} asks "
+                f"for a conversion; save the checkpoint in {wanted} (weights are mapped as "
+                "the file holds them)"
+            )
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+    def build() -> Any:
+        return auto.from_config(config, dtype=stored)
+
+    return rt.residency.register_model(
+        name,
+        build,
+        path,
+        device=device,
+        context=context,
+        priority=priority,
+        train=train,
+    )
