@@ -492,3 +492,51 @@ def test_measure_peak_on_the_cpu_counts_live_tensor_storage() -> None:
     assert 8 * n <= peak <= 8 * n + 64
     weight = torch.ones(n)
     assert afm.measure_peak(lambda: weight.view(-1)) == 0  # views of inputs are not new
+
+
+# -- CUDA (skipped without a GPU) --------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+def test_measure_peak_on_cuda_is_the_allocators_peak() -> None:
+    """On CUDA the figure is the caching allocator's peak above its starting level."""
+    n = 1 << 20
+    weight = torch.ones(n, device="cuda")
+
+    def work() -> Any:
+        a = weight * 2
+        b = a + 1
+        return (a + b).sum()
+
+    peak = afm.measure_peak(work, device="cuda")
+    assert 3 * 4 * n <= peak < 4 * 4 * n + (1 << 20)
+
+
+@pytest.mark.gpu
+@cuda
+async def test_gpt2_on_a_cuda_pool_equals_from_pretrained(tmp_path: Path, gpt2_dir: Path) -> None:
+    """Weights as views of a CUDA pool segment give from_pretrained's logits on the GPU."""
+    from asyncfront.devices.torch import TorchDevice
+
+    ids = torch.tensor([[1, 5, 9, 200, 33]], device="cuda")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval().cuda()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    devices = [TorchDevice("cuda:0", memory=64 * MiB, concurrency=1), StorageDevice(tmp_path)]
+    async with af.open_runtime(devices) as rt:
+        ctx = rt.create_context("gpt2", device="cuda:0", max_memory=48 * MiB)
+        model = afm.from_transformers(
+            rt, "gpt2", gpt2_dir, device="cuda:0", auto_class="AutoModelForCausalLM"
+        )
+        async with rt.using(model, "cuda:0") as m:
+            assert m.module.lm_head.weight.device.type == "cuda"
+            sub = ctx.queue.submit(lambda: m.module(input_ids=ids).logits, memory=8 * MiB)
+            out = await sub
+            torch.cuda.synchronize()
+        assert isinstance(sub.annotations, dict) and sub.annotations["peak_memory"] > 0
+        records = [r for r in rt.trace.records if r.name == sub.name]
+        assert records and "peak_memory" in records[-1].annotations
+    assert torch.equal(out, expected)
