@@ -357,6 +357,33 @@ async def test_gpt2_equals_from_pretrained_bit_for_bit(tmp_path: Path, gpt2_dir:
     assert torch.equal(out, expected)
 
 
+async def test_dtype_converts_as_from_pretrained_does(tmp_path: Path, gpt2_dir: Path) -> None:
+    """dtype=bfloat16 converts a float32 checkpoint into a half-size block, as from_pretrained."""
+    ids = torch.tensor([[1, 5, 9, 200, 33]])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        gpt2_dir, dtype=torch.bfloat16
+    ).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        ctx = rt.create_context("gpt2", device="cpu0", max_memory=64 * MiB)
+        model = afm.from_transformers(
+            rt,
+            "gpt2",
+            gpt2_dir,
+            device="cpu0",
+            auto_class="AutoModelForCausalLM",
+            dtype=torch.bfloat16,
+        )
+        async with rt.using(model, "cpu0") as m:
+            assert {p.dtype for p in m.module.parameters()} == {torch.bfloat16}
+            assert m.module.lm_head.weight is m.module.transformer.wte.weight
+            out = await ctx.queue.submit(lambda: m.module(input_ids=ids).logits)
+            assert rt.usage(ctx).used == model.nbytes
+    assert model.nbytes < model.weights.staging_nbytes * 0.6
+    assert torch.equal(out, expected)
+
+
 async def test_sharded_checkpoints_load(tmp_path: Path, gpt2_sharded_dir: Path) -> None:
     """A checkpoint in shards with an index loads into one block and equals from_pretrained."""
     ids = torch.tensor([[3, 1, 4, 1, 5]])
@@ -401,14 +428,14 @@ async def test_a_prefixed_checkpoint_maps_onto_the_base_model(tmp_path: Path) ->
 
 
 async def test_from_transformers_refuses_bad_arguments(tmp_path: Path, gpt2_dir: Path) -> None:
-    """No config.json, an unknown auto class, or a dtype the file lacks: specific errors."""
+    """No config.json, an unknown auto class, or a dtype that is not floating: specific errors."""
     async with af.open_runtime(_devices(tmp_path)) as rt:
         with pytest.raises(FileNotFoundError, match=r"config\.json"):
             afm.from_transformers(rt, "x", tmp_path, device="cpu0")
         with pytest.raises(ValueError, match="auto_class"):
             afm.from_transformers(rt, "x", gpt2_dir, device="cpu0", auto_class="BertModel")
-        with pytest.raises(ValueError, match="bfloat16"):
-            afm.from_transformers(rt, "x", gpt2_dir, device="cpu0", dtype=torch.bfloat16)
+        with pytest.raises(ValueError, match="floating torch dtype"):
+            afm.from_transformers(rt, "x", gpt2_dir, device="cpu0", dtype=torch.int8)
         assert rt.residency.statistics().registered == 0
 
 

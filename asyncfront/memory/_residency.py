@@ -83,6 +83,28 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_FLOAT_SIZES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
+_SIZES = {
+    **_FLOAT_SIZES,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
 @dataclass(frozen=True)
 class TensorLayout:
     """Where one tensor of a weights set lies in its bytes (offset from the data start)."""
@@ -165,16 +187,30 @@ class Weights:
         priority: int | None = None,
         request_rate: float | None = None,
         storage: str | Device | None = None,
+        dtype: str | None = None,
     ) -> None:
+        if dtype is not None and dtype not in _FLOAT_SIZES:
+            raise ValueError(
+                f"weights {name!r}: dtype must be a floating dtype name "
+                f"({', '.join(sorted(_FLOAT_SIZES))}), got {dtype!r}"
+            )
         self.name = name
         self.priority = priority
         self.request_rate = request_rate
         self.storage = storage
         self._host: dict[str, Any] | None = None
         self.files: tuple[WeightsFile, ...] = ()
+        self.file_layouts: tuple[TensorLayout, ...] | None = None
+        self.staging_nbytes = 0
         if isinstance(source, Mapping):
             self.path: Path | None = None
             self._host = dict(source)
+            if dtype is not None:
+                torch = import_torch()
+                wanted = getattr(torch, dtype)
+                self._host = {
+                    k: v.to(wanted) if v.is_floating_point() else v for k, v in self._host.items()
+                }
             self.data_offset = 0
             layouts, offset = [], 0
             for key, tensor in self._host.items():
@@ -212,6 +248,19 @@ class Weights:
             self.data_offset = self.files[0].data_offset
             self.layouts = tuple(layouts)
             actual = start
+            if dtype is not None and any(
+                t.dtype in _FLOAT_SIZES and t.dtype != dtype for t in layouts
+            ):
+                # The files' bytes are read into host staging and converted into the block.
+                self.file_layouts, self.staging_nbytes = self.layouts, start
+                converted, offset = [], 0
+                for t in layouts:
+                    target = dtype if t.dtype in _FLOAT_SIZES else t.dtype
+                    nbytes = t.nbytes // _SIZES[t.dtype] * _SIZES[target]
+                    offset = -(-offset // _ALIGN) * _ALIGN
+                    converted.append(TensorLayout(t.name, target, t.shape, offset, nbytes))
+                    offset += nbytes
+                self.layouts, actual = tuple(converted), offset
         if size is not None and size != actual:
             raise ValueError(
                 f"weights {name!r}: size={size:,} bytes given, but the tensors take {actual:,}"
@@ -440,12 +489,14 @@ class Residency:
         priority: int | None = None,
         train: bool = False,
         storage: str | Device | None = None,
+        dtype: str | None = None,
     ) -> Model:
         """Register a model: its module from ``build()`` (built on ``meta``), its weights.
 
         ``weights`` is a safetensors file, a directory (its one ``.safetensors`` file, or
         the shards its ``*.safetensors.index.json`` names) or a state dict of host
-        tensors. The weights are registered under the model's name. See
+        tensors. The weights are registered under the model's name; ``dtype`` (a torch
+        floating dtype name) converts floating tensors as they load. See
         :mod:`asyncfront.models`.
 
         Raises:
@@ -465,7 +516,7 @@ class Residency:
                 f"{context.device.name!r}"
             )
         source = weights if isinstance(weights, Mapping) else weights_source(weights)
-        loaded = Weights(name, source, priority=priority, storage=storage)
+        loaded = Weights(name, source, priority=priority, storage=storage, dtype=dtype)
         built = build_on_meta(build)
         model = Model(
             name, built, loaded, device=dev, context=context, priority=priority, train=train
@@ -693,12 +744,17 @@ class Residency:
             if weights.files:
                 storage = self._storage_for(weights)
                 nvme = self._queue(storage, weights)
-                direct = storage.can_access(raw)
+                converting = weights.file_layouts is not None
+                direct = not converting and storage.can_access(raw)
                 if direct:
                     target = raw
-                else:  # a device storage cannot reach: through a host buffer and a copy
+                else:  # converted, or a device storage cannot reach: through host staging
                     torch = import_torch()
-                    target = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=True)
+                    target = torch.empty(
+                        weights.staging_nbytes if converting else weights.nbytes,
+                        dtype=torch.uint8,
+                        pin_memory=torch.cuda.is_available(),
+                    )
                 # One read per file, in order on the weights' storage axis; each waits on
                 # the one before, so a failed read fails every later one and the load.
                 for i, file in enumerate(weights.files):
@@ -712,13 +768,18 @@ class Residency:
                     )
                 if not direct:
                     n = len(weights.files)
+                    work: Any = copy_bytes
+                    extra: tuple[Any, ...] = ()
+                    if weights.file_layouts is not None:
+                        work, extra = _convert, (weights.file_layouts, weights.layouts)
                     last = self._queue(device, weights).submit(
-                        copy_bytes,
+                        work,
                         raw,
                         target,
+                        *extra,
                         waits=[(sem, n)],
                         signals=[(sem, n + 1)],
-                        name="copy",
+                        name="convert" if extra else "copy",
                     )
             else:
                 assert weights._host is not None
@@ -859,3 +920,13 @@ def _pack(raw: Any, tensors: Mapping[str, Any], layouts: Sequence[TensorLayout])
     for layout in layouts:
         src = tensors[layout.name].detach().contiguous().reshape(-1)
         copy_bytes(raw[layout.offset : layout.offset + layout.nbytes], src.view(raw.dtype))
+
+
+def _convert(
+    raw: Any, staging: Any, sources: Sequence[TensorLayout], targets: Sequence[TensorLayout]
+) -> None:
+    """Copy each tensor from the files' bytes into its place in the block, in its new dtype."""
+    torch = import_torch()
+    for src, dst in zip(sources, targets, strict=True):
+        into = typed_view(raw, dst.offset, getattr(torch, dst.dtype), dst.shape)
+        into.copy_(typed_view(staging, src.offset, getattr(torch, src.dtype), src.shape))

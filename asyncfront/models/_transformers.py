@@ -58,14 +58,15 @@ def from_transformers(
         context: whose budget holds the weights (default: the context named ``name``).
         auto_class: the transformers auto class that builds the module from the config:
             ``"AutoModel"``, ``"AutoModelForCausalLM"``, ...
-        dtype: the weights' dtype; None keeps the checkpoint's. Only the checkpoint's
-            own floating dtype is accepted: the weights are the file's bytes.
+        dtype: the floating weights' dtype; None keeps the checkpoint's. Another dtype
+            reads the files into host staging and converts into the block (as
+            ``from_pretrained(dtype=...)`` casts).
         priority: eviction priority (higher stays longer).
         train: parameters require gradients and the module is in train mode.
 
     Raises:
         FileNotFoundError: no ``config.json`` or no safetensors in the directory.
-        ValueError: an unknown ``auto_class``, or a ``dtype`` other than the checkpoint's.
+        ValueError: an unknown ``auto_class``, or a ``dtype`` that is not floating.
         CheckpointMismatchError: the checkpoint lacks a parameter of the module (named).
     """
     path = os.fspath(checkpoint_dir)
@@ -80,26 +81,25 @@ def from_transformers(
         )
     auto = getattr(transformers, auto_class)
     source = weights_source(path)
-    probe = Weights(name, source)
-    floats = Counter(t.dtype for t in probe.layouts if getattr(torch, t.dtype).is_floating_point)
+    floats = Counter(
+        t.dtype for t in Weights(name, source).layouts if getattr(torch, t.dtype).is_floating_point
+    )
     stored = getattr(torch, floats.most_common(1)[0][0]) if floats else torch.float32
+    wanted = stored
     if dtype is not None:
-        wanted = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        if wanted != stored:
-            raise ValueError(
-                f"model {name!r}: the checkpoint's weights are {stored}, dtype={wanted} asks "
-                f"for a conversion; save the checkpoint in {wanted} (weights are mapped as "
-                "the file holds them)"
-            )
+        wanted = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        if not isinstance(wanted, torch.dtype) or not wanted.is_floating_point:
+            raise ValueError(f"model {name!r}: dtype must be a floating torch dtype, got {dtype!r}")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
 
     def build() -> Any:
-        return auto.from_config(config, dtype=stored)
+        return auto.from_config(config, dtype=wanted)
 
     return rt.residency.register_model(
         name,
         build,
         path,
+        dtype=None if dtype is None else str(wanted).removeprefix("torch."),
         device=device,
         context=context,
         priority=priority,
