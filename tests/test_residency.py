@@ -331,3 +331,18 @@ async def test_context_defaults_to_the_weights_name(tmp_path: Path) -> None:
         assert resident.context is other and rt.usage(other).used == resident.nbytes
         with pytest.raises(ValueError, match="size=3 bytes given"):
             rt.weights("sized", {"w": torch.ones(4)}, size=3)
+
+
+async def test_dropping_gives_the_host_pages_back(tmp_path: Path) -> None:
+    """A drop releases the whole pages of a CPU block: they read as zeros, RSS can shrink."""
+    host = {"w": torch.ones(64 * KiB)}  # 256 KiB: many whole pages
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        rt.create_context("big", device="gpu0", max_memory=512 * KiB)
+        resident = await rt.ensure_resident(rt.weights("big", host), "gpu0")
+        raw = resident._raw
+        assert int(raw.count_nonzero()) > 0
+        rt.residency.drop("big", "gpu0")
+        page = 4096
+        start = -(-raw.data_ptr() // page) * page - raw.data_ptr()
+        whole = raw[start : start + (raw.numel() - start) // page * page]
+        assert whole.numel() > 0 and int(whole.count_nonzero()) == 0

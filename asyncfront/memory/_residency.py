@@ -37,7 +37,7 @@ from .._frontier import Frontier
 from .._progress import progress
 from .._semaphore import TimelineSemaphore
 from ._reclaim import Reclaim, ReclaimPlan, RequestRate, plan_reclaim, shortfall
-from ._tensors import buffer_bytes, copy_bytes, import_torch, typed_view
+from ._tensors import buffer_bytes, copy_bytes, import_torch, release_pages, typed_view
 
 if TYPE_CHECKING:
     from .._context import Buffer, ExecutionContext
@@ -828,6 +828,10 @@ class Residency:
     def _drop(self, resident: ResidentWeights) -> None:
         del self._resident[(resident.weights.name, resident.device.name)]
         buffer, resident._buffer = resident._buffer, None
+        if resident._raw is not None and not resident.pinned:
+            # Nothing queued or running uses them: their host pages go back to the
+            # system now, not when the block is next reused.
+            release_pages(resident._raw)
         resident._raw = None
         resident.tensors.clear()
         resident.dropped = True
