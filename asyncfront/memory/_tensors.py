@@ -118,8 +118,8 @@ def release_pages(tensor: Any) -> int:
     if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.is_pinned():
         return 0
     page = mmap.PAGESIZE
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    start = int(tensor.data_ptr())
+    end = start + int(tensor.numel()) * int(tensor.element_size())
     first, last = -(-start // page) * page, end // page * page
     if last <= first:
         return 0
