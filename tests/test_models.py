@@ -238,6 +238,21 @@ async def test_a_submission_whose_work_is_the_module_pins_it(tmp_path: Path) -> 
         assert not resident.pinned
 
 
+async def test_loading_a_models_weights_by_name_makes_its_module_run(tmp_path: Path) -> None:
+    """ensure_resident on a model's name attaches the module; drop by name detaches it."""
+    state = _save_tiny(tmp_path / "tiny.safetensors")
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        rt.create_context("tiny", device="cpu0", max_memory=MiB)
+        model = rt.model("tiny", Tiny, tmp_path / "tiny.safetensors", device="cpu0")
+        weights = await rt.ensure_resident("tiny", "cpu0")
+        assert model.resident is not None and model.resident.weights is weights
+        assert torch.equal(model.module.proj.weight, state["proj.weight"])
+        assert rt.residency.drop("tiny", "cpu0")
+        assert not model.is_resident
+        with pytest.raises(afm.ModelNotResidentError):
+            model.module(torch.tensor([[1]]))
+
+
 async def test_using_on_another_device_moves_the_model(tmp_path: Path) -> None:
     """A model lives on one device: using it elsewhere drops it here and loads it there."""
     state = _save_tiny(tmp_path / "tiny.safetensors")

@@ -648,6 +648,9 @@ class Residency:
                 del self._loading[key]
                 settled.set_result(None)
             self._resident[key] = resident
+            model = self._models.get(w.name)
+            if model is not None and model.resident is None:
+                model._attach(resident)  # the module runs on what was just loaded
             return resident
 
     def using(
