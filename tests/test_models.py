@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 from pathlib import Path
@@ -397,6 +398,39 @@ async def test_dtype_converts_as_from_pretrained_does(tmp_path: Path, gpt2_dir: 
             assert rt.usage(ctx).used == model.nbytes
     assert model.nbytes < model.weights.staging_nbytes * 0.6
     assert torch.equal(out, expected)
+
+
+async def test_concurrent_loads_of_two_models_are_correct_every_time(
+    tmp_path: Path, gpt2_dir: Path
+) -> None:
+    """Two models loaded at once, dropped and loaded again 20 times, always compute right."""
+    tiny_state = _save_tiny(tmp_path / "tiny.safetensors")
+    ids = torch.tensor([[1, 5, 9]])
+    reference = transformers.AutoModelForCausalLM.from_pretrained(gpt2_dir).eval()
+    with torch.no_grad():
+        expected_gpt2 = reference(input_ids=ids).logits
+        expected_tiny = _reference(tiny_state)(ids)
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        gpt2_ctx = rt.create_context("gpt2", device="cpu0", max_memory=64 * MiB)
+        tiny_ctx = rt.create_context("tiny", device="cpu0", max_memory=MiB)
+        gpt2 = afm.from_transformers(
+            rt, "gpt2", gpt2_dir, device="cpu0", auto_class="AutoModelForCausalLM"
+        )
+        tiny = rt.model("tiny", Tiny, tmp_path / "tiny.safetensors", device="cpu0")
+
+        async def run(model: Any, ctx: Any, call: Any) -> Any:
+            async with rt.using(model, "cpu0") as m:
+                return await ctx.queue.submit(call, m.module)
+
+        for _ in range(20):
+            got_gpt2, got_tiny = await asyncio.gather(
+                run(gpt2, gpt2_ctx, lambda module: module(input_ids=ids).logits),
+                run(tiny, tiny_ctx, lambda module: module(ids)),
+            )
+            assert torch.equal(got_gpt2, expected_gpt2)
+            assert torch.equal(got_tiny, expected_tiny)
+            assert rt.residency.drop(gpt2, "cpu0") and rt.residency.drop(tiny, "cpu0")
+        assert rt.residency.statistics().loads == 40
 
 
 async def test_sharded_checkpoints_load(tmp_path: Path, gpt2_sharded_dir: Path) -> None:
