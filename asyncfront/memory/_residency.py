@@ -434,12 +434,27 @@ class Residency:
         runtime: the runtime whose devices and budgets it uses.
         bandwidth: bytes per second assumed for a first load's reload estimate.
         half_life: seconds over which the request-rate estimate forgets.
+        release_pages: whether drops give CPU blocks' pages back at once (see the
+            attribute).
     """
 
     def __init__(
-        self, runtime: Runtime, *, bandwidth: float = DEFAULT_BANDWIDTH, half_life: float = 60.0
+        self,
+        runtime: Runtime,
+        *,
+        bandwidth: float = DEFAULT_BANDWIDTH,
+        half_life: float = 60.0,
+        release_pages: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.release_pages = release_pages
+        """Whether a drop gives a CPU block's pages back to the operating system at once.
+
+        Off by default: the pool keeps the pages for its next allocation, and a reload
+        into pages it kept runs at read speed, where one into released pages pays a page
+        fault per page first (about half the read bandwidth on a virtual machine). On, the
+        process's resident memory shrinks by the weights' size at the drop.
+        """
         self.bandwidth = bandwidth
         self.half_life = half_life
         self._weights: dict[str, Weights] = {}
@@ -831,7 +846,7 @@ class Residency:
     def _drop(self, resident: ResidentWeights) -> None:
         del self._resident[(resident.weights.name, resident.device.name)]
         buffer, resident._buffer = resident._buffer, None
-        if resident._raw is not None and not resident.pinned:
+        if self.release_pages and resident._raw is not None and not resident.pinned:
             # Nothing queued or running uses them: their host pages go back to the
             # system now, not when the block is next reused.
             release_pages(resident._raw)

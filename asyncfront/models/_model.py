@@ -186,7 +186,6 @@ class Model:
         priority: int | None,
         train: bool,
     ) -> None:
-        torch = import_torch()
         self.name = name
         self.module = built.module
         self.weights = weights
@@ -225,7 +224,6 @@ class Model:
             sub.register_forward_pre_hook(self._guard_for(sub_name))
             for sub_name, sub in self.module.named_modules()
         ]
-        del torch
 
     def _guard_for(self, submodule: str) -> Callable[[Any, Any], None]:
         def guard(module: Any, args: Any) -> None:

@@ -92,8 +92,12 @@ def from_transformers(
             raise ValueError(f"model {name!r}: dtype must be a floating torch dtype, got {dtype!r}")
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
 
+    # transformers 5 calls it ``dtype``; 4.x ``torch_dtype`` (5 warns about the old name).
+    major = int(str(transformers.__version__).split(".", 1)[0])
+    keyword = "dtype" if major >= 5 else "torch_dtype"
+
     def build() -> Any:
-        return auto.from_config(config, dtype=wanted)
+        return auto.from_config(config, **{keyword: wanted})
 
     return rt.residency.register_model(
         name,
