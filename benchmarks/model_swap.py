@@ -149,7 +149,18 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
     out.fill_(0)  # touched: the read measures the disk and the copy, not page faults
     auto = getattr(transformers, auto_class)
     results: dict[str, list[float]] = {
-        k: [] for k in ("raw", "raw_fresh", "pretrained", "fresh", "drop", "reload", "forward")
+        k: []
+        for k in (
+            "raw",
+            "raw_fresh",
+            "pretrained",
+            "fresh",
+            "drop",
+            "reload",
+            "forward",
+            "drop_released",
+            "reload_released",
+        )
     }
     devices = [CpuDevice("cpu0", memory=size + 64 * MiB), StorageDevice(path)]
     async with af.open_runtime(devices, trace=False) as rt:
