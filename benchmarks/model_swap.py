@@ -169,9 +169,6 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
         async with rt.using(model, "cpu0"):
             pass  # first load: allocates and touches the arena
         for _ in range(repeats):
-            results["raw"].append(raw_read(file, out))
-            results["raw_fresh"].append(raw_read(file, None))
-
             drop_cache(file)
             started = time.perf_counter()
             reference = auto.from_pretrained(path).eval()
@@ -182,6 +179,10 @@ async def measure(name: str, path: Path, auto_class: str, repeats: int) -> dict[
             gc.collect()
 
             results["fresh"].append(fresh_process(path, auto_class))
+
+            # The baselines right before the reload they are compared with.
+            results["raw"].append(raw_read(file, out))
+            results["raw_fresh"].append(raw_read(file, None))
 
             started = time.perf_counter()
             rt.residency.drop(model, "cpu0")
