@@ -7,6 +7,7 @@ virtual time.
 
 from . import devices as devices
 from . import memory as memory
+from . import models as models
 from . import testing as testing
 from ._blocking import RuntimeCrashedError as RuntimeCrashedError
 from ._budget import AdmissionError as AdmissionError
@@ -27,6 +28,7 @@ from ._context import ExecutionContext as ExecutionContext
 from ._context import ForeignBufferError as ForeignBufferError
 from ._context import Session as Session
 from ._context import SyncSession as SyncSession
+from ._context import WorkingMemory as WorkingMemory
 from ._frontier import DEFAULT_FRONTIER_CAPACITY as DEFAULT_FRONTIER_CAPACITY
 from ._frontier import AxisFields as AxisFields
 from ._frontier import Domain as Domain
@@ -133,6 +135,7 @@ __all__ = (
     "TraceRecord",
     "TraceRecorder",
     "WeightsFormatError",
+    "WorkingMemory",
     "__version__",
     "axis",
     "axis_fields",
@@ -140,6 +143,7 @@ __all__ = (
     "devices",
     "format_bytes",
     "memory",
+    "models",
     "open_runtime",
     "place",
     "set_axis_name",

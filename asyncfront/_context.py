@@ -45,6 +45,7 @@ __all__ = (
     "MemoryPressureHandler",
     "Session",
     "SyncSession",
+    "WorkingMemory",
 )
 
 T = TypeVar("T")
@@ -136,6 +137,33 @@ class Buffer:
         return (
             f"<Buffer {format_bytes(self.nbytes)} on {self.device!r} of context "
             f"{self.context.name!r} offset={self.offset} {state}>"
+        )
+
+
+class WorkingMemory:
+    """Working memory reserved in a context's budget for one piece of work.
+
+    Made by ``submit(..., memory=nbytes)`` (through
+    :meth:`MemoryManager.reserve_working`): the bytes count in the context's usage and
+    the device's commitment from when the work's waits are met until it finishes. The
+    work allocates the memory itself (PyTorch's allocator); the reservation is what the
+    budget promises it, so pool blocks and working memory together never exceed what
+    the device holds.
+    """
+
+    __slots__ = ("context", "name", "nbytes", "released")
+
+    def __init__(self, context: ExecutionContext, nbytes: int, name: str) -> None:
+        self.context = context
+        self.nbytes = nbytes
+        self.name = name
+        self.released = False
+
+    def __repr__(self) -> str:
+        state = "released" if self.released else "held"
+        return (
+            f"<WorkingMemory {format_bytes(self.nbytes)} for {self.name!r} of context "
+            f"{self.context.name!r} {state}>"
         )
 
 
@@ -396,6 +424,7 @@ class MemoryManager:
         ctx = ExecutionContext(
             self.runtime, name, device, tier, max_memory, base_memory, reserved, queue
         )
+        queue.context = ctx
         self._contexts[name] = ctx
         self._log("context_admitted", ctx, reserved=reserved, limit=max_memory)
         if reserved:
@@ -572,6 +601,35 @@ class MemoryManager:
         if pool is not None and nbytes <= pool.capacity:
             charge = min(pool._aligned(nbytes), pool.capacity)  # pool.footprint, checked
         return _Request(ctx, nbytes, charge, ctx if owner is None else owner, requester, place)
+
+    async def reserve_working(
+        self,
+        ctx: ExecutionContext,
+        nbytes: int,
+        name: str = "work",
+        *,
+        timeout: float | None = None,
+    ) -> WorkingMemory:
+        """Charge ``nbytes`` of working memory to ``ctx`` without placing a block.
+
+        The charge waits, evicts and is refused exactly like :meth:`allocate`'s (it is a
+        :meth:`reserve` owned by the returned record); nothing is taken from the pool
+        (the work's own allocator provides the memory).
+
+        Raises:
+            TypeError / ValueError: ``nbytes`` is not a positive int.
+            MemoryBudgetError: the budget cannot hold it (nothing is charged).
+        """
+        working = WorkingMemory(ctx, nbytes, name)
+        await self.reserve(ctx, nbytes, timeout=timeout, owner=working)
+        return working
+
+    def release_working(self, working: WorkingMemory) -> None:
+        """Return a reservation made by :meth:`reserve_working`."""
+        if working.released:
+            raise ValueError(f"{working!r} was already released")
+        working.released = True
+        self.unreserve(working.context, working.nbytes, owner=working)
 
     def free(self, buf: Buffer, death: Frontier | None = None) -> None:
         """Return a buffer; the pool reuses it once ``death`` (default: queue tail) is safe.
@@ -1017,7 +1075,9 @@ class Session:
     ) -> Submission:
         """Queue work on the context's queue and return the submission at once.
 
-        Accepts ``waits=``, ``signals=`` and ``name=`` like :meth:`DeviceQueue.submit`.
+        Accepts ``waits=``, ``signals=``, ``name=`` and ``memory=`` (working memory
+        reserved from the context's budget while it runs) like
+        :meth:`DeviceQueue.submit`.
         """
         self._check()
         return self.context.queue.submit(fn, *args, cost=cost, **kwargs)
@@ -1029,7 +1089,7 @@ class Session:
         cost: float | None = None,
         **kwargs: Any,
     ) -> Any:
-        """Run work on the context's queue and return its result."""
+        """Run work on the context's queue and return its result (``memory=`` as in submit)."""
         return await self.submit(fn, *args, cost=cost, **kwargs)
 
     async def allocate(self, nbytes: int, *, timeout: float | None = None) -> Buffer:

@@ -19,6 +19,7 @@ from ._frontier import Frontier, axis_name
 from ._semaphore import MAX_VALUE, SemaphoreFailedError, TimelineSemaphore, join_waiters
 
 if TYPE_CHECKING:
+    from ._context import ExecutionContext, WorkingMemory
     from ._runtime import Runtime
     from .devices._base import Device
 
@@ -140,6 +141,8 @@ class Submission(Outcome):
         epoch: its epoch on the queue's axis (assigned at submission, exact by FIFO).
         waits / signals: ``(semaphore, value)`` pairs.
         cost: the work's cost for fake devices (seconds at speed 1.0), or None.
+        memory: bytes of working memory reserved in its context's budget while it runs,
+            or None.
         annotations: extra facts for traces (graph, stage, placement, collective step),
             shown in the Perfetto event's arguments; None when there are none.
         frontier: the causal history it ran with (set once its waits are met).
@@ -156,6 +159,7 @@ class Submission(Outcome):
         "finished_at",
         "fn",
         "kwargs",
+        "memory",
         "queue",
         "signals",
         "started_at",
@@ -184,6 +188,7 @@ class Submission(Outcome):
         self.signals = signals
         self.name = name
         self.cost = cost
+        self.memory: int | None = None
         self.epoch = epoch
         self.submitted_at = submitted_at
         self.started_at: float | None = None
@@ -286,6 +291,8 @@ class DeviceQueue:
         self._signalled: dict[TimelineSemaphore, int] = {}
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self.context: ExecutionContext | None = None
+        """The context whose queue this is (set by ``create_context``), else None."""
 
     # -- public --------------------------------------------------------------------
 
@@ -320,6 +327,7 @@ class DeviceQueue:
         signals: Iterable[SemaphoreValue] = (),
         name: str | None = None,
         cost: float | None = None,
+        memory: int | None = None,
         **kwargs: Any,
     ) -> Submission:
         """Queue work and return its :class:`Submission` at once (never waits).
@@ -332,11 +340,19 @@ class DeviceQueue:
         waits for is logged as a warning (``same_queue_wait``): the queue runs that
         earlier submission first, so it can only be satisfied from elsewhere.
 
+        ``memory`` (bytes, a context's queue only) is the work's working memory: it is
+        reserved from the context's budget once the waits are met and before the work
+        takes a device slot, and released when it finishes. The reservation waits,
+        evicts and fails like an allocation (``MemoryBudgetError`` fails the
+        submission). Like ``name`` and ``cost`` it is not passed to ``fn``.
+
         Raises:
             RuntimeError: the queue or its runtime is closed.
-            TypeError: ``fn`` is not callable (nor None), or malformed waits or signals.
+            TypeError: ``fn`` is not callable (nor None), malformed waits or signals, or
+                ``memory`` on a queue without a context.
             ValueError: a value outside ``0..2**64 - 1``, a signal value that the
-                semaphore has already reached, or a negative cost.
+                semaphore has already reached, a negative cost, or ``memory`` not a
+                positive int.
         """
         if self._closed:
             raise RuntimeError(f"queue {self.name!r} is closed")
@@ -359,6 +375,8 @@ class DeviceQueue:
                     )
         if cost is not None and cost < 0:
             raise ValueError(f"cost must be >= 0, got {cost}")
+        if memory is not None:
+            _check_memory(self, memory)
         if name is None:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
         epoch = self._next_epoch
@@ -375,6 +393,9 @@ class DeviceQueue:
             epoch,
             self._loop.time(),
         )
+        if memory is not None:
+            sub.memory = memory
+            sub.annotate(memory=memory)
         self._fifo.append(sub)
         if waits_t:
             unmet = self._unmet
@@ -395,6 +416,9 @@ class DeviceQueue:
                     self._warn_same_queue(sub, sem, value)
                 if ahead.get(sem, -1) < value:
                     ahead[sem] = value
+        hook = self.runtime._submit_hook
+        if hook is not None:
+            hook(sub)
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
@@ -429,6 +453,7 @@ class DeviceQueue:
                     f"{first.name!r} first, so it waits until something else signals it"
                 ),
             )
+
     @property
     def closed(self) -> bool:
         """Whether the queue refuses new work (closed by :meth:`close` or its runtime)."""
@@ -555,7 +580,13 @@ class DeviceQueue:
                         result = None
                     else:
                         sub.state = SubmissionState.READY
-                        await device.acquire(self.priority)
+                        # Working memory first: a memory wait holds no device slot.
+                        working = None if sub.memory is None else await self._reserve(sub)
+                        try:
+                            await device.acquire(self.priority)
+                        except BaseException:
+                            self._unreserve(working)
+                            raise
                         try:
                             sub.state = SubmissionState.RUNNING
                             sub.started_at = loop.time()
@@ -566,6 +597,7 @@ class DeviceQueue:
                             result = await device.execute(sub)
                         finally:
                             device.release()
+                            self._unreserve(working)
                         sub.finished_at = loop.time()
                     if sub.signals:
                         frontier = sub.frontier
@@ -620,6 +652,15 @@ class DeviceQueue:
         finally:
             self._closed = True
             self._fail_pending()
+
+    async def _reserve(self, sub: Submission) -> WorkingMemory:
+        """Reserve ``sub``'s working memory from the queue's context (see ``submit``)."""
+        assert self.context is not None and sub.memory is not None
+        return await self.runtime._memory.reserve_working(self.context, sub.memory, sub.name)
+
+    def _unreserve(self, working: WorkingMemory | None) -> None:
+        if working is not None:
+            self.runtime._memory.release_working(working)
 
     def _fail_pending(self) -> None:
         """Fail every submission still in the FIFO: the queue is closing."""
@@ -712,6 +753,18 @@ def _drop_waiters(blocked: list[Waiting]) -> None:
         fut.cancel()  # no-op once done
         if fut.cancelled():
             sem._forget_cancelled()
+
+
+def _check_memory(queue: DeviceQueue, memory: object) -> None:
+    if queue.context is None:
+        raise TypeError(
+            f"queue {queue.name!r} belongs to no context, so memory={memory!r} has no budget "
+            "to reserve from: submit on a context's queue (ctx.queue or a session)"
+        )
+    if type(memory) is not int or memory <= 0:
+        raise ValueError(
+            f"queue {queue.name!r}: memory= is working memory in bytes, an int > 0; got {memory!r}"
+        )
 
 
 def _check_pairs(label: str, pairs: tuple[Any, ...]) -> None:

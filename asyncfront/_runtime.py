@@ -16,7 +16,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 import structlog
@@ -60,6 +60,10 @@ from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
 from .memory import BufferPool
 from .memory._residency import Residency, ResidentWeights, Weights
+
+if TYPE_CHECKING:
+    from ._queue import Submission
+    from .models._model import Model, ResidentModel
 
 __all__ = (
     "Runtime",
@@ -247,6 +251,8 @@ class Runtime:
         self._log_warning = _enabled(self._log, logging.WARNING)
         self._memory = MemoryManager(self)
         self._residency: Residency | None = None  # created on first use
+        # Called with each new submission once models are registered (pins what it uses).
+        self._submit_hook: Callable[[Submission], None] | None = None
         self._owned_pools: list[Device] = []
         self._queues: list[DeviceQueue] = []
         self._queue_slots: dict[int, _QueueSlots] = {}  # by device index
@@ -630,14 +636,75 @@ class Runtime:
         """
         return await self.residency.ensure_resident(weights, device, context=context)
 
+    def model(
+        self,
+        name: str,
+        build: Callable[[], Any],
+        weights: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        device: str | Device,
+        context: ExecutionContext | None = None,
+        priority: int | None = None,
+        train: bool = False,
+    ) -> Model:
+        """Register a PyTorch model whose weights live in ``device``'s memory.
+
+        ``build()`` constructs the ``torch.nn.Module`` with its parameters on ``meta``
+        (it allocates nothing); ``weights`` is a safetensors file or directory, or a
+        state dict. The module is in eval mode with ``requires_grad=False`` unless
+        ``train=True``. ``context`` holds the weights in its budget (default: the
+        context named like the model). See :mod:`asyncfront.models`.
+        """
+        return self.residency.register_model(
+            name,
+            build,
+            weights,
+            device=device,
+            context=context,
+            priority=priority,
+            train=train,
+        )
+
+    @overload
     def using(
         self,
-        weights: Weights | str,
+        weights: Model,
         device: str | Device,
         *,
         context: ExecutionContext | None = None,
-    ) -> AbstractAsyncContextManager[ResidentWeights]:
-        """``async with rt.using(w, device) as r``: load if needed, pinned for the block."""
+    ) -> AbstractAsyncContextManager[ResidentModel]: ...
+
+    @overload
+    def using(
+        self,
+        weights: Weights,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> AbstractAsyncContextManager[ResidentWeights]: ...
+
+    @overload
+    def using(
+        self,
+        weights: str,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> AbstractAsyncContextManager[Any]: ...
+
+    def using(
+        self,
+        weights: Weights | Model | str,
+        device: str | Device,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> AbstractAsyncContextManager[Any]:
+        """``async with rt.using(w, device) as r``: load if needed, pinned for the block.
+
+        Weights yield their :class:`~asyncfront.memory.ResidentWeights`, a model (or a
+        model's name) its :class:`~asyncfront.models.ResidentModel`; a model resident on
+        another device moves.
+        """
         return self.residency.using(weights, device, context=context)
 
     def _require_loop(self) -> asyncio.AbstractEventLoop:

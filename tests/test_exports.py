@@ -13,6 +13,7 @@ PACKAGES = [
     "asyncfront",
     "asyncfront.devices",
     "asyncfront.memory",
+    "asyncfront.models",
     "asyncfront.testing",
     "asyncfront.demo",
     "asyncfront.models",

@@ -451,3 +451,19 @@ def test_the_header_parser_accepts_metadata_and_works_on_bytes() -> None:
     dup = b'{"a": ' + json.dumps(F32_8).encode() + b', "a": ' + json.dumps(F32_8).encode() + b"}"
     with pytest.raises(WeightsFormatError, match="entry 'a': the entry appears twice"):
         parse_safetensors_header(dup, 8)
+
+
+async def test_dropping_gives_the_host_pages_back(tmp_path: Path) -> None:
+    """With release_pages, a drop releases a CPU block's whole pages: they read as zeros."""
+    host = {"w": torch.ones(64 * KiB)}  # 256 KiB: many whole pages
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        rt.residency.release_pages = True
+        rt.create_context("big", device="gpu0", max_memory=512 * KiB)
+        resident = await rt.ensure_resident(rt.weights("big", host), "gpu0")
+        raw = resident._raw
+        assert int(raw.count_nonzero()) > 0
+        rt.residency.drop("big", "gpu0")
+        page = 4096
+        start = -(-raw.data_ptr() // page) * page - raw.data_ptr()
+        whole = raw[start : start + (raw.numel() - start) // page * page]
+        assert whole.numel() > 0 and int(whole.count_nonzero()) == 0

@@ -151,6 +151,19 @@ class _TorchCuda:
 
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
+    def start_peak(self) -> int:
+        """Reset the allocator's peak; the bytes allocated now (on the issuing thread)."""
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return int(torch.cuda.memory_allocated(self.device))
+
+    def peak_since(self, start: int) -> int:
+        """The allocator's peak above ``start`` since the last :meth:`start_peak`."""
+        import torch
+
+        return max(0, int(torch.cuda.max_memory_allocated(self.device)) - start)
+
 
 class _Issued:
     """A submission whose work is on its stream, until its event completes."""
@@ -367,6 +380,7 @@ class TorchDevice(CpuDevice):
             )
         stream = self.stream(submission.queue)
         claims = self._take_claims(submission)
+        peaks = self._backend if isinstance(self._backend, _TorchCuda) else None
         issue = functools.partial(
             self._issue,
             stream,
@@ -374,8 +388,9 @@ class TorchDevice(CpuDevice):
             fn,
             submission.args,
             submission.kwargs,
+            peaks,
         )
-        result, event = await self._in_pool(issue)
+        (result, start), event = await self._in_pool(issue)
         inbox = self._completions
         if inbox is None:
             raise RuntimeError(f"device {self.name!r} is not started")
@@ -388,6 +403,8 @@ class TorchDevice(CpuDevice):
         finally:
             if submission.signals:
                 self._retire(issued)
+        if peaks is not None:
+            self._record_peak(submission, peaks.peak_since(start))
         for sem, producer in claims:
             if producer.error is not None:
                 cause = producer.error
@@ -403,17 +420,43 @@ class TorchDevice(CpuDevice):
         fn: Callable[..., Any] | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-    ) -> tuple[Any, Any]:
-        """On a worker thread: enqueue the work on ``stream`` after ``waits``, then an event."""
+        peaks: _TorchCuda | None = None,
+    ) -> tuple[tuple[Any, int], Any]:
+        """On a worker thread: enqueue the work on ``stream`` after ``waits``, then an event.
+
+        With ``peaks``, the allocator's peak is reset first; the result comes with the
+        bytes allocated at that moment.
+        """
         backend = self._backend
         assert backend is not None
         with backend.issuing(stream):
             for event in waits:
                 stream.wait_event(event)
+            start = peaks.start_peak() if peaks is not None else 0
             result = None if fn is None else fn(*args, **kwargs)
             event = backend.event()
             event.record(stream)
-        return result, event
+        return (result, start), event
+
+    def _record_peak(self, submission: Submission, peak: int) -> None:
+        """Put the allocator's peak of ``submission`` in the trace; log it above its reservation.
+
+        Exact when the GPU runs one submission at a time (``concurrency=1``); with several
+        in flight the peak is the device's since the latest submission started, above
+        this one's starting level, so it may include the others' allocations.
+        """
+        submission.annotate(peak_memory=peak)
+        reserved = submission.memory
+        runtime = self._runtime
+        over = reserved is not None and peak > reserved
+        if over and runtime is not None and runtime._log_warning:
+            runtime._log.warning(
+                "working_memory_exceeded",
+                queue=submission.queue.name,
+                submission=submission.name,
+                reserved=reserved,
+                peak=peak,
+            )
 
     # -- same-device waits -----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from ._residency import Residency as Residency
 from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._residency import ResidentWeights as ResidentWeights
 from ._residency import Weights as Weights
+from ._residency import WeightsFile as WeightsFile
 from ._residency import choose_evictions as choose_evictions
 from ._safetensors import TensorLayout as TensorLayout
 from ._safetensors import WeightsFormatError as WeightsFormatError
@@ -74,6 +75,7 @@ __all__ = (
     "WaitForFree",
     "Weights",
     "WeightsFormatError",
+    "WeightsFile",
     "WouldWaitError",
     "choose_evictions",
     "choose_page_outs",

@@ -22,9 +22,10 @@ are cheapest to lose, by priority and then by expected reload cost per second
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,15 +35,16 @@ from .._frontier import Frontier
 from .._progress import progress
 from .._semaphore import TimelineSemaphore
 from ._reclaim import Reclaim, ReclaimPlan, RequestRate, plan_reclaim, shortfall
-from ._safetensors import TensorLayout, read_safetensors_layout
-from ._tensors import buffer_bytes, copy_bytes, import_torch, typed_view
+from ._safetensors import SAFETENSORS_DTYPES, TensorLayout, read_safetensors_layout
+from ._tensors import buffer_bytes, copy_bytes, import_torch, release_pages, typed_view
 
 if TYPE_CHECKING:
     from .._context import Buffer, ExecutionContext
-    from .._queue import DeviceQueue
+    from .._queue import DeviceQueue, Submission
     from .._runtime import Runtime
     from ..devices._base import Device
     from ..devices.storage import StorageDevice
+    from ..models._model import Model, ResidentModel
 
 __all__ = (
     "EvictionCandidate",
@@ -50,6 +52,7 @@ __all__ = (
     "ResidencyStatistics",
     "ResidentWeights",
     "Weights",
+    "WeightsFile",
     "choose_evictions",
 )
 
@@ -58,37 +61,76 @@ DEFAULT_BANDWIDTH = 2 << 30
 
 _ALIGN = 64  # offsets of tensors packed from a dict: a multiple of every element size
 
+# bytes per element by torch dtype name, and the floating ones (which dtype= may convert)
+_SIZES = {name: size for name, size in SAFETENSORS_DTYPES.values()}
+_FLOAT_SIZES = {name: size for name, size in _SIZES.items() if name.startswith(("float", "bfloat"))}
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One safetensors file of a weights set: where its data section goes in the block.
+
+    Attributes:
+        path: the file.
+        data_offset: the file offset of its data section (after the header).
+        start: where the data section lands in the weights' device block.
+        nbytes: the data section's length.
+    """
+
+    path: Path
+    data_offset: int
+    start: int
+    nbytes: int
+
 
 class Weights:
     """Immutable weights registered with :meth:`asyncfront.Runtime.weights`.
 
     Attributes:
         name: the weights' name (also the default context that holds them).
-        path: the safetensors file, or None for weights given as host tensors.
+        path: the safetensors file (the first, for a sharded set), or None for weights
+            given as host tensors.
+        files: every safetensors file and where its bytes go in the block (one per
+            shard; empty for host tensors).
         nbytes: bytes of device memory they take.
         priority: eviction priority (higher stays longer); None uses the context's.
         request_rate: expected requests per second; None estimates it from requests.
-        layouts: every tensor's dtype, shape and place in the bytes.
+        layouts: every tensor's dtype, shape and place in the block.
     """
 
     def __init__(
         self,
         name: str,
-        source: str | os.PathLike[str] | Mapping[str, Any],
+        source: str | os.PathLike[str] | Mapping[str, Any] | Sequence[str | os.PathLike[str]],
         *,
         size: int | None = None,
         priority: int | None = None,
         request_rate: float | None = None,
         storage: str | Device | None = None,
+        dtype: str | None = None,
     ) -> None:
+        if dtype is not None and dtype not in _FLOAT_SIZES:
+            raise ValueError(
+                f"weights {name!r}: dtype must be a floating dtype name "
+                f"({', '.join(sorted(_FLOAT_SIZES))}), got {dtype!r}"
+            )
         self.name = name
         self.priority = priority
         self.request_rate = request_rate
         self.storage = storage
         self._host: dict[str, Any] | None = None
+        self.files: tuple[WeightsFile, ...] = ()
+        self.file_layouts: tuple[TensorLayout, ...] | None = None
+        self.staging_nbytes = 0
         if isinstance(source, Mapping):
             self.path: Path | None = None
             self._host = dict(source)
+            if dtype is not None:
+                torch = import_torch()
+                wanted = getattr(torch, dtype)
+                self._host = {
+                    k: v.to(wanted) if v.is_floating_point() else v for k, v in self._host.items()
+                }
             self.data_offset = 0
             layouts, offset = [], 0
             for key, tensor in self._host.items():
@@ -100,9 +142,45 @@ class Weights:
             self.layouts: tuple[TensorLayout, ...] = tuple(layouts)
             actual = offset
         else:
-            self.path = Path(source)
-            self.data_offset, self.layouts = read_safetensors_layout(self.path)
-            actual = max((t.offset + t.nbytes for t in self.layouts), default=0)
+            paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+            if not paths:
+                raise ValueError(f"weights {name!r}: no safetensors files given")
+            files, layouts, start = [], [], 0
+            seen: dict[str, str | os.PathLike[str]] = {}
+            for file in paths:
+                data_offset, entries = read_safetensors_layout(file)
+                nbytes = max((t.offset + t.nbytes for t in entries), default=0)
+                start = -(-start // _ALIGN) * _ALIGN
+                for t in entries:
+                    if t.name in seen:
+                        raise ValueError(
+                            f"weights {name!r}: tensor {t.name!r} is in both "
+                            f"{os.fspath(seen[t.name])!r} and {os.fspath(file)!r}"
+                        )
+                    seen[t.name] = file
+                    layouts.append(
+                        TensorLayout(t.name, t.dtype, t.shape, start + t.offset, t.nbytes)
+                    )
+                files.append(WeightsFile(Path(file), data_offset, start, nbytes))
+                start += nbytes
+            self.files = tuple(files)
+            self.path = self.files[0].path
+            self.data_offset = self.files[0].data_offset
+            self.layouts = tuple(layouts)
+            actual = start
+            if dtype is not None and any(
+                t.dtype in _FLOAT_SIZES and t.dtype != dtype for t in layouts
+            ):
+                # The files' bytes are read into host staging and converted into the block.
+                self.file_layouts, self.staging_nbytes = self.layouts, start
+                converted, offset = [], 0
+                for t in layouts:
+                    target = dtype if t.dtype in _FLOAT_SIZES else t.dtype
+                    nbytes = t.nbytes // _SIZES[t.dtype] * _SIZES[target]
+                    offset = -(-offset // _ALIGN) * _ALIGN
+                    converted.append(TensorLayout(t.name, target, t.shape, offset, nbytes))
+                    offset += nbytes
+                self.layouts, actual = tuple(converted), offset
         if size is not None and size != actual:
             raise ValueError(
                 f"weights {name!r}: size={size:,} bytes given, but the tensors take {actual:,}"
@@ -113,7 +191,12 @@ class Weights:
         self.load_seconds: float | None = None  # the last load's duration, once measured
 
     def __repr__(self) -> str:
-        source = os.fspath(self.path) if self.path is not None else "host tensors"
+        if self.path is None:
+            source = "host tensors"
+        elif len(self.files) > 1:
+            source = f"{len(self.files)} files from {os.fspath(self.path)}"
+        else:
+            source = os.fspath(self.path)
         return (
             f"<Weights {self.name!r} {format_bytes(self.nbytes)} in {len(self.layouts)} "
             f"tensors from {source!r}>"
@@ -132,6 +215,8 @@ class ResidentWeights:
             gives work the load's frontier (its storage and copy axes).
         frontier: the load's frontier.
         pins: how many ``using`` blocks hold them.
+        work: how many queued or running submissions hold them (see
+            :meth:`hold_until_done`).
         dropped: whether they were dropped (the handle is then dead).
     """
 
@@ -151,7 +236,9 @@ class ResidentWeights:
         self.ready = ready
         self.frontier = frontier
         self.pins = 0
+        self.work = 0
         self.dropped = False
+        self._on_drop: list[Callable[[ResidentWeights], None]] = []
         self._buffer: Buffer | None = buffer
         self._raw: Any = raw
         self.tensors: dict[str, Any] = {}
@@ -167,12 +254,27 @@ class ResidentWeights:
 
     @property
     def pinned(self) -> bool:
-        """Whether eviction must keep them: a ``using`` block holds them, or their
-        context has work queued or running."""
-        return self.pins > 0 or self.context.queue._busy()
+        """Whether eviction must keep them: a ``using`` block holds them, submissions
+        that use them are queued or running, or their context has work queued or running."""
+        return self.pins > 0 or self.work > 0 or self.context.queue._busy()
+
+    def hold_until_done(self, submission: Submission) -> None:
+        """Keep the weights pinned until ``submission`` has completed or failed."""
+        if submission.done():
+            return
+        self.work += 1
+        fut: asyncio.Future[None] = submission.queue._loop.create_future()
+        if submission._futures is None:
+            submission._futures = [fut]
+        else:
+            submission._futures.append(fut)
+        fut.add_done_callback(self._work_done)
+
+    def _work_done(self, _: object) -> None:
+        self.work -= 1
 
     def __repr__(self) -> str:
-        state = "dropped" if self.dropped else f"pins={self.pins}"
+        state = "dropped" if self.dropped else f"pins={self.pins} work={self.work}"
         return (
             f"<ResidentWeights {self.weights.name!r} on {self.device.name!r} "
             f"{format_bytes(self.nbytes)} context={self.context.name!r} {state}>"
@@ -252,12 +354,27 @@ class Residency:
         runtime: the runtime whose devices and budgets it uses.
         bandwidth: bytes per second assumed for a first load's reload estimate.
         half_life: seconds over which the request-rate estimate forgets.
+        release_pages: whether drops give CPU blocks' pages back at once (see the
+            attribute).
     """
 
     def __init__(
-        self, runtime: Runtime, *, bandwidth: float = DEFAULT_BANDWIDTH, half_life: float = 60.0
+        self,
+        runtime: Runtime,
+        *,
+        bandwidth: float = DEFAULT_BANDWIDTH,
+        half_life: float = 60.0,
+        release_pages: bool = False,
     ) -> None:
         self.runtime = runtime
+        self.release_pages = release_pages
+        """Whether a drop gives a CPU block's pages back to the operating system at once.
+
+        Off by default: the pool keeps the pages for its next allocation, and a reload
+        into pages it kept runs at read speed, where one into released pages pays a page
+        fault per page first (about half the read bandwidth on a virtual machine). On, the
+        process's resident memory shrinks by the weights' size at the drop.
+        """
         self.bandwidth = bandwidth
         self.half_life = half_life
         self._weights: dict[str, Weights] = {}
@@ -265,6 +382,8 @@ class Residency:
         self._resident: dict[tuple[str, str], ResidentWeights] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._queues: dict[tuple[str, str], DeviceQueue] = {}
+        self._models: dict[str, Model] = {}
+        self._modules: dict[int, Model] = {}  # id(module) -> its model, to pin the work using it
         self._loads = self._shared_loads = self._drops = self._evictions = 0
         runtime.on_memory_pressure(self._on_memory_pressure)
 
@@ -293,6 +412,126 @@ class Residency:
         self._weights[name] = weights
         self._rates[name] = RequestRate(self.half_life)
         return weights
+
+    def register_model(
+        self,
+        name: str,
+        build: Callable[[], Any],
+        weights: str | os.PathLike[str] | Mapping[str, Any],
+        *,
+        device: str | Device,
+        context: ExecutionContext | None = None,
+        priority: int | None = None,
+        train: bool = False,
+        storage: str | Device | None = None,
+        dtype: str | None = None,
+    ) -> Model:
+        """Register a model: its module from ``build()`` (built on ``meta``), its weights.
+
+        ``weights`` is a safetensors file, a directory (its one ``.safetensors`` file, or
+        the shards its ``*.safetensors.index.json`` names) or a state dict of host
+        tensors. The weights are registered under the model's name; ``dtype`` (a torch
+        floating dtype name) converts floating tensors as they load. See
+        :mod:`asyncfront.models`.
+
+        Raises:
+            ValueError: the name is taken.
+            CheckpointMismatchError: the checkpoint does not fit the module (nothing is
+                registered).
+        """
+        from ..models._build import build_on_meta
+        from ..models._model import Model, track_submission, weights_source
+
+        if name in self._weights:
+            raise ValueError(f"weights named {name!r} are already registered")
+        dev = self.runtime.device(device) if isinstance(device, str) else device
+        if context is not None and context.device is not dev:
+            raise ValueError(
+                f"model {name!r} goes to {dev.name!r} but context {context.name!r} is on "
+                f"{context.device.name!r}"
+            )
+        source = weights if isinstance(weights, Mapping) else weights_source(weights)
+        loaded = Weights(name, source, priority=priority, storage=storage, dtype=dtype)
+        built = build_on_meta(build)
+        model = Model(
+            name, built, loaded, device=dev, context=context, priority=priority, train=train
+        )
+        self._weights[name] = loaded
+        self._rates[name] = RequestRate(self.half_life)
+        self._models[name] = model
+        self._modules[id(model.module)] = model
+        modules = self._modules
+        self.runtime._submit_hook = lambda sub: track_submission(modules, sub)
+        return model
+
+    def model(self, name: str) -> Model:
+        """The model registered as ``name``."""
+        try:
+            return self._models[name]
+        except KeyError:
+            raise KeyError(f"no model named {name!r}; known: {sorted(self._models)}") from None
+
+    async def ensure_model(
+        self,
+        model: Model | str,
+        device: str | Device | None = None,
+        *,
+        context: ExecutionContext | None = None,
+    ) -> ResidentModel:
+        """Make ``model`` resident on ``device`` (default: where it lives); its handle.
+
+        A model lives on one device at a time: resident elsewhere, it is dropped there
+        first.
+
+        Raises:
+            RuntimeError: it is resident elsewhere and pinned there.
+            MemoryBudgetError / StorageError: as :meth:`ensure_resident`.
+        """
+        m = self.model(model) if isinstance(model, str) else model
+        dev = m.device if device is None else device
+        dev = self.runtime.device(dev) if isinstance(dev, str) else dev
+        while True:
+            current = m.resident
+            if current is not None and current.device is dev and not current.dropped:
+                return current
+            if current is not None and not current.dropped:
+                if current.pinned:
+                    raise RuntimeError(
+                        f"model {m.name!r} is pinned on {current.device.name!r} by work "
+                        f"that uses it; it cannot move to {dev.name!r} now"
+                    )
+                self._drop(current.weights)
+                continue
+            ctx = context
+            if ctx is None and m.context is not None and m.context.device is dev:
+                ctx = m.context
+            weights = await self.ensure_resident(m.weights, dev, context=ctx)
+            if weights.dropped:
+                continue
+            current = m.resident
+            if current is None or current.weights is not weights:
+                return m._attach(weights)
+            return current
+
+    @asynccontextmanager
+    async def _using_model(
+        self, model: Model, device: str | Device | None, context: ExecutionContext | None
+    ) -> AsyncIterator[ResidentModel]:
+        from ..models._model import HELD
+
+        while True:
+            resident = await self.ensure_model(model, device, context=context)
+            if not resident.dropped:
+                break
+        weights = resident.weights
+        weights.pins += 1
+        token = HELD.set((*HELD.get(), weights))
+        try:
+            yield resident
+        finally:
+            with contextlib.suppress(ValueError):  # closed from another context: leave it
+                HELD.reset(token)
+            weights.pins -= 1
 
     def get(self, name: str) -> Weights:
         """The weights registered as ``name``."""
@@ -344,17 +583,39 @@ class Residency:
                 del self._loading[key]
                 settled.set_result(None)
             self._resident[key] = resident
+            model = self._models.get(w.name)
+            if model is not None and model.resident is None:
+                model._attach(resident)  # the module runs on what was just loaded
             return resident
 
-    @asynccontextmanager
-    async def using(
+    def using(
         self,
-        weights: Weights | str,
+        weights: Weights | Model | str,
         device: str | Device,
         *,
         context: ExecutionContext | None = None,
+    ) -> AbstractAsyncContextManager[Any]:
+        """Load if needed and pin for the block (eviction skips them).
+
+        Weights yield :class:`ResidentWeights`; a model (or a model's name) yields its
+        :class:`~asyncfront.models.ResidentModel`, and every submission made inside the
+        block keeps the model pinned until it finishes, even after the block ends.
+        """
+        from ..models._model import Model
+
+        if isinstance(weights, str) and weights in self._models:
+            weights = self._models[weights]
+        if isinstance(weights, Model):
+            return self._using_model(weights, device, context)
+        return self._using_weights(weights, device, context)
+
+    @asynccontextmanager
+    async def _using_weights(
+        self,
+        weights: Weights | str,
+        device: str | Device,
+        context: ExecutionContext | None,
     ) -> AsyncIterator[ResidentWeights]:
-        """Load if needed and pin the weights for the block (eviction skips them)."""
         while True:
             resident = await self.ensure_resident(weights, device, context=context)
             if not resident.dropped:  # not dropped while a shared load handed it over
@@ -418,21 +679,45 @@ class Residency:
         last: Any = None
         try:
             raw = buffer_bytes(buffer)
-            if weights.path is not None:
+            if weights.files:
                 storage = self._storage_for(weights)
                 nvme = self._queue(storage, weights)
-                if storage.can_access(raw):
-                    last = storage.read(
-                        nvme, raw, weights.path, weights.data_offset, signals=[(sem, 1)]
-                    )
-                else:  # a device storage cannot reach: through a host buffer and a copy
+                converting = weights.file_layouts is not None
+                direct = not converting and storage.can_access(raw)
+                if direct:
+                    target = raw
+                else:  # converted, or a device storage cannot reach: through host staging
                     torch = import_torch()
-                    staging = torch.empty(weights.nbytes, dtype=torch.uint8, pin_memory=True)
-                    storage.read(
-                        nvme, staging, weights.path, weights.data_offset, signals=[(sem, 1)]
+                    target = torch.empty(
+                        weights.staging_nbytes if converting else weights.nbytes,
+                        dtype=torch.uint8,
+                        pin_memory=torch.cuda.is_available(),
                     )
+                # One read per file, in order on the weights' storage axis; each waits on
+                # the one before, so a failed read fails every later one and the load.
+                for i, file in enumerate(weights.files):
+                    last = storage.read(
+                        nvme,
+                        target[file.start : file.start + file.nbytes],
+                        file.path,
+                        file.data_offset,
+                        waits=[(sem, i)] if i else (),
+                        signals=[(sem, i + 1)],
+                    )
+                if not direct:
+                    n = len(weights.files)
+                    work: Any = copy_bytes
+                    extra: tuple[Any, ...] = ()
+                    if weights.file_layouts is not None:
+                        work, extra = _convert, (weights.file_layouts, weights.layouts)
                     last = self._queue(device, weights).submit(
-                        copy_bytes, raw, staging, waits=[(sem, 1)], signals=[(sem, 2)], name="copy"
+                        work,
+                        raw,
+                        target,
+                        *extra,
+                        waits=[(sem, n)],
+                        signals=[(sem, n + 1)],
+                        name="convert" if extra else "copy",
                     )
             else:
                 assert weights._host is not None
@@ -458,12 +743,20 @@ class Residency:
 
     # -- dropping and eviction -------------------------------------------------------
 
-    def drop(self, weights: Weights | str, device: str | Device) -> bool:
-        """Drop the weights from ``device`` (no write-back); False if they were not there.
+    def drop(self, weights: Weights | Model | str, device: str | Device) -> bool:
+        """Drop weights or a model from ``device`` (no write-back); False if not there.
+
+        A dropped model's module keeps its ``Parameter`` objects, now on ``meta``; using
+        it raises :class:`~asyncfront.models.ModelNotResidentError` until it is resident
+        again.
 
         Raises:
             RuntimeError: they are pinned (a ``using`` block or queued work holds them).
         """
+        from ..models._model import Model
+
+        if isinstance(weights, Model):
+            weights = weights.weights
         w = self.get(weights) if isinstance(weights, str) else weights
         dev = self.runtime.device(device) if isinstance(device, str) else device
         resident = self._resident.get((w.name, dev.name))
@@ -477,9 +770,16 @@ class Residency:
     def _drop(self, resident: ResidentWeights) -> None:
         del self._resident[(resident.weights.name, resident.device.name)]
         buffer, resident._buffer = resident._buffer, None
+        if self.release_pages and resident._raw is not None and not resident.pinned:
+            # Nothing queued or running uses them: their host pages go back to the
+            # system now, not when the block is next reused.
+            release_pages(resident._raw)
         resident._raw = None
         resident.tensors.clear()
         resident.dropped = True
+        for callback in resident._on_drop:
+            callback(resident)
+        resident._on_drop.clear()
         death = resident.context.death_frontier().merge(resident.frontier)
         assert buffer is not None
         self.runtime._memory.free(buffer, death)
@@ -555,7 +855,8 @@ class Residency:
 
     def __repr__(self) -> str:
         return (
-            f"<Residency registered={len(self._weights)} resident={len(self._resident)} "
+            f"<Residency registered={len(self._weights)} models={len(self._models)} "
+            f"resident={len(self._resident)} "
             f"loading={len(self._loading)}>"
         )
 
@@ -565,3 +866,13 @@ def _pack(raw: Any, tensors: Mapping[str, Any], layouts: Sequence[TensorLayout])
     for layout in layouts:
         src = tensors[layout.name].detach().contiguous().reshape(-1)
         copy_bytes(raw[layout.offset : layout.offset + layout.nbytes], src.view(raw.dtype))
+
+
+def _convert(
+    raw: Any, staging: Any, sources: Sequence[TensorLayout], targets: Sequence[TensorLayout]
+) -> None:
+    """Copy each tensor from the files' bytes into its place in the block, in its new dtype."""
+    torch = import_torch()
+    for src, dst in zip(sources, targets, strict=True):
+        into = typed_view(raw, dst.offset, getattr(torch, dst.dtype), dst.shape)
+        into.copy_(typed_view(staging, src.offset, getattr(torch, src.dtype), src.shape))

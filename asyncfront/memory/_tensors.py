@@ -12,7 +12,10 @@ tensor per buffer.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import mmap
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,7 @@ __all__ = (
     "copy_bytes",
     "dtype_names",
     "import_torch",
+    "release_pages",
     "resolve_dtype",
     "torch_device",
     "typed_view",
@@ -137,3 +141,29 @@ def typed_view(raw: Any, offset: int, dtype: Any, shape: tuple[int, ...]) -> Any
     if offset % itemsize:
         piece = piece.clone()
     return piece.view(dtype).reshape(shape)
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+def release_pages(tensor: Any) -> int:
+    """Give the whole pages of a CPU tensor's memory back to the operating system.
+
+    The memory stays mapped and reads as zeros until written again, so a pool block
+    whose contents nobody needs any more (dropped weights) stops counting in the
+    process's resident memory while the arena keeps its address range. Only Linux CPU
+    memory that is not pinned is released; returns the bytes released (0 otherwise).
+    """
+    if sys.platform != "linux" or tensor.device.type != "cpu" or tensor.is_pinned():
+        return 0
+    page = mmap.PAGESIZE
+    start = int(tensor.data_ptr())
+    end = start + int(tensor.numel()) * int(tensor.element_size())
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(ctypes.c_void_p(first), last - first, _MADV_DONTNEED) != 0:
+        return 0
+    return last - first
