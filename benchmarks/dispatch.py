@@ -5,8 +5,10 @@
 (b) ping-pong: N dependent round trips between two queues through two semaphores,
     against two tasks bouncing a pair of ``asyncio.Event`` objects.
 
-Run: ``python benchmarks/dispatch.py [--n 20000] [--repeat 5]``. Each figure is the
-best of ``--repeat`` runs, in microseconds per item (stream) or per hop (ping-pong).
+Run: ``python benchmarks/dispatch.py [--n 20000] [--repeat 5] [--trace]``. Each figure
+is the best of ``--repeat`` runs, in microseconds per item (stream) or per hop
+(ping-pong). The trace is off unless ``--trace`` records every submission (the default
+``open_runtime`` does).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 import asyncfront as af
+
+TRACE = False  # --trace: record every submission, as open_runtime's default does
 
 
 async def raw_queue_stream(n: int) -> float:
@@ -40,7 +44,7 @@ async def raw_queue_stream(n: int) -> float:
 
 async def asyncfront_stream(n: int) -> float:
     """n no-op submissions through one queue; await the last."""
-    async with af.open_runtime([af.devices.FakeDevice("dev")], trace=False) as rt:
+    async with af.open_runtime([af.devices.FakeDevice("dev")], trace=TRACE) as rt:
         q = rt.queue("dev")
         await q.submit()  # the queue task is running
         start = time.perf_counter()
@@ -77,7 +81,7 @@ async def raw_event_pingpong(n: int) -> float:
 async def asyncfront_pingpong(n: int) -> float:
     """Two queues; round i on A waits for B's round i-1, round i on B waits for A's round i."""
     devices = [af.devices.FakeDevice("a"), af.devices.FakeDevice("b")]
-    async with af.open_runtime(devices, trace=False) as rt:
+    async with af.open_runtime(devices, trace=TRACE) as rt:
         qa, qb = rt.queue("a"), rt.queue("b")
         ab, ba = af.TimelineSemaphore(name="ab"), af.TimelineSemaphore(name="ba")
         rounds = n // 2
@@ -101,7 +105,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--n", type=int, default=20_000, help="items or hops per run")
     parser.add_argument("--repeat", type=int, default=5, help="runs per figure (best kept)")
+    parser.add_argument("--trace", action="store_true", help="record the trace (the default)")
     args = parser.parse_args()
+    global TRACE
+    TRACE = args.trace
     rows = [
         ("stream", best(raw_queue_stream, args.n, args.repeat),
          best(asyncfront_stream, args.n, args.repeat), "asyncio.Queue hand-off"),
@@ -109,7 +116,7 @@ def main() -> None:
          best(asyncfront_pingpong, args.n, args.repeat), "asyncio.Event ping-pong"),
     ]  # fmt: skip
     print(f"python {platform.python_version()} on {platform.machine()}, n={args.n}, "
-          f"best of {args.repeat}")  # fmt: skip
+          f"best of {args.repeat}, trace {'on' if TRACE else 'off'}")  # fmt: skip
     print(f"{'case':<10} {'baseline':<24} {'raw µs':>8} {'asyncfront µs':>14} {'ratio':>6}")
     for case, raw, ours, baseline in rows:
         print(f"{case:<10} {baseline:<24} {raw:>8.2f} {ours:>14.2f} {ours / raw:>5.1f}x")
