@@ -384,7 +384,7 @@ class Runtime:
 
     @property
     def queues(self) -> tuple[DeviceQueue, ...]:
-        """Every queue created so far."""
+        """Every live queue: a closed queue leaves once its queued work has run."""
         return tuple(self._queues)
 
     # -- pipelines, placement, collectives ----------------------------------------
@@ -1024,7 +1024,8 @@ async def open_runtime(
         node: the node field of every axis this runtime creates.
         frontier_capacity: the most entries an operation's frontier keeps.
         trace: record every finished submission.
-        trace_capacity: the most trace records kept (oldest dropped).
+        trace_capacity: the most trace records kept; beyond it the oldest are dropped and
+            counted (default :data:`asyncfront.DEFAULT_TRACE_CAPACITY`, about 35 MB).
         stall_timeout: seconds with nothing able to make progress before a stall is
             reported (while open) or its unsatisfiable waits fail (when leaving).
 

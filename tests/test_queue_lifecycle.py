@@ -28,7 +28,7 @@ def test_context_churn_leaves_no_queue_task_slot_or_name_behind() -> None:
             assert rt.queues == () and rt.contexts == ()
             assert len(asyncio.all_tasks()) == tasks
             assert len(rt._known_axes) == 0 and len(rt.completed) == 0
-            assert len(_AXIS_NAMES) == names
+            assert len(_AXIS_NAMES) <= names  # (a reused value's older name goes too)
             slots = rt._queue_slots[rt.device("gpu").index]
             assert len(slots.live) == 0 and len(slots.last) <= 1 and len(slots.free) <= 1
             assert rt.statistics().queues == 0

@@ -189,7 +189,7 @@ def _measured_record_bytes() -> float:
                 sems = [rt.semaphore(name=f"s{i}") for i in range(len(queues))]
                 counts = [0] * len(queues)
                 last = None
-                for n in range(1, 4001):
+                for n in range(1, 1501):
                     q = n % len(queues)
                     other = (q + 3) % len(queues)
                     waits = [(sems[other], counts[other])] if counts[other] else []
