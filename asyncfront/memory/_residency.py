@@ -801,7 +801,8 @@ class Residency:
                 EvictionCandidate(
                     resident,
                     resident.context.name,
-                    w.nbytes,
+                    # what dropping it gives back to the budget: its block's span
+                    self.runtime._memory.charge_for(resident.context, w.nbytes),
                     reload,
                     rate,
                     priority,
