@@ -5,6 +5,7 @@ queues are async tasks consuming FIFOs of submissions, and fake devices run it a
 virtual time.
 """
 
+from . import cluster as cluster
 from . import devices as devices
 from . import memory as memory
 from . import testing as testing
@@ -69,6 +70,8 @@ from ._semaphore import wait_any as wait_any
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
+from .cluster import NodeLostError as NodeLostError
+from .cluster import open_cluster as open_cluster
 
 __all__ = (
     "AdmissionError",
@@ -96,6 +99,7 @@ __all__ = (
     "MemoryLedger",
     "MiB",
     "ModelInfo",
+    "NodeLostError",
     "ModelRegistry",
     "Order",
     "PlacementCandidate",
@@ -125,9 +129,11 @@ __all__ = (
     "axis",
     "axis_fields",
     "axis_name",
+    "cluster",
     "devices",
     "format_bytes",
     "memory",
+    "open_cluster",
     "open_runtime",
     "place",
     "set_axis_name",
