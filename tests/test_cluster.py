@@ -223,7 +223,7 @@ async def test_hung_node_is_lost_by_missed_heartbeat(ray_address: str) -> None:
 
 
 async def test_closed_cluster_leaves_no_node_runtime_behind(ray_address: str) -> None:
-    """Leaving the cluster drains its work, stops its node runtimes and refuses new work."""
+    """Leaving drains the work, stops the node runtimes, refuses new work, merges the trace."""
     async with open_cluster(ray_address, nodes=2) as cluster:
         pids = [await node.pid() for node in cluster.nodes]
         queue = cluster.nodes[1].queue("cpu")
@@ -238,6 +238,11 @@ async def test_closed_cluster_leaves_no_node_runtime_behind(ray_address: str) ->
     assert not _alive(pids)
     trace = cluster.trace
     assert trace.nodes == (0, 1) and len(trace.records(1)) == 1
+    document = trace.to_perfetto()
+    processes = {e["args"]["name"] for e in document["traceEvents"] if e["name"] == "process_name"}
+    assert processes == {"node 0", "node 1"}
+    (work,) = [e for e in document["traceEvents"] if e.get("ph") == "X"]
+    assert work["pid"] == 2 and work["args"]["node"] == 1
 
 
 @pytest.mark.slow
@@ -267,3 +272,175 @@ def test_local_cluster_opens_and_closes_clean() -> None:
     gcs_port = lines[1].rsplit(":", 1)[1]
     assert _processes_mentioning(f"--gcs-address=127.0.0.1:{gcs_port}") == []
     assert _processes_mentioning(f"127.0.0.1:{gcs_port}") == []
+
+
+def _layer(seed: int, width: int) -> object:
+    """A small deterministic layer: the same weights on every node and here."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(width, width, generator=generator) / width**0.5
+    return lambda x: torch.tanh(x @ weight)
+
+
+def _micro_batch(index: int, width: int) -> object:
+    import torch
+
+    return torch.randn(2, width, generator=torch.Generator().manual_seed(1000 + index))
+
+
+async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
+    """C2 on CPU tensors: split layers, activations over a link; frontier and outputs hold."""
+    torch = pytest.importorskip("torch")
+    width, layers, split, batches = 16, 4, 2, 6
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        link = cluster.link(n0, n1, name="activations")
+        front_q, back_q = n0.queue("cpu", name="front"), n1.queue("cpu", name="back")
+        front = cluster.semaphore("front", owner=n0)
+        back = cluster.semaphore("back", owner=n1)
+
+        def run_layers(lo: int, hi: int, x: object) -> object:
+            for k in range(lo, hi):
+                x = _layer(k, width)(x)  # type: ignore[operator]
+            return x
+
+        go = cluster.semaphore("go", owner=n0)
+        go_q = n0.queue("cpu", name="go")
+        transfers, outputs = [], []
+        for m in range(1, batches + 1):
+            x = front_q.submit(
+                run_layers,
+                0,
+                split,
+                _micro_batch(m, width),
+                waits=[(go, 1)],
+                signals=[(front, m)],
+                name=f"front{m}",
+            )
+            transfer = link.send(x, waits=[(front, m)])
+            transfers.append(transfer)
+            outputs.append(
+                back_q.submit(
+                    run_layers,
+                    split,
+                    layers,
+                    transfer.received,
+                    waits=[(link.received, m)],
+                    signals=[(back, m)],
+                    name=f"back{m}",
+                )
+            )
+        # Node 0 computes only once everything, node 1's stages included, is queued.
+        go_q.submit(None, signals=[(go, 1)])
+        results = [await o for o in outputs]
+        final = await back.wait(batches)
+        axes = {
+            name: await q.ready()
+            for name, q in (
+                ("front", front_q),
+                ("back", back_q),
+                ("send", link.send_queue),
+                ("recv", link.recv_queue),
+            )
+        }
+    trace = cluster.trace
+    queued = min(r["origin"] + r["submitted_at"] for r in trace.records(1) if r["queue"] == "back")
+    computed = min(r["origin"] + r["started_at"] for r in trace.records(0) if r["queue"] == "front")
+    assert queued < computed
+    expected = [run_layers(0, layers, _micro_batch(m, width)) for m in range(1, batches + 1)]
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got, want)
+    for name, queue_axis in axes.items():
+        assert final.get(queue_axis) >= 1, name
+    assert {axis_fields(a).node for a in (axes["front"], axes["send"])} == {0}
+    assert {axis_fields(a).node for a in (axes["back"], axes["recv"])} == {1}
+
+
+def _moe_parts(width: int, experts: int) -> tuple[object, list[object]]:
+    """A router (gates and top-1 dispatch) and ``experts`` expert layers, deterministic."""
+    import torch
+
+    gate_w = torch.randn(width, experts, generator=torch.Generator().manual_seed(77))
+
+    def route(x: object) -> object:
+        scores = torch.softmax(x @ gate_w, dim=-1)  # type: ignore[operator]
+        top = scores.argmax(dim=-1)
+        mask = torch.nn.functional.one_hot(top, experts).to(x.dtype)  # type: ignore[attr-defined]
+        weights = (scores * mask).T.unsqueeze(-1)  # (experts, tokens, 1)
+        return torch.cat([weights * x, weights], dim=-1)  # per-expert tokens and gate weight
+
+    return route, [_layer(500 + e, width) for e in range(experts)]
+
+
+async def test_cross_node_moe_matches_one_node(ray_address: str) -> None:
+    """C3 across nodes: router on node 0, experts on node 1, tensors over links both ways."""
+    torch = pytest.importorskip("torch")
+    width, experts, tokens = 8, 3, 5
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        out_link, back_link = cluster.link(n0, n1, name="nic1"), cluster.link(n1, n0, name="nic2")
+        routed = cluster.semaphore("routed", owner=n0)
+        expert_sems = [cluster.semaphore(f"expert{e}", owner=n1) for e in range(experts)]
+        gathered = cluster.semaphore("gathered", owner=n1)
+        combined = cluster.semaphore("combined", owner=n0)
+        expert_queues = [n1.queue("cpu", name=f"expert{e}") for e in range(experts)]
+
+        def run_expert(e: int, dispatch: object) -> object:
+            _, layers = _moe_parts(width, experts)
+            return layers[e](dispatch[e, :, :width])  # type: ignore[index, operator]
+
+        def stack(dispatch: object, *outs: object) -> object:
+            weights = dispatch[:, :, width:]  # type: ignore[index]
+            return torch.stack(outs) * weights  # type: ignore[arg-type]
+
+        tokens_x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(5))
+        route, _ = _moe_parts(width, experts)
+        dispatch = n0.queue("cpu", name="router").submit(route, tokens_x, signals=[(routed, 1)])
+        there = out_link.send(dispatch, waits=[(routed, 1)])
+        outs = [
+            q.submit(
+                run_expert,
+                e,
+                there.received,
+                waits=[(out_link.received, 1)],
+                signals=[(expert_sems[e], 1)],
+            )
+            for e, q in enumerate(expert_queues)
+        ]
+        stacked = n1.queue("cpu", name="gather").submit(
+            stack,
+            there.received,
+            *outs,
+            waits=[(s, 1) for s in expert_sems],
+            signals=[(gathered, 1)],
+        )
+        home = back_link.send(stacked, waits=[(gathered, 1)])
+        result = n0.queue("cpu", name="combine").submit(
+            lambda parts: parts.sum(dim=0),
+            home.received,
+            waits=[(back_link.received, 1)],
+            signals=[(combined, 1)],
+        )
+        got = await result
+        frontier = result.frontier
+        assert frontier is not None
+        nic_axes = [
+            await q.ready()
+            for q in (
+                out_link.send_queue,
+                out_link.recv_queue,
+                back_link.send_queue,
+                back_link.recv_queue,
+            )
+        ]
+        expert_axes = [await q.ready() for q in expert_queues]
+    _, layers = _moe_parts(width, experts)
+    routed_local = route(tokens_x)
+    want = sum(
+        layers[e](routed_local[e, :, :width]) * routed_local[e, :, width:]  # type: ignore[operator, index]
+        for e in range(experts)
+    )
+    assert torch.allclose(got, want)
+    assert all(frontier.get(a) == 1 for a in nic_axes + expert_axes)
+    assert {axis_fields(a).node for a in expert_axes} == {1}

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from ._protocol import (
     DeliveryFaults,
     SemaphoreRef,
     SemaphoreUpdate,
+    ValueRef,
     apply_update,
     decode_frontier,
     dumps,
@@ -39,6 +41,7 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
+    from ._link import Link
     from ._trace import ClusterTrace
 
 __all__ = (
@@ -115,7 +118,7 @@ class RemoteSubmission(Outcome):
             when it never ran).
     """
 
-    __slots__ = ("_loop", "epoch", "frontier", "id", "queue")
+    __slots__ = ("__weakref__", "_holds", "_loop", "epoch", "frontier", "id", "queue")
 
     def __init__(self, queue: RemoteQueue, name: str, sub_id: int) -> None:
         self.queue = queue
@@ -128,6 +131,9 @@ class RemoteSubmission(Outcome):
         self._exception: BaseException | None = None
         self._futures: list[asyncio.Future[None]] | None = None
         self._loop = queue.node.cluster._loop
+        # Submissions whose results this one takes as arguments: held until it finishes,
+        # so their node keeps those results until they are used.
+        self._holds: tuple[RemoteSubmission, ...] = ()
 
     _kind = "remote submission"
 
@@ -200,6 +206,10 @@ class RemoteQueue:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
         payload: bytes | None = None
         if fn is not None or args or kwargs:
+            node = self.node
+            holds = [v for v in (*args, *kwargs.values()) if isinstance(v, RemoteSubmission)]
+            args = tuple(cluster._argument(a, node) for a in args)
+            kwargs = {k: cluster._argument(v, node) for k, v in kwargs.items()}
             try:
                 payload = dumps((fn, args, kwargs))
             except Exception as exc:
@@ -207,14 +217,17 @@ class RemoteQueue:
                     f"work {name!r} for node {self.node.index} cannot be pickled: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-        sub_id = next(cluster._ids)
-        sub = RemoteSubmission(self, name, sub_id)
-        for (sem_name, _, _), value in signals_w:
-            sem = cluster._sems[sem_name]
-            sem._claimed = max(sem._claimed, value)
-        cluster._pending[sub_id] = sub
-        item = ("submit", sub_id, self.qid, payload, waits_w, signals_w, name, cost)
-        cluster._send(self.node, item)
+        else:
+            holds = []
+        qid = self.qid
+        label = name
+        sub = cluster._submit_item(
+            self,
+            name,
+            signals_w,
+            lambda sub_id: ("submit", sub_id, qid, payload, waits_w, signals_w, label, cost),
+        )
+        sub._holds = tuple(holds)
         return sub
 
     def __repr__(self) -> str:
@@ -308,6 +321,7 @@ class ClusterNode:
         self._batch: list[tuple[Any, ...]] = []
         self._seq = 0
         self._flush_scheduled = False
+        self._released: list[int] = []
 
     @property
     def actor(self) -> Any:
@@ -398,6 +412,9 @@ class Cluster:
         self._batches_sent = 0
         self._submissions_sent = 0
         self._traces: dict[int, list[dict[str, Any]]] = {}
+        self._links: list[Link] = []
+        self._links_future: asyncio.Future[None] | None = None
+        self.link_timeout = 30.0
 
     # -- public ----------------------------------------------------------------------
 
@@ -512,6 +529,94 @@ class Cluster:
             out.append((tuple(sem.ref), value))  # type: ignore[arg-type]
         return tuple(out)
 
+    def _argument(self, value: Any, node: ClusterNode) -> Any:
+        """A remote submission's result as an argument of work on its own node."""
+        if isinstance(value, RemoteSubmission):
+            if value.queue.node is not node:
+                raise ValueError(
+                    f"the result of {value.name!r} lives on node {value.queue.node.index}; "
+                    f"work on node {node.index} cannot take it (send it over a link)"
+                )
+            return ValueRef(value.id)
+        return value
+
+    def _submit_item(
+        self,
+        queue: RemoteQueue,
+        name: str,
+        signals: tuple[WirePair, ...],
+        make_item: Callable[[int], tuple[Any, ...]],
+    ) -> RemoteSubmission:
+        """Record a new remote submission and batch its item for the queue's node."""
+        sub_id = next(self._ids)
+        sub = RemoteSubmission(queue, name, sub_id)
+        for (sem_name, _, _), value in signals:
+            sem = self._sems[sem_name]
+            sem._claimed = max(sem._claimed, value)
+        self._pending[sub_id] = sub
+        node = queue.node
+        weakref.finalize(sub, self._release, node, sub_id)
+        self._send(node, make_item(sub_id))
+        return sub
+
+    def _release(self, node: ClusterNode, sub_id: int) -> None:
+        """The driver dropped a submission: its node may drop the kept result."""
+        if self._open and node.lost is None:
+            node._released.append(sub_id)
+            if len(node._released) == 1:
+                self._loop.call_soon(self._send_released, node)
+
+    def _send_released(self, node: ClusterNode) -> None:
+        released, node._released = node._released, []
+        if released and self._open and node.lost is None:
+            self._send(node, ("release", released))
+
+    def link(self, a: ClusterNode | int, b: ClusterNode | int, *, name: str | None = None) -> Link:
+        """A link from node ``a`` to node ``b`` (see :class:`asyncfront.cluster.Link`)."""
+        from ._link import Link
+
+        self._check_open()
+        link = Link(self, self._node(a), self._node(b), name or f"link{len(self._links)}")
+        self._links.append(link)
+        return link
+
+    def _ensure_links(self) -> None:
+        if self._links_future is None:
+            self._links_future = self._loop.create_future()
+            self._spawn(self._init_links(self._links_future), "asyncfront:links")
+
+    def _links_ready(self) -> asyncio.Future[None]:
+        self._ensure_links()
+        assert self._links_future is not None
+        return self._links_future
+
+    async def _init_links(self, done: asyncio.Future[None]) -> None:
+        """Form the gloo group of every node runtime (rank = node index)."""
+        try:
+            live = [n for n in self.nodes if n.lost is None]
+            if len(live) != len(self.nodes):
+                raise ClusterError("links need every node; some were lost")
+            host, port = await self.nodes[0]._actor.free_port.remote()
+            await asyncio.gather(
+                *(
+                    _await(
+                        n._actor.init_links.remote(host, port, len(self.nodes), self.link_timeout)
+                    )
+                    for n in self.nodes
+                )
+            )
+        except Exception as exc:
+            message = f"the nodes' process group did not form: {type(exc).__name__}: {exc}"
+            for node in self.nodes:
+                if node.lost is None:
+                    node._actor.links_failed.remote(message)
+            if not done.done():
+                done.set_exception(ClusterError(message))
+                done.exception()  # retrieved here: links report it through their work
+            return
+        if not done.done():
+            done.set_result(None)
+
     def _send(self, node: ClusterNode, item: tuple[Any, ...]) -> None:
         node._batch.append(item)
         if not node._flush_scheduled:
@@ -581,6 +686,7 @@ class Cluster:
         sub = self._pending.pop(sub_id, None)
         if sub is None:
             return False
+        sub._holds = ()
         sub.epoch = epoch or None
         sub.frontier = decode_frontier(frontier) if frontier[0] else None
         if ok:
@@ -646,6 +752,7 @@ class Cluster:
         for sub_id, sub in list(self._pending.items()):
             if sub.queue.node is node:
                 del self._pending[sub_id]
+                sub._holds = ()
                 sub._fail(NodeLostError(node.index, reason))
         for other in self.nodes:
             if other.lost is None:
@@ -850,7 +957,7 @@ async def open_cluster(
     nodes: int = 2,
     devices: DevicesFactory | None = None,
     heartbeat_interval: float = 1.0,
-    heartbeat_timeout: float = 5.0,
+    heartbeat_timeout: float = 10.0,
     stall_timeout: float = 5.0,
     start_timeout: float = 120.0,
     delivery_faults: DeliveryFaults | None = None,

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
+import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -20,18 +23,22 @@ from .._queue import DeviceQueue, Submission
 from .._runtime import Runtime, open_runtime
 from .._semaphore import TimelineSemaphore
 from ..devices._base import Device
-from ._errors import NodeLostError
+from ._errors import ClusterError, NodeLostError
 from ._protocol import (
     DeliveryFaults,
+    EncodedFrontier,
     SemaphoreRef,
     SemaphoreUpdate,
     Sequencer,
+    ValueRef,
     apply_update,
+    decode_frontier,
     dumps,
     encode_frontier,
     loads,
     pack_exception,
     root_cause,
+    unpack_exception,
 )
 
 __all__ = ("NodeRuntime",)
@@ -39,6 +46,7 @@ __all__ = ("NodeRuntime",)
 # What a node tells a sender about one finished submission:
 # ("done", submission id, epoch, encoded frontier, ok, pickled result or packed error,
 #  name of the failed semaphore that made it fail or None)
+_MISSING = object()
 _POLL_WAIT = 5.0  # seconds a poll waits for news before it answers empty
 
 
@@ -108,6 +116,18 @@ class NodeRuntime:
         self._outbox: dict[str, list[tuple[Any, ...]]] = {}
         self._outbox_ready: dict[str, asyncio.Event] = {}
         self._stopped: asyncio.Event | None = None
+        # Results kept for later submissions on this node that take them as arguments;
+        # a sender releases each once it no longer holds the submission.
+        self._values: dict[int, Any] = {}
+        self._released: set[int] = set()  # released before they finished
+        self._inbox: dict[str, deque[list[tuple[Any, ...]]]] = {}
+        self._consumers: dict[str, asyncio.Task[None]] = {}
+        self._dist_ready: asyncio.Future[Any] | None = None
+        # (link, message) -> local semaphore the sender's announcement signals once
+        self._announced: dict[tuple[int, int], TimelineSemaphore] = {}
+        self._inbound: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+        self._link_sends: dict[int, tuple[int, int, int]] = {}  # sub id -> link, message, peer
+        self._recv_peers: dict[int, int] = {}  # link -> the node that sends on it
 
     # -- life ------------------------------------------------------------------------
 
@@ -116,8 +136,15 @@ class NodeRuntime:
         self._loop = asyncio.get_running_loop()
         self._stopped = asyncio.Event()
         self._peers = list(peers)
+        self._dist_ready = self._loop.create_future()
         factory = loads(self._devices_factory)
         devices: list[Device] = list(factory(self.index))
+        if not any(d.name == "nic" for d in devices):
+            from ..devices.cpu import CpuDevice
+
+            nic = CpuDevice("nic", workers=4)
+            nic.kind = "nic"
+            devices.append(nic)
         self._runtime = await self._stack.enter_async_context(
             open_runtime(devices, node=self.index, stall_timeout=self._stall_timeout)
         )
@@ -169,14 +196,44 @@ class NodeRuntime:
         sequencer = self._sequencers.get(sender)
         if sequencer is None:
             sequencer = self._sequencers[sender] = Sequencer()
-        for batch in sequencer.offer(seq, items):
-            for item in batch:
-                self._take(sender, item)
+        released = sequencer.offer(seq, items)
+        if not released:
+            return
+        inbox = self._inbox.get(sender)
+        if inbox is None:
+            inbox = self._inbox[sender] = deque()
+        inbox.extend(released)
+        if sender not in self._consumers:
+            self._consumers[sender] = asyncio.get_running_loop().create_task(
+                self._consume(sender), name=f"asyncfront:inbox:{sender}"
+            )
 
-    def _take(self, sender: str, item: tuple[Any, ...]) -> None:
+    async def _consume(self, sender: str) -> None:
+        """Take a sender's batches in order; work and values are unpickled off the loop.
+
+        Unpickling may import modules (torch, for a tensor): on the loop that would stall
+        every queue and the heartbeat for as long as the import takes.
+        """
+        inbox = self._inbox[sender]
+        try:
+            while inbox:
+                batch = inbox.popleft()
+                decoded = await asyncio.to_thread(_decode_batch, batch)
+                for item, payload in zip(batch, decoded, strict=True):
+                    self._take(sender, item, payload)
+        finally:
+            del self._consumers[sender]
+
+    def _take(self, sender: str, item: tuple[Any, ...], payload: tuple[bool, Any]) -> None:
         kind = item[0]
         if kind == "submit":
-            self._submit(sender, item)
+            self._submit(sender, item, payload)
+        elif kind == "release":
+            for sub_id in item[1]:
+                if self._values.pop(sub_id, _MISSING) is _MISSING:
+                    self._released.add(sub_id)
+        elif kind in ("link_send", "link_recv"):
+            self._link_item(sender, item, payload)
         elif kind == "queue":
             _, qid, device, priority, name = item
             runtime = self._require_runtime()
@@ -189,8 +246,8 @@ class NodeRuntime:
         else:
             raise ValueError(f"unknown item kind {kind!r}")
 
-    def _submit(self, sender: str, item: tuple[Any, ...]) -> None:
-        _, sub_id, qid, payload, waits, signals, name, cost = item
+    def _submit(self, sender: str, item: tuple[Any, ...], decoded: tuple[bool, Any]) -> None:
+        _, sub_id, qid, _, waits, signals, name, cost = item
         entry = self._queues[(sender, qid)]
         try:
             local_waits = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in waits]
@@ -199,7 +256,12 @@ class NodeRuntime:
             self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
             return
         try:
-            fn, args, kwargs = loads(payload) if payload is not None else (None, (), {})
+            ok, work = decoded
+            if not ok:
+                raise work
+            fn, args, kwargs = work if work is not None else (None, (), {})
+            if fn is not None:
+                fn = self._keeping(fn, sub_id, args, kwargs)
             sub = entry.queue.submit(
                 fn, *args, waits=local_waits, signals=local_signals, name=name, cost=cost, **kwargs
             )
@@ -215,6 +277,192 @@ class NodeRuntime:
         if wakeup is not None:
             entry.wakeup = None
             wakeup.set_result(None)
+
+    def _keeping(
+        self, fn: Callable[..., Any], sub_id: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., Any]:
+        """``fn`` with earlier results put in for ValueRef arguments, keeping its result."""
+        keep = self._keep
+        refs = any(isinstance(a, ValueRef) for a in args) or any(
+            isinstance(v, ValueRef) for v in kwargs.values()
+        )
+        resolve = self._resolve
+        if inspect.iscoroutinefunction(fn):
+
+            async def run_async(*a: Any, **k: Any) -> Any:
+                if refs:
+                    a, k = resolve(a, k)
+                result = await fn(*a, **k)
+                keep(sub_id, result)
+                return result
+
+            return run_async
+
+        def run(*a: Any, **k: Any) -> Any:
+            if refs:
+                a, k = resolve(a, k)
+            result = fn(*a, **k)
+            keep(sub_id, result)
+            return result
+
+        return run
+
+    def _keep(self, sub_id: int, value: Any) -> None:
+        """Keep a result for later arguments, unless the sender already released it."""
+        released = self._released
+        if sub_id in released:
+            released.discard(sub_id)
+        else:
+            self._values[sub_id] = value
+
+    def _resolve(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def value(v: Any) -> Any:
+            if not isinstance(v, ValueRef):
+                return v
+            try:
+                return self._values[v.submission]
+            except KeyError:
+                raise RuntimeError(
+                    f"node {self.index}: an argument is the result of a submission that has "
+                    "not finished here (wait for it: its signal, before using its result)"
+                ) from None
+
+        return tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()}
+
+    # -- links -----------------------------------------------------------------------
+
+    def free_port(self) -> tuple[str, int]:
+        """An address of this node and a free TCP port on it, for a process group."""
+        import ray
+
+        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            return host, int(sock.getsockname()[1])
+
+    async def init_links(self, host: str, port: int, world: int, timeout: float) -> None:
+        """Join the gloo process group of every node (rank = node index)."""
+        assert self._dist_ready is not None
+        try:
+            await asyncio.to_thread(_init_group, host, port, self.index, world, timeout)
+        except Exception as exc:
+            if not self._dist_ready.done():
+                self._dist_ready.set_exception(exc)
+            raise
+        if not self._dist_ready.done():
+            self._dist_ready.set_result(None)
+
+    async def links_failed(self, message: str) -> None:
+        """The process group could not form: every link work fails with ``message``."""
+        ready = self._dist_ready
+        if ready is not None and not ready.done():
+            ready.set_exception(ClusterError(message))
+
+    def _link_item(self, sender: str, item: tuple[Any, ...], decoded: tuple[bool, Any]) -> None:
+        kind, sub_id, qid, link, message, peer, _, waits, signals, name = item
+        entry = self._queues[(sender, qid)]
+        try:
+            local_waits = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in waits]
+            local_signals = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in signals]
+            if kind == "link_send":
+                ok, value = decoded
+                if not ok:
+                    raise value
+                fn = self._sender_work(link, message, peer, value, sub_id)
+            else:
+                self._recv_peers[link] = peer
+                local_waits.append((self._announcement(link, message), 1))
+                fn = self._receiver_work(link, message, peer, sub_id)
+            sub = entry.queue.submit(fn, waits=local_waits, signals=local_signals, name=name)
+        except Exception as exc:
+            for sem, value in local_signals:
+                if sem.value < value:
+                    sem.fail(exc)
+            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            return
+        if kind == "link_send":
+            fn.holder.append(sub)  # type: ignore[attr-defined]
+            self._link_sends[sub_id] = (link, message, peer)
+        entry.finished.append((sub_id, sender, sub))
+        wakeup = entry.wakeup
+        if wakeup is not None:
+            entry.wakeup = None
+            wakeup.set_result(None)
+
+    def _announcement(self, link: int, message: int) -> TimelineSemaphore:
+        key = (link, message)
+        sem = self._announced.get(key)
+        if sem is None:
+            sem = self._announced[key] = TimelineSemaphore(name=f"link{link}.announced{message}")
+            assert self._loop is not None
+            sem.bind(self._loop)
+            lost = self._lost.get(self._recv_peers.get(link, -1))
+            if lost is not None:
+                sem.fail(lost)
+        return sem
+
+    async def announce(
+        self,
+        link: int,
+        message: int,
+        shape: tuple[int, ...],
+        dtype: str,
+        frontier: EncodedFrontier,
+    ) -> None:
+        """A sender says what message ``message`` of ``link`` is and the frontier it left with."""
+        self._inbound[(link, message)] = (tuple(shape), dtype)
+        sem = self._announcement(link, message)
+        if sem.value < 1:
+            sem.signal(1, decode_frontier(frontier))
+
+    async def message_failed(self, link: int, message: int, error: bytes) -> None:
+        """The send of ``message`` failed: its receive fails with the same error."""
+        self._announcement(link, message).fail(unpack_exception(error))
+
+    def _sender_work(
+        self, link: int, message: int, peer: int, value: Any, sub_id: int
+    ) -> Callable[..., Any]:
+        holder: list[Submission] = []
+        dist_ready = self._dist_ready
+        assert dist_ready is not None
+
+        async def send() -> None:
+            await dist_ready  # torch is imported by then, off the loop
+            import torch
+
+            tensor = self._resolve((value,), {})[0][0]
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"a link sends tensors, got {type(tensor).__name__}")
+            tensor = tensor.detach().contiguous()
+            frontier = holder[0].frontier
+            assert frontier is not None
+            self._peers[peer].announce.remote(
+                link,
+                message,
+                tuple(tensor.shape),
+                str(tensor.dtype).removeprefix("torch."),
+                encode_frontier(frontier),
+            )
+            await asyncio.to_thread(_send_tensor, tensor, peer, _tag(link, message))
+
+        send.holder = holder  # type: ignore[attr-defined]
+        return send
+
+    def _receiver_work(self, link: int, message: int, peer: int, sub_id: int) -> Callable[..., Any]:
+        dist_ready = self._dist_ready
+        assert dist_ready is not None
+        keep = self._keep
+
+        async def receive() -> None:
+            await dist_ready
+            shape, dtype = self._inbound.pop((link, message))
+            self._announced.pop((link, message), None)
+            tensor = await asyncio.to_thread(_recv_tensor, shape, dtype, peer, _tag(link, message))
+            keep(sub_id, tensor)
+
+        return receive
 
     async def _report(self, entry: _RemoteQueue) -> None:
         """Report each finished submission of one queue to its sender, in FIFO order."""
@@ -236,6 +484,13 @@ class NodeRuntime:
             self._report_one(*entry.finished.popleft())
 
     def _report_one(self, sub_id: int, sender: str, sub: Submission) -> None:
+        link_send = self._link_sends.pop(sub_id, None)
+        if link_send is not None and sub.exception() is not None:
+            # The receive waits for this message's announcement: fail it instead.
+            link, message, peer = link_send
+            if peer not in self._lost:
+                packed = pack_exception(root_cause(sub.exception()))  # type: ignore[arg-type]
+                self._peers[peer].message_failed.remote(link, message, packed)
         frontier = sub.frontier
         encoded = encode_frontier(frontier) if frontier is not None else ((), ())
         exc = sub.exception()
@@ -364,6 +619,9 @@ class NodeRuntime:
                 self._sems[name].fail(error)
         for subscribers in self._subscribers.values():
             subscribers.discard(node)
+        for (link, _), sem in self._announced.items():
+            if self._recv_peers.get(link) == node:
+                sem.fail(error)
 
     # -- results to senders ----------------------------------------------------------
 
@@ -428,6 +686,67 @@ class NodeRuntime:
             stats = entry.queue.statistics()
             out.append({**stats.__dict__, "axis": entry.queue.axis})
         return out
+
+
+_PAYLOAD_AT = {"submit": 3, "link_send": 6}
+# Unpickling may import torch while the process group's thread imports torch.distributed;
+# torch does not survive being imported from two threads at once.
+_IMPORTS = threading.Lock()
+
+
+def _decode_batch(batch: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+    """Unpickle each item's work or value: (True, value) or (False, the error)."""
+    out: list[tuple[bool, Any]] = []
+    with _IMPORTS:
+        for item in batch:
+            out.append(_decode_item(item))
+    return out
+
+
+def _decode_item(item: tuple[Any, ...]) -> tuple[bool, Any]:
+    at = _PAYLOAD_AT.get(item[0])
+    payload = item[at] if at is not None else None
+    if payload is None:
+        return (True, None)
+    try:
+        return (True, loads(payload))
+    except Exception as exc:
+        return (False, exc)
+
+
+def _tag(link: int, message: int) -> int:
+    return (link << 20) | (message & 0xFFFFF)
+
+
+def _init_group(host: str, port: int, rank: int, world: int, timeout: float) -> None:
+    import datetime
+
+    with _IMPORTS:
+        import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{host}:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+
+
+def _send_tensor(tensor: Any, peer: int, tag: int) -> None:
+    import torch.distributed as dist
+
+    dist.send(tensor, dst=peer, tag=tag)
+
+
+def _recv_tensor(shape: tuple[int, ...], dtype: str, peer: int, tag: int) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    buffer = torch.empty(shape, dtype=getattr(torch, dtype))
+    dist.recv(buffer, src=peer, tag=tag)
+    return buffer
 
 
 def _trace_records(runtime: Runtime) -> list[dict[str, Any]]:

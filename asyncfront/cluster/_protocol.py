@@ -23,6 +23,7 @@ __all__ = (
     "SemaphoreRef",
     "SemaphoreUpdate",
     "Sequencer",
+    "ValueRef",
     "apply_update",
     "decode_frontier",
     "dumps",
@@ -44,6 +45,12 @@ class SemaphoreRef(NamedTuple):
     name: str
     owner: int
     initial: int
+
+
+class ValueRef(NamedTuple):
+    """An argument standing for the result of an earlier submission on the same node."""
+
+    submission: int
 
 
 class SemaphoreUpdate(NamedTuple):

@@ -65,6 +65,7 @@ class Scenario:
 
 def _registry() -> dict[str, Scenario]:
     from . import (
+        cross_node_pipeline,
         laptop_voice,
         moe_routing,
         multimedia_request,
@@ -120,6 +121,13 @@ def _registry() -> dict[str, Scenario]:
             "4-way tensor-parallel 70B with all-reduce windows filled by background models",
             tensor_parallel.simulate,
             {"depth": 2},
+        ),
+        Scenario(
+            "cross_node_pipeline",
+            "C2",
+            "a 70B pipeline over two nodes; bubble and throughput per link speed and latency",
+            cross_node_pipeline.simulate,
+            {"micro_batches": cross_node_pipeline.DEFAULT_MICRO_BATCHES},
         ),
         Scenario(
             "moe_routing",
