@@ -48,6 +48,9 @@ __all__ = ("NodeRuntime",)
 #  name of the failed semaphore that made it fail or None)
 _MISSING = object()
 _POLL_WAIT = 5.0  # seconds a poll waits for news before it answers empty
+# A poll answers at most this often per sender: news that arrives in quick succession
+# goes back in one answer instead of one Ray call each.
+_POLL_INTERVAL = 0.002
 
 
 class _OwnedSemaphore(TimelineSemaphore):
@@ -115,6 +118,7 @@ class NodeRuntime:
         self._lost: dict[int, NodeLostError] = {}
         self._outbox: dict[str, list[tuple[Any, ...]]] = {}
         self._outbox_ready: dict[str, asyncio.Event] = {}
+        self._last_answer: dict[str, float] = {}
         self._stopped: asyncio.Event | None = None
         # Results kept for later submissions on this node that take them as arguments;
         # a sender releases each once it no longer holds the submission.
@@ -656,8 +660,13 @@ class NodeRuntime:
             if not stopped:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ready.wait(), _POLL_WAIT)
+        loop = asyncio.get_running_loop()
+        wait = self._last_answer.get(sender, 0.0) + _POLL_INTERVAL - loop.time()
+        if wait > 0 and not (self._stopped is not None and self._stopped.is_set()):
+            await asyncio.sleep(wait)
         ready.clear()
         events = self._outbox.pop(sender, [])
+        self._last_answer[sender] = loop.time()
         return dumps(events)
 
     # -- helpers ---------------------------------------------------------------------
