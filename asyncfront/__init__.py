@@ -5,6 +5,7 @@ queues are async tasks consuming FIFOs of submissions, and fake devices run it a
 virtual time.
 """
 
+from . import cluster as cluster
 from . import devices as devices
 from . import memory as memory
 from . import models as models
@@ -75,6 +76,8 @@ from ._trace import DEFAULT_TRACE_CAPACITY as DEFAULT_TRACE_CAPACITY
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
 from ._version import __version__ as __version__
+from .cluster import NodeLostError as NodeLostError
+from .cluster import open_cluster as open_cluster
 from .memory._pager import PageCorruptedError as PageCorruptedError
 from .memory._safetensors import WeightsFormatError as WeightsFormatError
 
@@ -107,6 +110,7 @@ __all__ = (
     "MemoryLedger",
     "MiB",
     "ModelInfo",
+    "NodeLostError",
     "ModelRegistry",
     "Order",
     "PageCorruptedError",
@@ -140,10 +144,12 @@ __all__ = (
     "axis",
     "axis_fields",
     "axis_name",
+    "cluster",
     "devices",
     "format_bytes",
     "memory",
     "models",
+    "open_cluster",
     "open_runtime",
     "place",
     "set_axis_name",

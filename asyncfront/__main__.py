@@ -171,6 +171,7 @@ _OPTION_HELP = {
     "batches": "token batches to route (moe_routing)",
     "tokens": "tokens per batch (moe_routing)",
     "seed": "seed of the random pattern, for scenarios that take it",
+    "micro_batches": "micro-batches through the pipeline (cross_node_pipeline)",
 }
 
 

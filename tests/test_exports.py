@@ -11,6 +11,7 @@ import pytest
 
 PACKAGES = [
     "asyncfront",
+    "asyncfront.cluster",
     "asyncfront.devices",
     "asyncfront.memory",
     "asyncfront.models",

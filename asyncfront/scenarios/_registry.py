@@ -99,6 +99,7 @@ class Scenario:
 
 def _registry() -> dict[str, Scenario]:
     from . import (
+        cross_node_pipeline,
         finetune_paging,
         laptop_voice,
         moe_routing,
@@ -167,6 +168,14 @@ def _registry() -> dict[str, Scenario]:
             tensor_parallel.simulate,
             {"depth": 2},
             {"depth": (1, tensor_parallel.MAX_DEPTH)},
+        ),
+        Scenario(
+            "cross_node_pipeline",
+            "C2",
+            "a 70B pipeline over two nodes; bubble and throughput per link speed and latency",
+            cross_node_pipeline.simulate,
+            {"micro_batches": cross_node_pipeline.DEFAULT_MICRO_BATCHES},
+            {"micro_batches": (1, 1024)},
         ),
         Scenario(
             "moe_routing",

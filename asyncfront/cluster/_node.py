@@ -1,0 +1,781 @@
+"""The node runtime: a Ray async actor that runs an ordinary :class:`~asyncfront.Runtime`.
+
+Everything here runs on the actor's event loop and never blocks it: submissions arrive
+in sequenced batches, semaphore updates are pushed to subscribers fire-and-forget, and
+the driver long-polls for results and for the states of semaphores it waits on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .._frontier import Frontier
+from .._queue import DeviceQueue, Submission
+from .._runtime import Runtime, open_runtime
+from .._semaphore import TimelineSemaphore
+from ..devices._base import Device
+from ._errors import ClusterError, NodeLostError
+from ._protocol import (
+    DeliveryFaults,
+    EncodedFrontier,
+    SemaphoreRef,
+    SemaphoreUpdate,
+    Sequencer,
+    ValueRef,
+    apply_update,
+    decode_frontier,
+    dumps,
+    encode_frontier,
+    loads,
+    pack_exception,
+    root_cause,
+    unpack_exception,
+)
+
+__all__ = ("NodeRuntime",)
+
+# What a node tells a sender about one finished submission:
+# ("done", submission id, epoch, encoded frontier, ok, pickled result or packed error,
+#  name of the failed semaphore that made it fail or None)
+_MISSING = object()
+_POLL_WAIT = 5.0  # seconds a poll waits for news before it answers empty
+# A poll answers at most this often per sender: news that arrives in quick succession
+# goes back in one answer instead of one Ray call each.
+_POLL_INTERVAL = 0.002
+
+
+class _OwnedSemaphore(TimelineSemaphore):
+    """The owner's semaphore: every signal and failure is pushed to its subscribers."""
+
+    __slots__ = ("_on_change",)
+
+    def __init__(self, initial: int, name: str, on_change: Callable[[str], None]) -> None:
+        super().__init__(initial, name=name)
+        self._on_change = on_change
+
+    def signal(self, value: int, frontier: Frontier | None = None) -> None:
+        super().signal(value, frontier)
+        self._on_change(self.name)
+
+    def fail(self, exc: BaseException) -> bool:
+        took = super().fail(exc)
+        if took:
+            self._on_change(self.name)
+        return took
+
+
+class _RemoteQueue:
+    """A local queue created for remote senders, and the reporter of its results."""
+
+    __slots__ = ("finished", "queue", "reporter", "wakeup")
+
+    def __init__(self, queue: DeviceQueue) -> None:
+        self.queue = queue
+        # (submission id, sender, local submission): results reported in FIFO order
+        self.finished: deque[tuple[int, str, Submission]] = deque()
+        self.wakeup: asyncio.Future[None] | None = None
+        self.reporter: asyncio.Task[None] | None = None
+
+
+class NodeRuntime:
+    """One node of a cluster: its devices, its runtime, its semaphores, its inboxes.
+
+    Created by :func:`asyncfront.open_cluster` as a Ray actor pinned to its node; the
+    methods are the actor's remote interface.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        devices: bytes,
+        stall_timeout: float,
+        faults: DeliveryFaults | None,
+    ) -> None:
+        self.index = index
+        self._devices_factory = devices
+        self._stall_timeout = stall_timeout
+        self._faults = faults.reseeded(index + 1) if faults is not None else None
+        self._runtime: Runtime | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._peers: list[Any] = []
+        self._queues: dict[tuple[str, int], _RemoteQueue] = {}
+        self._sequencers: dict[str, Sequencer[list[tuple[Any, ...]]]] = {}
+        self._sems: dict[str, TimelineSemaphore] = {}
+        self._refs: dict[str, SemaphoreRef] = {}
+        self._subscribers: dict[str, set[int | str]] = {}
+        self._dirty: set[str] = set()
+        self._flush_scheduled = False
+        self._lost: dict[int, NodeLostError] = {}
+        self._outbox: dict[str, list[tuple[Any, ...]]] = {}
+        self._outbox_ready: dict[str, asyncio.Event] = {}
+        self._last_answer: dict[str, float] = {}
+        self._stopped: asyncio.Event | None = None
+        # Results kept for later submissions on this node that take them as arguments;
+        # a sender releases each once it no longer holds the submission.
+        self._values: dict[int, Any] = {}
+        self._released: set[int] = set()  # released before they finished
+        self._inbox: dict[str, deque[list[tuple[Any, ...]]]] = {}
+        self._consumers: dict[str, asyncio.Task[None]] = {}
+        self._dist_ready: asyncio.Future[Any] | None = None
+        # (link, message) -> local semaphore the sender's announcement signals once
+        self._announced: dict[tuple[int, int], TimelineSemaphore] = {}
+        self._inbound: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
+        self._link_sends: dict[int, tuple[int, int, int]] = {}  # sub id -> link, message, peer
+        self._recv_peers: dict[int, int] = {}  # link -> the node that sends on it
+
+    # -- life ------------------------------------------------------------------------
+
+    async def start(self, peers: list[Any]) -> list[tuple[str, str, int]]:
+        """Build the devices, open the runtime; returns (name, kind, index) per device."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._peers = list(peers)
+        self._dist_ready = self._loop.create_future()
+        factory = loads(self._devices_factory)
+        devices: list[Device] = list(factory(self.index))
+        if not any(d.name == "nic" for d in devices):
+            from ..devices.cpu import CpuDevice
+
+            nic = CpuDevice("nic", workers=4)
+            nic.kind = "nic"
+            devices.append(nic)
+        self._runtime = await self._stack.enter_async_context(
+            open_runtime(devices, node=self.index, stall_timeout=self._stall_timeout)
+        )
+        return [(d.name, d.kind, d.index) for d in self._runtime.devices.values()]
+
+    async def lifetime(self) -> int:
+        """Answers when the node stops: a caller sees the actor's death as an error."""
+        assert self._stopped is not None
+        await self._stopped.wait()
+        return self.index
+
+    async def ping(self) -> int:
+        """The heartbeat: answers from the event loop, so a blocked loop misses it."""
+        return self.index
+
+    def pid(self) -> int:
+        """The process id of the node runtime (for tests and operators)."""
+        return os.getpid()
+
+    async def block_event_loop(self, seconds: float) -> None:
+        """Block the node's event loop for ``seconds`` (a test aid: a hung node)."""
+        time.sleep(seconds)  # noqa: ASYNC251 (blocking is the point)
+
+    async def stop(self) -> list[dict[str, Any]]:
+        """Drain and close the runtime; returns its trace as plain records."""
+        runtime = self._runtime
+        records: list[dict[str, Any]] = []
+        if runtime is not None:
+            try:
+                await self._stack.aclose()
+            finally:
+                self._runtime = None
+                records = _trace_records(runtime)
+        for entry in self._queues.values():
+            if entry.reporter is not None:
+                entry.reporter.cancel()
+        for entry in self._queues.values():
+            self._report_finished(entry)
+        for event in self._outbox_ready.values():
+            event.set()
+        if self._stopped is not None:
+            self._stopped.set()
+        return records
+
+    # -- submissions -----------------------------------------------------------------
+
+    async def submit_batch(self, sender: str, seq: int, items: list[tuple[Any, ...]]) -> None:
+        """Take one batch of a sender's items; run them in the sender's order."""
+        sequencer = self._sequencers.get(sender)
+        if sequencer is None:
+            sequencer = self._sequencers[sender] = Sequencer()
+        released = sequencer.offer(seq, items)
+        if not released:
+            return
+        inbox = self._inbox.get(sender)
+        if inbox is None:
+            inbox = self._inbox[sender] = deque()
+        inbox.extend(released)
+        if sender not in self._consumers:
+            self._consumers[sender] = asyncio.get_running_loop().create_task(
+                self._consume(sender), name=f"asyncfront:inbox:{sender}"
+            )
+
+    async def _consume(self, sender: str) -> None:
+        """Take a sender's batches in order; work and values are unpickled off the loop.
+
+        Unpickling may import modules (torch, for a tensor): on the loop that would stall
+        every queue and the heartbeat for as long as the import takes.
+        """
+        inbox = self._inbox[sender]
+        try:
+            while inbox:
+                batch = inbox.popleft()
+                decoded = await asyncio.to_thread(_decode_batch, batch)
+                for item, payload in zip(batch, decoded, strict=True):
+                    self._take(sender, item, payload)
+        finally:
+            del self._consumers[sender]
+
+    def _take(self, sender: str, item: tuple[Any, ...], payload: tuple[bool, Any]) -> None:
+        kind = item[0]
+        if kind == "submit":
+            self._submit(sender, item, payload)
+        elif kind == "release":
+            for sub_id in item[1]:
+                if self._values.pop(sub_id, _MISSING) is _MISSING:
+                    self._released.add(sub_id)
+        elif kind in ("link_send", "link_recv"):
+            self._link_item(sender, item, payload)
+        elif kind == "queue":
+            _, qid, device, priority, name = item
+            runtime = self._require_runtime()
+            queue = runtime.queue(device, priority=priority, name=name)
+            entry = self._queues[(sender, qid)] = _RemoteQueue(queue)
+            entry.reporter = asyncio.get_running_loop().create_task(
+                self._report(entry), name=f"asyncfront:report:{queue.name}"
+            )
+            self._emit(sender, ("queue", qid, queue.axis, queue.name))
+        else:
+            raise ValueError(f"unknown item kind {kind!r}")
+
+    def _submit(self, sender: str, item: tuple[Any, ...], decoded: tuple[bool, Any]) -> None:
+        _, sub_id, qid, _, waits, signals, name, cost = item
+        entry = self._queues[(sender, qid)]
+        try:
+            local_waits = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in waits]
+            local_signals = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in signals]
+        except Exception as exc:
+            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            return
+        try:
+            ok, work = decoded
+            if not ok:
+                raise work
+            fn, args, kwargs = work if work is not None else (None, (), {})
+            if fn is not None:
+                fn = self._keeping(fn, sub_id, args, kwargs)
+            sub = entry.queue.submit(
+                fn, *args, waits=local_waits, signals=local_signals, name=name, cost=cost, **kwargs
+            )
+        except Exception as exc:
+            # Nothing will run: fail what it would have signalled so dependants fail too.
+            for sem, value in local_signals:
+                if sem.value < value:
+                    sem.fail(exc)
+            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            return
+        entry.finished.append((sub_id, sender, sub))
+        wakeup = entry.wakeup
+        if wakeup is not None:
+            entry.wakeup = None
+            wakeup.set_result(None)
+
+    def _keeping(
+        self, fn: Callable[..., Any], sub_id: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., Any]:
+        """``fn`` with earlier results put in for ValueRef arguments, keeping its result."""
+        keep = self._keep
+        refs = any(isinstance(a, ValueRef) for a in args) or any(
+            isinstance(v, ValueRef) for v in kwargs.values()
+        )
+        resolve = self._resolve
+        if inspect.iscoroutinefunction(fn):
+
+            async def run_async(*a: Any, **k: Any) -> Any:
+                if refs:
+                    a, k = resolve(a, k)
+                result = await fn(*a, **k)
+                keep(sub_id, result)
+                return result
+
+            return run_async
+
+        def run(*a: Any, **k: Any) -> Any:
+            if refs:
+                a, k = resolve(a, k)
+            result = fn(*a, **k)
+            keep(sub_id, result)
+            return result
+
+        return run
+
+    def _keep(self, sub_id: int, value: Any) -> None:
+        """Keep a result for later arguments, unless the sender already released it."""
+        released = self._released
+        if sub_id in released:
+            released.discard(sub_id)
+        else:
+            self._values[sub_id] = value
+
+    def _resolve(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        def value(v: Any) -> Any:
+            if not isinstance(v, ValueRef):
+                return v
+            try:
+                return self._values[v.submission]
+            except KeyError:
+                raise RuntimeError(
+                    f"node {self.index}: an argument is the result of a submission that has "
+                    "not finished here (wait for it: its signal, before using its result)"
+                ) from None
+
+        return tuple(value(a) for a in args), {k: value(v) for k, v in kwargs.items()}
+
+    # -- links -----------------------------------------------------------------------
+
+    def free_port(self) -> tuple[str, int]:
+        """An address of this node and a free TCP port on it, for a process group."""
+        import ray
+
+        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            return host, int(sock.getsockname()[1])
+
+    async def init_links(self, host: str, port: int, world: int, timeout: float) -> None:
+        """Join the gloo process group of every node (rank = node index)."""
+        assert self._dist_ready is not None
+        try:
+            await asyncio.to_thread(_init_group, host, port, self.index, world, timeout)
+        except Exception as exc:
+            if not self._dist_ready.done():
+                self._dist_ready.set_exception(exc)
+            raise
+        if not self._dist_ready.done():
+            self._dist_ready.set_result(None)
+
+    async def links_failed(self, message: str) -> None:
+        """The process group could not form: every link work fails with ``message``."""
+        ready = self._dist_ready
+        if ready is not None and not ready.done():
+            ready.set_exception(ClusterError(message))
+
+    def _link_item(self, sender: str, item: tuple[Any, ...], decoded: tuple[bool, Any]) -> None:
+        kind, sub_id, qid, link, message, peer, _, waits, signals, name = item
+        entry = self._queues[(sender, qid)]
+        try:
+            local_waits = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in waits]
+            local_signals = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in signals]
+            if kind == "link_send":
+                ok, value = decoded
+                if not ok:
+                    raise value
+                fn = self._sender_work(link, message, peer, value, sub_id)
+            else:
+                self._recv_peers[link] = peer
+                local_waits.append((self._announcement(link, message), 1))
+                fn = self._receiver_work(link, message, peer, sub_id)
+            sub = entry.queue.submit(fn, waits=local_waits, signals=local_signals, name=name)
+        except Exception as exc:
+            for sem, value in local_signals:
+                if sem.value < value:
+                    sem.fail(exc)
+            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            return
+        if kind == "link_send":
+            fn.holder.append(sub)  # type: ignore[attr-defined]
+            self._link_sends[sub_id] = (link, message, peer)
+        entry.finished.append((sub_id, sender, sub))
+        wakeup = entry.wakeup
+        if wakeup is not None:
+            entry.wakeup = None
+            wakeup.set_result(None)
+
+    def _announcement(self, link: int, message: int) -> TimelineSemaphore:
+        key = (link, message)
+        sem = self._announced.get(key)
+        if sem is None:
+            sem = self._announced[key] = TimelineSemaphore(name=f"link{link}.announced{message}")
+            assert self._loop is not None
+            sem.bind(self._loop)
+            lost = self._lost.get(self._recv_peers.get(link, -1))
+            if lost is not None:
+                sem.fail(lost)
+        return sem
+
+    async def announce(
+        self,
+        link: int,
+        message: int,
+        shape: tuple[int, ...],
+        dtype: str,
+        frontier: EncodedFrontier,
+    ) -> None:
+        """A sender says what message ``message`` of ``link`` is and the frontier it left with."""
+        self._inbound[(link, message)] = (tuple(shape), dtype)
+        sem = self._announcement(link, message)
+        if sem.value < 1:
+            sem.signal(1, decode_frontier(frontier))
+
+    async def message_failed(self, link: int, message: int, error: bytes) -> None:
+        """The send of ``message`` failed: its receive fails with the same error."""
+        self._announcement(link, message).fail(unpack_exception(error))
+
+    def _sender_work(
+        self, link: int, message: int, peer: int, value: Any, sub_id: int
+    ) -> Callable[..., Any]:
+        holder: list[Submission] = []
+        dist_ready = self._dist_ready
+        assert dist_ready is not None
+
+        async def send() -> None:
+            await dist_ready  # torch is imported by then, off the loop
+            import torch
+
+            tensor = self._resolve((value,), {})[0][0]
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"a link sends tensors, got {type(tensor).__name__}")
+            tensor = tensor.detach().contiguous()
+            frontier = holder[0].frontier
+            assert frontier is not None
+            self._peers[peer].announce.remote(
+                link,
+                message,
+                tuple(tensor.shape),
+                str(tensor.dtype).removeprefix("torch."),
+                encode_frontier(frontier),
+            )
+            await asyncio.to_thread(_send_tensor, tensor, peer, _tag(link, message))
+
+        send.holder = holder  # type: ignore[attr-defined]
+        return send
+
+    def _receiver_work(self, link: int, message: int, peer: int, sub_id: int) -> Callable[..., Any]:
+        dist_ready = self._dist_ready
+        assert dist_ready is not None
+        keep = self._keep
+
+        async def receive() -> None:
+            await dist_ready
+            shape, dtype = self._inbound.pop((link, message))
+            self._announced.pop((link, message), None)
+            tensor = await asyncio.to_thread(_recv_tensor, shape, dtype, peer, _tag(link, message))
+            keep(sub_id, tensor)
+
+        return receive
+
+    async def _report(self, entry: _RemoteQueue) -> None:
+        """Report each finished submission of one queue to its sender, in FIFO order."""
+        loop = asyncio.get_running_loop()
+        finished = entry.finished
+        while True:
+            if not finished:
+                entry.wakeup = loop.create_future()
+                await entry.wakeup
+                continue
+            sub = finished[0][2]
+            if not sub.done():
+                with contextlib.suppress(Exception):
+                    await sub
+            self._report_one(*finished.popleft())
+
+    def _report_finished(self, entry: _RemoteQueue) -> None:
+        while entry.finished and entry.finished[0][2].done():
+            self._report_one(*entry.finished.popleft())
+
+    def _report_one(self, sub_id: int, sender: str, sub: Submission) -> None:
+        link_send = self._link_sends.pop(sub_id, None)
+        if link_send is not None and sub.exception() is not None:
+            # The receive waits for this message's announcement: fail it instead.
+            link, message, peer = link_send
+            if peer not in self._lost:
+                packed = pack_exception(root_cause(sub.exception()))  # type: ignore[arg-type]
+                self._peers[peer].message_failed.remote(link, message, packed)
+        frontier = sub.frontier
+        encoded = encode_frontier(frontier) if frontier is not None else ((), ())
+        exc = sub.exception()
+        if exc is None:
+            try:
+                payload = dumps(sub._result)
+            except Exception as error:
+                failure = TypeError(f"the result of {sub.name!r} cannot be pickled: {error}")
+                self._emit(
+                    sender,
+                    ("done", sub_id, sub.epoch, encoded, False, pack_exception(failure), None),
+                )
+                return
+            self._emit(sender, ("done", sub_id, sub.epoch, encoded, True, payload, None))
+            return
+        failed_sem = None
+        from .._semaphore import SemaphoreFailedError
+
+        if isinstance(exc, SemaphoreFailedError):
+            failed_sem = exc.semaphore.name
+        packed = pack_exception(root_cause(exc))
+        self._emit(sender, ("done", sub_id, sub.epoch, encoded, False, packed, failed_sem))
+
+    # -- semaphores ------------------------------------------------------------------
+
+    def _semaphore(self, ref: SemaphoreRef) -> TimelineSemaphore:
+        """This node's semaphore for ``ref``: the real one on its owner, else a mirror."""
+        sem = self._sems.get(ref.name)
+        if sem is not None:
+            known = self._refs[ref.name]
+            if known != ref:
+                raise ValueError(
+                    f"semaphore {ref.name!r} is owned by node {known.owner} with initial "
+                    f"value {known.initial}, not node {ref.owner} / {ref.initial}"
+                )
+            return sem
+        if ref.owner == self.index:
+            sem = _OwnedSemaphore(ref.initial, ref.name, self._changed)
+        else:
+            sem = TimelineSemaphore(ref.initial, name=ref.name)
+        assert self._loop is not None
+        sem.bind(self._loop)
+        self._sems[ref.name] = sem
+        self._refs[ref.name] = ref
+        if ref.owner != self.index:
+            lost = self._lost.get(ref.owner)
+            if lost is not None:
+                sem.fail(lost)
+            elif 0 <= ref.owner < len(self._peers):
+                self._peers[ref.owner].subscribe.remote(tuple(ref), self.index)
+            else:
+                sem.fail(
+                    ValueError(
+                        f"semaphore {ref.name!r} names node {ref.owner}, not in "
+                        f"the cluster of {len(self._peers)} nodes"
+                    )
+                )
+        return sem
+
+    async def subscribe(self, ref: tuple[str, int, int], subscriber: int | str) -> None:
+        """Push every state of the semaphore ``ref`` to ``subscriber`` (node or driver)."""
+        sem_ref = SemaphoreRef(*ref)
+        sem = self._semaphore(sem_ref)
+        self._subscribers.setdefault(sem_ref.name, set()).add(subscriber)
+        if sem.value > sem_ref.initial or sem.failure is not None:
+            self._changed(sem_ref.name)
+
+    def _changed(self, name: str) -> None:
+        self._dirty.add(name)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._flush_pushes)
+
+    def _flush_pushes(self) -> None:
+        """Send the latest state of every changed semaphore to its subscribers."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, set()
+        to_nodes: dict[int, list[SemaphoreUpdate]] = {}
+        for name in dirty:
+            subscribers = self._subscribers.get(name)
+            if not subscribers:
+                continue
+            sem = self._sems[name]
+            failure = sem.failure
+            update = SemaphoreUpdate(
+                name,
+                sem.value,
+                encode_frontier(sem.frontier),
+                pack_exception(failure) if failure is not None else None,
+            )
+            for target in subscribers:
+                if isinstance(target, str):
+                    self._emit(target, ("sem", *update))
+                elif target not in self._lost:
+                    to_nodes.setdefault(target, []).append(update)
+        for target, updates in to_nodes.items():
+            self._send_push(target, updates)
+
+    def _send_push(self, target: int, updates: list[SemaphoreUpdate]) -> None:
+        if self._faults is not None:
+            assert self._loop is not None
+            self._faults.deliver(self._loop, self._push_now, target, updates)
+        else:
+            self._push_now(target, updates)
+
+    def _push_now(self, target: int, updates: list[SemaphoreUpdate]) -> None:
+        if target not in self._lost:
+            self._peers[target].push.remote([tuple(u) for u in updates])
+
+    async def push(self, updates: list[tuple[Any, ...]]) -> None:
+        """Apply semaphore states pushed by their owners (idempotent, any order)."""
+        for raw in updates:
+            update = SemaphoreUpdate(*raw)
+            sem = self._sems.get(update.name)
+            if sem is not None and not isinstance(sem, _OwnedSemaphore):
+                apply_update(sem, update)
+
+    async def node_lost(self, node: int, reason: str) -> None:
+        """Fail every mirror of a semaphore that ``node`` owned; it will never signal."""
+        if node in self._lost:
+            return
+        error = self._lost[node] = NodeLostError(node, reason)
+        for name, ref in self._refs.items():
+            if ref.owner == node:
+                self._sems[name].fail(error)
+        for subscribers in self._subscribers.values():
+            subscribers.discard(node)
+        for (link, _), sem in self._announced.items():
+            if self._recv_peers.get(link) == node:
+                sem.fail(error)
+
+    # -- results to senders ----------------------------------------------------------
+
+    def _emit(self, sender: str, event: tuple[Any, ...]) -> None:
+        if self._faults is not None and event[0] == "sem":
+            assert self._loop is not None
+            self._faults.deliver(self._loop, self._emit_now, sender, event)
+        else:
+            self._emit_now(sender, event)
+
+    def _emit_now(self, sender: str, event: tuple[Any, ...]) -> None:
+        box = self._outbox.get(sender)
+        if box is None:
+            box = self._outbox[sender] = []
+        box.append(event)
+        ready = self._outbox_ready.get(sender)
+        if ready is None:
+            ready = self._outbox_ready[sender] = asyncio.Event()
+        ready.set()
+
+    async def poll(self, sender: str) -> bytes:
+        """Everything new for ``sender`` (results, queue axes, semaphore states), pickled.
+
+        Waits until there is news, the node stops, or a few seconds pass (then answers
+        with nothing, so a caller that went away leaves no call pending for long).
+        """
+        ready = self._outbox_ready.get(sender)
+        if ready is None:
+            ready = self._outbox_ready[sender] = asyncio.Event()
+        if not self._outbox.get(sender):
+            stopped = self._stopped is not None and self._stopped.is_set()
+            if not stopped:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), _POLL_WAIT)
+        loop = asyncio.get_running_loop()
+        wait = self._last_answer.get(sender, 0.0) + _POLL_INTERVAL - loop.time()
+        if wait > 0 and not (self._stopped is not None and self._stopped.is_set()):
+            await asyncio.sleep(wait)
+        ready.clear()
+        events = self._outbox.pop(sender, [])
+        self._last_answer[sender] = loop.time()
+        return dumps(events)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _require_runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError(f"node {self.index} has no open runtime")
+        return self._runtime
+
+    async def trace_records(self) -> list[dict[str, Any]]:
+        """The runtime's trace so far, as plain records."""
+        runtime = self._runtime
+        return _trace_records(runtime) if runtime is not None else []
+
+    async def semaphore_state(self, name: str) -> tuple[int, tuple[Any, ...], bool] | None:
+        """(value, encoded frontier, failed) of this node's semaphore ``name``, if it has one."""
+        sem = self._sems.get(name)
+        if sem is None:
+            return None
+        return (sem.value, encode_frontier(sem.frontier), sem.failure is not None)
+
+    async def queue_statistics(self) -> list[dict[str, Any]]:
+        """Each remote queue's statistics as a plain dict."""
+        out = []
+        for entry in self._queues.values():
+            stats = entry.queue.statistics()
+            out.append({**stats.__dict__, "axis": entry.queue.axis})
+        return out
+
+
+_PAYLOAD_AT = {"submit": 3, "link_send": 6}
+# Unpickling may import torch while the process group's thread imports torch.distributed;
+# torch does not survive being imported from two threads at once.
+_IMPORTS = threading.Lock()
+
+
+def _decode_batch(batch: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+    """Unpickle each item's work or value: (True, value) or (False, the error)."""
+    out: list[tuple[bool, Any]] = []
+    with _IMPORTS:
+        for item in batch:
+            out.append(_decode_item(item))
+    return out
+
+
+def _decode_item(item: tuple[Any, ...]) -> tuple[bool, Any]:
+    at = _PAYLOAD_AT.get(item[0])
+    payload = item[at] if at is not None else None
+    if payload is None:
+        return (True, None)
+    try:
+        return (True, loads(payload))
+    except Exception as exc:
+        return (False, exc)
+
+
+def _tag(link: int, message: int) -> int:
+    return (link << 20) | (message & 0xFFFFF)
+
+
+def _init_group(host: str, port: int, rank: int, world: int, timeout: float) -> None:
+    import datetime
+
+    with _IMPORTS:
+        import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://{host}:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+
+
+def _send_tensor(tensor: Any, peer: int, tag: int) -> None:
+    import torch.distributed as dist
+
+    dist.send(tensor, dst=peer, tag=tag)
+
+
+def _recv_tensor(shape: tuple[int, ...], dtype: str, peer: int, tag: int) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    buffer = torch.empty(shape, dtype=getattr(torch, dtype))
+    dist.recv(buffer, src=peer, tag=tag)
+    return buffer
+
+
+def _trace_records(runtime: Runtime) -> list[dict[str, Any]]:
+    records: Iterable[Any] = runtime.trace
+    origin = runtime.trace.origin
+    return [
+        {
+            "queue": r.queue,
+            "axis": r.axis,
+            "device": r.device,
+            "name": r.name,
+            "epoch": r.epoch,
+            "submitted_at": r.submitted_at,
+            "started_at": r.started_at,
+            "finished_at": r.finished_at,
+            "frontier": encode_frontier(r.frontier),
+            "waits": r.waits,
+            "signals": r.signals,
+            "error": r.error,
+            "origin": origin,
+        }
+        for r in records
+    ]

@@ -1,0 +1,446 @@
+"""asyncfront on a two-node Ray cluster on this machine: ordering, frontiers, failure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from asyncfront import SemaphoreFailedError, axis_fields
+
+ray = pytest.importorskip("ray")
+
+from ray import cloudpickle  # noqa: E402
+
+from asyncfront.cluster import (  # noqa: E402
+    ClusterError,
+    DeliveryFaults,
+    LocalRayCluster,
+    NodeLostError,
+    open_cluster,
+)
+
+# Work defined here travels by value: the node processes cannot import this module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+LOSS_BOUND = 10.0  # seconds within which a lost node's failure reaches every dependant
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Pids of processes whose command line contains ``text``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """The pids among ``pids`` that still run."""
+    return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A two-node Ray cluster on 127.0.0.1 for the whole session, torn down at its end."""
+    local = LocalRayCluster(nodes=2)
+    address = local.start()
+    temp_dir = local.temp_dir
+    assert temp_dir is not None
+    try:
+        yield address
+    finally:
+        local.stop()
+    assert _processes_mentioning(temp_dir) == []
+
+
+class RemoteBoom(Exception):
+    """An error raised by remote work, defined in the test module."""
+
+
+async def test_submissions_keep_fifo_order_under_reordered_duplicated_batches(
+    ray_address: str,
+) -> None:
+    """Batches and pushes delayed, reordered and duplicated still give FIFO order, once each."""
+    faults = DeliveryFaults(seed=11, max_delay=0.01, duplicate=0.5)
+    async with open_cluster(ray_address, nodes=2, delivery_faults=faults) as cluster:
+        n0, n1 = cluster.nodes
+        q1 = n1.queue("cpu")
+        subs = []
+        for i in range(120):
+            subs.append(q1.submit(lambda i=i: i, name=f"w{i}"))
+            if i % 4 == 3:
+                await asyncio.sleep(0)  # end the loop turn: a new batch
+        assert cluster.statistics().batches_sent >= 30
+        results = [await s for s in subs]
+        assert results == list(range(120))
+        assert [s.epoch for s in subs] == list(range(1, 121))
+        # Pushes: node 0 signals 1..30; node 1 waits for each value in turn.
+        q0 = n0.queue("cpu")
+        ticks = cluster.semaphore("ticks", owner=n0)
+        waiters = [q1.submit(None, waits=[(ticks, v)], name=f"after{v}") for v in range(1, 31)]
+        producers = [q0.submit(None, signals=[(ticks, v)]) for v in range(1, 31)]
+        await asyncio.gather(*producers, *waiters)
+        q0_axis = await q0.ready()
+        for value, waiter in enumerate(waiters, start=1):
+            assert waiter.frontier is not None
+            assert waiter.frontier.get(q0_axis) >= value
+        assert (await ticks.wait(30)).get(q0_axis) == 30
+
+
+async def test_cross_node_pipeline_submitted_last_stage_first(ray_address: str) -> None:
+    """A pipeline alternating nodes, submitted back to front, runs front to back."""
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        stages = 6
+        # A queue per stage: one FIFO holding a later stage ahead of its producer would wait.
+        queues = [cluster.nodes[k % 2].queue("cpu", name=f"stage{k}") for k in range(stages)]
+        sems = [cluster.semaphore(f"stage{k}", owner=cluster.nodes[k % 2]) for k in range(stages)]
+        subs = {}
+        for k in reversed(range(stages)):
+            waits = [(sems[k - 1], 1)] if k else []
+            subs[k] = queues[k].submit(
+                lambda k=k: k * 10, waits=waits, signals=[(sems[k], 1)], name=f"stage{k}"
+            )
+        results = [await subs[k] for k in range(stages)]
+        assert results == [k * 10 for k in range(stages)]
+        final = await sems[-1].wait(1)
+        # Node 1's final frontier carries node 0's axes: their node field says so.
+        assert {axis_fields(a).node for a, _ in final} == {0, 1}
+        for k in range(1, stages):
+            assert subs[k].frontier is not None and subs[k - 1].frontier is not None
+            assert subs[k].frontier >= subs[k - 1].frontier
+        axes = [await q.ready() for q in queues]
+        assert [axis_fields(a).node for a in axes] == [k % 2 for k in range(stages)]
+        assert all(final.get(a) == 1 for a in axes)
+
+
+async def test_remote_exception_reaches_driver_and_dependants_with_its_type(
+    ray_address: str,
+) -> None:
+    """A remote work's error reaches its awaiter and every dependant with its type and message."""
+
+    def boom() -> None:
+        raise RemoteBoom("stage 0 broke")
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        a = cluster.semaphore("a", owner=n0)
+        b = cluster.semaphore("b", owner=n1)
+        dependant = n1.queue("cpu").submit(lambda: 1, waits=[(a, 1)], signals=[(b, 1)])
+        failing = n0.queue("cpu").submit(boom, signals=[(a, 1)])
+        with pytest.raises(RemoteBoom, match="stage 0 broke"):
+            await failing
+        with pytest.raises(SemaphoreFailedError) as caught:
+            await dependant
+        assert type(caught.value.root_cause) is RemoteBoom
+        with pytest.raises(SemaphoreFailedError) as at_driver:
+            await b.wait(1)
+        assert str(at_driver.value.root_cause) == "stage 0 broke"
+
+
+async def test_errors_knowable_at_submit_raise_there(ray_address: str) -> None:
+    """Malformed pairs, foreign signals, passed values and unpicklable work raise at submit."""
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        q0 = n0.queue("cpu")
+        a = cluster.semaphore("a", owner=n0)
+        with pytest.raises(TypeError, match="ClusterSemaphore, int"):
+            q0.submit(None, waits=[(a, "1")])  # type: ignore[list-item]
+        with pytest.raises(ValueError, match="owned by node 0: only work on its owner"):
+            n1.queue("cpu").submit(None, signals=[(a, 1)])
+        await q0.submit(None, signals=[(a, 1)])
+        with pytest.raises(ValueError, match="signal value 1 for semaphore 'a' must exceed 1"):
+            q0.submit(None, signals=[(a, 1)])
+        lock = __import__("threading").Lock()
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            q0.submit(lambda: lock)
+        with pytest.raises(KeyError, match="no device named 'gpu'"):
+            n0.queue("gpu")
+        with pytest.raises(ValueError, match="a semaphore named 'a' exists"):
+            cluster.semaphore("a", owner=n1)
+        assert cluster.statistics().pending_submissions == 0
+
+
+async def test_killed_node_fails_its_semaphores_and_every_dependant(ray_address: str) -> None:
+    """Killing node 0's runtime fails its semaphores with NodeLostError on both sides, in time."""
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        started = cluster.semaphore("started", owner=n0)
+        never = cluster.semaphore("never", owner=n0)
+        after = cluster.semaphore("after", owner=n1)
+        q0, q1 = n0.queue("cpu"), n1.queue("cpu")
+        await q0.submit(None, signals=[(started, 1)])
+        on_lost = q0.submit(None, waits=[(never, 1)], name="on-lost-node")
+        dependant = q1.submit(None, waits=[(never, 1)], signals=[(after, 1)], name="dependant")
+        later = q1.submit(None, waits=[(after, 1)], name="later")
+        await started.wait(1)
+        os.kill(await n0.pid(), signal.SIGKILL)
+        async with asyncio.timeout(LOSS_BOUND):
+            with pytest.raises(NodeLostError, match="node 0 was lost"):
+                await on_lost
+            for sub in (dependant, later):
+                with pytest.raises(SemaphoreFailedError) as caught:
+                    await sub
+                assert isinstance(caught.value.root_cause, NodeLostError)
+                assert caught.value.root_cause.node == 0
+            with pytest.raises(SemaphoreFailedError) as at_driver:
+                await after.wait(1)
+            assert isinstance(at_driver.value.root_cause, NodeLostError)
+        assert n0.lost is not None and cluster.statistics().lost_nodes == (0,)
+        with pytest.raises(NodeLostError):
+            q0.submit(None)
+
+
+async def test_hung_node_is_lost_by_missed_heartbeat(ray_address: str) -> None:
+    """A node whose event loop stops answering is declared lost within the bound."""
+    async with open_cluster(
+        ray_address, nodes=2, heartbeat_interval=0.5, heartbeat_timeout=2.0
+    ) as cluster:
+        n0, n1 = cluster.nodes
+        gate = cluster.semaphore("gate", owner=n1)
+        waiting = n0.queue("cpu").submit(None, waits=[(gate, 1)])
+        await n0.queue("cpu").submit(None)  # node 0 is up and took the waiting work
+        n1.actor.block_event_loop.remote(60.0)
+        async with asyncio.timeout(LOSS_BOUND):
+            with pytest.raises(SemaphoreFailedError) as caught:
+                await waiting
+        lost = caught.value.root_cause
+        assert isinstance(lost, NodeLostError) and lost.node == 1
+        assert "missed a heartbeat" in lost.reason
+
+
+async def test_closed_cluster_leaves_no_node_runtime_behind(ray_address: str) -> None:
+    """Leaving drains the work, stops the node runtimes, refuses new work, merges the trace."""
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        pids = [await node.pid() for node in cluster.nodes]
+        queue = cluster.nodes[1].queue("cpu")
+        last = queue.submit(lambda: "done")
+    assert last.result() == "done"
+    with pytest.raises(ClusterError, match="closed"):
+        queue.submit(None)
+    for _ in range(100):
+        if not _alive(pids):
+            break
+        await asyncio.sleep(0.1)
+    assert not _alive(pids)
+    trace = cluster.trace
+    assert trace.nodes == (0, 1) and len(trace.records(1)) == 1
+    document = trace.to_perfetto()
+    processes = {e["args"]["name"] for e in document["traceEvents"] if e["name"] == "process_name"}
+    assert processes == {"node 0", "node 1"}
+    (work,) = [e for e in document["traceEvents"] if e.get("ph") == "X"]
+    assert work["pid"] == 2 and work["args"]["node"] == 1
+
+
+@pytest.mark.slow
+def test_local_cluster_opens_and_closes_clean() -> None:
+    """open_cluster(address=None) starts its own two-node cluster and leaves no process behind."""
+    script = textwrap.dedent(
+        """
+        import asyncio, sys
+        from asyncfront.cluster import open_cluster
+
+        async def main():
+            async with open_cluster(nodes=2) as cluster:
+                q = cluster.nodes[1].queue("cpu")
+                print(await q.submit(lambda: 41 + 1))
+                import ray
+                print(ray.get_runtime_context().gcs_address)
+                print(cluster.nodes[0].actor is not None)
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=110, check=False
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.split()
+    assert lines[0] == "42"
+    gcs_port = lines[1].rsplit(":", 1)[1]
+    assert _processes_mentioning(f"--gcs-address=127.0.0.1:{gcs_port}") == []
+    assert _processes_mentioning(f"127.0.0.1:{gcs_port}") == []
+
+
+def _layer(seed: int, width: int) -> object:
+    """A small deterministic layer: the same weights on every node and here."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(width, width, generator=generator) / width**0.5
+    return lambda x: torch.tanh(x @ weight)
+
+
+def _micro_batch(index: int, width: int) -> object:
+    import torch
+
+    return torch.randn(2, width, generator=torch.Generator().manual_seed(1000 + index))
+
+
+async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
+    """C2 on CPU tensors: split layers, activations over a link; frontier and outputs hold."""
+    torch = pytest.importorskip("torch")
+    width, layers, split, batches = 16, 4, 2, 6
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        link = cluster.link(n0, n1, name="activations")
+        front_q, back_q = n0.queue("cpu", name="front"), n1.queue("cpu", name="back")
+        front = cluster.semaphore("front", owner=n0)
+        back = cluster.semaphore("back", owner=n1)
+
+        def run_layers(lo: int, hi: int, x: object) -> object:
+            for k in range(lo, hi):
+                x = _layer(k, width)(x)  # type: ignore[operator]
+            return x
+
+        go = cluster.semaphore("go", owner=n0)
+        go_q = n0.queue("cpu", name="go")
+        transfers, outputs = [], []
+        for m in range(1, batches + 1):
+            x = front_q.submit(
+                run_layers,
+                0,
+                split,
+                _micro_batch(m, width),
+                waits=[(go, 1)],
+                signals=[(front, m)],
+                name=f"front{m}",
+            )
+            transfer = link.send(x, waits=[(front, m)])
+            transfers.append(transfer)
+            outputs.append(
+                back_q.submit(
+                    run_layers,
+                    split,
+                    layers,
+                    transfer.received,
+                    waits=[(link.received, m)],
+                    signals=[(back, m)],
+                    name=f"back{m}",
+                )
+            )
+        # Node 0 computes only once everything, node 1's stages included, is queued.
+        go_q.submit(None, signals=[(go, 1)])
+        results = [await o for o in outputs]
+        final = await back.wait(batches)
+        axes = {
+            name: await q.ready()
+            for name, q in (
+                ("front", front_q),
+                ("back", back_q),
+                ("send", link.send_queue),
+                ("recv", link.recv_queue),
+            )
+        }
+    trace = cluster.trace
+    queued = min(r["origin"] + r["submitted_at"] for r in trace.records(1) if r["queue"] == "back")
+    computed = min(r["origin"] + r["started_at"] for r in trace.records(0) if r["queue"] == "front")
+    assert queued < computed
+    expected = [run_layers(0, layers, _micro_batch(m, width)) for m in range(1, batches + 1)]
+    for got, want in zip(results, expected, strict=True):
+        assert torch.equal(got, want)
+    for name, queue_axis in axes.items():
+        assert final.get(queue_axis) >= 1, name
+    assert {axis_fields(a).node for a in (axes["front"], axes["send"])} == {0}
+    assert {axis_fields(a).node for a in (axes["back"], axes["recv"])} == {1}
+
+
+def _moe_parts(width: int, experts: int) -> tuple[object, list[object]]:
+    """A router (gates and top-1 dispatch) and ``experts`` expert layers, deterministic."""
+    import torch
+
+    gate_w = torch.randn(width, experts, generator=torch.Generator().manual_seed(77))
+
+    def route(x: object) -> object:
+        scores = torch.softmax(x @ gate_w, dim=-1)  # type: ignore[operator]
+        top = scores.argmax(dim=-1)
+        mask = torch.nn.functional.one_hot(top, experts).to(x.dtype)  # type: ignore[attr-defined]
+        weights = (scores * mask).T.unsqueeze(-1)  # (experts, tokens, 1)
+        return torch.cat([weights * x, weights], dim=-1)  # per-expert tokens and gate weight
+
+    return route, [_layer(500 + e, width) for e in range(experts)]
+
+
+async def test_cross_node_moe_matches_one_node(ray_address: str) -> None:
+    """C3 across nodes: router on node 0, experts on node 1, tensors over links both ways."""
+    torch = pytest.importorskip("torch")
+    width, experts, tokens = 8, 3, 5
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        out_link, back_link = cluster.link(n0, n1, name="nic1"), cluster.link(n1, n0, name="nic2")
+        routed = cluster.semaphore("routed", owner=n0)
+        expert_sems = [cluster.semaphore(f"expert{e}", owner=n1) for e in range(experts)]
+        gathered = cluster.semaphore("gathered", owner=n1)
+        combined = cluster.semaphore("combined", owner=n0)
+        expert_queues = [n1.queue("cpu", name=f"expert{e}") for e in range(experts)]
+
+        def run_expert(e: int, dispatch: object) -> object:
+            _, layers = _moe_parts(width, experts)
+            return layers[e](dispatch[e, :, :width])  # type: ignore[index, operator]
+
+        def stack(dispatch: object, *outs: object) -> object:
+            weights = dispatch[:, :, width:]  # type: ignore[index]
+            return torch.stack(outs) * weights  # type: ignore[arg-type]
+
+        tokens_x = torch.randn(tokens, width, generator=torch.Generator().manual_seed(5))
+        route, _ = _moe_parts(width, experts)
+        dispatch = n0.queue("cpu", name="router").submit(route, tokens_x, signals=[(routed, 1)])
+        there = out_link.send(dispatch, waits=[(routed, 1)])
+        outs = [
+            q.submit(
+                run_expert,
+                e,
+                there.received,
+                waits=[(out_link.received, 1)],
+                signals=[(expert_sems[e], 1)],
+            )
+            for e, q in enumerate(expert_queues)
+        ]
+        stacked = n1.queue("cpu", name="gather").submit(
+            stack,
+            there.received,
+            *outs,
+            waits=[(s, 1) for s in expert_sems],
+            signals=[(gathered, 1)],
+        )
+        home = back_link.send(stacked, waits=[(gathered, 1)])
+        result = n0.queue("cpu", name="combine").submit(
+            lambda parts: parts.sum(dim=0),
+            home.received,
+            waits=[(back_link.received, 1)],
+            signals=[(combined, 1)],
+        )
+        got = await result
+        frontier = result.frontier
+        assert frontier is not None
+        nic_axes = [
+            await q.ready()
+            for q in (
+                out_link.send_queue,
+                out_link.recv_queue,
+                back_link.send_queue,
+                back_link.recv_queue,
+            )
+        ]
+        expert_axes = [await q.ready() for q in expert_queues]
+    _, layers = _moe_parts(width, experts)
+    routed_local = route(tokens_x)
+    want = sum(
+        layers[e](routed_local[e, :, :width]) * routed_local[e, :, width:]  # type: ignore[operator, index]
+        for e in range(experts)
+    )
+    assert torch.allclose(got, want)
+    assert all(frontier.get(a) == 1 for a in nic_axes + expert_axes)
+    assert {axis_fields(a).node for a in expert_axes} == {1}

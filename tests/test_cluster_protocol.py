@@ -1,0 +1,109 @@
+"""The cluster wire protocol's pure parts: order restoring, idempotent semaphore pushes."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from asyncfront import Frontier, SemaphoreFailedError, TimelineSemaphore, axis
+from asyncfront.cluster import (
+    DeliveryFaults,
+    NodeLostError,
+    RemoteWorkError,
+    SemaphoreUpdate,
+    Sequencer,
+    apply_update,
+)
+
+pytest.importorskip("ray")
+
+from asyncfront.cluster._protocol import (
+    decode_frontier,
+    encode_frontier,
+    pack_exception,
+    unpack_exception,
+)
+
+
+def test_sequencer_restores_order_and_drops_duplicates() -> None:
+    """Batches offered shuffled and duplicated come out once each, in sequence order."""
+    rng = random.Random(7)
+    offers = [n for n in range(1, 51) for _ in range(rng.randint(1, 3))]
+    rng.shuffle(offers)
+    sequencer: Sequencer[int] = Sequencer()
+    released = list(itertools.chain.from_iterable(sequencer.offer(n, n) for n in offers))
+    assert released == list(range(1, 51))
+    assert sequencer.expected == 51
+    assert sequencer.held == 0
+
+
+def test_sequencer_holds_early_batches() -> None:
+    """A batch that arrives before its predecessor is held, then released after it."""
+    sequencer: Sequencer[str] = Sequencer()
+    assert sequencer.offer(2, "b") == []
+    assert sequencer.held == 1
+    assert sequencer.offer(1, "a") == ["a", "b"]
+    assert sequencer.offer(1, "a") == []
+
+
+def _updates(count: int) -> list[SemaphoreUpdate]:
+    owner_axis = axis(node=0, device=0, queue=0)
+    frontier = Frontier()
+    out = []
+    for value in range(1, count + 1):
+        frontier = frontier.merge(Frontier({owner_axis: value, axis(node=1): value // 2 + 1}))
+        out.append(SemaphoreUpdate("s", value, encode_frontier(frontier), None))
+    return out
+
+
+def test_apply_update_is_idempotent_and_order_insensitive() -> None:
+    """Any order and any duplication of an owner's pushes leaves the mirror at the last state."""
+    updates = _updates(20)
+    rng = random.Random(3)
+    for _ in range(20):
+        shuffled = updates + rng.sample(updates, 10)
+        rng.shuffle(shuffled)
+        mirror = TimelineSemaphore(name="s")
+        for update in shuffled:
+            apply_update(mirror, update)
+        assert mirror.value == 20
+        assert mirror.frontier == decode_frontier(updates[-1].frontier)
+
+
+def test_apply_update_failure_lands_after_its_value() -> None:
+    """A failure push raises the value to where the owner failed, then fails the mirror."""
+    mirror = TimelineSemaphore(name="s")
+    failed = SemaphoreUpdate("s", 3, encode_frontier(Frontier()), pack_exception(KeyError("x")))
+    assert apply_update(mirror, failed)
+    assert mirror.value == 3
+    assert isinstance(mirror.failure, KeyError)
+    assert not apply_update(mirror, _updates(5)[-1])  # a failed mirror stays as it is
+    with pytest.raises(SemaphoreFailedError):
+        mirror.query()
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def test_errors_travel_with_type_and_message() -> None:
+    """Errors keep type and message on the wire; one that cannot travel is a RemoteWorkError."""
+    back = unpack_exception(pack_exception(NodeLostError(3, "its runtime actor died")))
+    assert isinstance(back, NodeLostError)
+    assert (back.node, str(back)) == (3, "node 3 was lost: its runtime actor died")
+    plain = unpack_exception(pack_exception(ZeroDivisionError("division by zero")))
+    assert type(plain) is ZeroDivisionError and str(plain) == "division by zero"
+    odd = unpack_exception(pack_exception(_Unpicklable(1, 2)))
+    assert isinstance(odd, RemoteWorkError)
+    assert odd.type_name.endswith("_Unpicklable") and odd.message == "1/2"
+
+
+def test_delivery_faults_reject_bad_settings() -> None:
+    """DeliveryFaults names the bad number."""
+    with pytest.raises(ValueError, match="duplicate must be a probability"):
+        DeliveryFaults(duplicate=1.5)
+    with pytest.raises(ValueError, match="max_delay must be >= 0"):
+        DeliveryFaults(max_delay=-1.0)
