@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._frontier import Frontier, set_axis_name
+from .._install import install_hint
 from .._queue import Outcome, StalledError, SubmissionState
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from ..devices._base import Device
@@ -75,7 +76,7 @@ def _import_ray() -> Any:
         import ray
     except ImportError as exc:  # pragma: no cover - the extra is part of dev
         raise ClusterError(
-            "asyncfront's cluster layer needs Ray: pip install 'asyncfront[cluster]'"
+            f"asyncfront's cluster layer needs Ray: {install_hint('cluster')}"
         ) from exc
     return ray
 
