@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -258,7 +259,9 @@ class DeviceQueue:
         name: str,
         frontier_capacity: int,
     ) -> None:
-        self.runtime = runtime
+        # Not owning: the runtime owns its queues, so a closed runtime (and its trace)
+        # is freed by reference counting, with no cycle for the collector to find.
+        self._runtime_ref = weakref.ref(runtime)
         self.device = device
         self.axis = axis
         self.priority = priority
@@ -288,6 +291,18 @@ class DeviceQueue:
         self._task: asyncio.Task[None] | None = None
 
     # -- public --------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime the queue belongs to.
+
+        Raises:
+            RuntimeError: that runtime was closed and no longer exists.
+        """
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError(f"queue {self.name!r}: its runtime was closed and freed")
+        return runtime
 
     @property
     def frontier(self) -> Frontier:
@@ -429,6 +444,7 @@ class DeviceQueue:
                     f"{first.name!r} first, so it waits until something else signals it"
                 ),
             )
+
     @property
     def closed(self) -> bool:
         """Whether the queue refuses new work (closed by :meth:`close` or its runtime)."""
@@ -449,14 +465,14 @@ class DeviceQueue:
         if wakeup is not None:
             self._wakeup = None
             wakeup.set_result(None)  # the idle task wakes, sees the queue closed, and ends
-        runtime = self.runtime
-        if runtime._open and not self._busy():
+        runtime = self._runtime_ref()
+        if runtime is not None and runtime._open and not self._busy():
             runtime._retire(self)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """The consumer task ended: a queue closed while its runtime is open retires."""
-        runtime = self.runtime
-        if runtime._open and self._closed and not self._busy():
+        runtime = self._runtime_ref()
+        if runtime is not None and runtime._open and self._closed and not self._busy():
             runtime._retire(self)
 
     def statistics(self) -> QueueStatistics:
