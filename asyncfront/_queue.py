@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
@@ -18,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
 from ._semaphore import MAX_VALUE, SemaphoreFailedError, TimelineSemaphore, join_waiters
+from .devices._base import LATER, Device
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
-    from .devices._base import Device
 
 __all__ = (
     "CancelledWorkError",
@@ -508,6 +509,8 @@ class DeviceQueue:
         device = self.device
         claims = device.claims_waits
         capacity = self._capacity
+        arbiter = device._arbiter
+        plain_acquire = type(device).acquire is Device.acquire
         try:
             while True:
                 if not fifo:
@@ -571,7 +574,10 @@ class DeviceQueue:
                         result = None
                     else:
                         sub.state = SubmissionState.READY
-                        await device.acquire(self.priority)
+                        # A slot free with nobody ahead is taken without a coroutine; the
+                        # arbiter decides exactly as acquire() would.
+                        if not (plain_acquire and arbiter.try_acquire()):
+                            await device.acquire(self.priority)
                         try:
                             sub.state = SubmissionState.RUNNING
                             sub.started_at = loop.time()
@@ -579,7 +585,11 @@ class DeviceQueue:
                                 runtime._log.debug(
                                     "start", queue=self.name, submission=sub.name, epoch=sub.epoch
                                 )
-                            result = await device.execute(sub)
+                            result = device.execute_now(sub)
+                            if result is LATER:
+                                result = await device.execute(sub)
+                            elif result is not None and inspect.isawaitable(result):
+                                result = await result
                         finally:
                             device.release()
                         sub.finished_at = loop.time()
