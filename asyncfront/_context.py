@@ -21,6 +21,7 @@ import enum
 import inspect
 import itertools
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
@@ -206,7 +207,8 @@ class ExecutionContext:
         reserved: int,
         queue: DeviceQueue,
     ) -> None:
-        self.runtime = runtime
+        # Not owning: the runtime owns its contexts (no cycle keeps a closed one alive).
+        self._runtime_ref = weakref.ref(runtime)
         self.name = name
         self.device = device
         self.qos = qos
@@ -220,6 +222,18 @@ class ExecutionContext:
         self._waits = 0
         self._evictions = 0
         self.closed = False
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime the context belongs to.
+
+        Raises:
+            RuntimeError: that runtime was closed and no longer exists.
+        """
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError(f"context {self.name!r}: its runtime was closed and freed")
+        return runtime
 
     @property
     def priority(self) -> int:
@@ -380,11 +394,24 @@ class MemoryManager:
     """
 
     def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+        # Not owning: the runtime owns its memory manager (no cycle keeps either alive).
+        self._runtime_ref = weakref.ref(runtime)
         self._devices: dict[str, _DeviceMemory] = {}
         self._contexts: dict[str, ExecutionContext] = {}
         self._handlers: list[MemoryPressureHandler] = []
         self._seq = itertools.count()
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime whose memory this manages.
+
+        Raises:
+            RuntimeError: that runtime was closed and no longer exists.
+        """
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError("the memory manager's runtime was closed and freed")
+        return runtime
 
     # -- admission -----------------------------------------------------------------
 

@@ -148,14 +148,16 @@ class Order(enum.Enum):
     CONCURRENT = "concurrent"
 
 
-def _merge_scan(
+def _union(
     a_axes: tuple[int, ...],
     a_epochs: tuple[int, ...],
     b_axes: tuple[int, ...],
     b_epochs: tuple[int, ...],
-) -> tuple[tuple[int, ...], tuple[int, ...]]:
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The union of two sorted frontiers, maximum per axis; None when a already covers b."""
     axes: list[int] = []
     epochs: list[int] = []
+    grew = False
     i = j = 0
     na, nb = len(a_axes), len(b_axes)
     while i < na and j < nb:
@@ -163,7 +165,11 @@ def _merge_scan(
         if x == y:
             axes.append(x)
             ea, eb = a_epochs[i], b_epochs[j]
-            epochs.append(ea if ea >= eb else eb)
+            if ea >= eb:
+                epochs.append(ea)
+            else:
+                epochs.append(eb)
+                grew = True
             i += 1
             j += 1
         elif x < y:
@@ -173,14 +179,29 @@ def _merge_scan(
         else:
             axes.append(y)
             epochs.append(b_epochs[j])
+            grew = True
             j += 1
+    if j < nb:
+        grew = True
+        axes.extend(b_axes[j:])
+        epochs.extend(b_epochs[j:])
+    if not grew:
+        return None
     if i < na:
         axes.extend(a_axes[i:])
         epochs.extend(a_epochs[i:])
-    if j < nb:
-        axes.extend(b_axes[j:])
-        epochs.extend(b_epochs[j:])
     return tuple(axes), tuple(epochs)
+
+
+def _merge_scan(
+    a_axes: tuple[int, ...],
+    a_epochs: tuple[int, ...],
+    b_axes: tuple[int, ...],
+    b_epochs: tuple[int, ...],
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The union of two sorted frontiers, maximum per axis, as (axes, epochs)."""
+    union = _union(a_axes, a_epochs, b_axes, b_epochs)
+    return (a_axes, a_epochs) if union is None else union
 
 
 def _covers(
@@ -311,18 +332,28 @@ class Frontier:
 
     def merge(self, other: Frontier) -> Frontier:
         """Component-wise maximum: the causal history of both."""
+        # Returns an operand itself whenever it dominates the other: no allocation.
         a_axes, b_axes = self._axes, other._axes
         if a_axes is b_axes or a_axes == b_axes:
             a_e, b_e = self._epochs, other._epochs
             if a_e == b_e:
                 return self
-            return Frontier._make(a_axes, tuple(map(max, a_e, b_e)))
+            epochs = tuple([x if x >= y else y for x, y in zip(a_e, b_e, strict=True)])
+            if epochs == a_e:
+                return self
+            if epochs == b_e:
+                return other
+            return Frontier._make(a_axes, epochs)
         if not b_axes:
             return self
         if not a_axes:
             return other
-        axes, epochs = _merge_scan(a_axes, self._epochs, b_axes, other._epochs)
-        return Frontier._make(axes, epochs)
+        union = _union(a_axes, self._epochs, b_axes, other._epochs)
+        if union is None:
+            return self
+        if union[0] == b_axes and union[1] == other._epochs:
+            return other
+        return Frontier._make(*union)
 
     __or__ = merge
 

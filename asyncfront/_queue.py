@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
+import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -17,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
 from ._semaphore import MAX_VALUE, SemaphoreFailedError, TimelineSemaphore, join_waiters
+from .devices._base import LATER, Device
 
 if TYPE_CHECKING:
     from ._context import ExecutionContext, WorkingMemory
     from ._runtime import Runtime
-    from .devices._base import Device
 
 __all__ = (
     "CancelledWorkError",
@@ -263,7 +265,9 @@ class DeviceQueue:
         name: str,
         frontier_capacity: int,
     ) -> None:
-        self.runtime = runtime
+        # Not owning: the runtime owns its queues, so a closed runtime (and its trace)
+        # is freed by reference counting, with no cycle for the collector to find.
+        self._runtime_ref = weakref.ref(runtime)
         self.device = device
         self.axis = axis
         self.priority = priority
@@ -295,6 +299,18 @@ class DeviceQueue:
         """The context whose queue this is (set by ``create_context``), else None."""
 
     # -- public --------------------------------------------------------------------
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime the queue belongs to.
+
+        Raises:
+            RuntimeError: that runtime was closed and no longer exists.
+        """
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError(f"queue {self.name!r}: its runtime was closed and freed")
+        return runtime
 
     @property
     def frontier(self) -> Frontier:
@@ -474,14 +490,14 @@ class DeviceQueue:
         if wakeup is not None:
             self._wakeup = None
             wakeup.set_result(None)  # the idle task wakes, sees the queue closed, and ends
-        runtime = self.runtime
-        if runtime._open and not self._busy():
+        runtime = self._runtime_ref()
+        if runtime is not None and runtime._open and not self._busy():
             runtime._retire(self)
 
     def _task_ended(self, task: asyncio.Task[None]) -> None:
         """The consumer task ended: a queue closed while its runtime is open retires."""
-        runtime = self.runtime
-        if runtime._open and self._closed and not self._busy():
+        runtime = self._runtime_ref()
+        if runtime is not None and runtime._open and self._closed and not self._busy():
             runtime._retire(self)
 
     def statistics(self) -> QueueStatistics:
@@ -517,6 +533,8 @@ class DeviceQueue:
         device = self.device
         claims = device.claims_waits
         capacity = self._capacity
+        arbiter = device._arbiter
+        plain_acquire = type(device).acquire is Device.acquire
         try:
             while True:
                 if not fifo:
@@ -583,7 +601,10 @@ class DeviceQueue:
                         # Working memory first: a memory wait holds no device slot.
                         working = None if sub.memory is None else await self._reserve(sub)
                         try:
-                            await device.acquire(self.priority)
+                            # A slot free with nobody ahead is taken without a coroutine;
+                            # the arbiter decides exactly as acquire() would.
+                            if not (plain_acquire and arbiter.try_acquire()):
+                                await device.acquire(self.priority)
                         except BaseException:
                             self._unreserve(working)
                             raise
@@ -594,7 +615,11 @@ class DeviceQueue:
                                 runtime._log.debug(
                                     "start", queue=self.name, submission=sub.name, epoch=sub.epoch
                                 )
-                            result = await device.execute(sub)
+                            result = device.execute_now(sub)
+                            if result is LATER:
+                                result = await device.execute(sub)
+                            elif result is not None and inspect.isawaitable(result):
+                                result = await result
                         finally:
                             device.release()
                             self._unreserve(working)

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import threading
+import traceback
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -827,6 +828,8 @@ class Runtime:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
+        if task.cancelled():
+            _clear_cancelled_frames(task)
         if not task.cancelled() and task.exception() is not None and self._crash is None:
             self._crash = task.exception()
             signal = self._crashed
@@ -985,6 +988,10 @@ class Runtime:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for q in self._queues:  # a queue task cancelled before it ever ran
             q._fail_pending()
+            # An ended task keeps its CancelledError, whose traceback holds the task's
+            # frame (this runtime, its queue): let go of it, so no cycle outlives closing.
+            q._task = None
+        self._tasks.clear()
         waiters, self._completion_waiters = self._completion_waiters, {}
         for heap in waiters.values():
             for _, _, fut in heap:
@@ -996,6 +1003,24 @@ class Runtime:
             await device.aclose()
         if self._crash is not None:
             raise RuntimeError("an asyncfront queue task crashed") from self._crash
+
+
+def _clear_cancelled_frames(task: asyncio.Task[Any]) -> None:
+    """Drop the locals of the frames in the error a cancelled task keeps.
+
+    A queue task cancelled mid-wait keeps its ``CancelledError``, whose traceback holds
+    the task's frame, whose locals (the task, the waiter futures) hold the error again:
+    a cycle through the runtime that only the collector could free.
+    """
+    try:
+        task.exception()  # raises the task's CancelledError, chained to the original
+    except asyncio.CancelledError as exc:
+        seen: set[int] = set()
+        error: BaseException | None = exc
+        while error is not None and id(error) not in seen:
+            seen.add(id(error))
+            traceback.clear_frames(error.__traceback__)
+            error = error.__context__
 
 
 @asynccontextmanager

@@ -523,3 +523,18 @@ def test_non_integer_entries_raise() -> None:
     """Entries must be (int, int) pairs."""
     with pytest.raises(TypeError, match="pairs"):
         Frontier([(1, 1.5)])  # type: ignore[list-item]
+
+
+@PROPERTY
+@given(st.one_of(st.tuples(frontiers, frontiers), same_axes_pairs()))
+def test_merge_returns_a_dominating_operand_itself(pair: tuple[Frontier, Frontier]) -> None:
+    """When one operand dominates the other, merge returns that operand, not a copy."""
+    a, b = pair
+    merged = a | b
+    if a.dominates(b):
+        assert merged is a
+    elif b.dominates(a):
+        assert merged is b
+    else:
+        assert merged.dominates(a) and merged.dominates(b)
+        assert merged.as_dict() == ref_merge(a.as_dict(), b.as_dict())

@@ -3,6 +3,7 @@ loaded on first use so that importing this package never imports torch, ``TorchD
 
 from typing import TYPE_CHECKING, Any
 
+from ._base import LATER as LATER
 from ._base import Device as Device
 from ._base import DeviceStatistics as DeviceStatistics
 from ._base import SlotArbiter as SlotArbiter
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from .torch import TorchDevice as TorchDevice
 
 __all__ = (
+    "LATER",
     "ChecksumError",
     "CpuDevice",
     "Device",

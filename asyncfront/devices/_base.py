@@ -15,7 +15,20 @@ if TYPE_CHECKING:
     from .._semaphore import TimelineSemaphore
     from ..memory import Block
 
-__all__ = ("Device", "DeviceStatistics", "SlotArbiter")
+__all__ = ("LATER", "Device", "DeviceStatistics", "SlotArbiter")
+
+
+class _Later:
+    """The type of :data:`LATER`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER: Any = _Later()
+"""What :meth:`Device.execute_now` returns when the work must go through ``execute``."""
 
 
 class SlotArbiter:
@@ -163,6 +176,17 @@ class Device(ABC):
     @abstractmethod
     async def execute(self, submission: Submission) -> Any:
         """Run one submission's work to completion and return its result."""
+
+    def execute_now(self, submission: Submission) -> Any:
+        """Run the work at once on the loop thread if this device can, else :data:`LATER`.
+
+        The queue calls it, holding a slot it took without waiting, before it would await
+        :meth:`execute`: a device whose work for ``submission`` needs no time and no other
+        thread (a fake device's zero-cost call) returns the result (an awaitable result
+        is awaited by the queue), or raises the work's error, and saves the coroutine and
+        the loop turn. The default, :data:`LATER`, sends every submission to :meth:`execute`.
+        """
+        return LATER
 
     def claim_wait(  # noqa: B027 (a hook whose default is to do nothing)
         self,

@@ -30,15 +30,34 @@ class VirtualStallError(looptime.IdleTimeoutError):
         self.stalls = tuple(stalls)
 
 
+# Empty loop iterations (each an I/O poll) before the virtual clock jumps to the next
+# timer. looptime's default, 42, gives threads and I/O time to schedule callbacks
+# before time moves; fake devices schedule everything on the loop itself, where a
+# callback scheduled by a callback is seen by the very next iteration, so one poll
+# suffices and a sequential chain in virtual time costs no extra system calls.
+DEFAULT_NOOP_CYCLES = 1
+
+
 def new_virtual_loop(
-    start: float = 0.0, idle_timeout: float | None = 1.0
+    start: float = 0.0,
+    idle_timeout: float | None = 1.0,
+    *,
+    noop_cycles: int = DEFAULT_NOOP_CYCLES,
 ) -> asyncio.AbstractEventLoop:
     """A new asyncio loop whose clock jumps to the next timer whenever nothing is ready.
 
     ``idle_timeout`` (real seconds) turns a loop with nothing scheduled and nothing
     ready, a hang, into ``looptime.IdleTimeoutError`` in every waiting task.
+    ``noop_cycles`` is how many idle iterations, each polling I/O without waiting, the
+    loop runs before it moves the clock: raise it (looptime's default is 42) when
+    threads or sockets must get a word in before virtual time jumps.
+
+    Raises:
+        ValueError: ``noop_cycles`` is negative.
     """
-    return looptime.new_event_loop(start=start, idle_timeout=idle_timeout)
+    if isinstance(noop_cycles, bool) or not isinstance(noop_cycles, int) or noop_cycles < 0:
+        raise ValueError(f"noop_cycles must be an int >= 0, got {noop_cycles!r}")
+    return looptime.new_event_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
 
 
 def run_virtual(
@@ -46,18 +65,20 @@ def run_virtual(
     *args: Any,
     start: float = 0.0,
     idle_timeout: float | None = 1.0,
+    noop_cycles: int = DEFAULT_NOOP_CYCLES,
 ) -> T:
     """Run ``main(*args)`` on a fresh virtual-time loop and return its result.
 
     ``asyncio.sleep`` and every timer cost no wall time, so fake devices simulate hours
     of work in milliseconds. Do not use threads inside: they do not advance virtual time.
+    ``start``, ``idle_timeout`` and ``noop_cycles`` are those of :func:`new_virtual_loop`.
 
     Raises:
         VirtualStallError: the loop went idle (a hang) while runtime queues were stalled;
             the message names each stalled queue, semaphore and value.
         looptime.IdleTimeoutError: the loop went idle with no queue stalled.
     """
-    loop = new_virtual_loop(start=start, idle_timeout=idle_timeout)
+    loop = new_virtual_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
     previous = _current_loop()
     try:
         asyncio.set_event_loop(loop)
