@@ -12,6 +12,8 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, TypeVar
 
+from ._queue import StalledError
+
 __all__ = ("RuntimeCrashedError", "check_timeout", "wait_blocking")
 
 T = TypeVar("T")
@@ -36,6 +38,24 @@ def check_timeout(timeout: object, what: str) -> None:
     """
     if not valid_timeout(timeout):
         raise ValueError(f"{what}: timeout must be None or seconds >= 0, got {timeout!r}")
+
+
+_CLOSING_GRACE = 5.0
+"""Seconds a caller whose work failed with StalledError waits to learn whether a crash
+closed the runtime (its thread ends right after the close)."""
+
+
+def _crash_of(ended: concurrent.futures.Future[None], timeout: float) -> BaseException | None:
+    """The crash that ended the runtime's thread within ``timeout`` seconds, else None."""
+    try:
+        ended.result(timeout)
+    except concurrent.futures.TimeoutError:
+        return None
+    except concurrent.futures.CancelledError:
+        return None
+    except BaseException as crash:
+        return crash
+    return None
 
 
 def wait_blocking(
@@ -68,6 +88,18 @@ def wait_blocking(
     concurrent.futures.wait(waited, timeout, return_when=concurrent.futures.FIRST_COMPLETED)
     if future.done():
         if not future.cancelled():
+            error = future.exception()
+            if error is None:
+                return future.result()
+            if ended is not None and isinstance(error, StalledError):
+                # Work fails with StalledError while its runtime closes; when the close
+                # comes from a crash, the caller hears of the crash, not of the stall.
+                ended_by_crash = _crash_of(ended, _CLOSING_GRACE)
+                if ended_by_crash is not None:
+                    raise RuntimeCrashedError(
+                        f"the runtime's thread crashed while {what} was waiting: "
+                        f"{type(ended_by_crash).__name__}: {ended_by_crash}"
+                    ) from ended_by_crash
             return future.result()
         closed_first = True  # the runtime cancelled it while shutting down
     else:

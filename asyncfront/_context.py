@@ -1206,10 +1206,22 @@ class SyncSession:
             future = asyncio.run_coroutine_threadsafe(coro, self._loop)
         except RuntimeError:  # the loop is closed: nothing will ever answer
             coro.close()
+            ended = self._runtime._host_ended
+            crash = ended.exception() if ended is not None and ended.done() else None
+            if crash is not None:
+                raise RuntimeCrashedError(
+                    f"session on context {self.context.name!r}: the runtime's thread crashed "
+                    f"before {what}: {type(crash).__name__}: {crash}"
+                ) from crash
             raise RuntimeCrashedError(
                 f"session on context {self.context.name!r}: the runtime's loop is closed"
             ) from None
-        return wait_blocking(future, label, wait, self._runtime._host_ended)
+        try:
+            return wait_blocking(future, label, wait, self._runtime._host_ended)
+        except RuntimeCrashedError:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()  # the loop ended before it ran: nothing else will close it
+            raise
 
     def __enter__(self) -> SyncSession:
         self._call(self._session.__aenter__(), "opening the session")
@@ -1221,7 +1233,13 @@ class SyncSession:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._call(self._session.__aexit__(exc_type, exc, tb), "closing the session")
+        try:
+            self._call(self._session.__aexit__(exc_type, exc, tb), "closing the session")
+        except RuntimeCrashedError:
+            if exc is None:
+                raise
+            # The error leaving the block (often the crash itself) is the one to report;
+            # a runtime that can no longer close the session adds nothing to it.
 
     @property
     def context(self) -> ExecutionContext:

@@ -76,8 +76,10 @@ def test_a_crash_reaches_every_blocked_caller() -> None:
     ctx = thread.call_soon(rt.create_context, "llm", device="gpu", max_memory=MiB)
     never = thread.call_soon(rt.semaphore, name="never")
     errors: list[BaseException] = []
+    waiting: list[int] = []
 
     async def wait_forever() -> None:
+        waiting.append(1)
         await asyncio.Event().wait()
 
     def blocked_call() -> None:
@@ -97,7 +99,10 @@ def test_a_crash_reaches_every_blocked_caller() -> None:
     callers.append(threading.Thread(target=blocked_session))
     for caller in callers:
         caller.start()
-    time.sleep(0.2)  # all four are blocked now
+    deadline = time.monotonic() + 10
+    while len(waiting) < 3 or thread.call_soon(lambda: never.statistics().waiters) < 1:
+        assert time.monotonic() < deadline, "the callers did not block"
+        time.sleep(0.01)  # until all four are blocked on the runtime
     _crash_the_queue_task(thread)
     thread.call_soon(lambda: rt.queue("gpu").submit())
     for caller in callers:
