@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._budget import QoS
+from .._budget import MiB, QoS
 from .._context import ExecutionContext
 from .._frontier import Frontier, axis_name
 from .._progress import progress_console
@@ -27,13 +27,15 @@ from .._queue import Submission
 from .._runtime import open_runtime
 from .._semaphore import TimelineSemaphore
 from ..devices.cpu import CpuDevice
+from ..devices.storage import StorageDevice
+from ..models import from_transformers
 from ._deps import require
 from ._index import DocChunk, DocIndex, chunk_documents, find_docs
 from ._language import Generation, ReplyModel
 from ._speech import SpeechRecognizer, read_wav, sample_wav_path
 from ._synthesis import SpeechSynthesizer, Synthesis
 
-__all__ = ("STAGES", "DemoOptions", "DemoReport", "run_demo")
+__all__ = ("STAGES", "DemoOptions", "DemoReport", "ResidencyEvent", "run_demo")
 
 STAGES = ("speech-to-text", "reply", "text-to-speech")
 """The conversation's stages, in pipeline order."""
@@ -65,6 +67,24 @@ class DemoOptions:
     """Show loading and stage progress with rich (on stderr)."""
 
 
+@dataclass(frozen=True)
+class ResidencyEvent:
+    """A model's weights loaded into, or dropped from, the CPU's memory."""
+
+    action: str
+    """``load`` or ``drop``."""
+    model: str
+    began: float
+    """Seconds since the demo's runtime opened."""
+    ended: float
+
+
+def _budget_for(checkpoint: Path) -> int:
+    """Bytes a context needs for ``checkpoint``'s weights: its safetensors plus alignment."""
+    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    return size + size // 16 + 4 * MiB
+
+
 @dataclass
 class DemoReport:
     """What the demo produced, where each stage ran, and the reply's frontier."""
@@ -82,6 +102,8 @@ class DemoReport:
     index_batches: list[Submission]
     contexts: dict[str, ExecutionContext]
     start: float
+    residency: list[ResidencyEvent] = field(default_factory=list)
+    """Each load and drop of a model's weights, in the order they happened."""
     timeline: str = ""
 
     @property
@@ -117,6 +139,12 @@ class DemoReport:
         ]
         for name, sub in self.loads.items():
             lines.append(f"  {name:<15} on {sub.queue.name:<7} {self._span(sub)}")
+        lines.append("model weights (from_transformers, read on the storage queue):")
+        for event in self.residency:
+            lines.append(
+                f"  {event.action:<4} {event.model:<10} {event.began:7.2f} -> {event.ended:7.2f} s"
+                f"  ({event.ended - event.began:6.2f} s)"
+            )
         lines.append("stages:")
         for name, sub in self.stages.items():
             ctx = self.contexts[name]
@@ -214,13 +242,25 @@ async def run_demo(
     chunks = chunk_documents(find_docs(opts.docs))
     batches = [chunks[i : i + opts.batch_size] for i in range(0, len(chunks), opts.batch_size)]
     progress = _Progress(opts.progress)
-    async with open_runtime([CpuDevice("cpu", workers=opts.workers)]) as rt:
-        start = asyncio.get_running_loop().time()  # the clock submissions are timed on
+    # The checkpoints' directories and tokenizers (the untrained LM is saved on first use);
+    # the weights themselves are the runtime's to load, through the storage queue.
+    lm_path, trained, lm_tokenizer = await asyncio.to_thread(
+        ReplyModel.prepare, checkpoint=opts.checkpoint, model_dir=opts.model_dir
+    )
+    index_path, index_tokenizer = await asyncio.to_thread(DocIndex.prepare)
+    lm_bytes, index_bytes = _budget_for(lm_path), _budget_for(index_path)
+    devices = [
+        CpuDevice("cpu", workers=opts.workers, memory=lm_bytes + index_bytes),
+        StorageDevice(lm_path.resolve()),
+    ]
+    async with open_runtime(devices) as rt:
+        clock = asyncio.get_running_loop().time  # the clock submissions are timed on
+        start = clock()
         contexts = {
             "speech-to-text": rt.create_context("stt", "cpu", qos=QoS.GUARANTEED),
-            "reply": rt.create_context("lm", "cpu", qos=QoS.GUARANTEED),
+            "reply": rt.create_context("lm", "cpu", max_memory=lm_bytes, qos=QoS.GUARANTEED),
             "text-to-speech": rt.create_context("tts", "cpu", qos=QoS.GUARANTEED),
-            "index": rt.create_context("index", "cpu", qos=QoS.BEST_EFFORT),
+            "index": rt.create_context("index", "cpu", max_memory=index_bytes, qos=QoS.BEST_EFFORT),
         }
         queue = {name: ctx.queue for name, ctx in contexts.items()}
         ready = {name: TimelineSemaphore(name=f"{name} loaded") for name in contexts}
@@ -228,6 +268,19 @@ async def run_demo(
         replied = TimelineSemaphore(name="replied")
         indexed = TimelineSemaphore(name="indexed")
         results: dict[str, Any] = {}
+        residency: list[ResidencyEvent] = []
+        # Registration builds each module on meta, serialised by the library's build lock.
+        lm_model = from_transformers(
+            rt,
+            "reply-lm",
+            lm_path.resolve(),
+            device="cpu",
+            context=contexts["reply"],
+            auto_class="AutoModelForCausalLM",
+        )
+        index_model = from_transformers(
+            rt, "minilm", index_path, device="cpu", context=contexts["index"]
+        )
 
         def load(name: str, loader: Any) -> Submission:
             return queue[name].submit(
@@ -236,71 +289,103 @@ async def run_demo(
                 signals=[(ready[name], 1)],
             )
 
-        # Each queue is a FIFO: its model's load goes first, the work using it after.
+        # Each queue is a FIFO: its stage's setup goes first, the work using it after.
         loads = {
             "speech-to-text": load("speech-to-text", SpeechRecognizer),
-            "reply": load(
-                "reply",
-                lambda: ReplyModel.load(checkpoint=opts.checkpoint, model_dir=opts.model_dir),
-            ),
             "text-to-speech": load("text-to-speech", lambda: SpeechSynthesizer(opts.tts)),
-            "index": load("index", DocIndex.load),
         }
-        # Background indexing at the lowest priority: it fills the CPU's gaps.
-        index_batches = [
-            queue["index"].submit(
-                lambda batch=batch: results["index"].add(batch),
-                name=f"embed {n}/{len(batches)}",
-                waits=[(ready["index"], 1)],
-                signals=[(indexed, n)],
-            )
-            for n, batch in enumerate(batches, start=1)
-        ]
-        # The conversation, last stage first: one atomic submission, no round trips.
-        stages = {
-            "text-to-speech": queue["text-to-speech"].submit(
-                lambda: results["text-to-speech"].synthesize(
-                    results["reply text"].text, opts.output
-                ),
-                name="speak",
-                waits=[(replied, 1), (ready["text-to-speech"], 1)],
-            ),
-            "reply": queue["reply"].submit(
-                lambda: results.__setitem__(
-                    "reply text",
-                    results["reply"].generate(
-                        f"user: {results['transcript']}\nassistant:", opts.tokens
-                    ),
-                ),
-                name="generate",
-                waits=[(heard, 1), (ready["reply"], 1)],
-                signals=[(replied, 1)],
-            ),
-            "speech-to-text": queue["speech-to-text"].submit(
-                lambda: results.__setitem__(
-                    "transcript", results["speech-to-text"].transcribe(read_wav(audio_path))
-                ),
-                name="transcribe",
-                waits=[(ready["speech-to-text"], 1)],
-                signals=[(heard, 1)],
-            ),
-        }
-        with progress.shown():
-            await asyncio.gather(
-                progress.track("loading pocketsphinx", [loads["speech-to-text"]]),
-                progress.track("loading the reply LM", [loads["reply"]]),
-                progress.track("loading text-to-speech", [loads["text-to-speech"]]),
-                progress.track("loading MiniLM-L6 (BestEffort)", [loads["index"]]),
-                progress.track("conversation stages", [stages[s] for s in STAGES]),
-                progress.track("indexing docs (BestEffort)", index_batches),
-            )
-        for sub in [*loads.values(), *stages.values(), *index_batches]:
-            await sub  # raises the first failure, with its traceback
-        nearest = await queue["index"].submit(
-            lambda: results["index"].search(results["transcript"] or "hello", 1),
-            name="search",
-            waits=[(indexed, len(batches))] if batches else [(ready["index"], 1)],
+        # The conversation, last stage first: the spoken reply waits on the reply's signal.
+        speak = queue["text-to-speech"].submit(
+            lambda: results["text-to-speech"].synthesize(results["reply text"].text, opts.output),
+            name="speak",
+            waits=[(replied, 1), (ready["text-to-speech"], 1)],
         )
+        transcribe = queue["speech-to-text"].submit(
+            lambda: results.__setitem__(
+                "transcript", results["speech-to-text"].transcribe(read_wav(audio_path))
+            ),
+            name="transcribe",
+            waits=[(ready["speech-to-text"], 1)],
+            signals=[(heard, 1)],
+        )
+
+        async def resident(name: str, model: Any) -> Any:
+            """``rt.using`` with its load's span recorded for the report."""
+            began = clock() - start
+            entered = rt.using(model, "cpu")
+            resident_model = await entered.__aenter__()
+            residency.append(ResidencyEvent("load", name, began, clock() - start))
+            return entered, resident_model
+
+        async def converse() -> Submission:
+            try:
+                entered, m = await resident("reply-lm", lm_model)
+            except BaseException as exc:
+                replied.fail(exc)
+                raise
+            try:
+                lm = ReplyModel(m.module, lm_tokenizer, lm_path, trained)
+                results["reply"] = lm
+                generate = queue["reply"].submit(
+                    lambda: results.__setitem__(
+                        "reply text",
+                        lm.generate(f"user: {results['transcript']}\nassistant:", opts.tokens),
+                    ),
+                    name="generate",
+                    waits=[(heard, 1), m.ready],
+                    signals=[(replied, 1)],
+                )
+                with contextlib.suppress(Exception):
+                    await generate
+                return generate
+            finally:
+                await entered.__aexit__(None, None, None)
+
+        async def index_docs() -> tuple[list[Submission], Submission]:
+            entered, m = await resident("minilm", index_model)
+            try:
+                index = DocIndex(m.module, index_tokenizer, index_path)
+                results["index"] = index
+                subs = [
+                    queue["index"].submit(
+                        lambda batch=batch: index.add(batch),
+                        name=f"embed {n}/{len(batches)}",
+                        waits=[m.ready],
+                        signals=[(indexed, n)],
+                    )
+                    for n, batch in enumerate(batches, start=1)
+                ]
+                # The nearest section among those indexed, once the index has signalled.
+                search = queue["index"].submit(
+                    lambda: index.search(results["transcript"] or "hello", 1),
+                    name="search",
+                    waits=[(heard, 1), (indexed, len(batches)) if batches else m.ready],
+                )
+                await progress.track("indexing docs (BestEffort)", subs)
+                with contextlib.suppress(Exception):
+                    await search
+                return subs, search
+            finally:
+                await entered.__aexit__(None, None, None)
+
+        with progress.shown():
+            _, _, generate, (index_batches, search), _ = await asyncio.gather(
+                progress.track("loading pocketsphinx", [loads["speech-to-text"]]),
+                progress.track("loading text-to-speech", [loads["text-to-speech"]]),
+                converse(),
+                index_docs(),
+                progress.track("conversation stages", [transcribe, speak]),
+            )
+        stages = {"speech-to-text": transcribe, "reply": generate, "text-to-speech": speak}
+        for sub in [*loads.values(), *stages.values(), *index_batches, search]:
+            await sub  # raises the first failure, with its traceback
+        nearest = await search
+        # The loads ran at once; report them in a fixed order, not the order they ended.
+        residency.sort(key=lambda e: e.model != "reply-lm")
+        for name, model in (("reply-lm", lm_model), ("minilm", index_model)):
+            began = clock() - start
+            rt.residency.drop(model, "cpu")
+            residency.append(ResidencyEvent("drop", name, began, clock() - start))
     report = DemoReport(
         transcript=results["transcript"],
         generation=results["reply text"],
@@ -312,6 +397,7 @@ async def run_demo(
         audio_path=Path(audio_path),
         loads=loads,
         stages={name: stages[name] for name in STAGES},
+        residency=residency,
         index_batches=index_batches,
         contexts=contexts,
         start=start,
