@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._collective import CollectiveChannel, CollectiveStep
 from .._frontier import Frontier
 from .._queue import DeviceQueue, Submission
 from .._runtime import Runtime, open_runtime
@@ -73,15 +74,47 @@ class _OwnedSemaphore(TimelineSemaphore):
         return took
 
 
+class _ChannelQueue:
+    """A collective channel in a remote queue's place: its steps are the submissions."""
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: CollectiveChannel) -> None:
+        self.channel = channel
+
+    @property
+    def name(self) -> str:
+        return self.channel.name
+
+    @property
+    def axis(self) -> int:
+        return self.channel.axis
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> CollectiveStep:
+        return self.channel.submit(fn, *args, **kwargs)
+
+    def statistics(self) -> Any:
+        return self.channel.statistics()
+
+
+def _keep_nothing(sub_id: int, value: Any) -> None:
+    return None
+
+
+def _loads_locked(payload: bytes) -> Any:
+    with _IMPORTS:
+        return loads(payload)
+
+
 class _RemoteQueue:
     """A local queue created for remote senders, and the reporter of its results."""
 
     __slots__ = ("finished", "queue", "reporter", "wakeup")
 
-    def __init__(self, queue: DeviceQueue) -> None:
+    def __init__(self, queue: DeviceQueue | _ChannelQueue) -> None:
         self.queue = queue
         # (submission id, sender, local submission): results reported in FIFO order
-        self.finished: deque[tuple[int, str, Submission]] = deque()
+        self.finished: deque[tuple[int, str, Submission | CollectiveStep]] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.reporter: asyncio.Task[None] | None = None
 
@@ -153,6 +186,23 @@ class NodeRuntime:
             open_runtime(devices, node=self.index, stall_timeout=self._stall_timeout)
         )
         return [(d.name, d.kind, d.index) for d in self._runtime.devices.values()]
+
+    async def run(self, payload: bytes) -> bytes:
+        """Run a pickled ``fn(runtime)`` on this loop; answers (ok, result or packed error)."""
+        try:
+            fn = await asyncio.to_thread(_loads_locked, payload)
+            result = fn(self._require_runtime())
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            return dumps((False, pack_exception(exc)))
+        try:
+            return dumps((True, result))
+        except Exception as exc:
+            failure = TypeError(
+                f"the result of a function run on node {self.index} cannot be pickled: {exc}"
+            )
+            return dumps((False, pack_exception(failure)))
 
     async def lifetime(self) -> int:
         """Answers when the node stops: a caller sees the actor's death as an error."""
@@ -238,6 +288,21 @@ class NodeRuntime:
                     self._released.add(sub_id)
         elif kind in ("link_send", "link_recv"):
             self._link_item(sender, item, payload)
+        elif kind == "collective":
+            _, qid, members, name = item
+            runtime = self._require_runtime()
+            queues = []
+            for member in members:
+                queue = self._queues[(sender, member)].queue
+                if not isinstance(queue, DeviceQueue):
+                    raise ValueError(f"a collective's members are queues, not {queue.name!r}")
+                queues.append(queue)
+            channel = runtime.collective(queues, name=name)
+            entry = self._queues[(sender, qid)] = _RemoteQueue(_ChannelQueue(channel))
+            entry.reporter = asyncio.get_running_loop().create_task(
+                self._report(entry), name=f"asyncfront:report:{channel.name}"
+            )
+            self._emit(sender, ("queue", qid, channel.axis, channel.name))
         elif kind == "queue":
             _, qid, device, priority, name = item
             runtime = self._require_runtime()
@@ -264,8 +329,9 @@ class NodeRuntime:
             if not ok:
                 raise work
             fn, args, kwargs = work if work is not None else (None, (), {})
+            collective = isinstance(entry.queue, _ChannelQueue)
             if fn is not None:
-                fn = self._keeping(fn, sub_id, args, kwargs)
+                fn = self._keeping(fn, sub_id, args, kwargs, keeps=not collective)
             sub = entry.queue.submit(
                 fn, *args, waits=local_waits, signals=local_signals, name=name, cost=cost, **kwargs
             )
@@ -283,10 +349,18 @@ class NodeRuntime:
             wakeup.set_result(None)
 
     def _keeping(
-        self, fn: Callable[..., Any], sub_id: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: Callable[..., Any],
+        sub_id: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        keeps: bool = True,
     ) -> Callable[..., Any]:
-        """``fn`` with earlier results put in for ValueRef arguments, keeping its result."""
-        keep = self._keep
+        """``fn`` with earlier results put in for ValueRef arguments, keeping its result.
+
+        A collective step's parts do not keep theirs: the step keeps the list of them.
+        """
+        keep = self._keep if keeps else _keep_nothing
         refs = any(isinstance(a, ValueRef) for a in args) or any(
             isinstance(v, ValueRef) for v in kwargs.values()
         )
@@ -487,7 +561,7 @@ class NodeRuntime:
         while entry.finished and entry.finished[0][2].done():
             self._report_one(*entry.finished.popleft())
 
-    def _report_one(self, sub_id: int, sender: str, sub: Submission) -> None:
+    def _report_one(self, sub_id: int, sender: str, sub: Submission | CollectiveStep) -> None:
         link_send = self._link_sends.pop(sub_id, None)
         if link_send is not None and sub.exception() is not None:
             # The receive waits for this message's announcement: fail it instead.
@@ -498,6 +572,8 @@ class NodeRuntime:
         frontier = sub.frontier
         encoded = encode_frontier(frontier) if frontier is not None else ((), ())
         exc = sub.exception()
+        if exc is None and isinstance(sub, CollectiveStep):
+            self._keep(sub_id, sub._result)
         if exc is None:
             try:
                 payload = dumps(sub._result)
