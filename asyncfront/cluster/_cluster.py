@@ -1106,6 +1106,15 @@ async def open_cluster(
         infos = await asyncio.wait_for(
             asyncio.gather(*(_await(a.start.remote(actors)) for a in actors)), start_timeout
         )
+        # Semaphore pushes between nodes go over direct streams where they connect.
+        endpoints = await asyncio.wait_for(
+            asyncio.gather(*(_await(a.endpoint.remote()) for a in actors), return_exceptions=True),
+            start_timeout,
+        )
+        addresses = [e if isinstance(e, tuple) else None for e in endpoints]
+        await asyncio.wait_for(
+            asyncio.gather(*(_await(a.connect.remote(addresses)) for a in actors)), start_timeout
+        )
         cluster.nodes = tuple(
             ClusterNode(
                 cluster,

@@ -165,6 +165,11 @@ class NodeRuntime:
         self._inbound: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
         self._link_sends: dict[int, tuple[int, int, int]] = {}  # sub id -> link, message, peer
         self._recv_peers: dict[int, int] = {}  # link -> the node that sends on it
+        # Semaphore pushes go to peers over a direct TCP stream when it is up (a Ray
+        # actor call costs several times a stream write); Ray carries them otherwise.
+        self._push_server: asyncio.Server | None = None
+        self._push_writers: dict[int, asyncio.StreamWriter] = {}
+        self._push_readers: set[asyncio.Task[None]] = set()
 
     # -- life ------------------------------------------------------------------------
 
@@ -204,6 +209,57 @@ class NodeRuntime:
             )
             return dumps((False, pack_exception(failure)))
 
+    async def endpoint(self) -> tuple[str, int]:
+        """Open this node's push stream server; returns its address and port."""
+        import ray
+
+        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        if self._push_server is None:
+            self._push_server = await asyncio.start_server(self._push_connection, host, 0)
+        port = int(self._push_server.sockets[0].getsockname()[1])
+        return host, port
+
+    async def connect(self, endpoints: list[tuple[str, int] | None]) -> list[int]:
+        """Open a push stream to every other node's endpoint; returns the nodes reached.
+
+        A peer that cannot be reached keeps getting its pushes as Ray actor calls.
+        """
+        reached = []
+        for peer, address in enumerate(endpoints):
+            if peer == self.index or address is None or peer in self._push_writers:
+                continue
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 10.0)
+            except (OSError, TimeoutError):
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._push_writers[peer] = writer
+            reached.append(peer)
+        return reached
+
+    async def _push_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Apply every push frame (a 4-byte length, then pickled updates) a peer sends."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._push_readers.add(task)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                header = await reader.readexactly(4)
+                frame = await reader.readexactly(int.from_bytes(header, "big"))
+                self._apply_pushes(loads(frame))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._push_readers.discard(task)
+            writer.close()
+
     async def lifetime(self) -> int:
         """Answers when the node stops: a caller sees the actor's death as an error."""
         assert self._stopped is not None
@@ -237,11 +293,22 @@ class NodeRuntime:
                 entry.reporter.cancel()
         for entry in self._queues.values():
             self._report_finished(entry)
+        self._close_push_streams()
         for event in self._outbox_ready.values():
             event.set()
         if self._stopped is not None:
             self._stopped.set()
         return records
+
+    def _close_push_streams(self) -> None:
+        for writer in self._push_writers.values():
+            writer.close()
+        self._push_writers.clear()
+        for task in self._push_readers:
+            task.cancel()
+        if self._push_server is not None:
+            self._push_server.close()
+            self._push_server = None
 
     # -- submissions -----------------------------------------------------------------
 
@@ -678,11 +745,21 @@ class NodeRuntime:
             self._push_now(target, updates)
 
     def _push_now(self, target: int, updates: list[SemaphoreUpdate]) -> None:
-        if target not in self._lost:
-            self._peers[target].push.remote([tuple(u) for u in updates])
+        if target in self._lost:
+            return
+        raw = [tuple(u) for u in updates]
+        writer = self._push_writers.get(target)
+        if writer is not None and not writer.is_closing():
+            frame = dumps(raw)
+            writer.write(len(frame).to_bytes(4, "big") + frame)
+            return
+        self._peers[target].push.remote(raw)
 
     async def push(self, updates: list[tuple[Any, ...]]) -> None:
         """Apply semaphore states pushed by their owners (idempotent, any order)."""
+        self._apply_pushes(updates)
+
+    def _apply_pushes(self, updates: list[tuple[Any, ...]]) -> None:
         for raw in updates:
             update = SemaphoreUpdate(*raw)
             sem = self._sems.get(update.name)
@@ -699,6 +776,9 @@ class NodeRuntime:
                 self._sems[name].fail(error)
         for subscribers in self._subscribers.values():
             subscribers.discard(node)
+        writer = self._push_writers.pop(node, None)
+        if writer is not None:
+            writer.close()
         for (link, _), sem in self._announced.items():
             if self._recv_peers.get(link) == node:
                 sem.fail(error)
