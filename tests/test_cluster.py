@@ -171,7 +171,38 @@ async def test_errors_knowable_at_submit_raise_there(ray_address: str) -> None:
             n0.queue("gpu")
         with pytest.raises(ValueError, match="a semaphore named 'a' exists"):
             cluster.semaphore("a", owner=n1)
+        with pytest.raises(ValueError, match="a collective on node 1 takes this node's queues"):
+            n1.collective([q0])
+        with pytest.raises(ValueError, match="a collective on node 0 lists a queue twice"):
+            n0.collective([q0, q0])
+        with pytest.raises(ValueError, match="needs at least one queue"):
+            n0.collective([])
+        with pytest.raises(TypeError, match="a function for node 0 cannot be pickled"):
+            await n0.run(lambda rt: lock)
         assert cluster.statistics().pending_submissions == 0
+
+
+async def test_collective_steps_and_run_on_a_node(ray_address: str) -> None:
+    """A node's collective runs fn(rank) on each member; node.run sees the node's runtime."""
+
+    def boom(rt: object) -> None:
+        raise RemoteBoom("no runtime for you")
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n1 = cluster.nodes[1]
+        q1, q2 = n1.queue("cpu"), n1.queue("cpu")
+        channel = n1.collective([q1, q2], name="tp")
+        done = cluster.semaphore("done", owner=n1)
+        step = channel.submit(lambda rank, x: rank * 10 + x, 7, signals=[(done, 1)])
+        assert await step == [7, 17]
+        final = await done.wait(1)
+        channel_axis = await channel.ready()
+        assert axis_fields(channel_axis).domain == Domain.COLLECTIVE
+        assert axis_fields(channel_axis).node == 1
+        assert final.get(channel_axis) == 1
+        assert await n1.run(lambda rt: rt.node) == 1  # type: ignore[attr-defined]
+        with pytest.raises(RemoteBoom, match="no runtime for you"):
+            await n1.run(boom)
 
 
 async def test_killed_node_fails_its_semaphores_and_every_dependant(ray_address: str) -> None:

@@ -101,6 +101,15 @@ def _keep_nothing(sub_id: int, value: Any) -> None:
     return None
 
 
+def _import_torch_if_installed() -> None:
+    import importlib.util
+    import sys
+
+    with _IMPORTS:  # taken even when imported: another thread may be importing it now
+        if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+            import torch  # noqa: F401
+
+
 def _loads_locked(payload: bytes) -> Any:
     with _IMPORTS:
         return loads(payload)
@@ -196,6 +205,9 @@ class NodeRuntime:
         """Run a pickled ``fn(runtime)`` on this loop; answers (ok, result or packed error)."""
         try:
             fn = await asyncio.to_thread(_loads_locked, payload)
+            # ``fn`` runs on the loop and may import torch: do that here, off the loop and
+            # under the import lock (the link's thread may be importing torch too).
+            await asyncio.to_thread(_import_torch_if_installed)
             result = fn(self._require_runtime())
             if inspect.isawaitable(result):
                 result = await result
