@@ -75,8 +75,10 @@ def _import_ray() -> Any:
     try:
         import ray
     except ImportError as exc:  # pragma: no cover - the extra is part of dev
+        from .._install import install_hint
+
         raise ClusterError(
-            "asyncfront's cluster layer needs Ray: pip install 'asyncfront[cluster]'"
+            f"asyncfront's cluster layer needs Ray ({install_hint('cluster')})"
         ) from exc
     return ray
 
@@ -1106,9 +1108,13 @@ async def open_cluster(
         infos = await asyncio.wait_for(
             asyncio.gather(*(_await(a.start.remote(actors)) for a in actors)), start_timeout
         )
-        # Semaphore pushes between nodes go over direct streams where they connect.
+        # Semaphore pushes between nodes go over direct streams where they connect; a
+        # stream opens with a secret only the cluster's node runtimes know.
+        push_token = os.urandom(32)
         endpoints = await asyncio.wait_for(
-            asyncio.gather(*(_await(a.endpoint.remote()) for a in actors), return_exceptions=True),
+            asyncio.gather(
+                *(_await(a.endpoint.remote(push_token)) for a in actors), return_exceptions=True
+            ),
             start_timeout,
         )
         addresses = [e if isinstance(e, tuple) else None for e in endpoints]

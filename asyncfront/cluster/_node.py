@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import os
 import socket
@@ -179,6 +180,7 @@ class NodeRuntime:
         self._push_server: asyncio.Server | None = None
         self._push_writers: dict[int, asyncio.StreamWriter] = {}
         self._push_readers: set[asyncio.Task[None]] = set()
+        self._push_token = b""
 
     # -- life ------------------------------------------------------------------------
 
@@ -221,9 +223,15 @@ class NodeRuntime:
             )
             return dumps((False, pack_exception(failure)))
 
-    async def endpoint(self) -> tuple[str, int]:
-        """Open this node's push stream server; returns its address and port."""
+    async def endpoint(self, token: bytes) -> tuple[str, int]:
+        """Open this node's push stream server; returns its address and port.
+
+        A connection must open with ``token`` (the cluster's secret, from the driver);
+        one that does not is closed before anything it sends is unpickled.
+        """
         import ray
+
+        self._push_token = token
 
         host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         if self._push_server is None:
@@ -247,6 +255,7 @@ class NodeRuntime:
             sock = writer.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writer.write(self._push_token)
             self._push_writers[peer] = writer
             reached.append(peer)
         return reached
@@ -262,6 +271,9 @@ class NodeRuntime:
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            token = await reader.readexactly(len(self._push_token))
+            if not hmac.compare_digest(token, self._push_token):
+                return
             while True:
                 header = await reader.readexactly(4)
                 frame = await reader.readexactly(int.from_bytes(header, "big"))
