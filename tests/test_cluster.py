@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from asyncfront import SemaphoreFailedError, axis_fields
+from asyncfront import Domain, SemaphoreFailedError, axis_fields
 
 ray = pytest.importorskip("ray")
 
@@ -171,7 +171,38 @@ async def test_errors_knowable_at_submit_raise_there(ray_address: str) -> None:
             n0.queue("gpu")
         with pytest.raises(ValueError, match="a semaphore named 'a' exists"):
             cluster.semaphore("a", owner=n1)
+        with pytest.raises(ValueError, match="a collective on node 1 takes this node's queues"):
+            n1.collective([q0])
+        with pytest.raises(ValueError, match="a collective on node 0 lists a queue twice"):
+            n0.collective([q0, q0])
+        with pytest.raises(ValueError, match="needs at least one queue"):
+            n0.collective([])
+        with pytest.raises(TypeError, match="a function for node 0 cannot be pickled"):
+            await n0.run(lambda rt: lock)
         assert cluster.statistics().pending_submissions == 0
+
+
+async def test_collective_steps_and_run_on_a_node(ray_address: str) -> None:
+    """A node's collective runs fn(rank) on each member; node.run sees the node's runtime."""
+
+    def boom(rt: object) -> None:
+        raise RemoteBoom("no runtime for you")
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n1 = cluster.nodes[1]
+        q1, q2 = n1.queue("cpu"), n1.queue("cpu")
+        channel = n1.collective([q1, q2], name="tp")
+        done = cluster.semaphore("done", owner=n1)
+        step = channel.submit(lambda rank, x: rank * 10 + x, 7, signals=[(done, 1)])
+        assert await step == [7, 17]
+        final = await done.wait(1)
+        channel_axis = await channel.ready()
+        assert axis_fields(channel_axis).domain == Domain.COLLECTIVE
+        assert axis_fields(channel_axis).node == 1
+        assert final.get(channel_axis) == 1
+        assert await n1.run(lambda rt: rt.node) == 1  # type: ignore[attr-defined]
+        with pytest.raises(RemoteBoom, match="no runtime for you"):
+            await n1.run(boom)
 
 
 async def test_killed_node_fails_its_semaphores_and_every_dependant(ray_address: str) -> None:
@@ -289,16 +320,49 @@ def _micro_batch(index: int, width: int) -> object:
     return torch.randn(2, width, generator=torch.Generator().manual_seed(1000 + index))
 
 
-async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
-    """C2 on CPU tensors: split layers, activations over a link; frontier and outputs hold."""
+def _c2_devices(directory: str) -> object:
+    """Node 0: a CPU, plus the KV sessions' GPU budget, host memory and NVMe; node 1: a CPU."""
+
+    def devices(index: int) -> list[object]:
+        from asyncfront.devices.cpu import CpuDevice
+        from asyncfront.scenarios.kv_paging import kv_devices
+
+        cpu: list[object] = [CpuDevice("cpu", workers=2)]
+        return cpu + kv_devices(directory, sessions=8) if index == 0 else cpu
+
+    return devices
+
+
+async def _page_kv_sessions(rt: object) -> dict[str, object]:
+    """Run the KV sessions under node 0's pager; what the pipeline test checks of them."""
+    from asyncfront.scenarios.kv_paging import run_kv_paging
+
+    report = await run_kv_paging(rt, sessions=8)  # type: ignore[arg-type]
+    return {
+        "idle": report.idle_digest,
+        "resumed": report.resumed_digest,
+        "evicted": report.evicted_for_growth,
+        "page_outs": report.statistics.page_outs,
+        "nvme": report.queues["nvme"].axis,
+        "page_out_frontier": report.page_out_frontier.as_dict(),
+    }
+
+
+async def test_pipeline_over_a_link_matches_one_node(ray_address: str, tmp_path: object) -> None:
+    """C2 on CPU tensors: split layers, collectives per node, a link, KV paged on node 0."""
     torch = pytest.importorskip("torch")
     width, layers, split, batches = 16, 4, 2, 6
-    async with open_cluster(ray_address, nodes=2) as cluster:
+    devices = _c2_devices(str(tmp_path))
+    async with open_cluster(ray_address, nodes=2, devices=devices) as cluster:  # type: ignore[arg-type]
         n0, n1 = cluster.nodes
         link = cluster.link(n0, n1, name="activations")
         front_q, back_q = n0.queue("cpu", name="front"), n1.queue("cpu", name="back")
+        front_c = n0.collective([front_q], name="front_tp")
+        back_c = n1.collective([back_q], name="back_tp")
         front = cluster.semaphore("front", owner=n0)
+        front_synced = cluster.semaphore("front_synced", owner=n0)
         back = cluster.semaphore("back", owner=n1)
+        back_synced = cluster.semaphore("back_synced", owner=n1)
 
         def run_layers(lo: int, hi: int, x: object) -> object:
             for k in range(lo, hi):
@@ -318,7 +382,9 @@ async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
                 signals=[(front, m)],
                 name=f"front{m}",
             )
-            transfer = link.send(x, waits=[(front, m)])
+            # Each stage ends in a step of its node's collective channel (a barrier here).
+            front_c.submit(None, waits=[(front, m)], signals=[(front_synced, m)])
+            transfer = link.send(x, waits=[(front_synced, m)])
             transfers.append(transfer)
             outputs.append(
                 back_q.submit(
@@ -331,10 +397,14 @@ async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
                     name=f"back{m}",
                 )
             )
+            back_c.submit(None, waits=[(back, m)], signals=[(back_synced, m)])
         # Node 0 computes only once everything, node 1's stages included, is queued.
         go_q.submit(None, signals=[(go, 1)])
+        # Meanwhile many chat sessions' KV blocks share node 0's budget under its pager.
+        paging = asyncio.ensure_future(n0.run(_page_kv_sessions))
         results = [await o for o in outputs]
-        final = await back.wait(batches)
+        final = await back_synced.wait(batches)
+        kv = await paging
         axes = {
             name: await q.ready()
             for name, q in (
@@ -342,6 +412,8 @@ async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
                 ("back", back_q),
                 ("send", link.send_queue),
                 ("recv", link.recv_queue),
+                ("front collective", front_c),
+                ("back collective", back_c),
             )
         }
     trace = cluster.trace
@@ -353,8 +425,19 @@ async def test_pipeline_over_a_link_matches_one_node(ray_address: str) -> None:
         assert torch.equal(got, want)
     for name, queue_axis in axes.items():
         assert final.get(queue_axis) >= 1, name
+    assert final.get(axes["front collective"]) == batches
+    assert final.get(axes["back collective"]) == batches
+    for name in ("front collective", "back collective"):
+        assert axis_fields(axes[name]).domain == Domain.COLLECTIVE, name
     assert {axis_fields(a).node for a in (axes["front"], axes["send"])} == {0}
     assert {axis_fields(a).node for a in (axes["back"], axes["recv"])} == {1}
+    assert axis_fields(axes["front collective"]).node == 0
+    assert axis_fields(axes["back collective"]).node == 1
+    # The idle session's block went to node 0's storage under the LRU and came back intact.
+    assert kv["page_outs"] >= 1 and kv["evicted"]
+    assert axis_fields(kv["nvme"]).node == 0  # type: ignore[arg-type]
+    assert kv["page_out_frontier"].get(kv["nvme"], 0) >= 1  # type: ignore[attr-defined]
+    assert kv["resumed"] == kv["idle"]
 
 
 def _moe_parts(width: int, experts: int) -> tuple[object, list[object]]:

@@ -42,6 +42,7 @@ from ._protocol import (
 )
 
 if TYPE_CHECKING:
+    from .._runtime import Runtime
     from ._link import Link
     from ._trace import ClusterTrace
 
@@ -374,6 +375,70 @@ class ClusterNode:
     async def pid(self) -> int:
         """The process id of the node runtime."""
         return int(await self._actor.pid.remote())
+
+    def collective(self, queues: Iterable[RemoteQueue], *, name: str | None = None) -> RemoteQueue:
+        """A collective channel over ``queues`` of this node, as a queue proxy.
+
+        The node opens :meth:`asyncfront.Runtime.collective` over its queues: one axis of
+        domain COLLECTIVE, carrying this node's index. ``submit(fn, ...)`` on the proxy
+        runs one step of the channel: ``fn(rank, *args, **kwargs)`` on every member (or a
+        barrier with ``fn=None``); its result is the list of the members' results and its
+        signals carry the channel's axis.
+
+        Raises:
+            ValueError: no queues, a queue of another node or of another cluster, or the
+                same queue twice.
+            ClusterError: the cluster is closed.
+            NodeLostError: the node was lost.
+        """
+        self.cluster._check_open()
+        if self.lost is not None:
+            raise NodeLostError(self.lost.node, self.lost.reason)
+        members = list(queues)
+        if not members:
+            raise ValueError(f"a collective on node {self.index} needs at least one queue")
+        for queue in members:
+            if not isinstance(queue, RemoteQueue) or queue.node is not self:
+                raise ValueError(
+                    f"a collective on node {self.index} takes this node's queues, not {queue!r}"
+                )
+        qids = [q.qid for q in members]
+        if len(set(qids)) != len(qids):
+            raise ValueError(f"a collective on node {self.index} lists a queue twice: {members}")
+        qid = next(self._qids)
+        cname = name if name is not None else f"n{self.index}.collective.r{qid}"
+        channel = RemoteQueue(self, qid, members[0].device, 0, cname)
+        self.cluster._queues[(self.index, qid)] = channel
+        self.cluster._send(self, ("collective", qid, tuple(qids), cname))
+        return channel
+
+    async def run(self, fn: Callable[[Runtime], Any]) -> Any:
+        """Run ``fn(runtime)`` on the node's event loop with its :class:`~asyncfront.Runtime`.
+
+        For what the remote queues do not reach: memory, pagers, models and scenarios
+        that take a runtime. ``fn`` travels by cloudpickle; a coroutine it returns is
+        awaited on the node; the result travels back by pickle. ``fn`` must not block
+        (the node's queues, pushes and heartbeat share that loop).
+
+        Raises:
+            TypeError: ``fn`` or its result cannot be pickled.
+            NodeLostError: the node was lost.
+            Exception: what ``fn`` raised, with its type and message.
+        """
+        self.cluster._check_open()
+        if self.lost is not None:
+            raise NodeLostError(self.lost.node, self.lost.reason)
+        try:
+            payload = dumps(fn)
+        except Exception as exc:
+            raise TypeError(
+                f"a function for node {self.index} cannot be pickled: {type(exc).__name__}: {exc}"
+            ) from exc
+        answer = await _await(self._actor.run.remote(payload))
+        ok, value = loads(answer)
+        if not ok:
+            raise unpack_exception(value)
+        return value
 
     def __repr__(self) -> str:
         state = "lost" if self.lost is not None else "live"
@@ -1041,6 +1106,19 @@ async def open_cluster(
             )
         infos = await asyncio.wait_for(
             asyncio.gather(*(_await(a.start.remote(actors)) for a in actors)), start_timeout
+        )
+        # Semaphore pushes between nodes go over direct streams where they connect; a
+        # stream opens with a secret only the cluster's node runtimes know.
+        push_token = os.urandom(32)
+        endpoints = await asyncio.wait_for(
+            asyncio.gather(
+                *(_await(a.endpoint.remote(push_token)) for a in actors), return_exceptions=True
+            ),
+            start_timeout,
+        )
+        addresses = [e if isinstance(e, tuple) else None for e in endpoints]
+        await asyncio.wait_for(
+            asyncio.gather(*(_await(a.connect.remote(addresses)) for a in actors)), start_timeout
         )
         cluster.nodes = tuple(
             ClusterNode(

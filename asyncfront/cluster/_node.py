@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import inspect
 import os
 import socket
@@ -18,6 +19,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from .._collective import CollectiveChannel, CollectiveStep
 from .._frontier import Frontier
 from .._queue import DeviceQueue, Submission
 from .._runtime import Runtime, open_runtime
@@ -73,15 +75,56 @@ class _OwnedSemaphore(TimelineSemaphore):
         return took
 
 
+class _ChannelQueue:
+    """A collective channel in a remote queue's place: its steps are the submissions."""
+
+    __slots__ = ("channel",)
+
+    def __init__(self, channel: CollectiveChannel) -> None:
+        self.channel = channel
+
+    @property
+    def name(self) -> str:
+        return self.channel.name
+
+    @property
+    def axis(self) -> int:
+        return self.channel.axis
+
+    def submit(self, fn: Any, *args: Any, **kwargs: Any) -> CollectiveStep:
+        return self.channel.submit(fn, *args, **kwargs)
+
+    def statistics(self) -> Any:
+        return self.channel.statistics()
+
+
+def _keep_nothing(sub_id: int, value: Any) -> None:
+    return None
+
+
+def _import_torch_if_installed() -> None:
+    import importlib.util
+    import sys
+
+    with _IMPORTS:  # taken even when imported: another thread may be importing it now
+        if "torch" not in sys.modules and importlib.util.find_spec("torch") is not None:
+            import torch  # noqa: F401
+
+
+def _loads_locked(payload: bytes) -> Any:
+    with _IMPORTS:
+        return loads(payload)
+
+
 class _RemoteQueue:
     """A local queue created for remote senders, and the reporter of its results."""
 
     __slots__ = ("finished", "queue", "reporter", "wakeup")
 
-    def __init__(self, queue: DeviceQueue) -> None:
+    def __init__(self, queue: DeviceQueue | _ChannelQueue) -> None:
         self.queue = queue
         # (submission id, sender, local submission): results reported in FIFO order
-        self.finished: deque[tuple[int, str, Submission]] = deque()
+        self.finished: deque[tuple[int, str, Submission | CollectiveStep]] = deque()
         self.wakeup: asyncio.Future[None] | None = None
         self.reporter: asyncio.Task[None] | None = None
 
@@ -132,6 +175,12 @@ class NodeRuntime:
         self._inbound: dict[tuple[int, int], tuple[tuple[int, ...], str]] = {}
         self._link_sends: dict[int, tuple[int, int, int]] = {}  # sub id -> link, message, peer
         self._recv_peers: dict[int, int] = {}  # link -> the node that sends on it
+        # Semaphore pushes go to peers over a direct TCP stream when it is up (a Ray
+        # actor call costs several times a stream write); Ray carries them otherwise.
+        self._push_server: asyncio.Server | None = None
+        self._push_writers: dict[int, asyncio.StreamWriter] = {}
+        self._push_readers: set[asyncio.Task[None]] = set()
+        self._push_token = b""
 
     # -- life ------------------------------------------------------------------------
 
@@ -153,6 +202,87 @@ class NodeRuntime:
             open_runtime(devices, node=self.index, stall_timeout=self._stall_timeout)
         )
         return [(d.name, d.kind, d.index) for d in self._runtime.devices.values()]
+
+    async def run(self, payload: bytes) -> bytes:
+        """Run a pickled ``fn(runtime)`` on this loop; answers (ok, result or packed error)."""
+        try:
+            fn = await asyncio.to_thread(_loads_locked, payload)
+            # ``fn`` runs on the loop and may import torch: do that here, off the loop and
+            # under the import lock (the link's thread may be importing torch too).
+            await asyncio.to_thread(_import_torch_if_installed)
+            result = fn(self._require_runtime())
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            return dumps((False, pack_exception(exc)))
+        try:
+            return dumps((True, result))
+        except Exception as exc:
+            failure = TypeError(
+                f"the result of a function run on node {self.index} cannot be pickled: {exc}"
+            )
+            return dumps((False, pack_exception(failure)))
+
+    async def endpoint(self, token: bytes) -> tuple[str, int]:
+        """Open this node's push stream server; returns its address and port.
+
+        A connection must open with ``token`` (the cluster's secret, from the driver);
+        one that does not is closed before anything it sends is unpickled.
+        """
+        import ray
+
+        self._push_token = token
+
+        host = str(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        if self._push_server is None:
+            self._push_server = await asyncio.start_server(self._push_connection, host, 0)
+        port = int(self._push_server.sockets[0].getsockname()[1])
+        return host, port
+
+    async def connect(self, endpoints: list[tuple[str, int] | None]) -> list[int]:
+        """Open a push stream to every other node's endpoint; returns the nodes reached.
+
+        A peer that cannot be reached keeps getting its pushes as Ray actor calls.
+        """
+        reached = []
+        for peer, address in enumerate(endpoints):
+            if peer == self.index or address is None or peer in self._push_writers:
+                continue
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(*address), 10.0)
+            except (OSError, TimeoutError):
+                continue
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            writer.write(self._push_token)
+            self._push_writers[peer] = writer
+            reached.append(peer)
+        return reached
+
+    async def _push_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Apply every push frame (a 4-byte length, then pickled updates) a peer sends."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._push_readers.add(task)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            token = await reader.readexactly(len(self._push_token))
+            if not hmac.compare_digest(token, self._push_token):
+                return
+            while True:
+                header = await reader.readexactly(4)
+                frame = await reader.readexactly(int.from_bytes(header, "big"))
+                self._apply_pushes(loads(frame))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._push_readers.discard(task)
+            writer.close()
 
     async def lifetime(self) -> int:
         """Answers when the node stops: a caller sees the actor's death as an error."""
@@ -187,11 +317,22 @@ class NodeRuntime:
                 entry.reporter.cancel()
         for entry in self._queues.values():
             self._report_finished(entry)
+        self._close_push_streams()
         for event in self._outbox_ready.values():
             event.set()
         if self._stopped is not None:
             self._stopped.set()
         return records
+
+    def _close_push_streams(self) -> None:
+        for writer in self._push_writers.values():
+            writer.close()
+        self._push_writers.clear()
+        for task in self._push_readers:
+            task.cancel()
+        if self._push_server is not None:
+            self._push_server.close()
+            self._push_server = None
 
     # -- submissions -----------------------------------------------------------------
 
@@ -238,6 +379,21 @@ class NodeRuntime:
                     self._released.add(sub_id)
         elif kind in ("link_send", "link_recv"):
             self._link_item(sender, item, payload)
+        elif kind == "collective":
+            _, qid, members, name = item
+            runtime = self._require_runtime()
+            queues = []
+            for member in members:
+                queue = self._queues[(sender, member)].queue
+                if not isinstance(queue, DeviceQueue):
+                    raise ValueError(f"a collective's members are queues, not {queue.name!r}")
+                queues.append(queue)
+            channel = runtime.collective(queues, name=name)
+            entry = self._queues[(sender, qid)] = _RemoteQueue(_ChannelQueue(channel))
+            entry.reporter = asyncio.get_running_loop().create_task(
+                self._report(entry), name=f"asyncfront:report:{channel.name}"
+            )
+            self._emit(sender, ("queue", qid, channel.axis, channel.name))
         elif kind == "queue":
             _, qid, device, priority, name = item
             runtime = self._require_runtime()
@@ -264,8 +420,9 @@ class NodeRuntime:
             if not ok:
                 raise work
             fn, args, kwargs = work if work is not None else (None, (), {})
+            collective = isinstance(entry.queue, _ChannelQueue)
             if fn is not None:
-                fn = self._keeping(fn, sub_id, args, kwargs)
+                fn = self._keeping(fn, sub_id, args, kwargs, keeps=not collective)
             sub = entry.queue.submit(
                 fn, *args, waits=local_waits, signals=local_signals, name=name, cost=cost, **kwargs
             )
@@ -283,10 +440,18 @@ class NodeRuntime:
             wakeup.set_result(None)
 
     def _keeping(
-        self, fn: Callable[..., Any], sub_id: int, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        fn: Callable[..., Any],
+        sub_id: int,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        keeps: bool = True,
     ) -> Callable[..., Any]:
-        """``fn`` with earlier results put in for ValueRef arguments, keeping its result."""
-        keep = self._keep
+        """``fn`` with earlier results put in for ValueRef arguments, keeping its result.
+
+        A collective step's parts do not keep theirs: the step keeps the list of them.
+        """
+        keep = self._keep if keeps else _keep_nothing
         refs = any(isinstance(a, ValueRef) for a in args) or any(
             isinstance(v, ValueRef) for v in kwargs.values()
         )
@@ -487,7 +652,7 @@ class NodeRuntime:
         while entry.finished and entry.finished[0][2].done():
             self._report_one(*entry.finished.popleft())
 
-    def _report_one(self, sub_id: int, sender: str, sub: Submission) -> None:
+    def _report_one(self, sub_id: int, sender: str, sub: Submission | CollectiveStep) -> None:
         link_send = self._link_sends.pop(sub_id, None)
         if link_send is not None and sub.exception() is not None:
             # The receive waits for this message's announcement: fail it instead.
@@ -498,6 +663,8 @@ class NodeRuntime:
         frontier = sub.frontier
         encoded = encode_frontier(frontier) if frontier is not None else ((), ())
         exc = sub.exception()
+        if exc is None and isinstance(sub, CollectiveStep):
+            self._keep(sub_id, sub._result)
         if exc is None:
             try:
                 payload = dumps(sub._result)
@@ -602,11 +769,21 @@ class NodeRuntime:
             self._push_now(target, updates)
 
     def _push_now(self, target: int, updates: list[SemaphoreUpdate]) -> None:
-        if target not in self._lost:
-            self._peers[target].push.remote([tuple(u) for u in updates])
+        if target in self._lost:
+            return
+        raw = [tuple(u) for u in updates]
+        writer = self._push_writers.get(target)
+        if writer is not None and not writer.is_closing():
+            frame = dumps(raw)
+            writer.write(len(frame).to_bytes(4, "big") + frame)
+            return
+        self._peers[target].push.remote(raw)
 
     async def push(self, updates: list[tuple[Any, ...]]) -> None:
         """Apply semaphore states pushed by their owners (idempotent, any order)."""
+        self._apply_pushes(updates)
+
+    def _apply_pushes(self, updates: list[tuple[Any, ...]]) -> None:
         for raw in updates:
             update = SemaphoreUpdate(*raw)
             sem = self._sems.get(update.name)
@@ -623,6 +800,9 @@ class NodeRuntime:
                 self._sems[name].fail(error)
         for subscribers in self._subscribers.values():
             subscribers.discard(node)
+        writer = self._push_writers.pop(node, None)
+        if writer is not None:
+            writer.close()
         for (link, _), sem in self._announced.items():
             if self._recv_peers.get(link) == node:
                 sem.fail(error)
