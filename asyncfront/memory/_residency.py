@@ -96,6 +96,9 @@ class Weights:
         priority: eviction priority (higher stays longer); None uses the context's.
         request_rate: expected requests per second; None estimates it from requests.
         layouts: every tensor's dtype, shape and place in the block.
+        load_seconds: the last load's duration, or None before the first.
+        load_times: device name -> the duration of the last load there (placement's
+            load time for that device).
     """
 
     def __init__(
@@ -189,6 +192,7 @@ class Weights:
             raise ValueError(f"weights {name!r} hold no bytes")
         self.nbytes = actual
         self.load_seconds: float | None = None  # the last load's duration, once measured
+        self.load_times: dict[str, float] = {}  # device name -> its last load's duration
 
     def __repr__(self) -> str:
         if self.path is None:
@@ -533,6 +537,16 @@ class Residency:
                 HELD.reset(token)
             weights.pins -= 1
 
+    def knows(self, name: str) -> bool:
+        """Whether weights (or a model) are registered as ``name``."""
+        return name in self._weights
+
+    def resident_on(self, name: str, device: str | Device) -> bool:
+        """Whether the weights (or model) ``name`` are resident on ``device`` now."""
+        dev = device if isinstance(device, str) else device.name
+        resident = self._resident.get((name, dev))
+        return resident is not None and not resident.dropped
+
     def get(self, name: str) -> Weights:
         """The weights registered as ``name``."""
         try:
@@ -737,6 +751,7 @@ class Residency:
             rt._memory.free(buffer, death)
             raise
         weights.load_seconds = rt.now() - started
+        weights.load_times[device.name] = weights.load_seconds
         self._loads += 1
         self._log("weights_loaded", weights, device, seconds=weights.load_seconds)
         return resident
