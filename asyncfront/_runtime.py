@@ -668,7 +668,7 @@ class Runtime:
     def weights(
         self,
         name: str,
-        source: str | os.PathLike[str] | Mapping[str, Any],
+        source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         *,
         size: int | None = None,
         priority: int | None = None,
@@ -677,7 +677,9 @@ class Runtime:
     ) -> Weights:
         """Register immutable weights: a safetensors file or a dict of host tensors.
 
-        See :meth:`asyncfront.memory.Residency.register`.
+        Without a ``source``, weights of ``size`` bytes are accounting-only, for fake
+        devices: loads charge the budget and take the storage's time in virtual time,
+        and move no bytes. See :meth:`asyncfront.memory.Residency.register`.
         """
         return self.residency.register(
             name,
