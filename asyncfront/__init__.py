@@ -54,6 +54,7 @@ from ._placement import PlacementDecision as PlacementDecision
 from ._placement import PlacementError as PlacementError
 from ._placement import PlacementReason as PlacementReason
 from ._placement import PlacementResidency as PlacementResidency
+from ._placement import RuntimeResidency as RuntimeResidency
 from ._placement import StageNeeds as StageNeeds
 from ._placement import place as place
 from ._queue import CancelledWorkError as CancelledWorkError
@@ -119,6 +120,7 @@ __all__ = (
     "PlacementError",
     "PlacementReason",
     "PlacementResidency",
+    "RuntimeResidency",
     "QoS",
     "QueueStatistics",
     "Runtime",

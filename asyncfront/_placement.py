@@ -20,9 +20,12 @@ A device is a CPU when its ``kind`` is ``"cpu"``; every other candidate is an
 accelerator. Ties go to the candidate whose weights are resident, then to the earlier
 candidate (the runtime's device order).
 
-:class:`ModelRegistry` is the runtime's default answer to "is this model resident
-there, and how long would loading it take" (:class:`PlacementResidency`); a residency manager
-that loads and drops weights can stand in for it.
+:class:`RuntimeResidency` is the runtime's default answer to "is this model resident
+there, and how long would loading it take" (:class:`PlacementResidency`): it asks the
+runtime's residency (``rt.residency``) about weights and models registered with
+``rt.weights``, ``rt.model`` or ``from_transformers``, what is resident where and the
+load times it measured, and a :class:`ModelRegistry` about models a simulation declares
+by hand (``rt.declare_model``, ``rt.declare_resident``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from ._queue import SubmissionState
 
 if TYPE_CHECKING:
     from ._queue import DeviceQueue
+    from ._runtime import Runtime
     from .devices._base import Device
 
 __all__ = (
@@ -49,6 +53,7 @@ __all__ = (
     "PlacementError",
     "PlacementReason",
     "PlacementResidency",
+    "RuntimeResidency",
     "StageNeeds",
     "device_backlog",
     "place",
@@ -227,7 +232,7 @@ def place(needs: StageNeeds, candidates: Sequence[PlacementCandidate]) -> Placem
 
 @runtime_checkable
 class PlacementResidency(Protocol):
-    """What placement asks about weights; the runtime's default is :class:`ModelRegistry`."""
+    """What placement asks about weights; the runtime's default is :class:`RuntimeResidency`."""
 
     def is_resident(self, model: str, device: str) -> bool:
         """Whether ``model``'s weights are resident on ``device`` now."""
@@ -250,7 +255,12 @@ class ModelInfo:
 
 
 class ModelRegistry:
-    """A plain record of models, their sizes and where their weights are resident.
+    """A plain record of models declared by hand: their sizes and where they are resident.
+
+    Nothing loads or drops these models: a simulation declares them
+    (``rt.declare_model``) and says when they move (``rt.declare_resident``). Weights
+    and models that really live in memory are registered with ``rt.weights`` or
+    ``rt.model`` instead, and placement asks the residency about those.
 
     Load time, when not given at registration, is ``size / bandwidth`` with the device's
     ``load_bandwidth`` attribute (bytes per second) or ``default_bandwidth``; a device
@@ -290,7 +300,7 @@ class ModelRegistry:
             KeyError: an unknown device.
         """
         if name in self._models:
-            raise ValueError(f"model {name!r} is already registered")
+            raise ValueError(f"model {name!r} is already declared")
         if size < 0:
             raise ValueError(f"model {name!r}: size must be >= 0 bytes, got {size}")
         info = ModelInfo(name, size)
@@ -316,7 +326,7 @@ class ModelRegistry:
             return self._models[name]
         except KeyError:
             raise KeyError(
-                f"model {name!r} is not registered (use rt.register_model); "
+                f"model {name!r} is not declared (use rt.declare_model); "
                 f"known: {sorted(self._models)}"
             ) from None
 
@@ -367,6 +377,63 @@ class ModelRegistry:
             for m in self._models.values()
         )
         return f"<ModelRegistry {body or 'empty'}>"
+
+
+class RuntimeResidency:
+    """Placement's view of a runtime: the residency's weights and models, then declared ones.
+
+    A name registered with ``rt.weights``, ``rt.model`` or ``from_transformers`` is
+    answered from ``rt.residency``: resident on a device when its weights are loaded
+    there now; its load time is the last load measured on that device, else its size
+    over the device's ``load_bandwidth`` (bytes per second) or the residency's
+    ``bandwidth``; ``inf`` on a device whose ``memory_capacity`` is smaller than it.
+    Any other name is answered by the runtime's :class:`ModelRegistry` of declared
+    models (``rt.declared_models``).
+
+    Args:
+        runtime: the runtime whose residency and declared models it reads.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._runtime = runtime
+
+    def is_resident(self, model: str, device: str) -> bool:
+        """Whether ``model``'s weights are resident on ``device`` now."""
+        rt = self._runtime
+        residency = rt._residency
+        if residency is not None and residency.knows(model):
+            return residency.resident_on(model, device)
+        return rt.declared_models.is_resident(model, device)
+
+    def load_time(self, model: str, device: str) -> float:
+        """Seconds to make ``model`` resident on ``device``; 0 if it is, ``inf`` if it cannot be.
+
+        Raises:
+            KeyError: no such model or weights, or no such device.
+        """
+        rt = self._runtime
+        residency = rt._residency
+        if residency is None or not residency.knows(model):
+            return rt.declared_models.load_time(model, device)
+        if residency.resident_on(model, device):
+            return 0.0
+        try:
+            dev = rt.devices[device]
+        except KeyError:
+            raise KeyError(f"no device named {device!r}; known: {sorted(rt.devices)}") from None
+        weights = residency.get(model)
+        capacity = dev.memory_capacity
+        if capacity is not None and weights.nbytes > capacity:
+            return math.inf
+        measured = weights.load_times.get(device)
+        if measured is not None:
+            return measured
+        bandwidth = getattr(dev, "load_bandwidth", None) or residency.bandwidth
+        return weights.nbytes / float(bandwidth)
+
+    def __repr__(self) -> str:
+        rt = self._runtime
+        return f"<RuntimeResidency of {rt._residency!r} and {rt.declared_models!r}>"
 
 
 def _check_seconds(model: str, seconds: float) -> float:

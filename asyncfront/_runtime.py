@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import traceback
+import warnings
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -49,6 +50,7 @@ from ._placement import (
     ModelRegistry,
     PlacementDecision,
     PlacementResidency,
+    RuntimeResidency,
     StageNeeds,
     device_backlog,
     place,
@@ -278,9 +280,10 @@ class Runtime:
         self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
         self._channels: list[CollectiveChannel] = []
         # Placement asks rt.placement_residency about weights; anything with is_resident and
-        # load_time may replace the default, a plain registry of models and where they live.
-        self.models = ModelRegistry(self.devices)
-        self.placement_residency: PlacementResidency = self.models
+        # load_time may replace the default, which asks the residency about the weights and
+        # models it holds and the declared models' registry about the rest.
+        self.declared_models = ModelRegistry(self.devices)
+        self.placement_residency: PlacementResidency = RuntimeResidency(self)
 
     # -- queues and semaphores -----------------------------------------------------
 
@@ -450,6 +453,55 @@ class Runtime:
         task.add_done_callback(self._task_done)
         return channel
 
+    def declare_model(
+        self,
+        name: str,
+        size: int,
+        *,
+        resident_on: Iterable[str] = (),
+        load_time: float | dict[str, float] | None = None,
+    ) -> ModelInfo:
+        """Declare by hand a model of ``size`` bytes and the devices it is resident on.
+
+        For simulations: nothing loads or drops a declared model, and placement believes
+        what :meth:`declare_resident` says about it. Real weights and models are
+        registered with :meth:`weights` and :meth:`model`, whose residency placement
+        reads directly. ``load_time`` (seconds, for every device or per device)
+        overrides the estimate ``size / load bandwidth``.
+
+        Raises:
+            ValueError: the name is declared already, or names weights or a model of
+                the residency; a negative size or load time.
+            KeyError: an unknown device.
+        """
+        if self._residency is not None and self._residency.knows(name):
+            raise ValueError(
+                f"{name!r} names weights registered with the residency (rt.weights or "
+                f"rt.model); placement reads their residency, do not declare them"
+            )
+        return self.declared_models.register(
+            name, size, resident_on=resident_on, load_time=load_time
+        )
+
+    def declare_resident(self, model: str, device: str | Device, resident: bool = True) -> None:
+        """Declare that a declared ``model`` is now (False: no longer) resident on ``device``.
+
+        Raises:
+            KeyError: the model was never declared, or the device is unknown.
+        """
+        name = device if isinstance(device, str) else device.name
+        self.declared_models.mark_resident(model, name, resident)
+
+    @property
+    def models(self) -> ModelRegistry:
+        """Deprecated: the declared models' registry, now :attr:`declared_models`."""
+        warnings.warn(
+            "rt.models is deprecated: use rt.declared_models",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.declared_models
+
     def register_model(
         self,
         name: str,
@@ -458,28 +510,36 @@ class Runtime:
         resident_on: Iterable[str] = (),
         load_time: float | dict[str, float] | None = None,
     ) -> ModelInfo:
-        """Record a model of ``size`` bytes and the devices its weights are resident on.
-
-        ``load_time`` (seconds, for every device or per device) overrides the estimate
-        ``size / load bandwidth``.
-        """
-        return self.models.register(name, size, resident_on=resident_on, load_time=load_time)
+        """Deprecated alias of :meth:`declare_model`."""
+        warnings.warn(
+            "rt.register_model is deprecated: use rt.declare_model (declared by hand) or "
+            "rt.model (a real model)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.declare_model(name, size, resident_on=resident_on, load_time=load_time)
 
     def mark_resident(self, model: str, device: str | Device, resident: bool = True) -> None:
-        """Record that ``model``'s weights are now (False: no longer) resident on ``device``."""
-        name = device if isinstance(device, str) else device.name
-        self.models.mark_resident(model, name, resident)
+        """Deprecated alias of :meth:`declare_resident`."""
+        warnings.warn(
+            "rt.mark_resident is deprecated: use rt.declare_resident",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.declare_resident(model, device, resident)
 
-    def is_resident(self, model: str, device: str | Device) -> bool:
+    def is_resident(self, model: str | Weights | Model, device: str | Device) -> bool:
         """Whether ``model``'s weights are resident on ``device`` (per ``placement_residency``)."""
         return self.placement_residency.is_resident(
-            model, device if isinstance(device, str) else device.name
+            model if isinstance(model, str) else model.name,
+            device if isinstance(device, str) else device.name,
         )
 
-    def load_time(self, model: str, device: str | Device) -> float:
+    def load_time(self, model: str | Weights | Model, device: str | Device) -> float:
         """Seconds to make ``model`` resident on ``device`` (``inf``: it cannot hold it)."""
         return self.placement_residency.load_time(
-            model, device if isinstance(device, str) else device.name
+            model if isinstance(model, str) else model.name,
+            device if isinstance(device, str) else device.name,
         )
 
     def backlog(self, device: str | Device) -> float:
@@ -489,15 +549,20 @@ class Runtime:
 
     def place(
         self,
-        model: str | None = None,
+        model: str | Weights | Model | None = None,
         *,
         cost: float | None = None,
         deadline: float | None = None,
         devices: Iterable[str] | None = None,
     ) -> PlacementDecision:
-        """Where work needing ``model`` would run now (see :func:`asyncfront.place`)."""
+        """Where work needing ``model`` would run now (see :func:`asyncfront.place`).
+
+        ``model`` is a name, or weights or a model registered with :meth:`weights` or
+        :meth:`model`, whose residency placement reads (see :class:`RuntimeResidency`).
+        """
         loop = self._require_loop()
-        needs = StageNeeds(model=model, cost=cost, deadline=deadline)
+        name = model if model is None or isinstance(model, str) else model.name
+        needs = StageNeeds(model=name, cost=cost, deadline=deadline)
         candidates = runtime_candidates(
             self.devices, self.placement_residency, self._queues, needs, loop.time(), devices
         )
@@ -604,7 +669,7 @@ class Runtime:
     def weights(
         self,
         name: str,
-        source: str | os.PathLike[str] | Mapping[str, Any],
+        source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         *,
         size: int | None = None,
         priority: int | None = None,
@@ -613,7 +678,9 @@ class Runtime:
     ) -> Weights:
         """Register immutable weights: a safetensors file or a dict of host tensors.
 
-        See :meth:`asyncfront.memory.Residency.register`.
+        Without a ``source``, weights of ``size`` bytes are accounting-only, for fake
+        devices: loads charge the budget and take the storage's time in virtual time,
+        and move no bytes. See :meth:`asyncfront.memory.Residency.register`.
         """
         return self.residency.register(
             name,

@@ -221,13 +221,13 @@ def test_registry_errors_are_specific() -> None:
     """Unknown models and devices, duplicates and negative sizes raise with the names."""
     registry = af.ModelRegistry({"gpu": FakeDevice("gpu")})
     registry.register("llm", GiB)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="already declared"):
         registry.register("llm", GiB)
     with pytest.raises(ValueError, match="size must be >= 0"):
         registry.register("neg", -1)
     with pytest.raises(KeyError, match="no device named 'tpu'"):
         registry.register("x", GiB, resident_on=["tpu"])
-    with pytest.raises(KeyError, match="model 'nope' is not registered"):
+    with pytest.raises(KeyError, match="model 'nope' is not declared"):
         registry.load_time("nope", "gpu")
 
 
@@ -258,15 +258,15 @@ def test_runtime_place_weighs_residency_and_backlog() -> None:
     async def main() -> None:
         devices = [FakeDevice("cpu", kind="cpu", speed=0.1), FakeDevice("gpu0"), FakeDevice("gpu1")]
         async with af.open_runtime(devices) as rt:
-            rt.register_model("bge", GiB // 2, resident_on=["gpu1"])
-            rt.register_model("clip", GiB)
+            rt.declare_model("bge", GiB // 2, resident_on=["gpu1"])
+            rt.declare_model("clip", GiB)
             rt.queue("gpu0").submit(cost=3.0)
             assert rt.is_resident("bge", "gpu1") and not rt.is_resident("bge", "gpu0")
             assert rt.place("bge", cost=0.1).device == "gpu1"
             clip = rt.place("clip", cost=0.1)
             assert (clip.device, clip.reason) == ("gpu1", PlacementReason.CHEAPEST)
             assert clip.estimates["gpu0"] == pytest.approx(3.0 + 0.25 + 0.1)
-            rt.mark_resident("bge", "gpu1", resident=False)
+            rt.declare_resident("bge", "gpu1", resident=False)
             assert not rt.is_resident("bge", "gpu1")
 
     run_virtual(main)
@@ -314,7 +314,7 @@ def test_graph_placement_is_logged_and_traced() -> None:
     async def main() -> af.Runtime:
         devices = [FakeDevice("cpu", kind="cpu"), FakeDevice("gpu0"), FakeDevice("gpu1")]
         async with af.open_runtime(devices) as rt:
-            rt.register_model("reranker", GiB, resident_on=["gpu1"])
+            rt.declare_model("reranker", GiB, resident_on=["gpu1"])
             g = rt.graph("rag")
             g.stage("rerank", lambda: "ranked", model="reranker", cost=0.2)
             run = await g.submit()
@@ -358,7 +358,7 @@ def test_graph_stage_loads_or_moves_to_the_cpu_by_deadline() -> None:
     async def main() -> None:
         devices = [FakeDevice("cpu", kind="cpu", speed=0.1), FakeDevice("gpu0"), FakeDevice("gpu1")]
         async with af.open_runtime(devices) as rt:
-            rt.register_model("reranker", GiB, load_time=3.0)
+            rt.declare_model("reranker", GiB, load_time=3.0)
             rt.queue("gpu0").submit(cost=10.0)  # an SDXL job keeps gpu0 busy
             g = rt.graph("rag")
             g.stage("rerank", model="reranker", cost=0.5, deadline=4.0)
@@ -380,7 +380,7 @@ def test_placement_error_leaves_nothing_queued() -> None:
 
     async def main() -> None:
         async with af.open_runtime([FakeDevice("gpu", memory=GiB)]) as rt:
-            rt.register_model("huge", 4 * GiB)
+            rt.declare_model("huge", 4 * GiB)
             g = rt.graph("g")
             first = g.stage("first", device="gpu", cost=1.0)
             g.stage("second", model="huge", after=[first])

@@ -17,6 +17,13 @@ with a death frontier (the context queue's tail merged with the load's frontier)
 the tensors are released. Under memory pressure the residency drops the weights that
 are cheapest to lose, by priority and then by expected reload cost per second
 (reload time times request rate): :func:`choose_evictions`, a pure function.
+
+Weights registered with a ``size`` and no source are accounting-only, for simulations
+on fake devices: a load charges the budget and takes the storage device's time for
+the bytes (a read of ``size`` on its queue, then a copy of ``size`` on the target
+device's copy engine when :attr:`Residency.copy_engines` names one) in virtual time,
+and moves no bytes; everything else (sharing, pins, drops with a death frontier,
+eviction by cost, placement) is the same.
 """
 
 from __future__ import annotations
@@ -89,19 +96,28 @@ class Weights:
     Attributes:
         name: the weights' name (also the default context that holds them).
         path: the safetensors file (the first, for a sharded set), or None for weights
-            given as host tensors.
+            given as host tensors or accounting-only.
+        accounting: whether they are accounting-only (a size and no source): loads
+            charge the budget and take the storage's time, and move no bytes.
         files: every safetensors file and where its bytes go in the block (one per
             shard; empty for host tensors).
         nbytes: bytes of device memory they take.
         priority: eviction priority (higher stays longer); None uses the context's.
         request_rate: expected requests per second; None estimates it from requests.
         layouts: every tensor's dtype, shape and place in the block.
+        load_seconds: the last load's duration, or None before the first.
+        load_times: device name -> the duration of the last load there (placement's
+            load time for that device).
     """
 
     def __init__(
         self,
         name: str,
-        source: str | os.PathLike[str] | Mapping[str, Any] | Sequence[str | os.PathLike[str]],
+        source: str
+        | os.PathLike[str]
+        | Mapping[str, Any]
+        | Sequence[str | os.PathLike[str]]
+        | None,
         *,
         size: int | None = None,
         priority: int | None = None,
@@ -122,8 +138,19 @@ class Weights:
         self.files: tuple[WeightsFile, ...] = ()
         self.file_layouts: tuple[TensorLayout, ...] | None = None
         self.staging_nbytes = 0
-        if isinstance(source, Mapping):
+        self.accounting = source is None
+        if source is None:
+            if size is None or size <= 0:
+                raise ValueError(
+                    f"weights {name!r}: accounting-only weights (no source) need size= > 0 "
+                    f"bytes, got {size}"
+                )
             self.path: Path | None = None
+            self.data_offset = 0
+            self.layouts: tuple[TensorLayout, ...] = ()
+            actual = size
+        elif isinstance(source, Mapping):
+            self.path = None
             self._host = dict(source)
             if dtype is not None:
                 torch = import_torch()
@@ -139,7 +166,7 @@ class Weights:
                 dtype = str(tensor.dtype).removeprefix("torch.")
                 layouts.append(TensorLayout(key, dtype, tuple(tensor.shape), offset, nbytes))
                 offset += nbytes
-            self.layouts: tuple[TensorLayout, ...] = tuple(layouts)
+            self.layouts = tuple(layouts)
             actual = offset
         else:
             paths = [source] if isinstance(source, (str, os.PathLike)) else list(source)
@@ -189,9 +216,12 @@ class Weights:
             raise ValueError(f"weights {name!r} hold no bytes")
         self.nbytes = actual
         self.load_seconds: float | None = None  # the last load's duration, once measured
+        self.load_times: dict[str, float] = {}  # device name -> its last load's duration
 
     def __repr__(self) -> str:
-        if self.path is None:
+        if self.accounting:
+            source = "accounting only"
+        elif self.path is None:
             source = "host tensors"
         elif len(self.files) > 1:
             source = f"{len(self.files)} files from {os.fspath(self.path)}"
@@ -242,6 +272,8 @@ class ResidentWeights:
         self._buffer: Buffer | None = buffer
         self._raw: Any = raw
         self.tensors: dict[str, Any] = {}
+        if raw is None:  # accounting-only: no bytes, no tensors
+            return
         torch = import_torch()
         for t in weights.layouts:
             dtype = getattr(torch, t.dtype)
@@ -384,6 +416,14 @@ class Residency:
         self._queues: dict[tuple[str, str], DeviceQueue] = {}
         self._models: dict[str, Model] = {}
         self._modules: dict[int, Model] = {}  # id(module) -> its model, to pin the work using it
+        self.copy_engines: dict[str, str] = {}
+        """Device name -> the copy engine that moves accounting-only weights onto it.
+
+        An accounting-only load onto a device named here reads into host memory first
+        (before the device memory is granted: the read needs none of it), then copies
+        ``size`` bytes on the engine's queue; onto any other device it reads straight
+        into the granted memory.
+        """
         self._loads = self._shared_loads = self._drops = self._evictions = 0
         runtime.on_memory_pressure(self._on_memory_pressure)
 
@@ -392,7 +432,7 @@ class Residency:
     def register(
         self,
         name: str,
-        source: str | os.PathLike[str] | Mapping[str, Any],
+        source: str | os.PathLike[str] | Mapping[str, Any] | None = None,
         *,
         size: int | None = None,
         priority: int | None = None,
@@ -401,8 +441,10 @@ class Residency:
     ) -> Weights:
         """Register weights from a safetensors path or a dict of host tensors.
 
-        ``size`` (bytes), when given, must match the tensors. ``storage`` names the
-        storage device that reads the file (default: the runtime's only one).
+        ``size`` (bytes), when given, must match the tensors; without a ``source`` the
+        weights are accounting-only, of ``size`` bytes (see the module's description).
+        ``storage`` names the storage device that reads the file (default: the
+        runtime's only one).
         """
         if name in self._weights:
             raise ValueError(f"weights named {name!r} are already registered")
@@ -532,6 +574,16 @@ class Residency:
             with contextlib.suppress(ValueError):  # closed from another context: leave it
                 HELD.reset(token)
             weights.pins -= 1
+
+    def knows(self, name: str) -> bool:
+        """Whether weights (or a model) are registered as ``name``."""
+        return name in self._weights
+
+    def resident_on(self, name: str, device: str | Device) -> bool:
+        """Whether the weights (or model) ``name`` are resident on ``device`` now."""
+        dev = device if isinstance(device, str) else device.name
+        resident = self._resident.get((name, dev))
+        return resident is not None and not resident.dropped
 
     def get(self, name: str) -> Weights:
         """The weights registered as ``name``."""
@@ -672,6 +724,8 @@ class Residency:
     async def _load(
         self, weights: Weights, device: Device, context: ExecutionContext
     ) -> ResidentWeights:
+        if weights.accounting:
+            return await self._load_accounted(weights, device, context)
         rt = self.runtime
         started = rt.now()
         buffer = await rt._memory.allocate(context, weights.nbytes, owner=self)
@@ -736,10 +790,67 @@ class Residency:
             death = Frontier({last.queue.axis: last.epoch}) if last is not None else Frontier()
             rt._memory.free(buffer, death)
             raise
-        weights.load_seconds = rt.now() - started
+        self._loaded(weights, device, started)
+        return resident
+
+    async def _load_accounted(
+        self, weights: Weights, device: Device, context: ExecutionContext
+    ) -> ResidentWeights:
+        """An accounting-only load: budget charged, storage (and copy) time taken, no bytes."""
+        rt = self.runtime
+        started = rt.now()
+        sem = rt.semaphore(name=f"load:{weights.name}@{device.name}")
+        read_queue = self._queue(self._accounting_storage(weights), weights)
+        engine = self.copy_engines.get(device.name)
+        last = None
+        if engine is not None:  # into host memory: needs none of the device's memory
+            read_queue.submit(
+                name=f"read {weights.name} weights", cost=weights.nbytes, signals=[(sem, 1)]
+            )
+        buffer = await rt._memory.allocate(context, weights.nbytes, owner=self)
+        try:
+            if engine is None:
+                last = read_queue.submit(
+                    name=f"read {weights.name} weights", cost=weights.nbytes, signals=[(sem, 1)]
+                )
+            else:
+                last = self._queue(rt.device(engine), weights).submit(
+                    name=f"h2d {weights.name} weights",
+                    cost=weights.nbytes,
+                    waits=[(sem, 1)],
+                    signals=[(sem, 2)],
+                )
+            await last
+            frontier = last.frontier
+            assert frontier is not None
+            resident = ResidentWeights(
+                weights, device, context, buffer, None, (sem, sem.value), frontier
+            )
+        except BaseException:
+            death = Frontier({last.queue.axis: last.epoch}) if last is not None else Frontier()
+            rt._memory.free(buffer, death)
+            raise
+        self._loaded(weights, device, started)
+        return resident
+
+    def _accounting_storage(self, weights: Weights) -> Device:
+        """The storage device accounting-only weights are read from: named, else the only one."""
+        wanted = weights.storage
+        if wanted is not None:
+            return self.runtime.device(wanted) if isinstance(wanted, str) else wanted
+        found = [d for d in self.runtime.devices.values() if d.kind == "storage"]
+        if len(found) != 1:
+            raise LookupError(
+                f"weights {weights.name!r} load from storage: the runtime has "
+                f"{len(found)} devices of kind 'storage', name one with storage="
+            )
+        return found[0]
+
+    def _loaded(self, weights: Weights, device: Device, started: float) -> None:
+        weights.load_seconds = self.runtime.now() - started
+        weights.load_times[device.name] = weights.load_seconds
         self._loads += 1
         self._log("weights_loaded", weights, device, seconds=weights.load_seconds)
-        return resident
 
     # -- dropping and eviction -------------------------------------------------------
 

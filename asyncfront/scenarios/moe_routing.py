@@ -13,7 +13,7 @@ The router's result is data, so a host coroutine reads it and submits the rest:
 - a cold expert is placed with :meth:`~asyncfront.Runtime.place` (load + backlog +
   compute over the two GPUs), read from NVMe on the storage queue (``size / 14 GB/s``),
   copied host -> GPU on that GPU's copy queue (``size / 50 GB/s``), which marks it
-  resident (:meth:`~asyncfront.Runtime.mark_resident`), and only then run; the next
+  resident (:meth:`~asyncfront.Runtime.declare_resident`), and only then run; the next
   batch that picks it needs no load;
 - the combine step on GPU 4 waits for every chosen expert: its frontier is the merge
   of the router's and the experts' frontiers, and the next batch's router waits for it.
@@ -199,7 +199,7 @@ async def run_moe_routing(
     load_time = EXPERT_BYTES / NVME_BYTES_PER_SECOND + EXPERT_BYTES / COPY_BYTES_PER_SECOND
     for e in (*HOT_EXPERTS, *COLD_EXPERTS):
         home = [HOT_EXPERTS[e]] if e in HOT_EXPERTS else []
-        rt.register_model(expert_name(e), EXPERT_BYTES, resident_on=home, load_time=load_time)
+        rt.declare_model(expert_name(e), EXPERT_BYTES, resident_on=home, load_time=load_time)
     router_q = rt.queue("gpu4", name="moe.router")
     combine_q = rt.queue("gpu4", name="moe.combine")
     expert_qs: dict[str, DeviceQueue] = {g: rt.queue(g, name=f"{g}.experts") for g in EXPERT_GPUS}
@@ -246,7 +246,7 @@ async def run_moe_routing(
                     signals=[(paged, loads)],
                 )
                 copy = copy_qs[gpu].submit(
-                    lambda m=model, g=gpu: rt.mark_resident(m, g),
+                    lambda m=model, g=gpu: rt.declare_resident(m, g),
                     name=f"copy {model}",
                     cost=EXPERT_BYTES,
                     waits=[(paged, loads)],

@@ -93,10 +93,10 @@ class MultimediaReport:
 
 async def run_multimedia_request(rt: Runtime) -> MultimediaReport:
     """Submit the request as one graph and wait; ``rt`` holds :func:`multimedia_devices`."""
-    rt.register_model("whisper", 4 * GiB, resident_on=["gpu4"])
-    rt.register_model("clip", 1 * GiB, resident_on=["gpu5"])
-    rt.register_model("sdxl", 12 * GiB, resident_on=["gpu4"])
-    rt.register_model("tts", 4 * GiB, resident_on=["gpu5"])
+    rt.declare_model("whisper", 4 * GiB, resident_on=["gpu4"])
+    rt.declare_model("clip", 1 * GiB, resident_on=["gpu5"])
+    rt.declare_model("sdxl", 12 * GiB, resident_on=["gpu4"])
+    rt.declare_model("tts", 4 * GiB, resident_on=["gpu5"])
     llama = rt.collective([rt.queue(f"gpu{i}") for i in range(4)], name="llama.tp")
     code = rt.collective([rt.queue(f"gpu{i}") for i in (6, 7)], name="code.tp")
     g = rt.graph("request")

@@ -144,7 +144,7 @@ async def _query(rt: Runtime, label: str, deadline: float | None) -> RagQuery:
         after.append(
             g.stage(
                 "load_reranker",
-                lambda: rt.mark_resident("reranker", target),
+                lambda: rt.declare_resident("reranker", target),
                 device="nvme",
                 cost=RERANKER_LOAD_TIME,
             )
@@ -173,13 +173,13 @@ async def _query(rt: Runtime, label: str, deadline: float | None) -> RagQuery:
 
 async def run_rag_placement(rt: Runtime) -> RagReport:
     """Run a warm query, then SDXL on GPU 1, then a tight and a loose query."""
-    rt.register_model("bge", 512 * MiB, resident_on=["gpu0"])
+    rt.declare_model("bge", 512 * MiB, resident_on=["gpu0"])
     # Host memory keeps a copy of the reranker's read-only weights: the CPU can always run it.
-    rt.register_model("reranker", GiB, resident_on=["gpu1", "cpu"], load_time=RERANKER_LOAD_TIME)
-    rt.register_model("llama", 5 * GiB, resident_on=["gpu0"])
+    rt.declare_model("reranker", GiB, resident_on=["gpu1", "cpu"], load_time=RERANKER_LOAD_TIME)
+    rt.declare_model("llama", 5 * GiB, resident_on=["gpu0"])
     queries = {"warm": await _query(rt, "warm", None)}
     # SDXL needs GPU 1's memory: the reranker's weights there are dropped.
-    rt.mark_resident("reranker", "gpu1", resident=False)
+    rt.declare_resident("reranker", "gpu1", resident=False)
     sdxl = rt.queue("gpu1", name="gpu1.sdxl")
     for _ in range(SDXL_STEPS):
         sdxl.submit(name="unet", cost=SECONDS["sdxl_step"])

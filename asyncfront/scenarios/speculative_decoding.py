@@ -239,7 +239,7 @@ async def run_speculative_decoding(
             f"acceptance needs {rounds} values in 0..{DRAFT_TOKENS}, got {pattern[:rounds]}"
         )
     for model, size in MODELS.items():
-        rt.register_model(model, size, resident_on=["gpu0"])
+        rt.declare_model(model, size, resident_on=["gpu0"])
     draft_q: DeviceQueue = rt.queue("gpu0", name="gpu0.draft")
     verify_q: DeviceQueue = rt.queue("gpu0", name="gpu0.verify")
     drafted: TimelineSemaphore = rt.semaphore(name="drafted")
