@@ -278,6 +278,8 @@ class ExecutionContext:
         )
 
     def __repr__(self) -> str:
+        if self._runtime_ref() is None:
+            return f"<ExecutionContext {self.name!r} {self.qos.value} of a freed runtime>"
         used, reserved, limit = self.usage()
         return (
             f"<ExecutionContext {self.name!r} {self.qos.value} on {self.device.name!r} "

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import enum
 import math
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -395,7 +396,16 @@ class RuntimeResidency:
     """
 
     def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+        # Weak: the runtime owns this view, and a closed runtime must be freed by
+        # reference counting, not kept alive by a cycle through it.
+        self._runtime_ref = weakref.ref(runtime)
+
+    @property
+    def _runtime(self) -> Runtime:
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError("placement residency: its runtime was closed and freed")
+        return runtime
 
     def is_resident(self, model: str, device: str) -> bool:
         """Whether ``model``'s weights are resident on ``device`` now."""
@@ -432,7 +442,9 @@ class RuntimeResidency:
         return weights.nbytes / float(bandwidth)
 
     def __repr__(self) -> str:
-        rt = self._runtime
+        rt = self._runtime_ref()
+        if rt is None:
+            return "<RuntimeResidency of a freed runtime>"
         return f"<RuntimeResidency of {rt._residency!r} and {rt.declared_models!r}>"
 
 

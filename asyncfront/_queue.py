@@ -295,8 +295,18 @@ class DeviceQueue:
         self._signalled: dict[TimelineSemaphore, int] = {}
         self._closed = False
         self._task: asyncio.Task[None] | None = None
-        self.context: ExecutionContext | None = None
+        # The context whose queue this is, weakly: the context owns its queue.
+        self._context_ref: weakref.ref[ExecutionContext] | None = None
+
+    @property
+    def context(self) -> ExecutionContext | None:
         """The context whose queue this is (set by ``create_context``), else None."""
+        ref = self._context_ref
+        return None if ref is None else ref()
+
+    @context.setter
+    def context(self, ctx: ExecutionContext | None) -> None:
+        self._context_ref = None if ctx is None else weakref.ref(ctx)
 
     # -- public --------------------------------------------------------------------
 
