@@ -48,7 +48,10 @@ def noop(*_: Any) -> None:
 
 
 def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
 
 
 # -- asyncio, anyio, trio -------------------------------------------------------------
