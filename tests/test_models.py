@@ -619,3 +619,14 @@ async def test_gpt2_on_a_cuda_pool_equals_from_pretrained(tmp_path: Path, gpt2_d
         records = [r for r in rt.trace.records if r.name == sub.name]
         assert records and "peak_memory" in records[-1].annotations
     assert torch.equal(out, expected)
+
+
+async def test_a_tied_weight_saved_under_each_name_loads_tied(tmp_path: Path) -> None:
+    """A checkpoint carrying a tied weight under both names loads; the first name's entry wins."""
+    state = _save_tiny(tmp_path / "both.safetensors", **{"head.weight": torch.zeros(10, 4)})
+    async with af.open_runtime(_devices(tmp_path)) as rt:
+        rt.create_context("both", device="cpu0", max_memory=MiB)
+        model = rt.model("both", Tiny, tmp_path / "both.safetensors", device="cpu0")
+        async with rt.using(model, "cpu0") as m:
+            assert m.module.head.weight is m.module.embed.weight
+            assert torch.equal(m.module.embed.weight, state["embed.weight"])

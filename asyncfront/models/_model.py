@@ -129,7 +129,8 @@ def bind_checkpoint(
     computed: set[str] = set()
     used: set[str] = set()
     for key, names in groups.items():
-        hit = next((h for h in map(lookup, names) if h is not None), None)
+        hits = [h for h in map(lookup, names) if h is not None]
+        hit = hits[0] if hits else None
         if hit is None:
             if persistent[key]:
                 tied = f" (tied with {', '.join(repr(n) for n in names[1:])})" if names[1:] else ""
@@ -144,7 +145,10 @@ def bind_checkpoint(
                 f"model {model!r}: checkpoint entry {hit!r} has shape {tuple(entries[hit][1])}, "
                 f"the module's {names[0]!r} has shape {shape}"
             )
-        used.add(hit)
+        # A checkpoint may carry a tied weight under each of its names (one saved before
+        # the tie, for one): those entries are known, and the tie keeps the first, as
+        # from_pretrained's tying after loading does.
+        used.update(hits)
         for name in names:
             found[name] = hit
     unknown = sorted(set(entries) - used)
