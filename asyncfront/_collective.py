@@ -12,6 +12,13 @@ Steps complete in order (each member runs its parts in FIFO order), their epochs
 advance the runtime's completed frontier (``rt.completed``, ``rt.wait_completed``) on
 the channel axis, and a failing part fails the step and everything that waits on it.
 
+:meth:`CollectiveChannel.resize` changes a group's membership between steps: it closes
+the channel to new steps and returns the next channel, over the new queues, whose first
+step waits on the last step submitted to the one before. A request whose parallelism
+changes from step to step (two GPUs, then four, then one) thus keeps one unbroken
+frontier chain: every step's frontier dominates every earlier step's, whichever
+channel ran it.
+
 ``all_reduce`` sums one tensor per member in place, as a step of the channel: each
 member first reduces its slice of the flattened tensors, then copies every reduced
 slice back into its own tensor. With a ``torch.distributed`` process group (gloo), the
@@ -21,6 +28,7 @@ reduced slices are also all-reduced across processes in between, by the first me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -186,6 +194,13 @@ class CollectiveChannel:
         self._wakeup: asyncio.Future[None] | None = None
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        # resize: the successor's name, the semaphore its first step waits on and the
+        # epoch of the step that signals it (this channel's last); None before a resize
+        self._successor: str | None = None
+        self._handoff: tuple[TimelineSemaphore, int] | None = None
+        # the first step submitted here also waits on this (the predecessor's last step)
+        self._predecessor: SemaphoreValue | None = None
+        self._last_error: BaseException | None = None  # root cause, if the last step failed
 
     # -- public --------------------------------------------------------------------
 
@@ -209,6 +224,74 @@ class CollectiveChannel:
     def ranks(self) -> tuple[int, ...]:
         """The ranks of this process's members, in member order."""
         return tuple(range(self.rank_offset, self.rank_offset + len(self.members)))
+
+    @property
+    def closed(self) -> bool:
+        """Whether the channel takes no more steps (closed, or resized into another)."""
+        return self._closed
+
+    @property
+    def successor(self) -> str | None:
+        """The name of the channel :meth:`resize` returned, or None."""
+        return self._successor
+
+    def close(self) -> None:
+        """Take no more steps; the steps already submitted still run and signal."""
+        self._closed = True
+        wakeup, self._wakeup = self._wakeup, None
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def resize(
+        self, queues: Iterable[DeviceQueue], *, name: str | None = None
+    ) -> CollectiveChannel:
+        """The next channel of this group, over ``queues``; this one takes no more steps.
+
+        Membership changes at a step boundary: the returned channel (a new axis) makes
+        its first step wait on the last step submitted here, so that step's frontier
+        dominates the frontier of every step of this channel, and a failure of that
+        last step fails it (and what waits on it) with the same cause. Steps already
+        submitted here still run. Queues may be kept, dropped or added; a queue dropped
+        here is free for other work once this channel's last step has run on it.
+
+        Args:
+            queues: the new members (at least one queue of this runtime, none twice).
+            name: the new channel's name (default: this name with a resize count).
+
+        Raises:
+            RuntimeError: this channel is closed or was resized already.
+            ValueError / TypeError: invalid members (as :meth:`asyncfront.Runtime.collective`),
+                or a channel across processes (its membership is the process group's).
+        """
+        if self._closed:
+            raise RuntimeError(self._closed_message())
+        if self.process_group is not None:
+            raise ValueError(
+                f"collective channel {self.name!r} spans processes; its membership is its "
+                "process group's and cannot be resized"
+            )
+        members = tuple(queues)
+        if name is None:
+            stem, _, count = self.name.rpartition("~")
+            name = f"{stem}~{int(count) + 1}" if stem and count.isdigit() else f"{self.name}~1"
+        successor = self.runtime.collective(members, name=name)  # validates the members
+        last = self.submitted_epoch
+        if last:
+            link = TimelineSemaphore(name=f"{self.name}->{successor.name}")
+            link.bind(self._loop)
+            if last == self._completed_epoch:
+                if self._last_error is not None:
+                    link.fail(self._last_error)
+                else:
+                    link.signal(1, self.frontier)
+            else:
+                self._handoff = (link, last)
+            successor._predecessor = (link, 1)
+        else:  # nothing ran here: the successor inherits what this channel waited on
+            successor._predecessor = self._predecessor
+        self._successor = successor.name
+        self.close()
+        return successor
 
     def submit(
         self,
@@ -371,7 +454,7 @@ class CollectiveChannel:
         cost: float | None,
     ) -> tuple[tuple[SemaphoreValue, ...], tuple[SemaphoreValue, ...]]:
         if self._closed:
-            raise RuntimeError(f"collective channel {self.name!r} is closed")
+            raise RuntimeError(self._closed_message())
         for q in self.members:
             if q._closed:
                 raise RuntimeError(f"collective channel {self.name!r}: queue {q.name!r} is closed")
@@ -386,7 +469,19 @@ class CollectiveChannel:
                 )
         if cost is not None and cost < 0:
             raise ValueError(f"cost must be >= 0, got {cost}")
+        predecessor = self._predecessor
+        if predecessor is not None:  # the first step after a resize: chain it on
+            self._predecessor = None
+            waits_t = (predecessor, *waits_t)
         return waits_t, signals_t
+
+    def _closed_message(self) -> str:
+        if self._successor is not None:
+            return (
+                f"collective channel {self.name!r} was resized into {self._successor!r}; "
+                "submit there"
+            )
+        return f"collective channel {self.name!r} is closed"
 
     def _enqueue(
         self,
@@ -437,6 +532,8 @@ class CollectiveChannel:
         try:
             while True:
                 if not steps:
+                    if self._closed:
+                        return  # closed and drained
                     runtime._queue_settled()
                     wakeup = self._wakeup = self._loop.create_future()
                     await wakeup
@@ -464,6 +561,11 @@ class CollectiveChannel:
                 closing = StalledError(f"collective channel {self.name!r} closed before this step")
                 while steps:
                     self._finish_failed(steps.popleft(), [("", closing)])
+            handoff, self._handoff = self._handoff, None
+            if handoff is not None:  # its step never finished: the successor must not wait
+                handoff[0].fail(StalledError(f"collective channel {self.name!r} closed"))
+            with contextlib.suppress(ValueError):  # a closed, drained channel is no unit
+                runtime._channels.remove(self)
 
     def _captured(self, step: CollectiveStep) -> Frontier:
         """The merged frontiers the step's waits were satisfied with."""
@@ -504,6 +606,8 @@ class CollectiveChannel:
             else:
                 self._base = base
                 step._frontier = frontier
+                self._last_error = None
+                self._hand_off(step.epoch, frontier, None)
                 step._finish(result)
                 if runtime._log_debug:
                     runtime._log.debug(
@@ -525,6 +629,8 @@ class CollectiveChannel:
         for sem, value in step.signals:
             if sem.failure is None and sem.value < value:
                 sem.fail(root)
+        self._last_error = root
+        self._hand_off(step.epoch, None, root)
         step._fail(first)
         runtime = self.runtime
         if runtime._log_warning:
@@ -535,6 +641,19 @@ class CollectiveChannel:
                 epoch=step.epoch,
                 error=f"{type(root).__name__}: {root}",
             )
+
+    def _hand_off(self, epoch: int, frontier: Frontier | None, error: BaseException | None) -> None:
+        """Pass the last step's outcome on to the successor's first step (after a resize)."""
+        handoff = self._handoff
+        if handoff is None or handoff[1] != epoch:
+            return
+        self._handoff = None
+        link = handoff[0]
+        if error is not None:
+            link.fail(error)
+        else:
+            assert frontier is not None
+            link.signal(1, frontier)
 
     def _record(self, epoch: int) -> None:
         self._completed_epoch = epoch

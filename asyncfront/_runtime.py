@@ -7,6 +7,7 @@ import concurrent.futures
 import contextlib
 import functools
 import heapq
+import itertools
 import logging
 import math
 import os
@@ -278,7 +279,8 @@ class Runtime:
         self._stall_reported: tuple[StalledWait, ...] = ()
         self._open = False
         self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
-        self._channels: list[CollectiveChannel] = []
+        self._channels: list[CollectiveChannel] = []  # live ones: a closed one leaves drained
+        self._channel_ordinals = itertools.count()  # never reused, as axes never are
         # Placement asks rt.placement_residency about weights; anything with is_resident and
         # load_time may replace the default, which asks the residency about the weights and
         # models it holds and the declared models' registry about the rest.
@@ -426,7 +428,7 @@ class Runtime:
         also reduces across the processes of the group.
         """
         loop = self._require_loop()
-        index = len(self._channels)
+        index = next(self._channel_ordinals)
         channel_axis = axis(node=self.node, domain=Domain.COLLECTIVE, ordinal=index)
         cname = name if name is not None else f"collective{index}"
         if backend is not None or process_group is not None:
