@@ -73,6 +73,14 @@ from ._semaphore import SemaphoreStatistics as SemaphoreStatistics
 from ._semaphore import TimelineSemaphore as TimelineSemaphore
 from ._semaphore import wait_all as wait_all
 from ._semaphore import wait_any as wait_any
+from ._stealing import BinderStatistics as BinderStatistics
+from ._stealing import BindingError as BindingError
+from ._stealing import StageBinder as StageBinder
+from ._stealing import StageBinding as StageBinding
+from ._stealing import Stealing as Stealing
+from ._stealing import StealOffer as StealOffer
+from ._stealing import Topology as Topology
+from ._stealing import choose_victim as choose_victim
 from ._trace import DEFAULT_TRACE_CAPACITY as DEFAULT_TRACE_CAPACITY
 from ._trace import TraceRecord as TraceRecord
 from ._trace import TraceRecorder as TraceRecorder
@@ -159,4 +167,12 @@ __all__ = (
     "testing",
     "wait_all",
     "wait_any",
+    "BinderStatistics",
+    "BindingError",
+    "StageBinder",
+    "StageBinding",
+    "StealOffer",
+    "Stealing",
+    "Topology",
+    "choose_victim",
 )

@@ -9,7 +9,11 @@ frontier, the whole provenance of the run.
 
 A stage without a device is placed when the run is submitted (see
 :mod:`asyncfront._placement`): where its model's weights are resident, else the
-cheapest device that meets its deadline, else the CPU.
+cheapest device that meets its deadline, else the CPU. With ``bind="ready"`` that
+choice is only the stage's *home*: the stage joins the runtime's
+:class:`~asyncfront.StageBinder` and is bound to a device queue when its waits are met
+and a device takes it, its home or, under work stealing, an idle device that takes it
+from a busy one's backlog (see :mod:`asyncfront._stealing`).
 
 A failing stage fails the stages that depend on it (they raise
 :class:`~asyncfront.SemaphoreFailedError` whose ``__cause__`` is the original error)
@@ -48,6 +52,7 @@ from ._placement import (
 )
 from ._queue import DeviceQueue, SemaphoreValue, Submission, SubmissionState
 from ._semaphore import SemaphoreFailedError
+from ._stealing import StageBinding
 
 if TYPE_CHECKING:
     from ._runtime import Runtime
@@ -64,8 +69,12 @@ __all__ = (
     "StageChain",
 )
 
-StageHandle: TypeAlias = "Submission | CollectiveStep"
-"""What a stage becomes in a run: a queue submission, or a step of a collective channel."""
+StageHandle: TypeAlias = "Submission | CollectiveStep | StageBinding"
+"""What a stage becomes in a run: a queue submission, a step of a collective channel, or
+a stage bound to a device when it becomes ready."""
+
+BINDINGS: Final = ("submit", "ready")
+"""When a stage without a device is bound to one: when the run is submitted, or when ready."""
 
 StageRef: TypeAlias = "Stage | str"
 """A stage, or its name."""
@@ -148,6 +157,9 @@ class Stage:
         model / cost / deadline: what placement weighs (deadline in seconds from submit).
         qos: the tier whose priority the stage's queue gets (None: the graph's).
         candidates: device names placement may choose from (None: every compute device).
+        bind: ``"submit"`` (placed and queued when the run is submitted) or ``"ready"``
+            (placed on a home device's backlog, bound to a queue when its waits are met:
+            work stealing may move it).
         iteration: its iteration in a chain (0 otherwise).
     """
 
@@ -156,6 +168,7 @@ class Stage:
         "_chained",
         "_index",
         "args",
+        "bind",
         "candidates",
         "cost",
         "deadline",
@@ -185,8 +198,10 @@ class Stage:
         candidates: tuple[str, ...] | None,
         iteration: int,
         index: int,
+        bind: str = "submit",
     ) -> None:
         self.graph = graph
+        self.bind = bind
         self.name = name
         self.fn = fn
         self.args = args
@@ -209,6 +224,8 @@ class Stage:
 
     def __repr__(self) -> str:
         where = self.device if self.device is not None else "placed"
+        if self.bind == "ready":
+            where = "bound when ready"
         if isinstance(where, DeviceQueue | CollectiveChannel):
             where = where.name
         deps = ", ".join(s.name for s in self._after)
@@ -276,6 +293,7 @@ class Graph:
         qos: QoS | None = None,
         deadline: float | None = None,
         candidates: Iterable[str] | None = None,
+        bind: str = "submit",
         **kwargs: Any,
     ) -> Stage:
         """Add a stage that runs ``fn(*args, **kwargs)`` after the stages in ``after``.
@@ -284,10 +302,14 @@ class Graph:
         their results. ``device`` pins the stage (a device or its name, a queue, or a
         collective channel, where member ``rank`` runs ``fn(rank, *args)``); None lets
         placement choose among ``candidates`` by ``model``, ``cost`` and ``deadline``.
+        ``bind="ready"`` (no ``device``) makes placement's choice only the stage's home:
+        it is bound to a device queue when its waits are met, so an idle device may
+        steal it (configure with :attr:`asyncfront.Runtime.binder`).
 
         Raises:
             GraphDefinitionError: a duplicate name or an unknown stage.
-            KeyError / ValueError: an unknown device, or ``qos`` given with a queue.
+            KeyError / ValueError: an unknown device, ``qos`` given with a queue, an
+                unknown ``bind``, or ``bind="ready"`` with a ``device``.
         """
         if not isinstance(name, str) or not name:
             raise GraphDefinitionError(f"a stage name must be a non-empty string, got {name!r}")
@@ -297,6 +319,13 @@ class Graph:
             raise ValueError(f"stage {name!r}: cost must be >= 0, got {cost}")
         if deadline is not None and deadline < 0:
             raise ValueError(f"stage {name!r}: deadline must be >= 0 s, got {deadline}")
+        if bind not in BINDINGS:
+            raise ValueError(f"stage {name!r}: bind must be one of {BINDINGS}, got {bind!r}")
+        if bind == "ready" and device is not None:
+            raise ValueError(
+                f"stage {name!r}: bind='ready' is for stages without a device; "
+                f"a stage pinned to {device!r} is queued when the run is submitted"
+            )
         reserved = sorted(_RESERVED & kwargs.keys())
         if reserved:
             raise TypeError(
@@ -336,6 +365,7 @@ class Graph:
             names,
             0,
             next(self._indices),
+            bind,
         )
         self._stages[name] = stage
         return stage
@@ -440,6 +470,7 @@ class Graph:
                         s.candidates,
                         k,
                         next(self._indices),
+                        s.bind,
                     )
                 )
         last = {s: c[-1] for s, c in copies.items()}
@@ -541,7 +572,7 @@ class Graph:
         index = next(self._runs)
         run_name = f"{self.name}#{index}"
         # Decide everything first, so that an error leaves nothing queued.
-        targets: dict[Stage, DeviceQueue | CollectiveChannel] = {}
+        targets: dict[Stage, DeviceQueue | CollectiveChannel | None] = {}  # None: bind later
         placements: dict[str, PlacementDecision] = {}
         ahead: dict[str, float] = {}  # work of this run queued ahead, per device (seconds)
         now = loop.time()
@@ -551,6 +582,12 @@ class Graph:
             if target is None:
                 decision = self._place(s, ahead, now)
                 placements[s.name] = decision
+                if s.bind == "ready":
+                    targets[s] = None
+                    if s.cost:
+                        dev = rt.devices[decision.device]
+                        ahead[dev.name] = ahead.get(dev.name, 0.0) + s.cost / device_speed(dev)
+                    continue
                 target = rt.default_queue(decision.device, priority)
             elif isinstance(target, str):
                 target = rt.default_queue(target, priority)
@@ -565,9 +602,19 @@ class Graph:
             signals: list[SemaphoreValue] = [(semaphores[s], 1)]
             fn, args, kwargs = self._bind(s, handles)
             target = targets[s]
-            handle: StageHandle = target.submit(
-                fn, *args, waits=waits, signals=signals, name=s.name, cost=s.cost, **kwargs
-            )
+            handle: StageHandle
+            if target is None:
+                decided = placements[s.name]
+                handle = rt.binder.submit(
+                    fn, args, kwargs, waits=waits, signals=signals, name=s.name, cost=s.cost,
+                    priority=_priority(s.qos if s.qos is not None else self.qos),
+                    candidates=[c.device for c in decided.candidates if c.can_hold],
+                    home=decided.device,
+                )  # fmt: skip
+            else:
+                handle = target.submit(
+                    fn, *args, waits=waits, signals=signals, name=s.name, cost=s.cost, **kwargs
+                )
             notes: dict[str, Any] = {"graph": self.name, "run": run_name, "stage": s.name}
             placed = placements.get(s.name)
             if placed is not None:
@@ -593,6 +640,12 @@ class Graph:
             else c
             for c in candidates
         ]
+        binder = rt._binder
+        if binder is not None:  # unbound stages homed there are backlog too
+            candidates = [
+                dataclasses.replace(c, backlog=c.backlog + binder.pending_seconds(c.device))
+                for c in candidates
+            ]
         decision = place(needs, candidates)
         if rt._log_info:
             rt._log.info(

@@ -60,6 +60,7 @@ from ._placement import (
 from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
 from ._stall import StallAnalysis, StalledWait
+from ._stealing import StageBinder
 from ._trace import DEFAULT_TRACE_CAPACITY, TraceRecorder
 from .devices._base import Device
 from .memory import BufferPool
@@ -281,6 +282,7 @@ class Runtime:
         self._default_queues: dict[tuple[str, int], DeviceQueue] = {}
         self._channels: list[CollectiveChannel] = []  # live ones: a closed one leaves drained
         self._channel_ordinals = itertools.count()  # never reused, as axes never are
+        self._binder: StageBinder | None = None  # created on first use
         # Placement asks rt.placement_residency about weights; anything with is_resident and
         # load_time may replace the default, which asks the residency about the weights and
         # models it holds and the declared models' registry about the rest.
@@ -408,6 +410,21 @@ class Runtime:
             q = self.queue(dev, priority=priority, name=f"{dev.name}.p{priority}")
             self._default_queues[key] = q
         return q
+
+    @property
+    def binder(self) -> StageBinder:
+        """The backlogs of stages bound when they become ready (``bind="ready"``).
+
+        Configure work stealing here: ``rt.binder.configure(stealing=Stealing.NEIGHBOURS,
+        topology=Topology.ring([...]))``.
+
+        Raises:
+            RuntimeError: the runtime is not open.
+        """
+        binder = self._binder
+        if binder is None:
+            binder = self._binder = StageBinder(self)
+        return binder
 
     def graph(self, name: str = "graph", *, qos: QoS | None = None) -> Graph:
         """A new, empty pipeline; ``qos`` sets its stages' default queue priority."""
@@ -1044,6 +1061,8 @@ class Runtime:
 
     async def _close(self) -> None:
         self._open = False
+        if self._binder is not None:
+            self._binder.close()  # nothing will bind what is still unbound
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._budget import GiB
+from .._collective import CollectiveStep
 from .._frontier import Frontier, axis_name
 from .._graph import GraphRun
 from .._queue import Submission
@@ -82,8 +83,11 @@ class MultimediaReport:
         """Each stage's placement and timing, and the final frontier."""
         lines = ["multimedia request: image + voice note -> description, code, image, speech"]
         for name, sub in self.run.submissions.items():
-            parts = [sub] if isinstance(sub, Submission) else list(sub.parts)
-            where = sub.queue.name if isinstance(sub, Submission) else sub.channel.name
+            if isinstance(sub, CollectiveStep):
+                parts, where = list(sub.parts), sub.channel.name
+            else:
+                assert isinstance(sub, Submission)  # every stage is pinned or placed at submit
+                parts, where = [sub], sub.queue.name
             started = min(p.started_at or 0.0 for p in parts)
             lines.append(f"  {name:<13} on {where:<10} from {started:6.3f} s")
         names = ", ".join(f"{axis_name(a)}={e}" for a, e in self.final_frontier)
