@@ -109,6 +109,7 @@ def _registry() -> dict[str, Scenario]:
         speculative_decoding,
         streaming_translation,
         tensor_parallel,
+        work_stealing,
     )
 
     scenarios = [
@@ -199,6 +200,14 @@ def _registry() -> dict[str, Scenario]:
             "an image + voice request through seven models, submitted atomically",
             multimedia_request.simulate,
             {},
+        ),
+        Scenario(
+            "work_stealing",
+            "P5",
+            "an irregular workload on a satellite torus: no stealing, neighbour-only, global",
+            work_stealing.simulate,
+            {"jobs": work_stealing.DEFAULT_JOBS, "seed": work_stealing.DEFAULT_SEED},
+            {"jobs": (1, work_stealing.MAX_JOBS), "seed": SEED_RANGE},
         ),
     ]
     return {s.name: s for s in scenarios}
