@@ -100,6 +100,7 @@ class Scenario:
 def _registry() -> dict[str, Scenario]:
     from . import (
         cross_node_pipeline,
+        dit_serving,
         finetune_paging,
         laptop_voice,
         moe_routing,
@@ -208,6 +209,18 @@ def _registry() -> dict[str, Scenario]:
             work_stealing.simulate,
             {"jobs": work_stealing.DEFAULT_JOBS, "seed": work_stealing.DEFAULT_SEED},
             {"jobs": (1, work_stealing.MAX_JOBS), "seed": SEED_RANGE},
+        ),
+        Scenario(
+            "dit_serving",
+            "P6",
+            "DiT serving: each request's GPUs re-placed between denoising steps vs fixed k",
+            dit_serving.simulate,
+            {
+                "requests": dit_serving.DEFAULT_REQUESTS,
+                "seed": dit_serving.DEFAULT_SEED,
+                "load": dit_serving.DEFAULT_LOAD,
+            },
+            {"requests": (1, 1000), "seed": SEED_RANGE, "load": (1, 400)},
         ),
     ]
     return {s.name: s for s in scenarios}
