@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import functools
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -258,6 +259,7 @@ class StageBinding(Outcome):
 
     __slots__ = (
         "_binder",
+        "_counted",
         "_futures_waits",
         "_remaining",
         "_work",
@@ -308,6 +310,7 @@ class StageBinding(Outcome):
         self.annotations: dict[str, Any] | None = None
         self._futures_waits: list[tuple[TimelineSemaphore, asyncio.Future[Frontier]]] = []
         self._remaining = 0
+        self._counted = False  # in its home's pending seconds
         self.state = SubmissionState.PENDING
         self._result: Any = None
         self._exception: BaseException | None = None
@@ -380,7 +383,9 @@ class StageBinder:
         stealing: Stealing = Stealing.NONE,
         topology: Topology | None = None,
     ) -> None:
-        self._runtime = runtime
+        # Weak: the runtime owns its binder, and a closed runtime must be freed by
+        # reference counting, not kept alive by a cycle through it.
+        self._runtime_ref = weakref.ref(runtime)
         self.stealing = stealing
         self.topology = topology
         self._loop = runtime._require_loop()
@@ -393,7 +398,15 @@ class StageBinder:
         self._stolen = 0
         self._stolen_hops = 0.0
         self._ran: dict[str, int] = {}
+        self._pending: dict[str, float] = {}  # estimated seconds of unbound stages per home
         self._closed = False
+
+    @property
+    def _runtime(self) -> Runtime:
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError("stage binder: its runtime was closed and freed")
+        return runtime
 
     # -- configuration -------------------------------------------------------------
 
@@ -444,14 +457,22 @@ class StageBinder:
 
     def pending_seconds(self, device: str) -> float:
         """Estimated seconds of unbound stages homed on ``device`` (what placement adds)."""
-        speed = device_speed(self._runtime.devices[device])
-        total = 0.0
-        for b in self._ready.get(device, ()):
-            total += (b.cost or 0.0) / speed
-        for b in self._waiting:
-            if b.home == device:
-                total += (b.cost or 0.0) / speed
-        return total
+        return self._pending.get(device, 0.0)
+
+    def _homed(self, binding: StageBinding, sign: float) -> None:
+        """Count a stage in (``+1``) or out of (``-1``) its home's pending seconds."""
+        counted = sign > 0
+        if not binding.cost or binding._counted is counted:
+            return
+        binding._counted = counted
+        home = binding.home
+        seconds = self._pending.get(home, 0.0) + sign * binding.cost / device_speed(
+            self._runtime.devices[home]
+        )
+        if seconds > 1e-12:
+            self._pending[home] = seconds
+        else:
+            self._pending.pop(home, None)
 
     # -- submission ----------------------------------------------------------------
 
@@ -482,6 +503,10 @@ class StageBinder:
             raise ValueError(f"stage {name!r}: no candidate devices to bind it to")
         if home not in cands:
             raise ValueError(f"stage {name!r}: home {home!r} is not among its candidates {cands}")
+        devices = self._runtime.devices
+        unknown = [c for c in cands if c not in devices]
+        if unknown:
+            raise KeyError(f"stage {name!r}: no devices named {unknown}; known: {sorted(devices)}")
         binding = StageBinding(
             self, name, (fn, args, kwargs), tuple(waits), tuple(signals), cost, priority,
             cands, home,
@@ -491,6 +516,7 @@ class StageBinder:
             return binding
         if not self.alive(home):
             binding.home = self._least_loaded(binding)
+        self._homed(binding, +1)
         for sem, value in binding.waits:
             failure = sem._failure
             if failure is not None:
@@ -540,7 +566,9 @@ class StageBinder:
         if not any(self.alive(c) for c in binding.candidates):
             self._fail(binding, self._unbindable(binding))
             return
+        self._homed(binding, -1)
         binding.home = self._least_loaded(binding)
+        self._homed(binding, +1)
         self._ready.setdefault(binding.home, deque()).append(binding)
 
     def _least_loaded(self, binding: StageBinding) -> str:
@@ -607,6 +635,7 @@ class StageBinder:
         assert work is not None
         binding._work = None
         fn, args, kwargs = work
+        self._homed(binding, -1)
         stolen = device != binding.home
         hops = 0.0
         if stolen:
@@ -694,6 +723,7 @@ class StageBinder:
         root = exc
         while isinstance(root, SemaphoreFailedError):
             root = root.root_cause
+        self._homed(binding, -1)
         binding._work = None
         binding.annotations = None
         for sem, value in binding.signals:

@@ -294,3 +294,84 @@ def test_chained_stages_keep_their_binding() -> None:
             assert "bound when ready" in repr(g["step[0]"])
 
     run_virtual(main)
+
+
+def test_a_closed_runtime_that_stole_work_is_freed_without_the_collector() -> None:
+    """The binder, its queues and its handles keep no cycle through a closed runtime.
+
+    (Through the binder directly: a graph and its stages form a cycle of their own.)
+    """
+    import gc
+    import weakref
+
+    async def main() -> tuple[weakref.ref[af.Runtime], weakref.ref[af.StageBinder]]:
+        async with af.open_runtime(gpus()) as rt:
+            rt.binder.configure(stealing=af.Stealing.GLOBAL)
+            handles = [
+                rt.binder.submit(
+                    one_second,
+                    (),
+                    {},
+                    waits=(),
+                    signals=(),
+                    name=f"t{i}",
+                    cost=None,
+                    priority=0,
+                    candidates=GPUS,
+                    home="gpu0",
+                )
+                for i in range(6)
+            ]
+            for handle in handles:
+                await handle
+            assert rt.binder.statistics().stolen == 4
+            refs = (weakref.ref(rt), weakref.ref(rt.binder))
+            del handles, handle
+        del rt
+        return refs
+
+    gc.collect()
+    gc.disable()
+    try:
+        refs = run_virtual(main)
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
+
+
+def test_binder_refuses_unknown_candidates_and_changes_nothing() -> None:
+    """A raw binder submission naming an unknown device raises KeyError; nothing is held."""
+
+    async def main() -> None:
+        async with af.open_runtime(gpus()) as rt:
+            with pytest.raises(KeyError, match="tpu9"):
+                rt.binder.submit(
+                    None, (), {}, waits=(), signals=(), name="x", cost=1.0, priority=0,
+                    candidates=["gpu0", "tpu9"], home="gpu0",
+                )  # fmt: skip
+            with pytest.raises(ValueError, match="not among its candidates"):
+                rt.binder.submit(
+                    None, (), {}, waits=(), signals=(), name="x", cost=1.0, priority=0,
+                    candidates=["gpu0"], home="gpu1",
+                )  # fmt: skip
+            stats = rt.binder.statistics()
+            assert stats.waiting == 0 and stats.bound == 0 and not stats.ready
+            assert rt.binder.pending_seconds("gpu0") == 0.0
+
+    run_virtual(main)
+
+
+def test_pending_seconds_count_unbound_work_until_it_is_bound() -> None:
+    """Placement sees unbound stages' costs on their home until they are bound or fail."""
+
+    async def main() -> None:
+        async with af.open_runtime(gpus()[:2]) as rt:
+            g = rt.graph("job")
+            first = g.stage("first", None, device="gpu1", cost=4.0)
+            g.stage("a", None, after=first, cost=2.0, bind="ready", candidates=["gpu0"])
+            run = await g.submit()
+            assert rt.binder.pending_seconds("gpu0") == 2.0
+            await run.results()
+            assert rt.binder.pending_seconds("gpu0") == 0.0
+
+    run_virtual(main)
