@@ -375,3 +375,19 @@ def test_pending_seconds_count_unbound_work_until_it_is_bound() -> None:
             assert rt.binder.pending_seconds("gpu0") == 0.0
 
     run_virtual(main)
+
+
+def test_leaving_the_runtime_runs_every_unbound_stage_that_can_run() -> None:
+    """Exiting the runtime drains waiting and ready unbound stages before it closes."""
+
+    async def main() -> af.GraphRun:
+        async with af.open_runtime(gpus()[:2]) as rt:
+            g = rt.graph("job")
+            head = g.stage("head", one_second, device="gpu1")
+            for i in range(4):
+                g.stage(f"t{i}", one_second, after=head, bind="ready", candidates=["gpu0"])
+            run = await g.submit()
+        return run
+
+    run = run_virtual(main)
+    assert [run.result(f"t{i}") for i in range(4)] == ["done"] * 4
