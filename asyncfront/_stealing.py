@@ -36,7 +36,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._placement import device_speed
-from ._queue import DeviceQueue, Outcome, SemaphoreValue, StalledError, Submission, SubmissionState
+from ._queue import (
+    DeviceQueue,
+    Outcome,
+    SemaphoreValue,
+    StalledError,
+    Submission,
+    SubmissionState,
+    _check_pairs,
+)
 from ._semaphore import SemaphoreFailedError, TimelineSemaphore
 
 if TYPE_CHECKING:
@@ -494,10 +502,15 @@ class StageBinder:
 
         Raises:
             RuntimeError: the binder's runtime is closing.
-            ValueError: ``home`` is not among ``candidates``, or no candidates.
+            TypeError / ValueError: malformed waits or signals, no candidates, or
+                ``home`` not among them.
+            KeyError: a candidate the runtime has no device for.
         """
         if self._closed:
             raise RuntimeError("the runtime is closing: no more stages are bound")
+        waits_t, signals_t = tuple(waits), tuple(signals)
+        _check_pairs("waits", waits_t)
+        _check_pairs("signals", signals_t)
         cands = tuple(candidates)
         if not cands:
             raise ValueError(f"stage {name!r}: no candidate devices to bind it to")
@@ -508,7 +521,7 @@ class StageBinder:
         if unknown:
             raise KeyError(f"stage {name!r}: no devices named {unknown}; known: {sorted(devices)}")
         binding = StageBinding(
-            self, name, (fn, args, kwargs), tuple(waits), tuple(signals), cost, priority,
+            self, name, (fn, args, kwargs), waits_t, signals_t, cost, priority,
             cands, home,
         )  # fmt: skip
         if not any(self.alive(c) for c in cands):
@@ -520,6 +533,7 @@ class StageBinder:
         for sem, value in binding.waits:
             failure = sem._failure
             if failure is not None:
+                self._drop_waits(binding)  # the waits registered before this one
                 self._fail(binding, SemaphoreFailedError(sem, failure))
                 return binding
             if sem._value >= value:

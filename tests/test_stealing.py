@@ -391,3 +391,24 @@ def test_leaving_the_runtime_runs_every_unbound_stage_that_can_run() -> None:
 
     run = run_virtual(main)
     assert [run.result(f"t{i}") for i in range(4)] == ["done"] * 4
+
+
+def test_a_failed_wait_at_submission_fails_at_once_and_leaves_no_waiter() -> None:
+    """A wait already failed fails the stage at once; waits registered before it are dropped."""
+
+    async def main() -> None:
+        async with af.open_runtime(gpus()) as rt:
+            pending, broken = rt.semaphore(name="pending"), rt.semaphore(name="broken")
+            broken.fail(ValueError("upstream"))
+            out = rt.semaphore(name="out")
+            handle = rt.binder.submit(
+                None, (), {}, waits=[(pending, 1), (broken, 1)], signals=[(out, 1)],
+                name="doomed", cost=1.0, priority=0, candidates=GPUS, home="gpu0",
+            )  # fmt: skip
+            assert handle.done() and isinstance(handle.exception(), af.SemaphoreFailedError)
+            assert pending.statistics().waiters == 0
+            assert isinstance(out.failure, ValueError)
+            assert rt.binder.statistics().waiting == 0
+            assert rt.binder.pending_seconds("gpu0") == 0.0
+
+    run_virtual(main)
