@@ -57,6 +57,15 @@ from ._placement import PlacementResidency as PlacementResidency
 from ._placement import RuntimeResidency as RuntimeResidency
 from ._placement import StageNeeds as StageNeeds
 from ._placement import place as place
+from ._policy import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
+from ._policy import EDFPolicy as EDFPolicy
+from ._policy import KeyedPolicy as KeyedPolicy
+from ._policy import Policy as Policy
+from ._policy import PriorityPolicy as PriorityPolicy
+from ._policy import ReadyWork as ReadyWork
+from ._policy import SLOPolicy as SLOPolicy
+from ._policy import SLOStatistics as SLOStatistics
+from ._policy import StagePredictor as StagePredictor
 from ._queue import CancelledWorkError as CancelledWorkError
 from ._queue import DeviceQueue as DeviceQueue
 from ._queue import QueueStatistics as QueueStatistics
@@ -93,9 +102,11 @@ __all__ = (
     "ContextStatistics",
     "ContextUsage",
     "DEFAULT_FRONTIER_CAPACITY",
+    "DEFAULT_MAX_WAIT",
     "DEFAULT_TRACE_CAPACITY",
     "DeviceQueue",
     "Domain",
+    "EDFPolicy",
     "ExecutionContext",
     "ForeignBufferError",
     "Frontier",
@@ -106,13 +117,14 @@ __all__ = (
     "GraphRun",
     "GraphRunStatistics",
     "ITERATION",
+    "KeyedPolicy",
     "KiB",
     "MemoryBudgetError",
     "MemoryLedger",
     "MiB",
     "ModelInfo",
-    "NodeLostError",
     "ModelRegistry",
+    "NodeLostError",
     "Order",
     "PageCorruptedError",
     "PlacementCandidate",
@@ -120,19 +132,25 @@ __all__ = (
     "PlacementError",
     "PlacementReason",
     "PlacementResidency",
-    "RuntimeResidency",
+    "Policy",
+    "PriorityPolicy",
     "QoS",
     "QueueStatistics",
+    "ReadyWork",
     "Runtime",
-    "RuntimeStatistics",
     "RuntimeCrashedError",
+    "RuntimeResidency",
+    "RuntimeStatistics",
     "RuntimeThread",
+    "SLOPolicy",
+    "SLOStatistics",
     "SemaphoreFailedError",
     "SemaphoreStatistics",
     "Session",
     "Stage",
     "StageChain",
     "StageNeeds",
+    "StagePredictor",
     "StalledError",
     "Submission",
     "SubmissionState",
