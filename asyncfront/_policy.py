@@ -184,8 +184,9 @@ class SLOPolicy(KeyedPolicy):
     device's speed, the mean measured run time of that stage in earlier runs of its
     graph). Work that can still meet its deadline (slack >= 0) is keyed by its latest
     start time, ``deadline - remaining``: least slack first. Work that can no longer
-    meet it is keyed like work without a deadline (its aging key), so it yields to work
-    that can, yet still runs once it has waited ``max_wait``.
+    meet it (not even ``feasibility`` times its predicted remaining path fits before
+    the deadline) is keyed like work without a deadline (its aging key), so it yields to
+    work that can, yet still runs once it has waited ``max_wait``.
 
     Pick it for graphs of dependent calls with end-to-end deadlines (agents, RAG
     pipelines), above all when load can exceed capacity.
@@ -194,24 +195,64 @@ class SLOPolicy(KeyedPolicy):
         predictor: ``predictor(stage) -> seconds | None``, a prediction of a graph
             stage's run time on its device (None falls back to cost, then history).
         max_wait: see :class:`KeyedPolicy`.
+        feasibility: the share (0..1) of the predicted remaining path that must still
+            fit before the deadline for work to count as able to meet it; 1.0 trusts the
+            predictions fully, 0.0 never gives up on work before its deadline.
+        order: how work that can still meet its deadline is ordered: ``"slack"`` (least
+            slack first, the latest start time) or ``"deadline"`` (earliest deadline
+            first among the feasible: favours the workflows that need the least work
+            to finish, which meets more SLOs under overload at the price of the long
+            ones; see the ``policies`` benchmark).
+
+    Raises:
+        TypeError: ``predictor`` is not callable.
+        ValueError: ``max_wait`` is not > 0, ``feasibility`` is outside 0..1, or an
+            unknown ``order``.
     """
 
     name = "slo"
 
     def __init__(
-        self, predictor: StagePredictor | None = None, *, max_wait: float = DEFAULT_MAX_WAIT
+        self,
+        predictor: StagePredictor | None = None,
+        *,
+        max_wait: float = DEFAULT_MAX_WAIT,
+        feasibility: float = 0.9,
+        order: str = "slack",
     ) -> None:
         super().__init__(max_wait=max_wait)
+        if order not in ("slack", "deadline"):
+            raise ValueError(f"order must be 'slack' or 'deadline', got {order!r}")
         if predictor is not None and not callable(predictor):
             raise TypeError(f"predictor must be callable or None, got {predictor!r}")
+        if (
+            isinstance(feasibility, bool)
+            or not isinstance(feasibility, int | float)
+            or not 0 <= feasibility <= 1
+        ):
+            raise ValueError(f"feasibility must be a number in 0..1, got {feasibility!r}")
         self.predictor = predictor
+        self.feasibility = float(feasibility)
+        self.order = order
 
     def key(self, work: ReadyWork, now: float) -> float:
-        """The latest start time ``deadline - remaining`` while it can still be met."""
-        if work.deadline_at is None:
+        """The latest start time ``deadline - remaining`` (or the deadline) while feasible."""
+        if work.deadline_at is None or not self.feasible(work, now):
             return math.inf
-        latest_start = work.deadline_at - work.remaining
-        return latest_start if latest_start >= now else math.inf
+        if self.order == "deadline":
+            return work.deadline_at
+        return work.deadline_at - work.remaining
+
+    def feasible(self, work: ReadyWork, now: float) -> bool:
+        """Whether ``work`` can still meet its deadline, given the prediction's error.
+
+        True when ``feasibility`` times its predicted remaining path still fits before
+        the deadline: predictions err, and giving up on work that would have made it
+        costs more than trying a little longer.
+        """
+        if work.deadline_at is None:
+            return False
+        return work.deadline_at - now >= self.feasibility * work.remaining
 
     def slack(self, work: ReadyWork, now: float) -> float | None:
         """``deadline - now - remaining``, or None for work without a deadline."""
