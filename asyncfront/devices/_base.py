@@ -276,6 +276,11 @@ class Device(ABC):
     def policy(self, policy: Policy | None) -> None:
         self._arbiter.policy = policy
 
+    @property
+    def policy_error(self) -> str | None:
+        """The last error of the policy's ``choose``, or None (that grant went to the oldest)."""
+        return self._arbiter.policy_error
+
     async def acquire(self, priority: int, work: Submission | None = None) -> None:
         """Wait for an execution slot: highest priority first, then the device's policy.
 
