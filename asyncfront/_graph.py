@@ -302,6 +302,8 @@ class Graph:
         Raises:
             GraphDefinitionError: a duplicate name or an unknown stage.
             KeyError / ValueError: an unknown device, or ``qos`` given with a queue.
+            TypeError: ``waits``, ``signals`` or ``deadline_at`` among the keywords (the
+                stage sets the first two itself; the last belongs to a run).
         """
         if not isinstance(name, str) or not name:
             raise GraphDefinitionError(f"a stage name must be a non-empty string, got {name!r}")
@@ -311,6 +313,12 @@ class Graph:
             raise ValueError(f"stage {name!r}: cost must be >= 0, got {cost}")
         if deadline is not None and deadline < 0:
             raise ValueError(f"stage {name!r}: deadline must be >= 0 s, got {deadline}")
+        if "deadline_at" in kwargs:
+            raise TypeError(
+                f"stage {name!r}: deadline_at= is an absolute deadline of a run, so give it "
+                "to graph.submit(deadline_at=...); a stage takes deadline= (seconds from the "
+                "run's submission)"
+            )
         reserved = sorted(_RESERVED & kwargs.keys())
         if reserved:
             raise TypeError(

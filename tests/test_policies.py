@@ -333,3 +333,16 @@ def test_ready_work_holds_values_not_submissions() -> None:
 def vars_of(record: af.ReadyWork) -> list[object]:
     """The field values of a ready-work record."""
     return [getattr(record, f) for f in record.__slots__]
+
+
+def test_a_stage_refuses_deadline_at() -> None:
+    """deadline_at= on a stage is refused (it is a run's), naming where it belongs."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            g = rt.graph("g")
+            with pytest.raises(TypeError, match=r"graph\.submit\(deadline_at="):
+                g.stage("a", print, device="gpu", deadline_at=3.0)
+            assert len(g) == 0
+
+    run_virtual(main)

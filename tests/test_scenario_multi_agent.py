@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import pytest
 
@@ -105,3 +107,14 @@ def test_bad_run_arguments_are_refused() -> None:
     ):
         with pytest.raises(ValueError, match=match):
             run_virtual(functools.partial(ma.run_multi_agent, workload, **kw))
+
+
+def test_simulate_multi_agent_from_the_command_line() -> None:
+    """python -m asyncfront simulate multi_agent --load runs one load and prints the table."""
+    out = subprocess.run(
+        [sys.executable, "-m", "asyncfront", "simulate", "multi_agent",
+         "--load", "100", "--workflows", "12", "--trace", ""],
+        capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    assert "12 agent workflows (seed 7)" in out.stdout
+    assert "1.0x" in out.stdout and "KV reservation" in out.stdout
