@@ -112,11 +112,12 @@ class KeyedPolicy(Policy):
 
     The key of a ready submission is ``min(key(work, now), work.ready_at + max_wait)``;
     ties go to the work that became ready first. Aging bounds every wait: once a
-    submission has waited ``max_wait`` seconds its key is at most now, and a key is
-    never earlier than when its work became ready or its workflow's deadline (which is
-    never before the workflow was submitted), so only work that was ready before it,
-    or of workflows submitted before it became ready plus ``max_wait``, can still go
-    first: a finite amount of work.
+    submission has waited ``max_wait`` seconds its key is at most now, and work that
+    becomes ready later can only go first with a key earlier than that. For EDF that
+    takes a deadline earlier than it, so a workflow submitted before it; for the SLO
+    policy a latest start time, which is never more than ``(1 - feasibility)`` times
+    the work's predicted remaining path before the moment it is chosen. Either way only
+    a finite amount of work can still pass it.
 
     Args:
         max_wait: seconds (> 0, may be ``math.inf`` to turn aging off) after which

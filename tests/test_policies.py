@@ -346,3 +346,24 @@ def test_a_stage_refuses_deadline_at() -> None:
             assert len(g) == 0
 
     run_virtual(main)
+
+
+@pytest.mark.parametrize(("max_wait", "starts_at"), [(3.0, 4.0), (math.inf, 11.0)])
+def test_aging_lets_work_without_a_deadline_pass_a_stream_of_deadlines(
+    max_wait: float, starts_at: float
+) -> None:
+    """Under EDF, work without a deadline runs once its aging key (ready + max_wait) is earliest."""
+
+    async def main() -> float | None:
+        async with af.open_runtime(
+            [FakeDevice("gpu")], policy=af.EDFPolicy(max_wait=max_wait)
+        ) as rt:
+            rt.queue("gpu").submit(cost=1.0, name="blocker")
+            stream = rt.queue("gpu")
+            for i in range(10):
+                stream.submit(cost=1.0, name=f"s{i}", deadline_at=0.5 + i)
+            plain = rt.queue("gpu").submit(cost=1.0, name="plain")
+            await plain
+            return plain.started_at
+
+    assert run_virtual(main) == starts_at
