@@ -367,3 +367,25 @@ def test_aging_lets_work_without_a_deadline_pass_a_stream_of_deadlines(
             return plain.started_at
 
     assert run_virtual(main) == starts_at
+
+
+def test_a_cancelled_request_leaves_no_stale_entry() -> None:
+    """A slot request cancelled while waiting is withdrawn: it keeps no free slot from others."""
+
+    async def main() -> None:
+        device = FakeDevice("gpu")
+        async with af.open_runtime([device], policy=af.EDFPolicy()) as rt:
+            holder = rt.queue("gpu").submit(cost=1.0)
+            await asyncio.sleep(0.1)
+            waiter = asyncio.ensure_future(device.acquire(0, holder))
+            await asyncio.sleep(0.1)
+            assert device.statistics().waiting_queues == 1
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            assert device._arbiter.ready_work() == () and device.statistics().waiting_queues == 0
+            await holder
+            assert device._arbiter.try_acquire()  # nothing stale blocks the free slot
+            device.release()
+
+    run_virtual(main)

@@ -134,6 +134,21 @@ class SlotArbiter:
         """Queue ready work for the policy to choose; ``future`` resolves on the grant."""
         self._ready.append((work, future))
 
+    def withdraw(self, future: asyncio.Future[None]) -> None:
+        """Forget a request that will not be granted (its waiter was cancelled)."""
+        heap = self._heap
+        for i, entry in enumerate(heap):
+            if entry[2] is future:
+                heap[i] = heap[-1]
+                heap.pop()
+                heapq.heapify(heap)
+                return
+        ready = self._ready
+        for i, (_, fut) in enumerate(ready):
+            if fut is future:
+                del ready[i]
+                return
+
     def release(self) -> bool:
         """Return a slot; True when a grant should be scheduled for the next loop turn."""
         self._free += 1
@@ -301,6 +316,8 @@ class Device(ABC):
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # granted just as we were cancelled: give it back
+            else:
+                arbiter.withdraw(fut)  # a stale request would keep free slots from others
             raise
 
     def _ready_work(self, work: Submission, priority: int, now: float) -> ReadyWork:
