@@ -57,6 +57,15 @@ from ._placement import PlacementResidency as PlacementResidency
 from ._placement import RuntimeResidency as RuntimeResidency
 from ._placement import StageNeeds as StageNeeds
 from ._placement import place as place
+from ._policy import DEFAULT_MAX_WAIT as DEFAULT_MAX_WAIT
+from ._policy import EDFPolicy as EDFPolicy
+from ._policy import KeyedPolicy as KeyedPolicy
+from ._policy import Policy as Policy
+from ._policy import PriorityPolicy as PriorityPolicy
+from ._policy import ReadyWork as ReadyWork
+from ._policy import SLOPolicy as SLOPolicy
+from ._policy import SLOStatistics as SLOStatistics
+from ._policy import StagePredictor as StagePredictor
 from ._queue import CancelledWorkError as CancelledWorkError
 from ._queue import DeviceQueue as DeviceQueue
 from ._queue import QueueStatistics as QueueStatistics
@@ -101,9 +110,11 @@ __all__ = (
     "ContextStatistics",
     "ContextUsage",
     "DEFAULT_FRONTIER_CAPACITY",
+    "DEFAULT_MAX_WAIT",
     "DEFAULT_TRACE_CAPACITY",
     "DeviceQueue",
     "Domain",
+    "EDFPolicy",
     "ExecutionContext",
     "ForeignBufferError",
     "Frontier",
@@ -114,6 +125,7 @@ __all__ = (
     "GraphRun",
     "GraphRunStatistics",
     "ITERATION",
+    "KeyedPolicy",
     "KiB",
     "MemoryBudgetError",
     "MemoryLedger",
@@ -128,6 +140,9 @@ __all__ = (
     "PlacementError",
     "PlacementReason",
     "PlacementResidency",
+    "Policy",
+    "PriorityPolicy",
+    "ReadyWork",
     "RuntimeResidency",
     "QoS",
     "QueueStatistics",
@@ -135,12 +150,15 @@ __all__ = (
     "RuntimeStatistics",
     "RuntimeCrashedError",
     "RuntimeThread",
+    "SLOPolicy",
+    "SLOStatistics",
     "SemaphoreFailedError",
     "SemaphoreStatistics",
     "Session",
     "Stage",
     "StageChain",
     "StageNeeds",
+    "StagePredictor",
     "StalledError",
     "Submission",
     "SubmissionState",

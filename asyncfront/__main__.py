@@ -172,6 +172,8 @@ _OPTION_HELP = {
     "tokens": "tokens per batch (moe_routing)",
     "seed": "seed of the random pattern, for scenarios that take it",
     "micro_batches": "micro-batches through the pipeline (cross_node_pipeline)",
+    "load": "arrival rate in percent of capacity, 0 for the whole sweep (multi_agent)",
+    "workflows": "agent workflows per run (multi_agent)",
 }
 
 

@@ -35,6 +35,7 @@ import functools
 import heapq
 import inspect
 import itertools
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -50,7 +51,8 @@ from ._placement import (
     place,
     runtime_candidates,
 )
-from ._queue import DeviceQueue, SemaphoreValue, Submission, SubmissionState
+from ._policy import _StagePlan, _WorkflowRecord, critical_paths
+from ._queue import DeviceQueue, SemaphoreValue, Submission, SubmissionState, _deadline_at
 from ._semaphore import SemaphoreFailedError
 from ._stealing import StageBinding
 
@@ -270,14 +272,41 @@ class Graph:
     be submitted many times; each run has its own semaphores and results.
     """
 
-    def __init__(self, runtime: Runtime, name: str = "graph", *, qos: QoS | None = None) -> None:
-        self.runtime = runtime
+    def __init__(
+        self,
+        runtime: Runtime,
+        name: str = "graph",
+        *,
+        qos: QoS | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        if deadline is not None:
+            _deadline_at(f"graph {name}", deadline, None, 0.0)
+        # A weak reference: a graph and its stages refer to each other, and that cycle must
+        # not keep a closed runtime (and its trace) alive until the collector runs.
+        self._runtime_ref = weakref.ref(runtime)
         self.name = name
         self.qos = qos
+        self.deadline = deadline
+        """Seconds from each run's submission by which the run should finish, or None."""
+        # stage name -> (runs measured, mean run time in seconds): what estimates fall back on
+        self._history: dict[str, tuple[int, float]] = {}
         self._stages: dict[str, Stage] = {}
         self._chained: dict[str, Stage] = {}  # names replaced by a chain -> the original stage
         self._indices = itertools.count()
         self._runs = itertools.count(1)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The runtime the graph submits to.
+
+        Raises:
+            RuntimeError: that runtime has been freed.
+        """
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError(f"graph {self.name!r}: its runtime no longer exists")
+        return runtime
 
     # -- definition ----------------------------------------------------------------
 
@@ -310,6 +339,8 @@ class Graph:
             GraphDefinitionError: a duplicate name or an unknown stage.
             KeyError / ValueError: an unknown device, ``qos`` given with a queue, an
                 unknown ``bind``, or ``bind="ready"`` with a ``device``.
+            TypeError: ``waits``, ``signals`` or ``deadline_at`` among the keywords (the
+                stage sets the first two itself; the last belongs to a run).
         """
         if not isinstance(name, str) or not name:
             raise GraphDefinitionError(f"a stage name must be a non-empty string, got {name!r}")
@@ -325,6 +356,12 @@ class Graph:
             raise ValueError(
                 f"stage {name!r}: bind='ready' is for stages without a device; "
                 f"a stage pinned to {device!r} is queued when the run is submitted"
+            )
+        if "deadline_at" in kwargs:
+            raise TypeError(
+                f"stage {name!r}: deadline_at= is an absolute deadline of a run, so give it "
+                "to graph.submit(deadline_at=...); a stage takes deadline= (seconds from the "
+                "run's submission)"
             )
         reserved = sorted(_RESERVED & kwargs.keys())
         if reserved:
@@ -555,19 +592,39 @@ class Graph:
 
     # -- submission ----------------------------------------------------------------
 
-    async def submit(self) -> GraphRun:
+    async def submit(
+        self, *, deadline: float | None = None, deadline_at: float | None = None
+    ) -> GraphRun:
         """Queue one run of the graph, every stage before any runs; returns the run.
+
+        The run's deadline is ``deadline`` (seconds from now), else ``deadline_at`` (on
+        the runtime clock), else the graph's :attr:`deadline`; it flows to every stage
+        that sets none (a stage's own ``deadline`` counts from this submission too).
+        Deadline-aware device policies weigh it, and :meth:`Runtime.slo_statistics`
+        reports per graph name how many runs finished by it.
 
         Raises:
             RuntimeError: the runtime is not open.
             PlacementError: a stage cannot be placed (nothing is queued then).
+            ValueError: both deadlines, or one that is not a finite number (a
+                ``deadline`` must also be >= 0).
         """
-        return self.submit_nowait()
+        return self.submit_nowait(deadline=deadline, deadline_at=deadline_at)
 
-    def submit_nowait(self) -> GraphRun:
+    def submit_nowait(
+        self, *, deadline: float | None = None, deadline_at: float | None = None
+    ) -> GraphRun:
         """:meth:`submit` for code already on the runtime's loop that cannot await."""
         rt = self.runtime
         loop = rt._require_loop()
+        now = loop.time()
+        if deadline is None and deadline_at is None:
+            deadline = self.deadline
+        run_deadline = (
+            None
+            if deadline is None and deadline_at is None
+            else _deadline_at(f"graph {self.name}", deadline, deadline_at, now)
+        )
         order = self.order()
         index = next(self._runs)
         run_name = f"{self.name}#{index}"
@@ -575,12 +632,17 @@ class Graph:
         targets: dict[Stage, DeviceQueue | CollectiveChannel | None] = {}  # None: bind later
         placements: dict[str, PlacementDecision] = {}
         ahead: dict[str, float] = {}  # work of this run queued ahead, per device (seconds)
-        now = loop.time()
+        deadlines: dict[Stage, float | None] = {}
+        for s in order:
+            deadlines[s] = run_deadline if s.deadline is None else now + s.deadline
         for s in order:
             priority = _priority(s.qos if s.qos is not None else self.qos)
             target = s.device
             if target is None:
-                decision = self._place(s, ahead, now)
+                stage_deadline = deadlines[s]
+                decision = self._place(
+                    s, ahead, now, None if stage_deadline is None else stage_deadline - now
+                )
                 placements[s.name] = decision
                 if s.bind == "ready":
                     targets[s] = None
@@ -595,6 +657,16 @@ class Graph:
             if isinstance(target, DeviceQueue) and s.cost:
                 dev = target.device
                 ahead[dev.name] = ahead.get(dev.name, 0.0) + s.cost / device_speed(dev)
+        remaining = self._remaining_paths(order, targets, placements)
+        parts = sum(
+            len(t.members) if isinstance(t, CollectiveChannel) else 1 for t in targets.values()
+        )
+        record = _WorkflowRecord(
+            run_deadline,
+            parts,
+            self._history,
+            None if run_deadline is None else rt._slo_entry(self.name),
+        )
         semaphores = {s: rt.semaphore(name=f"{run_name}.{s.name}") for s in order}
         handles: dict[str, StageHandle] = {}
         for s in order:
@@ -602,6 +674,8 @@ class Graph:
             signals: list[SemaphoreValue] = [(semaphores[s], 1)]
             fn, args, kwargs = self._bind(s, handles)
             target = targets[s]
+            plan = _StagePlan(record, s.name, run_name, remaining[s.name])
+            stage_deadline = deadlines[s]
             handle: StageHandle
             if target is None:
                 decided = placements[s.name]
@@ -609,7 +683,7 @@ class Graph:
                     fn, args, kwargs, waits=waits, signals=signals, name=s.name, cost=s.cost,
                     priority=_priority(s.qos if s.qos is not None else self.qos),
                     candidates=[c.device for c in decided.candidates if c.can_hold],
-                    home=decided.device,
+                    home=decided.device, deadline_at=stage_deadline, plan=plan,
                 )  # fmt: skip
             else:
                 handle = target.submit(
@@ -621,16 +695,65 @@ class Graph:
                 notes["placement"] = placed.as_dict()
             for sub in handle.parts if isinstance(handle, CollectiveStep) else (handle,):
                 sub.annotate(**notes)
+                if not isinstance(sub, StageBinding):  # a binding was given them at submit
+                    sub._plan = plan
+                    sub.deadline_at = stage_deadline
             handles[s.name] = handle
         has_dependants = {d for s in order for d in s._after}
         sinks = tuple(s.name for s in order if s not in has_dependants)
         if rt._log_debug:
             rt._log.debug("graph_submit", graph=self.name, run=run_name, stages=len(order))
-        return GraphRun(self, index, run_name, handles, sinks, placements)
+        return GraphRun(self, index, run_name, handles, sinks, placements, run_deadline)
 
-    def _place(self, s: Stage, ahead: Mapping[str, float], now: float) -> PlacementDecision:
+    def estimate(self, stage: StageRef, device: Device | None = None) -> float:
+        """Predicted seconds ``stage`` runs on ``device``: what least-slack policies weigh.
+
+        In order: the device's :class:`~asyncfront.SLOPolicy` ``predictor``; the stage's
+        ``cost`` at the device's speed; the mean measured run time of the stage in earlier
+        runs of this graph; else 0.0.
+        """
+        s = self._resolve(stage)
+        predictor = getattr(device.policy, "predictor", None) if device is not None else None
+        if predictor is not None:
+            predicted = predictor(s)
+            if predicted is not None:
+                return float(predicted)
+        if s.cost is not None:
+            return s.cost / (device_speed(device) if device is not None else 1.0)
+        measured = self._history.get(s.name)
+        return measured[1] if measured is not None else 0.0
+
+    def _remaining_paths(
+        self,
+        order: list[Stage],
+        targets: Mapping[Stage, DeviceQueue | CollectiveChannel | None],
+        placements: Mapping[str, PlacementDecision],
+    ) -> dict[str, float]:
+        """``{stage: predicted seconds from its start to the end of the run}``.
+
+        A stage bound when ready (no target yet) is estimated on its home device.
+        """
+        estimates: dict[str, float] = {}
+        dependants: dict[str, list[str]] = {}
+        for s in order:
+            target = targets[s]
+            device: Device
+            if target is None:
+                device = self.runtime.devices[placements[s.name].device]
+            elif isinstance(target, CollectiveChannel):
+                device = target.members[0].device
+            else:
+                device = target.device
+            estimates[s.name] = self.estimate(s, device)
+            for dep in s._after:
+                dependants.setdefault(dep.name, []).append(s.name)
+        return critical_paths(estimates, dependants, [s.name for s in order])
+
+    def _place(
+        self, s: Stage, ahead: Mapping[str, float], now: float, deadline: float | None = None
+    ) -> PlacementDecision:
         rt = self.runtime
-        needs = StageNeeds(model=s.model, cost=s.cost, deadline=s.deadline)
+        needs = StageNeeds(model=s.model, cost=s.cost, deadline=deadline)
         candidates = runtime_candidates(
             rt.devices, rt.placement_residency, rt._queues, needs, now, devices=s.candidates
         )
@@ -807,11 +930,14 @@ class GraphRun:
         handles: dict[str, StageHandle],
         sinks: tuple[str, ...],
         placements: dict[str, PlacementDecision],
+        deadline_at: float | None = None,
     ) -> None:
         self.graph = graph
         self.index = index
         self.name = name
         self.sinks = sinks
+        self.deadline_at = deadline_at
+        """When the run should finish, on the runtime clock (its SLO), or None."""
         self._handles = handles
         self._placements = placements
 
@@ -831,6 +957,27 @@ class GraphRun:
     def done(self) -> bool:
         """Whether every stage completed or failed."""
         return all(h.done() for h in self._handles.values())
+
+    @property
+    def met_deadline(self) -> bool | None:
+        """Whether every stage completed by :attr:`deadline_at`.
+
+        None while the run is unfinished or has no deadline; False once a stage failed.
+        """
+        if self.deadline_at is None or not self.done():
+            return None
+        finish = -float("inf")
+        for handle in self._handles.values():
+            for part in handle.parts if isinstance(handle, CollectiveStep) else (handle,):
+                sub = part.submission if isinstance(part, StageBinding) else part
+                if (
+                    sub is None
+                    or sub.state is not SubmissionState.COMPLETED
+                    or sub.finished_at is None
+                ):
+                    return False
+                finish = max(finish, sub.finished_at)
+        return finish <= self.deadline_at
 
     async def wait(self) -> None:
         """Wait until every stage completed or failed (never raises a stage's error)."""

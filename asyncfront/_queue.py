@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import math
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
@@ -23,6 +24,7 @@ from .devices._base import LATER, Device
 
 if TYPE_CHECKING:
     from ._context import ExecutionContext, WorkingMemory
+    from ._policy import _StagePlan
     from ._runtime import Runtime
 
 __all__ = (
@@ -145,6 +147,8 @@ class Submission(Outcome):
         cost: the work's cost for fake devices (seconds at speed 1.0), or None.
         memory: bytes of working memory reserved in its context's budget while it runs,
             or None.
+        deadline_at: when it should finish, on the runtime clock (from ``deadline=`` or
+            ``deadline_at=``, or its graph's), or None; what deadline-aware policies weigh.
         annotations: extra facts for traces (graph, stage, placement, collective step),
             shown in the Perfetto event's arguments; None when there are none.
         frontier: the causal history it ran with (set once its waits are met).
@@ -154,9 +158,11 @@ class Submission(Outcome):
     __slots__ = (
         "_base",
         "_frontier",
+        "_plan",
         "annotations",
         "args",
         "cost",
+        "deadline_at",
         "epoch",
         "finished_at",
         "fn",
@@ -191,6 +197,8 @@ class Submission(Outcome):
         self.name = name
         self.cost = cost
         self.memory: int | None = None
+        self.deadline_at: float | None = None
+        self._plan: _StagePlan | None = None  # a graph stage's workflow record
         self.epoch = epoch
         self.submitted_at = submitted_at
         self.started_at: float | None = None
@@ -354,6 +362,8 @@ class DeviceQueue:
         name: str | None = None,
         cost: float | None = None,
         memory: int | None = None,
+        deadline: float | None = None,
+        deadline_at: float | None = None,
         **kwargs: Any,
     ) -> Submission:
         """Queue work and return its :class:`Submission` at once (never waits).
@@ -377,8 +387,9 @@ class DeviceQueue:
             TypeError: ``fn`` is not callable (nor None), malformed waits or signals, or
                 ``memory`` on a queue without a context.
             ValueError: a value outside ``0..2**64 - 1``, a signal value that the
-                semaphore has already reached, a negative cost, or ``memory`` not a
-                positive int.
+                semaphore has already reached, a negative cost, ``memory`` not a
+                positive int, a negative or non-finite ``deadline``, a non-finite
+                ``deadline_at``, or both of them.
         """
         if self._closed:
             raise RuntimeError(f"queue {self.name!r} is closed")
@@ -403,6 +414,8 @@ class DeviceQueue:
             raise ValueError(f"cost must be >= 0, got {cost}")
         if memory is not None:
             _check_memory(self, memory)
+        if deadline is not None or deadline_at is not None:
+            deadline_at = _deadline_at(self.name, deadline, deadline_at, self._loop.time())
         if name is None:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
         epoch = self._next_epoch
@@ -422,6 +435,8 @@ class DeviceQueue:
         if memory is not None:
             sub.memory = memory
             sub.annotate(memory=memory)
+        if deadline_at is not None:
+            sub.deadline_at = deadline_at
         self._fifo.append(sub)
         if waits_t:
             unmet = self._unmet
@@ -613,7 +628,10 @@ class DeviceQueue:
                         try:
                             # A slot free with nobody ahead is taken without a coroutine;
                             # the arbiter decides exactly as acquire() would.
-                            if not (plain_acquire and arbiter.try_acquire()):
+                            if plain_acquire:
+                                if not arbiter.try_acquire():
+                                    await device.acquire(self.priority, sub)
+                            else:  # an override keeps the signature it was written for
                                 await device.acquire(self.priority)
                         except BaseException:
                             self._unreserve(working)
@@ -673,6 +691,12 @@ class DeviceQueue:
                                 del signalled[sem]
                     if sub.waits and self._unmet:
                         self._unindex(sub)
+                    if sub._plan is not None:
+                        sub._plan.finished(
+                            sub.started_at,
+                            loop.time(),
+                            sub.state is not _COMPLETED,
+                        )
                 self._completed_epoch = sub.epoch
                 completed[axis] = sub.epoch
                 runtime._completed_cache = None
@@ -788,6 +812,24 @@ def _drop_waiters(blocked: list[Waiting]) -> None:
         fut.cancel()  # no-op once done
         if fut.cancelled():
             sem._forget_cancelled()
+
+
+def _deadline_at(label: str, deadline: object, deadline_at: object, now: float) -> float:
+    """The absolute deadline of ``deadline=`` (seconds from ``now``) or ``deadline_at=``."""
+    if deadline is not None and deadline_at is not None:
+        raise ValueError(
+            f"{label!r}: give deadline= (seconds from submission) or deadline_at= (runtime "
+            f"clock), not both (got {deadline!r} and {deadline_at!r})"
+        )
+    value = deadline if deadline is not None else deadline_at
+    what = "deadline" if deadline is not None else "deadline_at"
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{label!r}: {what} must be a finite number of seconds, got {value!r}")
+    if deadline is not None:
+        if value < 0:
+            raise ValueError(f"{label!r}: deadline must be >= 0 s from submission, got {value!r}")
+        return now + float(value)
+    return float(value)
 
 
 def _check_memory(queue: DeviceQueue, memory: object) -> None:

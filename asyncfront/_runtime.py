@@ -57,6 +57,7 @@ from ._placement import (
     place,
     runtime_candidates,
 )
+from ._policy import Policy, SLOStatistics
 from ._queue import DeviceQueue, StalledError
 from ._semaphore import TimelineSemaphore
 from ._stall import StallAnalysis, StalledWait
@@ -228,8 +229,14 @@ class Runtime:
         trace_capacity: int = DEFAULT_TRACE_CAPACITY,
         stall_timeout: float = 1.0,
         logger: Any = None,
+        policy: Policy | None = None,
     ) -> None:
         _check_options(node, frontier_capacity, trace_capacity, stall_timeout)
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(
+                f"policy must be an asyncfront.Policy (or None), got {policy!r} "
+                f"({type(policy).__name__})"
+            )
         devices = list(devices)
         names: set[str] = set()
         for device in devices:
@@ -283,11 +290,20 @@ class Runtime:
         self._channels: list[CollectiveChannel] = []  # live ones: a closed one leaves drained
         self._channel_ordinals = itertools.count()  # never reused, as axes never are
         self._binder: StageBinder | None = None  # created on first use
+        self._slo: dict[str, list[int]] = {}  # graph name -> [runs with a deadline, met]
         # Placement asks rt.placement_residency about weights; anything with is_resident and
         # load_time may replace the default, which asks the residency about the weights and
         # models it holds and the declared models' registry about the rest.
         self.declared_models = ModelRegistry(self.devices)
         self.placement_residency: PlacementResidency = RuntimeResidency(self)
+        # The devices whose policy this runtime set (devices without one of their own);
+        # closing gives them back their default.
+        self._policy_devices: list[Device] = []
+        if policy is not None:
+            for device in self.devices.values():
+                if device._arbiter._policy is None:
+                    device.policy = policy
+                    self._policy_devices.append(device)
 
     # -- queues and semaphores -----------------------------------------------------
 
@@ -426,9 +442,29 @@ class Runtime:
             binder = self._binder = StageBinder(self)
         return binder
 
-    def graph(self, name: str = "graph", *, qos: QoS | None = None) -> Graph:
-        """A new, empty pipeline; ``qos`` sets its stages' default queue priority."""
-        return Graph(self, name, qos=qos)
+    def graph(
+        self, name: str = "graph", *, qos: QoS | None = None, deadline: float | None = None
+    ) -> Graph:
+        """A new, empty pipeline; ``qos`` sets its stages' default queue priority.
+
+        ``deadline`` (seconds from each run's submission) is every run's SLO unless
+        :meth:`Graph.submit` says otherwise.
+        """
+        return Graph(self, name, qos=qos, deadline=deadline)
+
+    def slo_statistics(self) -> dict[str, SLOStatistics]:
+        """``{graph name: SLO attainment}`` of the finished graph runs that had a deadline."""
+        return {
+            name: SLOStatistics(workflow=name, runs=runs, met=met, missed=runs - met)
+            for name, (runs, met) in self._slo.items()
+        }
+
+    def _slo_entry(self, workflow: str) -> list[int]:
+        """The ``[runs, met]`` counters of a workflow (graph name)."""
+        entry = self._slo.get(workflow)
+        if entry is None:
+            entry = self._slo[workflow] = [0, 0]
+        return entry
 
     def collective(
         self,
@@ -1089,6 +1125,9 @@ class Runtime:
                     )
         for device in reversed(list(self.devices.values())):
             await device.aclose()
+        for device in self._policy_devices:
+            device.policy = None
+        self._policy_devices.clear()
         if self._crash is not None:
             raise RuntimeError("an asyncfront queue task crashed") from self._crash
 
@@ -1121,6 +1160,7 @@ async def open_runtime(
     trace_capacity: int = DEFAULT_TRACE_CAPACITY,
     stall_timeout: float = 1.0,
     logger: Any = None,
+    policy: Policy | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open a runtime on the running loop; leaving drains the queues, then closes.
 
@@ -1141,12 +1181,16 @@ async def open_runtime(
             counted (default :data:`asyncfront.DEFAULT_TRACE_CAPACITY`, about 35 MB).
         stall_timeout: seconds with nothing able to make progress before a stall is
             reported (while open) or its unsatisfiable waits fail (when leaving).
+        policy: how every device without a policy of its own chooses among ready work of
+            one priority (:class:`PriorityPolicy`, first come first served, when None);
+            closing restores those devices' default.
 
     Raises:
         ValueError: an option out of range (the message names it): ``node`` outside
             0..255, ``frontier_capacity`` < 1, ``trace_capacity`` < 0, ``stall_timeout``
             not a finite number > 0; or two devices with one name.
-        TypeError: an item of ``devices`` is not a :class:`Device`.
+        TypeError: an item of ``devices`` is not a :class:`Device`, or ``policy`` is
+            not a :class:`Policy`.
         logger: a structlog logger; by default the configured one, or a quiet one.
     """
     rt = Runtime(
@@ -1157,6 +1201,7 @@ async def open_runtime(
         trace_capacity=trace_capacity,
         stall_timeout=stall_timeout,
         logger=logger,
+        policy=policy,
     )
     await rt._start()
     try:

@@ -269,12 +269,14 @@ class StageBinding(Outcome):
         "_binder",
         "_counted",
         "_futures_waits",
+        "_plan",
         "_remaining",
         "_work",
         "annotations",
         "bound_at",
         "candidates",
         "cost",
+        "deadline_at",
         "device",
         "home",
         "hops",
@@ -316,6 +318,8 @@ class StageBinding(Outcome):
         self.ready_at: float | None = None
         self.bound_at: float | None = None
         self.annotations: dict[str, Any] | None = None
+        self._plan: Any = None  # the arbitration policy's view of its run, handed on when bound
+        self.deadline_at: float | None = None  # handed on to its submission when bound
         self._futures_waits: list[tuple[TimelineSemaphore, asyncio.Future[Frontier]]] = []
         self._remaining = 0
         self._counted = False  # in its home's pending seconds
@@ -497,8 +501,13 @@ class StageBinder:
         priority: int,
         candidates: Sequence[str],
         home: str,
+        deadline_at: float | None = None,
+        plan: Any = None,
     ) -> StageBinding:
         """Hold a stage until its waits are met, then bind it; returns its handle at once.
+
+        ``deadline_at`` (runtime clock) and ``plan`` (what an arbitration policy knows of
+        the stage's run) are handed on to the submission the stage becomes.
 
         Raises:
             RuntimeError: the binder's runtime is closing.
@@ -524,6 +533,8 @@ class StageBinder:
             self, name, (fn, args, kwargs), waits_t, signals_t, cost, priority,
             cands, home,
         )  # fmt: skip
+        binding.deadline_at = deadline_at
+        binding._plan = plan
         if not any(self.alive(c) for c in cands):
             self._fail(binding, self._unbindable(binding))
             return binding
@@ -678,7 +689,10 @@ class StageBinder:
             "stealing": self.stealing.value,
         }
         sub.annotate(**notes)
+        sub._plan = binding._plan
+        sub.deadline_at = binding.deadline_at
         binding.annotations = None
+        binding._plan = None
         binding.submission = sub
         binding.device = device
         binding.stolen = stolen

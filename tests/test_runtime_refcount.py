@@ -123,3 +123,21 @@ async def test_a_queue_outliving_its_freed_runtime_says_so() -> None:
     with pytest.raises(RuntimeError, match="runtime was closed and freed"):
         _ = q.runtime
     q.close()  # harmless
+
+
+def test_a_closed_runtime_that_ran_a_graph_is_freed_without_the_collector(no_gc: None) -> None:
+    """A graph and its stages refer to each other, yet the runtime that ran it dies with it."""
+
+    async def main() -> Refs:
+        async with af.open_runtime([FakeDevice("a"), FakeDevice("b")]) as rt:
+            g = rt.graph("g")
+            g.stage("x", device="a", cost=0.001)
+            g.stage("y", device="b", cost=0.001, after="x")
+            run = await g.submit()
+            await run.wait()
+            refs = (weakref.ref(rt), weakref.ref(rt.trace))
+            del run
+        del rt
+        return refs
+
+    assert _freed(main) == ()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from .._policy import Policy, PriorityPolicy, ReadyWork
 
 if TYPE_CHECKING:
     from .._frontier import Frontier
@@ -32,25 +35,67 @@ LATER: Any = _Later()
 
 
 class SlotArbiter:
-    """Hands a device's execution slots to queues by priority (higher first, FIFO within).
+    """Hands a device's execution slots to its queues' ready work.
+
+    Queue priority separates tiers (higher first); within the highest waiting tier the
+    device's :class:`~asyncfront.Policy` chooses. With the default
+    :class:`~asyncfront.PriorityPolicy` that is first come, first served, kept in a heap
+    of ``(-priority, sequence, future)``; any other policy sees the tier's ready work as
+    :class:`~asyncfront.ReadyWork` records and picks one (:meth:`~asyncfront.Policy.choose`).
 
     The decision is synchronous: :meth:`try_acquire` grants at once when a slot is free
-    and nobody is queued; otherwise the caller queues with :meth:`enqueue` and is granted
-    by :meth:`grant`, which the device runs on the loop turn after a release, so the queue
-    that just finished can present its next ready submission and priorities hold under
-    back-to-back work.
+    and nobody is queued; otherwise the caller queues with :meth:`enqueue` (or
+    :meth:`enqueue_work`) and is granted by :meth:`grant`, which the device runs on the
+    loop turn after a release, so the queue that just finished can present its next
+    ready submission and priorities hold under back-to-back work.
     """
 
-    __slots__ = ("_free", "_grant_scheduled", "_heap", "_seq", "capacity")
+    __slots__ = (
+        "_free",
+        "_grant_scheduled",
+        "_heap",
+        "_policy",
+        "_ready",
+        "_seq",
+        "capacity",
+        "chooser",
+        "clock",
+        "policy_error",
+    )
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, policy: Policy | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"device concurrency must be >= 1, got {capacity}")
         self.capacity = capacity
         self._free = capacity
         self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        # ready work under a policy other than the default, in the order it arrived
+        self._ready: list[tuple[ReadyWork, asyncio.Future[None]]] = []
         self._seq = 0
         self._grant_scheduled = False
+        self._policy: Policy | None = None
+        self.chooser: Policy | None = None
+        """The policy consulted for each grant; None for the default (the heap)."""
+        self.clock: Callable[[], float] = _no_clock
+        """The runtime clock the policy reads (the device's loop time once started)."""
+        self.policy_error: str | None = None
+        """The last error of the policy's ``choose``; that grant went to the oldest work."""
+        self.policy = policy
+
+    @property
+    def policy(self) -> Policy:
+        """The policy choosing within a tier (default: :class:`~asyncfront.PriorityPolicy`)."""
+        return _DEFAULT_POLICY if self._policy is None else self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy | None) -> None:
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(
+                f"a device policy must be an asyncfront.Policy (or None for the default), "
+                f"got {policy!r} ({type(policy).__name__})"
+            )
+        self._policy = policy
+        self.chooser = None if policy is None or type(policy) is PriorityPolicy else policy
 
     @property
     def free(self) -> int:
@@ -60,37 +105,115 @@ class SlotArbiter:
     @property
     def waiting(self) -> int:
         """Queues waiting for a slot."""
-        return sum(1 for _, _, fut in self._heap if not fut.done())
+        return sum(1 for _, _, fut in self._heap if not fut.done()) + sum(
+            1 for _, fut in self._ready if not fut.done()
+        )
+
+    def ready_work(self) -> tuple[ReadyWork, ...]:
+        """The work waiting for a slot under a policy, as that policy sees it."""
+        return tuple(work for work, fut in self._ready if not fut.done())
 
     def try_acquire(self) -> bool:
         """Take a slot now if one is free and nobody is ahead; True on success."""
-        if self._free and not self._heap and not self._grant_scheduled:
+        if self._free and not self._heap and not self._ready and not self._grant_scheduled:
             self._free -= 1
             return True
         return False
+
+    def next_sequence(self) -> int:
+        """A new arrival number (the FIFO order of requests)."""
+        self._seq += 1
+        return self._seq
 
     def enqueue(self, priority: int, future: asyncio.Future[None]) -> None:
         """Queue a request; ``future`` resolves when the slot is granted."""
         self._seq += 1
         heapq.heappush(self._heap, (-priority, self._seq, future))
 
+    def enqueue_work(self, work: ReadyWork, future: asyncio.Future[None]) -> None:
+        """Queue ready work for the policy to choose; ``future`` resolves on the grant."""
+        self._ready.append((work, future))
+
+    def withdraw(self, future: asyncio.Future[None]) -> None:
+        """Forget a request that will not be granted (its waiter was cancelled)."""
+        heap = self._heap
+        for i, entry in enumerate(heap):
+            if entry[2] is future:
+                heap[i] = heap[-1]
+                heap.pop()
+                heapq.heapify(heap)
+                return
+        ready = self._ready
+        for i, (_, fut) in enumerate(ready):
+            if fut is future:
+                del ready[i]
+                return
+
     def release(self) -> bool:
         """Return a slot; True when a grant should be scheduled for the next loop turn."""
         self._free += 1
-        if self._heap and not self._grant_scheduled:
+        if (self._heap or self._ready) and not self._grant_scheduled:
             self._grant_scheduled = True
             return True
         return False
 
     def grant(self) -> None:
-        """Give free slots to the highest-priority waiting requests."""
+        """Give free slots to the waiting requests: highest tier first, then the policy."""
         self._grant_scheduled = False
         heap = self._heap
-        while self._free and heap:
-            fut = heapq.heappop(heap)[2]
-            if not fut.done():
-                self._free -= 1
-                fut.set_result(None)
+        if not self._ready:
+            while self._free and heap:
+                fut = heapq.heappop(heap)[2]
+                if not fut.done():
+                    self._free -= 1
+                    fut.set_result(None)
+            return
+        while self._free:
+            while heap and heap[0][2].done():
+                heapq.heappop(heap)
+            ready = self._ready
+            if any(fut.done() for _, fut in ready):
+                ready[:] = [entry for entry in ready if not entry[1].done()]
+            if not ready:
+                if not heap:
+                    return
+                fut = heapq.heappop(heap)[2]
+            else:
+                top = max(work.priority for work, _ in ready)
+                if heap and -heap[0][0] >= top:
+                    fut = heapq.heappop(heap)[2]  # a higher (or older, default) tier first
+                else:
+                    fut = ready.pop(self._choose(ready, top))[1]
+            self._free -= 1
+            fut.set_result(None)
+
+    def _choose(self, ready: list[tuple[ReadyWork, asyncio.Future[None]]], top: int) -> int:
+        """The index in ``ready`` of the tier ``top``'s work that the policy picks."""
+        indices = [i for i, (work, _) in enumerate(ready) if work.priority == top]
+        tier = [ready[i][0] for i in indices]
+        if len(tier) == 1:
+            return indices[0]
+        policy = self.chooser if self.chooser is not None else self.policy
+        # A failing policy must not leave the slot ungranted: the oldest work gets it.
+        try:
+            choice = policy.choose(tier, self.clock())
+        except Exception as exc:
+            self.policy_error = f"{policy!r}.choose raised {type(exc).__name__}: {exc}"
+            return indices[0]
+        if type(choice) is not int or not 0 <= choice < len(tier):
+            self.policy_error = (
+                f"{policy!r}.choose returned {choice!r} for {len(tier)} ready submissions, "
+                f"not an index in 0..{len(tier) - 1}"
+            )
+            return indices[0]
+        return indices[choice]
+
+
+_DEFAULT_POLICY = PriorityPolicy()
+
+
+def _no_clock() -> float:
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +258,7 @@ class Device(ABC):
             raise RuntimeError(f"device {self.name!r} already belongs to a runtime")
         self._runtime = runtime
         self._loop = asyncio.get_running_loop()
+        self._arbiter.clock = self._loop.time
 
     async def aclose(self) -> None:
         """Release the device's resources (called when the runtime closes)."""
@@ -149,20 +273,71 @@ class Device(ABC):
 
     # -- arbitration ---------------------------------------------------------------
 
-    async def acquire(self, priority: int) -> None:
-        """Wait for an execution slot, highest priority first."""
+    @property
+    def policy(self) -> Policy:
+        """How the device chooses among ready work of one priority.
+
+        The default, :class:`~asyncfront.PriorityPolicy`, is first come, first served;
+        set an :class:`~asyncfront.EDFPolicy` or :class:`~asyncfront.SLOPolicy` (or your
+        own :class:`~asyncfront.Policy`) here or with ``open_runtime(policy=...)``. A new
+        policy decides from the next grant on; ``None`` restores the default.
+
+        Raises:
+            TypeError: (on setting) not a :class:`~asyncfront.Policy` nor None.
+        """
+        return self._arbiter.policy
+
+    @policy.setter
+    def policy(self, policy: Policy | None) -> None:
+        self._arbiter.policy = policy
+
+    @property
+    def policy_error(self) -> str | None:
+        """The last error of the policy's ``choose``, or None (that grant went to the oldest)."""
+        return self._arbiter.policy_error
+
+    async def acquire(self, priority: int, work: Submission | None = None) -> None:
+        """Wait for an execution slot: highest priority first, then the device's policy.
+
+        ``work`` is the submission asking (what a policy other than the default weighs:
+        its deadline and its workflow's predicted remaining path).
+        """
         arbiter = self._arbiter
         if arbiter.try_acquire():
             return
         loop = self._loop or asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
-        arbiter.enqueue(priority, fut)
+        if arbiter.chooser is None or work is None:
+            arbiter.enqueue(priority, fut)
+        else:
+            arbiter.enqueue_work(self._ready_work(work, priority, loop.time()), fut)
         try:
             await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release()  # granted just as we were cancelled: give it back
+            else:
+                arbiter.withdraw(fut)  # a stale request would keep free slots from others
             raise
+
+    def _ready_work(self, work: Submission, priority: int, now: float) -> ReadyWork:
+        """What the policy sees of ``work``: plain values, no reference to it."""
+        plan = work._plan
+        if plan is not None:
+            remaining, workflow = plan.remaining, plan.workflow
+        else:
+            speed = getattr(self, "speed", 1.0)
+            remaining = (work.cost or 0.0) / speed if isinstance(speed, int | float) else 0.0
+            workflow = None
+        return ReadyWork(
+            name=work.name,
+            priority=priority,
+            sequence=self._arbiter.next_sequence(),
+            ready_at=now,
+            deadline_at=work.deadline_at,
+            remaining=remaining,
+            workflow=workflow,
+        )
 
     def release(self) -> None:
         """Return an execution slot; the next grant happens on the next loop turn."""

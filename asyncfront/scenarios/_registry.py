@@ -104,6 +104,7 @@ def _registry() -> dict[str, Scenario]:
         finetune_paging,
         laptop_voice,
         moe_routing,
+        multi_agent,
         multimedia_request,
         rag_placement,
         sdxl_pressure,
@@ -221,6 +222,23 @@ def _registry() -> dict[str, Scenario]:
                 "load": dit_serving.DEFAULT_LOAD,
             },
             {"requests": (1, 1000), "seed": SEED_RANGE, "load": (1, 400)},
+        ),
+        Scenario(
+            "multi_agent",
+            "B5",
+            "LLM agent workflows with SLOs: priority vs EDF vs SLO-aware arbitration, KV "
+            "reserved from predicted output lengths",
+            multi_agent.simulate,
+            {
+                "load": 0,
+                "workflows": multi_agent.DEFAULT_WORKFLOWS,
+                "seed": multi_agent.DEFAULT_SEED,
+            },
+            {
+                "load": (0, 300),
+                "workflows": (1, multi_agent.MAX_WORKFLOWS),
+                "seed": SEED_RANGE,
+            },
         ),
     ]
     return {s.name: s for s in scenarios}
