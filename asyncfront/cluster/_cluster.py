@@ -43,6 +43,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
+    from ._graph import ClusterGraph
     from ._link import Link
     from ._trace import ClusterTrace
 
@@ -120,7 +121,7 @@ class RemoteSubmission(Outcome):
             when it never ran).
     """
 
-    __slots__ = ("__weakref__", "_holds", "_loop", "epoch", "frontier", "id", "queue")
+    __slots__ = ("__weakref__", "_copied_to", "_holds", "_loop", "epoch", "frontier", "id", "queue")
 
     def __init__(self, queue: RemoteQueue, name: str, sub_id: int) -> None:
         self.queue = queue
@@ -136,6 +137,8 @@ class RemoteSubmission(Outcome):
         # Submissions whose results this one takes as arguments: held until it finishes,
         # so their node keeps those results until they are used.
         self._holds: tuple[RemoteSubmission, ...] = ()
+        # The nodes that keep its result: its own, then every node a copy was sent to.
+        self._copied_to: list[ClusterNode] = [queue.node]
 
     _kind = "remote submission"
 
@@ -147,6 +150,20 @@ class RemoteSubmission(Outcome):
             f"<RemoteSubmission {self.name!r} on node {self.queue.node.index} "
             f"queue {self.queue.name!r} epoch={self.epoch} {self.state.value}>"
         )
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A submission checked and pickled, not yet sent: committing it cannot fail."""
+
+    queue: RemoteQueue
+    name: str
+    payload: bytes | None
+    waits: tuple[WirePair, ...]
+    signals: tuple[WirePair, ...]
+    cost: float | None
+    holds: tuple[RemoteSubmission, ...]
+    copies: tuple[RemoteSubmission, ...]  # results of other nodes it takes: copied here
 
 
 class RemoteQueue:
@@ -196,6 +213,21 @@ class RemoteQueue:
                 semaphore already reached (as far as this driver knows), a negative cost.
         """
         cluster = self.node.cluster
+        prepared = self._prepare(fn, args, kwargs, waits, signals, name, cost)
+        return cluster._commit(RemoteSubmission(self, prepared.name, next(cluster._ids)), prepared)
+
+    def _prepare(
+        self,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        waits: Iterable[tuple[ClusterSemaphore, int]],
+        signals: Iterable[tuple[ClusterSemaphore, int]],
+        name: str | None,
+        cost: float | None,
+    ) -> _Prepared:
+        """Check and pickle a submission without sending it or changing any state."""
+        cluster = self.node.cluster
         cluster._check_open()
         lost = self.node.lost
         if lost is not None:
@@ -207,6 +239,7 @@ class RemoteQueue:
         if name is None:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
         payload: bytes | None = None
+        holds: list[RemoteSubmission] = []
         if fn is not None or args or kwargs:
             node = self.node
             holds = [v for v in (*args, *kwargs.values()) if isinstance(v, RemoteSubmission)]
@@ -219,18 +252,8 @@ class RemoteQueue:
                     f"work {name!r} for node {self.node.index} cannot be pickled: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-        else:
-            holds = []
-        qid = self.qid
-        label = name
-        sub = cluster._submit_item(
-            self,
-            name,
-            signals_w,
-            lambda sub_id: ("submit", sub_id, qid, payload, waits_w, signals_w, label, cost),
-        )
-        sub._holds = tuple(holds)
-        return sub
+        copies = tuple(h for h in holds if h.queue.node is not self.node)
+        return _Prepared(self, name, payload, waits_w, signals_w, cost, tuple(holds), copies)
 
     def __repr__(self) -> str:
         return (
@@ -481,6 +504,8 @@ class Cluster:
         self._links: list[Link] = []
         self._links_future: asyncio.Future[None] | None = None
         self.link_timeout = 30.0
+        self._default_queues: dict[tuple[int, str, int], RemoteQueue] = {}
+        self._names = itertools.count(2)
 
     # -- public ----------------------------------------------------------------------
 
@@ -501,6 +526,34 @@ class Cluster:
             raise ValueError(f"semaphore initial value must be >= 0, got {initial}")
         sem = self._sems[name] = ClusterSemaphore(self, name, node, initial)
         return sem
+
+    def graph(self, name: str = "graph") -> ClusterGraph:
+        """A new pipeline whose stages run on any node (see :class:`ClusterGraph`).
+
+        Raises:
+            ClusterError: the cluster is closed.
+        """
+        from ._graph import ClusterGraph
+
+        self._check_open()
+        return ClusterGraph(self, name)
+
+    def _default_queue(self, node: ClusterNode, device: str, priority: int) -> RemoteQueue:
+        """The queue graphs share on ``node``'s ``device`` at ``priority`` (made on first use)."""
+        key = (node.index, device, priority)
+        queue = self._default_queues.get(key)
+        if queue is None:
+            suffix = f".p{priority}" if priority else ""
+            queue = node.queue(device, priority=priority, name=f"n{node.index}.{device}{suffix}")
+            self._default_queues[key] = queue
+        return queue
+
+    def _unused_semaphore_name(self, name: str) -> str:
+        """``name``, or ``name~2``, ``name~3``... if a semaphore has it."""
+        unique = name
+        while unique in self._sems:
+            unique = f"{name}~{next(self._names)}"
+        return unique
 
     @property
     def trace(self) -> ClusterTrace:
@@ -596,15 +649,41 @@ class Cluster:
         return tuple(out)
 
     def _argument(self, value: Any, node: ClusterNode) -> Any:
-        """A remote submission's result as an argument of work on its own node."""
+        """A remote submission's result as an argument of work on ``node``.
+
+        On its own node the result is used in place; for another node, the node that
+        keeps it sends a copy once it exists, and the work waits for the copy.
+        """
         if isinstance(value, RemoteSubmission):
-            if value.queue.node is not node:
-                raise ValueError(
-                    f"the result of {value.name!r} lives on node {value.queue.node.index}; "
-                    f"work on node {node.index} cannot take it (send it over a link)"
-                )
-            return ValueRef(value.id)
+            if value.queue.node.cluster is not self:
+                raise ValueError(f"the result of {value.name!r} belongs to another cluster")
+            source = value.queue.node
+            if source is node:
+                return ValueRef(value.id)
+            if source.lost is not None:
+                raise NodeLostError(source.lost.node, source.lost.reason)
+            return ValueRef(value.id, source.index)
         return value
+
+    def _commit(self, sub: RemoteSubmission, prepared: _Prepared) -> RemoteSubmission:
+        """Send a prepared submission (and the copies it needs); nothing here raises."""
+        queue = prepared.queue
+        node = queue.node
+        for source in prepared.copies:
+            if node not in source._copied_to:
+                source._copied_to.append(node)
+                self._send(source.queue.node, ("copy", source.id, node.index))
+        qid, payload, label, cost = queue.qid, prepared.payload, prepared.name, prepared.cost
+        waits_w, signals_w = prepared.waits, prepared.signals
+        self._submit_item(
+            queue,
+            prepared.name,
+            signals_w,
+            lambda sub_id: ("submit", sub_id, qid, payload, waits_w, signals_w, label, cost),
+            sub=sub,
+        )
+        sub._holds = prepared.holds
+        return sub
 
     def _submit_item(
         self,
@@ -612,25 +691,30 @@ class Cluster:
         name: str,
         signals: tuple[WirePair, ...],
         make_item: Callable[[int], tuple[Any, ...]],
+        sub: RemoteSubmission | None = None,
     ) -> RemoteSubmission:
         """Record a new remote submission and batch its item for the queue's node."""
-        sub_id = next(self._ids)
-        sub = RemoteSubmission(queue, name, sub_id)
+        if sub is None:
+            sub = RemoteSubmission(queue, name, next(self._ids))
+        sub_id = sub.id
         for (sem_name, _, _), value in signals:
             sem = self._sems[sem_name]
             sem._claimed = max(sem._claimed, value)
         self._pending[sub_id] = sub
         node = queue.node
-        weakref.finalize(sub, self._release, node, sub_id)
+        weakref.finalize(sub, self._release, sub._copied_to, sub_id)
         self._send(node, make_item(sub_id))
         return sub
 
-    def _release(self, node: ClusterNode, sub_id: int) -> None:
-        """The driver dropped a submission: its node may drop the kept result."""
-        if self._open and node.lost is None:
-            node._released.append(sub_id)
-            if len(node._released) == 1:
-                self._loop.call_soon(self._send_released, node)
+    def _release(self, nodes: list[ClusterNode], sub_id: int) -> None:
+        """The driver dropped a submission: the nodes that keep its result may drop it."""
+        if not self._open:
+            return
+        for node in nodes:
+            if node.lost is None:
+                node._released.append(sub_id)
+                if len(node._released) == 1:
+                    self._loop.call_soon(self._send_released, node)
 
     def _send_released(self, node: ClusterNode) -> None:
         released, node._released = node._released, []

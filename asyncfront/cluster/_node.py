@@ -167,6 +167,12 @@ class NodeRuntime:
         # a sender releases each once it no longer holds the submission.
         self._values: dict[int, Any] = {}
         self._released: set[int] = set()  # released before they finished
+        # Copies of results between nodes: the nodes waiting for a result of this node
+        # (sent when it is reported), the packed errors of failed submissions (a copy
+        # asked for later fails with them), and the copies this node waits for.
+        self._copy_targets: dict[int, list[int]] = {}
+        self._errors: dict[int, bytes] = {}
+        self._arrivals: dict[int, tuple[TimelineSemaphore, int]] = {}
         self._inbox: dict[str, deque[list[tuple[Any, ...]]]] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._dist_ready: asyncio.Future[Any] | None = None
@@ -222,6 +228,14 @@ class NodeRuntime:
                 f"the result of a function run on node {self.index} cannot be pickled: {exc}"
             )
             return dumps((False, pack_exception(failure)))
+
+    async def placement_candidates(
+        self, asks: tuple[tuple[Any, str | None], ...]
+    ) -> list[list[Any] | None]:
+        """How this node sees each ``(StageNeeds, device name or None)``: its candidates."""
+        from ._graph import node_candidates
+
+        return node_candidates(asks, self._require_runtime())
 
     async def endpoint(self, token: bytes) -> tuple[str, int]:
         """Open this node's push stream server; returns its address and port.
@@ -375,8 +389,13 @@ class NodeRuntime:
             self._submit(sender, item, payload)
         elif kind == "release":
             for sub_id in item[1]:
+                self._errors.pop(sub_id, None)
+                self._arrivals.pop(sub_id, None)
                 if self._values.pop(sub_id, _MISSING) is _MISSING:
                     self._released.add(sub_id)
+        elif kind == "copy":
+            _, sub_id, target = item
+            self._copy_request(sub_id, target)
         elif kind in ("link_send", "link_recv"):
             self._link_item(sender, item, payload)
         elif kind == "collective":
@@ -413,13 +432,16 @@ class NodeRuntime:
             local_waits = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in waits]
             local_signals = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in signals]
         except Exception as exc:
-            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            self._submit_failed(sender, sub_id, exc)
             return
         try:
             ok, work = decoded
             if not ok:
                 raise work
             fn, args, kwargs = work if work is not None else (None, (), {})
+            for ref in (*args, *kwargs.values()):
+                if isinstance(ref, ValueRef) and ref.node is not None:
+                    local_waits.append((self._arrival(ref.submission, ref.node), 1))
             collective = isinstance(entry.queue, _ChannelQueue)
             if fn is not None:
                 fn = self._keeping(fn, sub_id, args, kwargs, keeps=not collective)
@@ -431,7 +453,7 @@ class NodeRuntime:
             for sem, value in local_signals:
                 if sem.value < value:
                     sem.fail(exc)
-            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            self._submit_failed(sender, sub_id, exc)
             return
         entry.finished.append((sub_id, sender, sub))
         wakeup = entry.wakeup
@@ -475,6 +497,80 @@ class NodeRuntime:
             return result
 
         return run
+
+    def _submit_failed(self, sender: str, sub_id: int, exc: BaseException) -> None:
+        """A submission that could not be queued: report it, fail the copies asked of it."""
+        packed = pack_exception(exc)
+        self._errors[sub_id] = packed
+        for target in self._copy_targets.pop(sub_id, ()):
+            self._fail_copy(sub_id, target, packed)
+        self._emit(sender, ("done", sub_id, 0, ((), ()), False, packed, None))
+
+    # -- copies of results between nodes ----------------------------------------------
+
+    def _copy_request(self, sub_id: int, target: int) -> None:
+        """Node ``target`` runs work taking this node's result ``sub_id``: send it a copy."""
+        value = self._values.get(sub_id, _MISSING)
+        if value is not _MISSING:
+            self._send_copy(sub_id, target, value)
+            return
+        error = self._errors.get(sub_id)
+        if error is not None:
+            self._fail_copy(sub_id, target, error)
+            return
+        # Not finished yet: sent when it is reported.
+        self._copy_targets.setdefault(sub_id, []).append(target)
+
+    def _send_copy(self, sub_id: int, target: int, value: Any) -> None:
+        if target in self._lost:
+            return
+        try:
+            payload = dumps(value)
+        except Exception as exc:
+            failure = TypeError(f"the result of submission {sub_id} cannot be pickled: {exc}")
+            self._fail_copy(sub_id, target, pack_exception(failure))
+            return
+        self._peers[target].take_copy.remote(sub_id, self.index, True, payload)
+
+    def _fail_copy(self, sub_id: int, target: int, error: bytes) -> None:
+        if target not in self._lost:
+            self._peers[target].take_copy.remote(sub_id, self.index, False, error)
+
+    def _arrival(self, sub_id: int, source: int) -> TimelineSemaphore:
+        """The local semaphore that a copy of ``source``'s result ``sub_id`` signals."""
+        entry = self._arrivals.get(sub_id)
+        if entry is not None:
+            return entry[0]
+        sem = TimelineSemaphore(name=f"copy of submission {sub_id} from node {source}")
+        assert self._loop is not None
+        sem.bind(self._loop)
+        self._arrivals[sub_id] = (sem, source)
+        lost = self._lost.get(source)
+        if lost is not None:
+            sem.fail(lost)
+        return sem
+
+    async def take_copy(self, sub_id: int, source: int, ok: bool, payload: bytes) -> None:
+        """A copy of node ``source``'s result ``sub_id`` (or the error it failed with)."""
+        sem = self._arrival(sub_id, source)
+        if sem.value >= 1 or sem.failure is not None:
+            return
+        if not ok:
+            sem.fail(unpack_exception(payload))
+            return
+        try:
+            value = await asyncio.to_thread(_loads_locked, payload)
+        except Exception as exc:
+            sem.fail(TypeError(f"a copy of submission {sub_id} cannot be unpickled: {exc}"))
+            return
+        if sem.value >= 1 or sem.failure is not None:
+            return
+        if sub_id in self._released:  # nothing that takes it is left
+            self._released.discard(sub_id)
+            self._arrivals.pop(sub_id, None)
+            return
+        self._values[sub_id] = value
+        sem.signal(1)
 
     def _keep(self, sub_id: int, value: Any) -> None:
         """Keep a result for later arguments, unless the sender already released it."""
@@ -663,9 +759,13 @@ class NodeRuntime:
         frontier = sub.frontier
         encoded = encode_frontier(frontier) if frontier is not None else ((), ())
         exc = sub.exception()
-        if exc is None and isinstance(sub, CollectiveStep):
+        if exc is None and sub_id not in self._values:
+            # Barriers, collective steps and sends keep theirs now (a copy may ask for it).
             self._keep(sub_id, sub._result)
+        targets = self._copy_targets.pop(sub_id, None)
         if exc is None:
+            for target in targets or ():
+                self._send_copy(sub_id, target, self._values.get(sub_id, sub._result))
             try:
                 payload = dumps(sub._result)
             except Exception as error:
@@ -683,6 +783,12 @@ class NodeRuntime:
         if isinstance(exc, SemaphoreFailedError):
             failed_sem = exc.semaphore.name
         packed = pack_exception(root_cause(exc))
+        if sub_id in self._released:
+            self._released.discard(sub_id)
+        else:
+            self._errors[sub_id] = packed
+        for target in targets or ():
+            self._fail_copy(sub_id, target, packed)
         self._emit(sender, ("done", sub_id, sub.epoch, encoded, False, packed, failed_sem))
 
     # -- semaphores ------------------------------------------------------------------
@@ -806,6 +912,12 @@ class NodeRuntime:
         for (link, _), sem in self._announced.items():
             if self._recv_peers.get(link) == node:
                 sem.fail(error)
+        for sem, source in self._arrivals.values():
+            if source == node:
+                sem.fail(error)
+        for targets in self._copy_targets.values():
+            while node in targets:
+                targets.remove(node)
 
     # -- results to senders ----------------------------------------------------------
 
