@@ -62,6 +62,7 @@ __all__ = (
 _NODE_RESOURCE = "asyncfront_node_{}"
 _MAX_NODES = 256  # the node field of an axis is one byte
 _ACTOR_CONCURRENCY = 10_000  # long polls, pings and batches all hold a slot while they run
+_RELEASE_INTERVAL = 0.05  # seconds a node keeps a dropped submission's result at most, extra
 
 DevicesFactory = Callable[[int], Iterable[Device]]
 WirePair = tuple[tuple[str, int, int], int]
@@ -121,7 +122,17 @@ class RemoteSubmission(Outcome):
             when it never ran).
     """
 
-    __slots__ = ("__weakref__", "_copied_to", "_holds", "_loop", "epoch", "frontier", "id", "queue")
+    __slots__ = (
+        "__weakref__",
+        "_copied_to",
+        "_holds",
+        "_loop",
+        "_sent",
+        "epoch",
+        "frontier",
+        "id",
+        "queue",
+    )
 
     def __init__(self, queue: RemoteQueue, name: str, sub_id: int) -> None:
         self.queue = queue
@@ -139,8 +150,16 @@ class RemoteSubmission(Outcome):
         self._holds: tuple[RemoteSubmission, ...] = ()
         # The nodes that keep its result: its own, then every node a copy was sent to.
         self._copied_to: list[ClusterNode] = [queue.node]
+        self._sent = False
 
     _kind = "remote submission"
+
+    def __del__(self) -> None:
+        # Dropped by the driver: the nodes that keep its result may drop it. (A finalizer
+        # object per submission would cost several allocations on the submit path.)
+        if self._sent:
+            with contextlib.suppress(Exception):
+                self.queue.node.cluster._release(self._copied_to, self.id)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -152,13 +171,56 @@ class RemoteSubmission(Outcome):
         )
 
 
+class _Work:
+    """A submission's work until its batch leaves: the function, the pickled arguments.
+
+    Arguments are pickled at submit; functions when the batch leaves, once per batch
+    however many of its submissions run the same function.
+    """
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Any] | None, args: bytes | None) -> None:
+        self.fn = fn
+        self.args = args
+
+
+def _encode_batch(batch: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], list[bytes | str]]:
+    """A batch for the wire: each distinct function pickled once, items naming it by index.
+
+    A function that no longer pickles (its globals changed since it was checked at
+    submit) travels as its error message; the node fails the submissions that run it.
+    """
+    functions: list[bytes | str] = []
+    index: dict[int, int] = {}
+    out: list[tuple[Any, ...]] = []
+    for item in batch:
+        if item[0] == "submit" and isinstance(item[3], _Work):
+            work = item[3]
+            slot = -1
+            if work.fn is not None:
+                found = index.get(id(work.fn))
+                if found is None:
+                    found = index[id(work.fn)] = len(functions)
+                    try:
+                        functions.append(dumps(work.fn))
+                    except Exception as exc:
+                        functions.append(
+                            f"work {item[6]!r} cannot be pickled: {type(exc).__name__}: {exc}"
+                        )
+                slot = found
+            item = (*item[:3], (slot, work.args), *item[4:])
+        out.append(item)
+    return out, functions
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """A submission checked and pickled, not yet sent: committing it cannot fail."""
 
     queue: RemoteQueue
     name: str
-    payload: bytes | None
+    payload: _Work | None
     waits: tuple[WirePair, ...]
     signals: tuple[WirePair, ...]
     cost: float | None
@@ -238,7 +300,7 @@ class RemoteQueue:
             raise ValueError(f"cost must be >= 0, got {cost}")
         if name is None:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
-        payload: bytes | None = None
+        payload: _Work | None = None
         holds: list[RemoteSubmission] = []
         if fn is not None or args or kwargs:
             node = self.node
@@ -246,7 +308,9 @@ class RemoteQueue:
             args = tuple(cluster._argument(a, node) for a in args)
             kwargs = {k: cluster._argument(v, node) for k, v in kwargs.items()}
             try:
-                payload = dumps((fn, args, kwargs))
+                if fn is not None:
+                    cluster._check_picklable(fn)
+                payload = _Work(fn, dumps((args, kwargs)) if args or kwargs else None)
             except Exception as exc:
                 raise TypeError(
                     f"work {name!r} for node {self.node.index} cannot be pickled: "
@@ -505,6 +569,8 @@ class Cluster:
         self._links_future: asyncio.Future[None] | None = None
         self.link_timeout = 30.0
         self._default_queues: dict[tuple[int, str, int], RemoteQueue] = {}
+        # Functions known to pickle: checked once, pickled again with every batch.
+        self._picklable: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
         self._names = itertools.count(2)
 
     # -- public ----------------------------------------------------------------------
@@ -537,6 +603,17 @@ class Cluster:
 
         self._check_open()
         return ClusterGraph(self, name)
+
+    def _check_picklable(self, fn: Callable[..., Any]) -> None:
+        """Raise what pickling ``fn`` raises; a function that pickled once is not pickled again."""
+        try:
+            if fn in self._picklable:
+                return
+        except TypeError:  # not weakly referenceable (a builtin): check every time
+            dumps(fn)
+            return
+        dumps(fn)
+        self._picklable[fn] = None
 
     def _default_queue(self, node: ClusterNode, device: str, priority: int) -> RemoteQueue:
         """The queue graphs share on ``node``'s ``device`` at ``priority`` (made on first use)."""
@@ -701,9 +778,8 @@ class Cluster:
             sem = self._sems[sem_name]
             sem._claimed = max(sem._claimed, value)
         self._pending[sub_id] = sub
-        node = queue.node
-        weakref.finalize(sub, self._release, sub._copied_to, sub_id)
-        self._send(node, make_item(sub_id))
+        sub._sent = True
+        self._send(queue.node, make_item(sub_id))
         return sub
 
     def _release(self, nodes: list[ClusterNode], sub_id: int) -> None:
@@ -714,7 +790,9 @@ class Cluster:
             if node.lost is None:
                 node._released.append(sub_id)
                 if len(node._released) == 1:
-                    self._loop.call_soon(self._send_released, node)
+                    # Releases wait a little and go together: one message per interval,
+                    # not one per dropped submission (nothing waits for them).
+                    self._loop.call_later(_RELEASE_INTERVAL, self._send_released, node)
 
     def _send_released(self, node: ClusterNode) -> None:
         released, node._released = node._released, []
@@ -788,7 +866,8 @@ class Cluster:
 
     def _deliver(self, node: ClusterNode, seq: int, batch: list[tuple[Any, ...]]) -> None:
         if node.lost is None:
-            node._actor.submit_batch.remote(self._sender, seq, batch)
+            items, functions = _encode_batch(batch)
+            node._actor.submit_batch.remote(self._sender, seq, items, functions)
 
     # -- receiving -------------------------------------------------------------------
 

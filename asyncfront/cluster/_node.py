@@ -152,7 +152,7 @@ class NodeRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peers: list[Any] = []
         self._queues: dict[tuple[str, int], _RemoteQueue] = {}
-        self._sequencers: dict[str, Sequencer[list[tuple[Any, ...]]]] = {}
+        self._sequencers: dict[str, Sequencer[_Batch]] = {}
         self._sems: dict[str, TimelineSemaphore] = {}
         self._refs: dict[str, SemaphoreRef] = {}
         self._subscribers: dict[str, set[int | str]] = {}
@@ -173,7 +173,7 @@ class NodeRuntime:
         self._copy_targets: dict[int, list[int]] = {}
         self._errors: dict[int, bytes] = {}
         self._arrivals: dict[int, tuple[TimelineSemaphore, int]] = {}
-        self._inbox: dict[str, deque[list[tuple[Any, ...]]]] = {}
+        self._inbox: dict[str, deque[_Batch]] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._dist_ready: asyncio.Future[Any] | None = None
         # (link, message) -> local semaphore the sender's announcement signals once
@@ -350,12 +350,22 @@ class NodeRuntime:
 
     # -- submissions -----------------------------------------------------------------
 
-    async def submit_batch(self, sender: str, seq: int, items: list[tuple[Any, ...]]) -> None:
-        """Take one batch of a sender's items; run them in the sender's order."""
+    async def submit_batch(
+        self,
+        sender: str,
+        seq: int,
+        items: list[tuple[Any, ...]],
+        functions: list[bytes | str] | None = None,
+    ) -> None:
+        """Take one batch of a sender's items; run them in the sender's order.
+
+        ``functions`` are the batch's distinct functions, pickled once each (or the
+        message saying why one could not be); a submission names its function by index.
+        """
         sequencer = self._sequencers.get(sender)
         if sequencer is None:
             sequencer = self._sequencers[sender] = Sequencer()
-        released = sequencer.offer(seq, items)
+        released = sequencer.offer(seq, (items, functions or []))
         if not released:
             return
         inbox = self._inbox.get(sender)
@@ -376,8 +386,11 @@ class NodeRuntime:
         inbox = self._inbox[sender]
         try:
             while inbox:
-                batch = inbox.popleft()
-                decoded = await asyncio.to_thread(_decode_batch, batch)
+                batch, functions = inbox.popleft()
+                if functions or any(_payload(item) is not None for item in batch):
+                    decoded = await asyncio.to_thread(_decode_batch, batch, functions)
+                else:  # nothing to unpickle: no thread hop
+                    decoded = [(True, None)] * len(batch)
                 for item, payload in zip(batch, decoded, strict=True):
                     self._take(sender, item, payload)
         finally:
@@ -990,26 +1003,53 @@ class NodeRuntime:
 
 
 _PAYLOAD_AT = {"submit": 3, "link_send": 6}
+# A sender's batch: its items, and the distinct functions they run, pickled once each.
+_Batch = tuple[list[tuple[Any, ...]], list[bytes | str]]
 # Unpickling may import torch while the process group's thread imports torch.distributed;
 # torch does not survive being imported from two threads at once.
 _IMPORTS = threading.Lock()
 
 
-def _decode_batch(batch: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+def _decode_batch(
+    batch: list[tuple[Any, ...]], functions: list[bytes | str]
+) -> list[tuple[bool, Any]]:
     """Unpickle each item's work or value: (True, value) or (False, the error)."""
     out: list[tuple[bool, Any]] = []
     with _IMPORTS:
+        fns = [_decode_function(f) for f in functions]
         for item in batch:
-            out.append(_decode_item(item))
+            out.append(_decode_item(item, fns))
     return out
 
 
-def _decode_item(item: tuple[Any, ...]) -> tuple[bool, Any]:
+def _decode_function(data: bytes | str) -> Any:
+    """A batch's function, or the error that stands for it."""
+    if isinstance(data, str):
+        return TypeError(data)
+    try:
+        return loads(data)
+    except Exception as exc:
+        return exc
+
+
+def _payload(item: tuple[Any, ...]) -> Any:
+    """What of an item must be unpickled (None: nothing)."""
     at = _PAYLOAD_AT.get(item[0])
-    payload = item[at] if at is not None else None
+    return item[at] if at is not None else None
+
+
+def _decode_item(item: tuple[Any, ...], functions: list[Any]) -> tuple[bool, Any]:
+    payload = _payload(item)
     if payload is None:
         return (True, None)
     try:
+        if item[0] == "submit":
+            slot, arguments = payload
+            fn = functions[slot] if slot >= 0 else None
+            if isinstance(fn, BaseException):
+                raise fn
+            args, kwargs = loads(arguments) if arguments is not None else ((), {})
+            return (True, (fn, args, kwargs))
         return (True, loads(payload))
     except Exception as exc:
         return (False, exc)
