@@ -48,6 +48,11 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _exists(path: str) -> bool:
+    """Whether a file exists at ``path``."""
+    return os.path.exists(path)
+
+
 def _alive(pids: list[int]) -> list[int]:
     """The pids among ``pids`` that still run."""
     return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
@@ -694,3 +699,37 @@ async def test_graph_places_a_model_stage_on_the_node_where_it_is_resident(
         after = cluster.statistics()
         assert after.semaphores == before.semaphores
         assert after.pending_submissions == before.pending_submissions == 0
+
+
+class _Tripwire:
+    """Unpickling it creates a file: proof that a frame was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+async def test_results_stream_back_and_a_stranger_is_refused(
+    ray_address: str, tmp_path: object
+) -> None:
+    """Results come back over each node's stream; a stranger without the secret goes unread."""
+    import pickle
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        assert cluster.statistics().result_streams == (0, 1)
+        server = cluster._result_server
+        assert server is not None
+        host, port = server.sockets[0].getsockname()[:2]
+        tripwire = os.path.join(str(tmp_path), "unpickled")
+        frame = pickle.dumps([_Tripwire(tripwire)])
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"x" * 32 + (0).to_bytes(2, "big") + len(frame).to_bytes(4, "big") + frame)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the driver
+        writer.close()
+        assert not _exists(tripwire)
+        results = [await cluster.nodes[k % 2].queue("cpu").submit(lambda k=k: k) for k in range(4)]
+        assert results == [0, 1, 2, 3]
+        assert cluster.statistics().result_streams == (0, 1)

@@ -2,18 +2,21 @@
 
 The driver holds no devices. It numbers the nodes from 0 (each node runtime's axes
 carry that number), sends submissions to a node in sequenced batches (one Ray call per
-loop turn and node, fire-and-forget), and long-polls each node for results and for the
-states of the semaphores it waits on. Nothing here calls ``ray.get``: every Ray answer
-is awaited.
+loop turn and node, fire-and-forget), and takes results and the states of the
+semaphores it waits on from each node's stream back to it (or, where that stream does
+not connect, from long polls). Nothing here calls ``ray.get``: every Ray answer is
+awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -96,7 +99,11 @@ class NodeDevice:
 
 @dataclass(frozen=True)
 class ClusterStatistics:
-    """A snapshot of the driver's side of a cluster."""
+    """A snapshot of the driver's side of a cluster.
+
+    ``result_streams`` are the nodes whose results come back over a direct stream (the
+    others answer long polls).
+    """
 
     nodes: int
     lost_nodes: tuple[int, ...]
@@ -104,6 +111,7 @@ class ClusterStatistics:
     pending_submissions: int
     batches_sent: int
     submissions_sent: int
+    result_streams: tuple[int, ...] = ()
 
 
 class RemoteSubmission(Outcome):
@@ -569,6 +577,11 @@ class Cluster:
         self._links_future: asyncio.Future[None] | None = None
         self.link_timeout = 30.0
         self._default_queues: dict[tuple[int, str, int], RemoteQueue] = {}
+        # Results come back over a direct stream from each node where it connects (one
+        # frame per burst of news), else through the long polls.
+        self._result_server: asyncio.Server | None = None
+        self._result_token = b""
+        self._result_readers: dict[int, asyncio.Task[None]] = {}
         # Functions known to pickle: checked once, pickled again with every batch.
         self._picklable: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
         self._names = itertools.count(2)
@@ -665,6 +678,9 @@ class Cluster:
             pending_submissions=len(self._pending),
             batches_sent=self._batches_sent,
             submissions_sent=self._submissions_sent,
+            result_streams=tuple(
+                sorted(i for i, t in self._result_readers.items() if not t.done())
+            ),
         )
 
     def __repr__(self) -> str:
@@ -876,6 +892,65 @@ class Cluster:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _open_result_streams(self, token: bytes, timeout: float) -> None:
+        """Listen for each node's result stream and ask every node to connect to it."""
+        ray = _import_ray()
+        host = str(ray.util.get_node_ip_address())
+        self._result_token = token
+        try:
+            self._result_server = await asyncio.start_server(self._result_connection, host, 0)
+        except OSError:
+            return  # the long polls carry the results
+        port = int(self._result_server.sockets[0].getsockname()[1])
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    _await(n._actor.stream_results.remote(self._sender, host, port, token))
+                    for n in self.nodes
+                ),
+                return_exceptions=True,
+            ),
+            timeout,
+        )
+
+    async def _result_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Handle every frame (a 4-byte length, then pickled events) a node streams back.
+
+        A stream opens with the cluster's secret and the node's index; one that does not
+        is closed before anything it sends is unpickled. A zero length ends it.
+        """
+        task = asyncio.current_task()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            token = await reader.readexactly(len(self._result_token))
+            if not self._result_token or not hmac.compare_digest(token, self._result_token):
+                return
+            index = int.from_bytes(await reader.readexactly(2), "big")
+            if not 0 <= index < len(self.nodes) or task is None:
+                return
+            node = self.nodes[index]
+            self._result_readers[index] = task
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                if not size:
+                    break
+                self._handle(node, loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _close_result_server(self) -> None:
+        server, self._result_server = self._result_server, None
+        if server is not None:
+            server.close()
+        for task in self._result_readers.values():
+            task.cancel()
+
     async def _poll(self, node: ClusterNode) -> None:
         """Long-poll one node for results and semaphore states, for as long as it lives."""
         actor = node._actor
@@ -1014,6 +1089,10 @@ class Cluster:
             *(asyncio.wait_for(_await(n._actor.poll.remote(self._sender)), timeout) for n in live),
             return_exceptions=True,
         )
+        # Each node ended its result stream before it answered stop: read to its end.
+        readers = [t for i, t in self._result_readers.items() if self.nodes[i] in live]
+        if readers:
+            await asyncio.wait(readers, timeout=timeout)
         for node, records, final in zip(live, results, finals, strict=True):
             if isinstance(records, list):
                 self._traces[node.index] = records
@@ -1024,6 +1103,7 @@ class Cluster:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close_result_server()
         pending, self._pending = self._pending, {}
         for sub in pending.values():
             sub._fail(StalledError(f"the cluster closed before {sub.name!r} finished"))
@@ -1292,12 +1372,14 @@ async def open_cluster(
             )
             for index, (actor, info) in enumerate(zip(actors, infos, strict=True))
         )
+        await cluster._open_result_streams(push_token, start_timeout)
         cluster._open = True
         for node in cluster.nodes:
             cluster._spawn(cluster._poll(node), f"asyncfront:poll:{node.index}")
             cluster._spawn(cluster._watch(node), f"asyncfront:watch:{node.index}")
             cluster._spawn(cluster._heartbeat(node), f"asyncfront:heartbeat:{node.index}")
     except BaseException:
+        cluster._close_result_server()
         for actor in actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)

@@ -2,7 +2,8 @@
 
 Everything here runs on the actor's event loop and never blocks it: submissions arrive
 in sequenced batches, semaphore updates are pushed to subscribers fire-and-forget, and
-the driver long-polls for results and for the states of semaphores it waits on.
+results and the states of semaphores a sender waits on go back over a stream to it
+(or answer its long polls where that stream does not connect).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ _POLL_WAIT = 5.0  # seconds a poll waits for news before it answers empty
 # A poll answers at most this often per sender: news that arrives in quick succession
 # goes back in one answer instead of one Ray call each.
 _POLL_INTERVAL = 0.002
+# A result stream carries at most one frame per this many seconds (per sender).
+_FRAME_INTERVAL = 0.001
 
 
 class _OwnedSemaphore(TimelineSemaphore):
@@ -187,6 +190,10 @@ class NodeRuntime:
         self._push_writers: dict[int, asyncio.StreamWriter] = {}
         self._push_readers: set[asyncio.Task[None]] = set()
         self._push_token = b""
+        # Results and states go back to a sender over its stream where it connected.
+        self._result_writers: dict[str, asyncio.StreamWriter] = {}
+        self._results_scheduled: set[str] = set()
+        self._last_frame: dict[str, float] = {}
 
     # -- life ------------------------------------------------------------------------
 
@@ -274,6 +281,64 @@ class NodeRuntime:
             reached.append(peer)
         return reached
 
+    async def stream_results(self, sender: str, host: str, port: int, token: bytes) -> bool:
+        """Send ``sender``'s news over a stream to ``host:port`` from now on; whether it connected.
+
+        Where it does not connect, the sender's long polls carry the news, as before.
+        """
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10.0)
+        except (OSError, TimeoutError):
+            return False
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(token + self.index.to_bytes(2, "big"))
+        self._result_writers[sender] = writer
+        if self._outbox.get(sender):
+            self._schedule_results(sender)
+        return True
+
+    def _schedule_results(self, sender: str) -> None:
+        """Write ``sender``'s news soon: at most one frame per interval, many events each."""
+        if sender in self._results_scheduled:
+            return
+        self._results_scheduled.add(sender)
+        assert self._loop is not None
+        delay = self._last_frame.get(sender, 0.0) + _FRAME_INTERVAL - self._loop.time()
+        if delay > 0:
+            self._loop.call_later(delay, self._flush_results, sender)
+        else:
+            self._loop.call_soon(self._flush_results, sender)
+
+    def _flush_results(self, sender: str) -> None:
+        self._results_scheduled.discard(sender)
+        events = self._outbox.pop(sender, None)
+        if not events:
+            return
+        writer = self._result_writers.get(sender)
+        if writer is None or writer.is_closing():
+            # The stream broke: the long poll takes the news from here on.
+            self._result_writers.pop(sender, None)
+            self._outbox[sender] = events + self._outbox.get(sender, [])
+            ready = self._outbox_ready.get(sender)
+            if ready is not None:
+                ready.set()
+            return
+        frame = dumps(events)
+        writer.write(len(frame).to_bytes(4, "big") + frame)
+        assert self._loop is not None
+        self._last_frame[sender] = self._loop.time()
+
+    def _end_result_streams(self) -> None:
+        """Write what is left to every result stream, then its end (a zero length)."""
+        for sender in list(self._result_writers):
+            self._flush_results(sender)
+            writer = self._result_writers.pop(sender, None)
+            if writer is not None and not writer.is_closing():
+                writer.write(b"\0\0\0\0")
+                writer.close()
+
     async def _push_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -331,6 +396,7 @@ class NodeRuntime:
                 entry.reporter.cancel()
         for entry in self._queues.values():
             self._report_finished(entry)
+        self._end_result_streams()
         self._close_push_streams()
         for event in self._outbox_ready.values():
             event.set()
@@ -946,6 +1012,9 @@ class NodeRuntime:
         if box is None:
             box = self._outbox[sender] = []
         box.append(event)
+        if sender in self._result_writers:
+            self._schedule_results(sender)
+            return
         ready = self._outbox_ready.get(sender)
         if ready is None:
             ready = self._outbox_ready[sender] = asyncio.Event()
