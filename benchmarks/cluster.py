@@ -107,6 +107,32 @@ async def ray_throughput(task: Any, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
+def _verdicts(f: dict[str, Figure]) -> str:
+    """Whether this run met the targets, by the medians and round by round."""
+
+    def rounds(ok: list[bool]) -> str:
+        return f"{sum(ok)} of {len(ok)} rounds"
+
+    hop_ok = [h <= a for h, a in zip(f["hop"].samples, f["actor"].samples, strict=True)]
+    rate_ok = {
+        device: [r >= 10 * t for r, t in zip(f[device].samples, f["tasks"].samples, strict=True)]
+        for device in ("cpu", "fake")
+    }
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    return (
+        f"Targets in this run: the hop at or below one Ray actor round trip is "
+        f"{met(f['hop'].median <= f['actor'].median)} by the medians (in "
+        f"{rounds(hop_ok)}); submissions at 10x Ray's task rate or more are "
+        f"{met(f['cpu'].median >= 10 * f['tasks'].median)} on the CpuDevice by the medians "
+        f"(in {rounds(rate_ok['cpu'])}) and "
+        f"{met(f['fake'].median >= 10 * f['tasks'].median)} on the zero-cost device (in "
+        f"{rounds(rate_ok['fake'])})."
+    )
+
+
 def _load() -> str:
     one, five, fifteen = os.getloadavg()
     return f"{one:.1f} / {five:.1f} / {fifteen:.1f}"
@@ -174,10 +200,12 @@ async def main(args: argparse.Namespace) -> None:
         ["submissions (CpuDevice) / Ray tasks", ratios["cpu_tasks"], "target ≥ 10x"],
         ["submissions (FakeDevice) / Ray tasks", ratios["fake_tasks"], "target ≥ 10x"],
     ]
+    verdicts = _verdicts(f)
     print(f"hops={hops} n={n} repeat={repeat}; median (min-max)")
     for label, value, note in rows:
         print(f"  {label:<58} {value:>24} {note}")
     print(f"load average (1/5/15 min): {load_start} at {started} UTC, {load_end} at {ended} UTC")
+    print(verdicts)
     if args.no_docs:
         return
     body = (
