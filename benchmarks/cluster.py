@@ -15,8 +15,10 @@
     cluster layer's own cost. Baseline: N independent Ray tasks of the same function,
     awaited together.
 
-Every case runs once per round, interleaved, for ``--repeat`` rounds; figures are
-medians with the min-max range of the rounds. The defaults a user gets:
+Every case runs once per round, interleaved, for ``--repeat`` rounds after one uncounted
+warm-up round, with ``--settle`` seconds of rest before each case (so that no case pays
+for what the previous one left running); figures are medians with the min-max range of
+the rounds. The defaults a user gets:
 ``open_cluster(nodes=2)`` (its devices plus the fake one), Ray's defaults otherwise. The
 run rewrites the "cluster" section of ``docs/benchmarks.md`` unless ``--no-docs``.
 
@@ -175,9 +177,14 @@ async def main(args: argparse.Namespace) -> None:
             ("tasks", lambda r: ray_throughput(task, ray_n)),
         ]
         samples: dict[str, list[float]] = {name: [] for name, _ in cases}
-        for r in range(repeat):
+        for r in range(-1, repeat):  # round -1 warms every case up and is not counted
             for name, run in cases:
-                samples[name].append(await run(r))
+                # Let what the previous case left running (Ray's task workers, results
+                # on their way) settle, so that no case pays for another.
+                await asyncio.sleep(args.settle)
+                value = await run(r + 1)
+                if r >= 0:
+                    samples[name].append(value)
         ray.kill(actor)
     load_end = _load()
     ended = time.strftime("%H:%M", time.gmtime())
@@ -211,7 +218,8 @@ async def main(args: argparse.Namespace) -> None:
     body = (
         "On a local two-node Ray cluster (`open_cluster(nodes=2)`: both nodes on this "
         "machine, 127.0.0.1), against Ray itself in the same run; every case once per "
-        f"round, {repeat} interleaved rounds, medians with the min-max range of the rounds "
+        f"round, {repeat} interleaved rounds after one uncounted warm-up round, "
+        f"{args.settle:g} s of rest before each case, medians with the min-max range of the rounds "
         "(ratios: of the medians, per-round range in brackets). The hop is a chain of "
         "barriers queued up front that runs node to node through the semaphore pushes "
         "(direct TCP streams between the node runtimes); the driver only waits for the "
@@ -235,5 +243,6 @@ if __name__ == "__main__":
     parser.add_argument("--hops", type=int, default=100)
     parser.add_argument("--n", type=int, default=2000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=1.0, help="seconds of rest per case")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs")
     asyncio.run(main(parser.parse_args()))
