@@ -15,7 +15,9 @@
     cluster layer's own cost. Baseline: N independent Ray tasks of the same function,
     awaited together.
 
-Every case runs once per round, interleaved, for ``--repeat`` rounds after one uncounted
+The latencies (a) are measured first, then the rates (b): thousands of Ray tasks leave
+Ray starting and stopping worker processes for seconds after them. Within each phase
+every case runs once per round, interleaved, for ``--repeat`` rounds after one uncounted
 warm-up round, with ``--settle`` seconds of rest before each case (so that no case pays
 for what the previous one left running); figures are medians with the min-max range of
 the rounds. The defaults a user gets:
@@ -177,14 +179,17 @@ async def main(args: argparse.Namespace) -> None:
             ("tasks", lambda r: ray_throughput(task, ray_n)),
         ]
         samples: dict[str, list[float]] = {name: [] for name, _ in cases}
-        for r in range(-1, repeat):  # round -1 warms every case up and is not counted
-            for name, run in cases:
-                # Let what the previous case left running (Ray's task workers, results
-                # on their way) settle, so that no case pays for another.
-                await asyncio.sleep(args.settle)
-                value = await run(r + 1)
-                if r >= 0:
-                    samples[name].append(value)
+        # Latencies first, then rates: thousands of Ray tasks leave Ray starting and
+        # stopping worker processes for seconds, which no latency should pay for.
+        for phase in (cases[:3], cases[3:]):
+            for r in range(-1, repeat):  # round -1 warms every case up and is not counted
+                for name, run in phase:
+                    # Let what the previous case left running (results on their way,
+                    # Ray's task workers) settle, so that no case pays for another.
+                    await asyncio.sleep(args.settle)
+                    value = await run(r + 1)
+                    if r >= 0:
+                        samples[name].append(value)
         ray.kill(actor)
     load_end = _load()
     ended = time.strftime("%H:%M", time.gmtime())
@@ -218,7 +223,8 @@ async def main(args: argparse.Namespace) -> None:
     body = (
         "On a local two-node Ray cluster (`open_cluster(nodes=2)`: both nodes on this "
         "machine, 127.0.0.1), against Ray itself in the same run; every case once per "
-        f"round, {repeat} interleaved rounds after one uncounted warm-up round, "
+        "round, in two phases (the three latencies, then the three rates), "
+        f"{repeat} interleaved rounds each after one uncounted warm-up round, "
         f"{args.settle:g} s of rest before each case, medians with the min-max range of the rounds "
         "(ratios: of the medians, per-round range in brackets). The hop is a chain of "
         "barriers queued up front that runs node to node through the semaphore pushes "
