@@ -48,6 +48,11 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def _exists(path: str) -> bool:
+    """Whether a file exists at ``path``."""
+    return os.path.exists(path)
+
+
 def _alive(pids: list[int]) -> list[int]:
     """The pids among ``pids`` that still run."""
     return [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
@@ -527,3 +532,204 @@ async def test_cross_node_moe_matches_one_node(ray_address: str) -> None:
     assert torch.allclose(got, want)
     assert all(frontier.get(a) == 1 for a in nic_axes + expert_axes)
     assert {axis_fields(a).node for a in expert_axes} == {1}
+
+
+def _declare(model: str, resident: bool) -> object:
+    """A function for node.run: declare ``model`` on the node, resident on its CPU or not."""
+
+    def declare(rt: object) -> None:
+        models = rt.declared_models  # type: ignore[attr-defined]
+        if model not in {m.name for m in models.models}:
+            rt.declare_model(model, 1 << 20, load_time=0.5)  # type: ignore[attr-defined]
+        rt.declare_resident(model, "cpu", resident)  # type: ignore[attr-defined]
+
+    return declare
+
+
+async def test_result_taken_by_work_on_another_node_is_copied_there(ray_address: str) -> None:
+    """A submission taking another node's result gets a copy; the producer's error if it failed."""
+
+    def boom() -> int:
+        raise RemoteBoom("no value")
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        q0, q1 = n0.queue("cpu"), n1.queue("cpu")
+        gate = cluster.semaphore("gate", owner=n0)
+        # The consumer is queued on node 1 before its producer on node 0 may run.
+        made = q0.submit(lambda: [1, 2, 3], waits=[(gate, 1)])
+        used = q1.submit(lambda xs, k: sum(xs) * k, made, k=10)
+        twice = q1.submit(lambda xs: len(xs), made)  # a second use on node 1: one copy
+        n0.queue("cpu").submit(None, signals=[(gate, 1)])
+        assert await used == 60 and await twice == 3
+        failing = q0.submit(boom)
+        dependant = q1.submit(lambda x: x, failing)
+        with pytest.raises(RemoteBoom):
+            await failing
+        with pytest.raises(SemaphoreFailedError) as caught:
+            await dependant
+        assert type(caught.value.root_cause) is RemoteBoom
+        assert str(caught.value.root_cause) == "no value"
+
+
+async def test_copy_from_a_lost_node_fails_its_taker(ray_address: str) -> None:
+    """Work waiting for a copy of a lost node's result fails with NodeLostError, in time."""
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        never = cluster.semaphore("never", owner=n1)
+        pending = n0.queue("cpu").submit(lambda: 1, waits=[(never, 1)])
+        taker = n1.queue("cpu").submit(lambda x: x, pending)
+        await n1.queue("cpu").submit(None)  # node 1 has taken the taker
+        os.kill(await n0.pid(), signal.SIGKILL)
+        async with asyncio.timeout(LOSS_BOUND):
+            with pytest.raises(SemaphoreFailedError) as caught:
+                await taker
+        assert isinstance(caught.value.root_cause, NodeLostError)
+        assert caught.value.root_cause.node == 0
+
+
+async def test_graph_across_nodes_passes_results_and_carries_both_nodes_axes(
+    ray_address: str,
+) -> None:
+    """A graph's stages run on their nodes, results cross nodes, the frontier names both."""
+    from asyncfront.cluster import ClusterGraphRun
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("span")
+        a = graph.stage("a", lambda: 3, node=n0)
+        b = graph.stage("b", lambda x: x * 10, a, node=n1)
+        c = graph.stage("c", lambda x, y: x + y, b, y=a, node=0)
+        graph.stage("d", node=n1, after=c)
+        runs: list[ClusterGraphRun] = [await graph.submit(), await graph.submit()]
+        for run in runs:
+            assert await run.results() == {"a": 3, "b": 30, "c": 33, "d": None}
+            assert [run.node_of(s) for s in "abcd"] == [0, 1, 0, 1]
+            assert {axis_fields(axis).node for axis, _ in run.frontier} == {0, 1}
+            fa, fb, fc, fd = (run[s].frontier for s in "abcd")
+            assert fa is not None and fb is not None and fc is not None and fd is not None
+            assert fd >= fc >= fb >= fa and fc != fb != fa
+            assert run.frontier == fd  # the one sink holds the whole run's history
+        assert runs[0].name != runs[1].name and runs[1].statistics().completed == 4
+
+
+async def test_graph_defined_last_stage_first_runs_in_dependency_order(ray_address: str) -> None:
+    """Stages defined back to front, linked afterwards, run front to back across nodes."""
+    from asyncfront import GraphDefinitionError
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("backwards")
+        last = graph.stage("last", lambda: "last", node=n1)
+        middle = graph.stage("middle", lambda: "middle", node=n0)
+        first = graph.stage("first", lambda: "first", node=n1)
+        graph.add_dependency(last, middle)
+        graph.add_dependency(middle, "first")
+        with pytest.raises(GraphDefinitionError, match="would close a cycle"):
+            graph.add_dependency(first, last)
+        assert [s.name for s in graph.order()] == ["first", "middle", "last"]
+        run = await graph.submit()
+        assert await run.results() == {"first": "first", "middle": "middle", "last": "last"}
+        f_first, f_middle, f_last = (run[s].frontier for s in ("first", "middle", "last"))
+        assert f_first is not None and f_middle is not None and f_last is not None
+        assert f_last >= f_middle >= f_first
+        assert run.sinks == ("last",)
+        # Node 1's queue holds 'last' behind 'first': its frontier has its own axis at 2.
+        assert {axis_fields(axis).node: epoch for axis, epoch in f_last}.get(1) == 2
+
+
+async def test_graph_failure_travels_to_dependants_on_every_node(ray_address: str) -> None:
+    """A failing stage fails its dependants on both nodes; an independent branch finishes."""
+    from asyncfront import GraphError
+
+    def boom() -> int:
+        raise RemoteBoom("stage a broke")
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("failing")
+        a = graph.stage("a", boom, node=n0)
+        b = graph.stage("b", lambda x: x, a, node=n1)
+        graph.stage("c", lambda: "c", node=n0, after=b)
+        graph.stage("other", lambda: "fine", node=n1)
+        run = await graph.submit()
+        with pytest.raises(GraphError) as caught:
+            await run.results()
+        error = caught.value
+        assert error.origins == ("a",)
+        assert set(error.failed) == {"a", "b", "c"}
+        assert {type(e) for e in error.causes.values()} == {RemoteBoom}
+        assert run.result("other") == "fine"
+        assert isinstance(run.exceptions()["c"], SemaphoreFailedError)
+        assert run.statistics().failed == 3 and run.statistics().completed == 1
+
+
+async def test_graph_places_a_model_stage_on_the_node_where_it_is_resident(
+    ray_address: str,
+) -> None:
+    """A stage with a model and no node goes to the node holding the model, and follows it."""
+    from asyncfront import PlacementError
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        await n0.run(_declare("encoder", resident=False))
+        await n1.run(_declare("encoder", resident=True))
+        graph = cluster.graph("placed")
+        pre = graph.stage("pre", lambda: 2, node=n0)
+        graph.stage("encode", lambda x: x + 1, pre, model="encoder", cost=0.01)
+        run = await graph.submit()
+        assert await run.results() == {"pre": 2, "encode": 3}
+        placed = run.placements["encode"]
+        assert (placed.node, placed.device, placed.reason) == (1, "cpu", "resident")
+        assert placed.resident_on == (1,) and run.node_of("encode") == 1
+        assert placed.as_dict()["resident"] == ["1:cpu"]
+        # The weights move to node 0: the next run follows them.
+        await n1.run(_declare("encoder", resident=False))
+        await n0.run(_declare("encoder", resident=True))
+        again = await graph.submit()
+        assert await again.results() == {"pre": 2, "encode": 3}
+        assert again.placements["encode"].node == 0 and again.node_of("encode") == 0
+        # A model no node knows: refused at submit, nothing queued, no semaphore left.
+        lost = cluster.graph("nowhere")
+        lost.stage("x", lambda: 1, node=n0)
+        lost.stage("y", lambda x: x, "x", model="unknown")
+        before = cluster.statistics()
+        with pytest.raises(PlacementError, match="no node of the cluster can take model"):
+            await lost.submit()
+        after = cluster.statistics()
+        assert after.semaphores == before.semaphores
+        assert after.pending_submissions == before.pending_submissions == 0
+
+
+class _Tripwire:
+    """Unpickling it creates a file: proof that a frame was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (self.path, "w"))
+
+
+async def test_results_stream_back_and_a_stranger_is_refused(
+    ray_address: str, tmp_path: object
+) -> None:
+    """Results come back over each node's stream; a stranger without the secret goes unread."""
+    import pickle
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        assert cluster.statistics().result_streams == (0, 1)
+        server = cluster._result_server
+        assert server is not None
+        host, port = server.sockets[0].getsockname()[:2]
+        tripwire = os.path.join(str(tmp_path), "unpickled")
+        frame = pickle.dumps([_Tripwire(tripwire)])
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"x" * 32 + (0).to_bytes(2, "big") + len(frame).to_bytes(4, "big") + frame)
+        await writer.drain()
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the driver
+        writer.close()
+        assert not _exists(tripwire)
+        results = [await cluster.nodes[k % 2].queue("cpu").submit(lambda k=k: k) for k in range(4)]
+        assert results == [0, 1, 2, 3]
+        assert cluster.statistics().result_streams == (0, 1)

@@ -107,3 +107,54 @@ def test_delivery_faults_reject_bad_settings() -> None:
         DeliveryFaults(duplicate=1.5)
     with pytest.raises(ValueError, match="max_delay must be >= 0"):
         DeliveryFaults(max_delay=-1.0)
+
+
+def test_batch_pickles_each_function_once_and_decodes_every_item() -> None:
+    """A batch carries each distinct function once; every item decodes to its own work."""
+    from asyncfront.cluster._cluster import _encode_batch, _Work
+    from asyncfront.cluster._node import _decode_batch
+    from asyncfront.cluster._protocol import dumps
+
+    def item(sub_id: int, work: _Work | None) -> tuple[object, ...]:
+        return ("submit", sub_id, 1, work, (), (), f"w{sub_id}", None)
+
+    batch = [
+        item(1, _Work(abs, dumps(((-1,), {})))),
+        item(2, _Work(abs, dumps(((-2,), {})))),
+        item(3, _Work(max, dumps(((1, 5), {})))),
+        item(4, None),  # a barrier
+        ("release", [7, 8]),
+        item(5, _Work(abs, None)),
+    ]
+    items, functions = _encode_batch(batch)
+    assert len(functions) == 2  # abs and max, once each
+    assert [i[3] for i in items if i[0] == "submit"][3] is None
+    decoded = _decode_batch(items, functions)
+    works = [value for ok, value in decoded]
+    assert all(ok for ok, _ in decoded)
+    assert [w[0](*w[1], **w[2]) for w in (works[0], works[1], works[2])] == [1, 2, 5]
+    assert works[3] is None and works[4] is None
+    assert works[5] == (abs, (), {})
+
+
+def test_function_that_stops_pickling_fails_only_its_items() -> None:
+    """A function that no longer pickles when its batch leaves fails its items, named."""
+    import threading
+
+    from asyncfront.cluster._cluster import _encode_batch, _Work
+    from asyncfront.cluster._node import _decode_batch
+
+    lock = threading.Lock()
+
+    def holds_lock() -> object:
+        return lock
+
+    batch = [
+        ("submit", 1, 1, _Work(holds_lock, None), (), (), "locked", None),
+        ("submit", 2, 1, _Work(abs, None), (), (), "fine", None),
+    ]
+    items, functions = _encode_batch(batch)
+    (ok1, error), (ok2, work) = _decode_batch(items, functions)
+    assert not ok1 and isinstance(error, TypeError)
+    assert "work 'locked' cannot be pickled" in str(error)
+    assert ok2 and work == (abs, (), {})

@@ -16,6 +16,10 @@ from ._cluster import open_cluster as open_cluster
 from ._errors import ClusterError as ClusterError
 from ._errors import NodeLostError as NodeLostError
 from ._errors import RemoteWorkError as RemoteWorkError
+from ._graph import ClusterGraph as ClusterGraph
+from ._graph import ClusterGraphRun as ClusterGraphRun
+from ._graph import ClusterPlacement as ClusterPlacement
+from ._graph import ClusterStage as ClusterStage
 from ._node import NodeRuntime as NodeRuntime
 from ._protocol import DeliveryFaults as DeliveryFaults
 from ._protocol import SemaphoreRef as SemaphoreRef
@@ -27,8 +31,12 @@ from ._trace import ClusterTrace as ClusterTrace
 __all__ = (
     "Cluster",
     "ClusterError",
+    "ClusterGraph",
+    "ClusterGraphRun",
+    "ClusterPlacement",
     "ClusterNode",
     "ClusterSemaphore",
+    "ClusterStage",
     "ClusterStatistics",
     "ClusterTrace",
     "DeliveryFaults",

@@ -2,18 +2,21 @@
 
 The driver holds no devices. It numbers the nodes from 0 (each node runtime's axes
 carry that number), sends submissions to a node in sequenced batches (one Ray call per
-loop turn and node, fire-and-forget), and long-polls each node for results and for the
-states of the semaphores it waits on. Nothing here calls ``ray.get``: every Ray answer
-is awaited.
+loop turn and node, fire-and-forget), and takes results and the states of the
+semaphores it waits on from each node's stream back to it (or, where that stream does
+not connect, from long polls). Nothing here calls ``ray.get``: every Ray answer is
+awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 import weakref
@@ -43,6 +46,7 @@ from ._protocol import (
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
+    from ._graph import ClusterGraph
     from ._link import Link
     from ._trace import ClusterTrace
 
@@ -61,6 +65,7 @@ __all__ = (
 _NODE_RESOURCE = "asyncfront_node_{}"
 _MAX_NODES = 256  # the node field of an axis is one byte
 _ACTOR_CONCURRENCY = 10_000  # long polls, pings and batches all hold a slot while they run
+_RELEASE_INTERVAL = 0.05  # seconds a node keeps a dropped submission's result at most, extra
 
 DevicesFactory = Callable[[int], Iterable[Device]]
 WirePair = tuple[tuple[str, int, int], int]
@@ -94,7 +99,11 @@ class NodeDevice:
 
 @dataclass(frozen=True)
 class ClusterStatistics:
-    """A snapshot of the driver's side of a cluster."""
+    """A snapshot of the driver's side of a cluster.
+
+    ``result_streams`` are the nodes whose results come back over a direct stream (the
+    others answer long polls).
+    """
 
     nodes: int
     lost_nodes: tuple[int, ...]
@@ -102,6 +111,7 @@ class ClusterStatistics:
     pending_submissions: int
     batches_sent: int
     submissions_sent: int
+    result_streams: tuple[int, ...] = ()
 
 
 class RemoteSubmission(Outcome):
@@ -120,7 +130,17 @@ class RemoteSubmission(Outcome):
             when it never ran).
     """
 
-    __slots__ = ("__weakref__", "_holds", "_loop", "epoch", "frontier", "id", "queue")
+    __slots__ = (
+        "__weakref__",
+        "_copied_to",
+        "_holds",
+        "_loop",
+        "_sent",
+        "epoch",
+        "frontier",
+        "id",
+        "queue",
+    )
 
     def __init__(self, queue: RemoteQueue, name: str, sub_id: int) -> None:
         self.queue = queue
@@ -136,8 +156,18 @@ class RemoteSubmission(Outcome):
         # Submissions whose results this one takes as arguments: held until it finishes,
         # so their node keeps those results until they are used.
         self._holds: tuple[RemoteSubmission, ...] = ()
+        # The nodes that keep its result: its own, then every node a copy was sent to.
+        self._copied_to: list[ClusterNode] = [queue.node]
+        self._sent = False
 
     _kind = "remote submission"
+
+    def __del__(self) -> None:
+        # Dropped by the driver: the nodes that keep its result may drop it. (A finalizer
+        # object per submission would cost several allocations on the submit path.)
+        if self._sent:
+            with contextlib.suppress(Exception):
+                self.queue.node.cluster._release(self._copied_to, self.id)
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -147,6 +177,63 @@ class RemoteSubmission(Outcome):
             f"<RemoteSubmission {self.name!r} on node {self.queue.node.index} "
             f"queue {self.queue.name!r} epoch={self.epoch} {self.state.value}>"
         )
+
+
+class _Work:
+    """A submission's work until its batch leaves: the function, the pickled arguments.
+
+    Arguments are pickled at submit; functions when the batch leaves, once per batch
+    however many of its submissions run the same function.
+    """
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Any] | None, args: bytes | None) -> None:
+        self.fn = fn
+        self.args = args
+
+
+def _encode_batch(batch: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], list[bytes | str]]:
+    """A batch for the wire: each distinct function pickled once, items naming it by index.
+
+    A function that no longer pickles (its globals changed since it was checked at
+    submit) travels as its error message; the node fails the submissions that run it.
+    """
+    functions: list[bytes | str] = []
+    index: dict[int, int] = {}
+    out: list[tuple[Any, ...]] = []
+    for item in batch:
+        if item[0] == "submit" and isinstance(item[3], _Work):
+            work = item[3]
+            slot = -1
+            if work.fn is not None:
+                found = index.get(id(work.fn))
+                if found is None:
+                    found = index[id(work.fn)] = len(functions)
+                    try:
+                        functions.append(dumps(work.fn))
+                    except Exception as exc:
+                        functions.append(
+                            f"work {item[6]!r} cannot be pickled: {type(exc).__name__}: {exc}"
+                        )
+                slot = found
+            item = (*item[:3], (slot, work.args), *item[4:])
+        out.append(item)
+    return out, functions
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A submission checked and pickled, not yet sent: committing it cannot fail."""
+
+    queue: RemoteQueue
+    name: str
+    payload: _Work | None
+    waits: tuple[WirePair, ...]
+    signals: tuple[WirePair, ...]
+    cost: float | None
+    holds: tuple[RemoteSubmission, ...]
+    copies: tuple[RemoteSubmission, ...]  # results of other nodes it takes: copied here
 
 
 class RemoteQueue:
@@ -196,6 +283,21 @@ class RemoteQueue:
                 semaphore already reached (as far as this driver knows), a negative cost.
         """
         cluster = self.node.cluster
+        prepared = self._prepare(fn, args, kwargs, waits, signals, name, cost)
+        return cluster._commit(RemoteSubmission(self, prepared.name, next(cluster._ids)), prepared)
+
+    def _prepare(
+        self,
+        fn: Callable[..., Any] | None,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        waits: Iterable[tuple[ClusterSemaphore, int]],
+        signals: Iterable[tuple[ClusterSemaphore, int]],
+        name: str | None,
+        cost: float | None,
+    ) -> _Prepared:
+        """Check and pickle a submission without sending it or changing any state."""
+        cluster = self.node.cluster
         cluster._check_open()
         lost = self.node.lost
         if lost is not None:
@@ -206,31 +308,24 @@ class RemoteQueue:
             raise ValueError(f"cost must be >= 0, got {cost}")
         if name is None:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
-        payload: bytes | None = None
+        payload: _Work | None = None
+        holds: list[RemoteSubmission] = []
         if fn is not None or args or kwargs:
             node = self.node
             holds = [v for v in (*args, *kwargs.values()) if isinstance(v, RemoteSubmission)]
             args = tuple(cluster._argument(a, node) for a in args)
             kwargs = {k: cluster._argument(v, node) for k, v in kwargs.items()}
             try:
-                payload = dumps((fn, args, kwargs))
+                if fn is not None:
+                    cluster._check_picklable(fn)
+                payload = _Work(fn, dumps((args, kwargs)) if args or kwargs else None)
             except Exception as exc:
                 raise TypeError(
                     f"work {name!r} for node {self.node.index} cannot be pickled: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-        else:
-            holds = []
-        qid = self.qid
-        label = name
-        sub = cluster._submit_item(
-            self,
-            name,
-            signals_w,
-            lambda sub_id: ("submit", sub_id, qid, payload, waits_w, signals_w, label, cost),
-        )
-        sub._holds = tuple(holds)
-        return sub
+        copies = tuple(h for h in holds if h.queue.node is not self.node)
+        return _Prepared(self, name, payload, waits_w, signals_w, cost, tuple(holds), copies)
 
     def __repr__(self) -> str:
         return (
@@ -481,6 +576,15 @@ class Cluster:
         self._links: list[Link] = []
         self._links_future: asyncio.Future[None] | None = None
         self.link_timeout = 30.0
+        self._default_queues: dict[tuple[int, str, int], RemoteQueue] = {}
+        # Results come back over a direct stream from each node where it connects (one
+        # frame per burst of news), else through the long polls.
+        self._result_server: asyncio.Server | None = None
+        self._result_token = b""
+        self._result_readers: dict[int, asyncio.Task[None]] = {}
+        # Functions known to pickle: checked once, pickled again with every batch.
+        self._picklable: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
+        self._names = itertools.count(2)
 
     # -- public ----------------------------------------------------------------------
 
@@ -501,6 +605,45 @@ class Cluster:
             raise ValueError(f"semaphore initial value must be >= 0, got {initial}")
         sem = self._sems[name] = ClusterSemaphore(self, name, node, initial)
         return sem
+
+    def graph(self, name: str = "graph") -> ClusterGraph:
+        """A new pipeline whose stages run on any node (see :class:`ClusterGraph`).
+
+        Raises:
+            ClusterError: the cluster is closed.
+        """
+        from ._graph import ClusterGraph
+
+        self._check_open()
+        return ClusterGraph(self, name)
+
+    def _check_picklable(self, fn: Callable[..., Any]) -> None:
+        """Raise what pickling ``fn`` raises; a function that pickled once is not pickled again."""
+        try:
+            if fn in self._picklable:
+                return
+        except TypeError:  # not weakly referenceable (a builtin): check every time
+            dumps(fn)
+            return
+        dumps(fn)
+        self._picklable[fn] = None
+
+    def _default_queue(self, node: ClusterNode, device: str, priority: int) -> RemoteQueue:
+        """The queue graphs share on ``node``'s ``device`` at ``priority`` (made on first use)."""
+        key = (node.index, device, priority)
+        queue = self._default_queues.get(key)
+        if queue is None:
+            suffix = f".p{priority}" if priority else ""
+            queue = node.queue(device, priority=priority, name=f"n{node.index}.{device}{suffix}")
+            self._default_queues[key] = queue
+        return queue
+
+    def _unused_semaphore_name(self, name: str) -> str:
+        """``name``, or ``name~2``, ``name~3``... if a semaphore has it."""
+        unique = name
+        while unique in self._sems:
+            unique = f"{name}~{next(self._names)}"
+        return unique
 
     @property
     def trace(self) -> ClusterTrace:
@@ -535,6 +678,9 @@ class Cluster:
             pending_submissions=len(self._pending),
             batches_sent=self._batches_sent,
             submissions_sent=self._submissions_sent,
+            result_streams=tuple(
+                sorted(i for i, t in self._result_readers.items() if not t.done())
+            ),
         )
 
     def __repr__(self) -> str:
@@ -596,15 +742,41 @@ class Cluster:
         return tuple(out)
 
     def _argument(self, value: Any, node: ClusterNode) -> Any:
-        """A remote submission's result as an argument of work on its own node."""
+        """A remote submission's result as an argument of work on ``node``.
+
+        On its own node the result is used in place; for another node, the node that
+        keeps it sends a copy once it exists, and the work waits for the copy.
+        """
         if isinstance(value, RemoteSubmission):
-            if value.queue.node is not node:
-                raise ValueError(
-                    f"the result of {value.name!r} lives on node {value.queue.node.index}; "
-                    f"work on node {node.index} cannot take it (send it over a link)"
-                )
-            return ValueRef(value.id)
+            if value.queue.node.cluster is not self:
+                raise ValueError(f"the result of {value.name!r} belongs to another cluster")
+            source = value.queue.node
+            if source is node:
+                return ValueRef(value.id)
+            if source.lost is not None:
+                raise NodeLostError(source.lost.node, source.lost.reason)
+            return ValueRef(value.id, source.index)
         return value
+
+    def _commit(self, sub: RemoteSubmission, prepared: _Prepared) -> RemoteSubmission:
+        """Send a prepared submission (and the copies it needs); nothing here raises."""
+        queue = prepared.queue
+        node = queue.node
+        for source in prepared.copies:
+            if node not in source._copied_to:
+                source._copied_to.append(node)
+                self._send(source.queue.node, ("copy", source.id, node.index))
+        qid, payload, label, cost = queue.qid, prepared.payload, prepared.name, prepared.cost
+        waits_w, signals_w = prepared.waits, prepared.signals
+        self._submit_item(
+            queue,
+            prepared.name,
+            signals_w,
+            lambda sub_id: ("submit", sub_id, qid, payload, waits_w, signals_w, label, cost),
+            sub=sub,
+        )
+        sub._holds = prepared.holds
+        return sub
 
     def _submit_item(
         self,
@@ -612,25 +784,31 @@ class Cluster:
         name: str,
         signals: tuple[WirePair, ...],
         make_item: Callable[[int], tuple[Any, ...]],
+        sub: RemoteSubmission | None = None,
     ) -> RemoteSubmission:
         """Record a new remote submission and batch its item for the queue's node."""
-        sub_id = next(self._ids)
-        sub = RemoteSubmission(queue, name, sub_id)
+        if sub is None:
+            sub = RemoteSubmission(queue, name, next(self._ids))
+        sub_id = sub.id
         for (sem_name, _, _), value in signals:
             sem = self._sems[sem_name]
             sem._claimed = max(sem._claimed, value)
         self._pending[sub_id] = sub
-        node = queue.node
-        weakref.finalize(sub, self._release, node, sub_id)
-        self._send(node, make_item(sub_id))
+        sub._sent = True
+        self._send(queue.node, make_item(sub_id))
         return sub
 
-    def _release(self, node: ClusterNode, sub_id: int) -> None:
-        """The driver dropped a submission: its node may drop the kept result."""
-        if self._open and node.lost is None:
-            node._released.append(sub_id)
-            if len(node._released) == 1:
-                self._loop.call_soon(self._send_released, node)
+    def _release(self, nodes: list[ClusterNode], sub_id: int) -> None:
+        """The driver dropped a submission: the nodes that keep its result may drop it."""
+        if not self._open:
+            return
+        for node in nodes:
+            if node.lost is None:
+                node._released.append(sub_id)
+                if len(node._released) == 1:
+                    # Releases wait a little and go together: one message per interval,
+                    # not one per dropped submission (nothing waits for them).
+                    self._loop.call_later(_RELEASE_INTERVAL, self._send_released, node)
 
     def _send_released(self, node: ClusterNode) -> None:
         released, node._released = node._released, []
@@ -704,7 +882,8 @@ class Cluster:
 
     def _deliver(self, node: ClusterNode, seq: int, batch: list[tuple[Any, ...]]) -> None:
         if node.lost is None:
-            node._actor.submit_batch.remote(self._sender, seq, batch)
+            items, functions = _encode_batch(batch)
+            node._actor.submit_batch.remote(self._sender, seq, items, functions)
 
     # -- receiving -------------------------------------------------------------------
 
@@ -712,6 +891,65 @@ class Cluster:
         task = self._loop.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _open_result_streams(self, token: bytes, timeout: float) -> None:
+        """Listen for each node's result stream and ask every node to connect to it."""
+        ray = _import_ray()
+        host = str(ray.util.get_node_ip_address())
+        self._result_token = token
+        try:
+            self._result_server = await asyncio.start_server(self._result_connection, host, 0)
+        except OSError:
+            return  # the long polls carry the results
+        port = int(self._result_server.sockets[0].getsockname()[1])
+        await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    _await(n._actor.stream_results.remote(self._sender, host, port, token))
+                    for n in self.nodes
+                ),
+                return_exceptions=True,
+            ),
+            timeout,
+        )
+
+    async def _result_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Handle every frame (a 4-byte length, then pickled events) a node streams back.
+
+        A stream opens with the cluster's secret and the node's index; one that does not
+        is closed before anything it sends is unpickled. A zero length ends it.
+        """
+        task = asyncio.current_task()
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            token = await reader.readexactly(len(self._result_token))
+            if not self._result_token or not hmac.compare_digest(token, self._result_token):
+                return
+            index = int.from_bytes(await reader.readexactly(2), "big")
+            if not 0 <= index < len(self.nodes) or task is None:
+                return
+            node = self.nodes[index]
+            self._result_readers[index] = task
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                if not size:
+                    break
+                self._handle(node, loads(await reader.readexactly(size)))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def _close_result_server(self) -> None:
+        server, self._result_server = self._result_server, None
+        if server is not None:
+            server.close()
+        for task in self._result_readers.values():
+            task.cancel()
 
     async def _poll(self, node: ClusterNode) -> None:
         """Long-poll one node for results and semaphore states, for as long as it lives."""
@@ -851,6 +1089,10 @@ class Cluster:
             *(asyncio.wait_for(_await(n._actor.poll.remote(self._sender)), timeout) for n in live),
             return_exceptions=True,
         )
+        # Each node ended its result stream before it answered stop: read to its end.
+        readers = [t for i, t in self._result_readers.items() if self.nodes[i] in live]
+        if readers:
+            await asyncio.wait(readers, timeout=timeout)
         for node, records, final in zip(live, results, finals, strict=True):
             if isinstance(records, list):
                 self._traces[node.index] = records
@@ -861,6 +1103,7 @@ class Cluster:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._close_result_server()
         pending, self._pending = self._pending, {}
         for sub in pending.values():
             sub._fail(StalledError(f"the cluster closed before {sub.name!r} finished"))
@@ -1129,12 +1372,14 @@ async def open_cluster(
             )
             for index, (actor, info) in enumerate(zip(actors, infos, strict=True))
         )
+        await cluster._open_result_streams(push_token, start_timeout)
         cluster._open = True
         for node in cluster.nodes:
             cluster._spawn(cluster._poll(node), f"asyncfront:poll:{node.index}")
             cluster._spawn(cluster._watch(node), f"asyncfront:watch:{node.index}")
             cluster._spawn(cluster._heartbeat(node), f"asyncfront:heartbeat:{node.index}")
     except BaseException:
+        cluster._close_result_server()
         for actor in actors:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)

@@ -2,7 +2,8 @@
 
 Everything here runs on the actor's event loop and never blocks it: submissions arrive
 in sequenced batches, semaphore updates are pushed to subscribers fire-and-forget, and
-the driver long-polls for results and for the states of semaphores it waits on.
+results and the states of semaphores a sender waits on go back over a stream to it
+(or answer its long polls where that stream does not connect).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ _POLL_WAIT = 5.0  # seconds a poll waits for news before it answers empty
 # A poll answers at most this often per sender: news that arrives in quick succession
 # goes back in one answer instead of one Ray call each.
 _POLL_INTERVAL = 0.002
+# A result stream carries at most one frame per this many seconds (per sender).
+_FRAME_INTERVAL = 0.001
 
 
 class _OwnedSemaphore(TimelineSemaphore):
@@ -152,7 +155,7 @@ class NodeRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._peers: list[Any] = []
         self._queues: dict[tuple[str, int], _RemoteQueue] = {}
-        self._sequencers: dict[str, Sequencer[list[tuple[Any, ...]]]] = {}
+        self._sequencers: dict[str, Sequencer[_Batch]] = {}
         self._sems: dict[str, TimelineSemaphore] = {}
         self._refs: dict[str, SemaphoreRef] = {}
         self._subscribers: dict[str, set[int | str]] = {}
@@ -167,7 +170,13 @@ class NodeRuntime:
         # a sender releases each once it no longer holds the submission.
         self._values: dict[int, Any] = {}
         self._released: set[int] = set()  # released before they finished
-        self._inbox: dict[str, deque[list[tuple[Any, ...]]]] = {}
+        # Copies of results between nodes: the nodes waiting for a result of this node
+        # (sent when it is reported), the packed errors of failed submissions (a copy
+        # asked for later fails with them), and the copies this node waits for.
+        self._copy_targets: dict[int, list[int]] = {}
+        self._errors: dict[int, bytes] = {}
+        self._arrivals: dict[int, tuple[TimelineSemaphore, int]] = {}
+        self._inbox: dict[str, deque[_Batch]] = {}
         self._consumers: dict[str, asyncio.Task[None]] = {}
         self._dist_ready: asyncio.Future[Any] | None = None
         # (link, message) -> local semaphore the sender's announcement signals once
@@ -181,6 +190,10 @@ class NodeRuntime:
         self._push_writers: dict[int, asyncio.StreamWriter] = {}
         self._push_readers: set[asyncio.Task[None]] = set()
         self._push_token = b""
+        # Results and states go back to a sender over its stream where it connected.
+        self._result_writers: dict[str, asyncio.StreamWriter] = {}
+        self._results_scheduled: set[str] = set()
+        self._last_frame: dict[str, float] = {}
 
     # -- life ------------------------------------------------------------------------
 
@@ -223,6 +236,14 @@ class NodeRuntime:
             )
             return dumps((False, pack_exception(failure)))
 
+    async def placement_candidates(
+        self, asks: tuple[tuple[Any, str | None], ...]
+    ) -> list[list[Any] | None]:
+        """How this node sees each ``(StageNeeds, device name or None)``: its candidates."""
+        from ._graph import node_candidates
+
+        return node_candidates(asks, self._require_runtime())
+
     async def endpoint(self, token: bytes) -> tuple[str, int]:
         """Open this node's push stream server; returns its address and port.
 
@@ -259,6 +280,64 @@ class NodeRuntime:
             self._push_writers[peer] = writer
             reached.append(peer)
         return reached
+
+    async def stream_results(self, sender: str, host: str, port: int, token: bytes) -> bool:
+        """Send ``sender``'s news over a stream to ``host:port`` from now on; whether it connected.
+
+        Where it does not connect, the sender's long polls carry the news, as before.
+        """
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10.0)
+        except (OSError, TimeoutError):
+            return False
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(token + self.index.to_bytes(2, "big"))
+        self._result_writers[sender] = writer
+        if self._outbox.get(sender):
+            self._schedule_results(sender)
+        return True
+
+    def _schedule_results(self, sender: str) -> None:
+        """Write ``sender``'s news soon: at most one frame per interval, many events each."""
+        if sender in self._results_scheduled:
+            return
+        self._results_scheduled.add(sender)
+        assert self._loop is not None
+        delay = self._last_frame.get(sender, 0.0) + _FRAME_INTERVAL - self._loop.time()
+        if delay > 0:
+            self._loop.call_later(delay, self._flush_results, sender)
+        else:
+            self._loop.call_soon(self._flush_results, sender)
+
+    def _flush_results(self, sender: str) -> None:
+        self._results_scheduled.discard(sender)
+        events = self._outbox.pop(sender, None)
+        if not events:
+            return
+        writer = self._result_writers.get(sender)
+        if writer is None or writer.is_closing():
+            # The stream broke: the long poll takes the news from here on.
+            self._result_writers.pop(sender, None)
+            self._outbox[sender] = events + self._outbox.get(sender, [])
+            ready = self._outbox_ready.get(sender)
+            if ready is not None:
+                ready.set()
+            return
+        frame = dumps(events)
+        writer.write(len(frame).to_bytes(4, "big") + frame)
+        assert self._loop is not None
+        self._last_frame[sender] = self._loop.time()
+
+    def _end_result_streams(self) -> None:
+        """Write what is left to every result stream, then its end (a zero length)."""
+        for sender in list(self._result_writers):
+            self._flush_results(sender)
+            writer = self._result_writers.pop(sender, None)
+            if writer is not None and not writer.is_closing():
+                writer.write(b"\0\0\0\0")
+                writer.close()
 
     async def _push_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -317,6 +396,7 @@ class NodeRuntime:
                 entry.reporter.cancel()
         for entry in self._queues.values():
             self._report_finished(entry)
+        self._end_result_streams()
         self._close_push_streams()
         for event in self._outbox_ready.values():
             event.set()
@@ -336,12 +416,22 @@ class NodeRuntime:
 
     # -- submissions -----------------------------------------------------------------
 
-    async def submit_batch(self, sender: str, seq: int, items: list[tuple[Any, ...]]) -> None:
-        """Take one batch of a sender's items; run them in the sender's order."""
+    async def submit_batch(
+        self,
+        sender: str,
+        seq: int,
+        items: list[tuple[Any, ...]],
+        functions: list[bytes | str] | None = None,
+    ) -> None:
+        """Take one batch of a sender's items; run them in the sender's order.
+
+        ``functions`` are the batch's distinct functions, pickled once each (or the
+        message saying why one could not be); a submission names its function by index.
+        """
         sequencer = self._sequencers.get(sender)
         if sequencer is None:
             sequencer = self._sequencers[sender] = Sequencer()
-        released = sequencer.offer(seq, items)
+        released = sequencer.offer(seq, (items, functions or []))
         if not released:
             return
         inbox = self._inbox.get(sender)
@@ -362,8 +452,11 @@ class NodeRuntime:
         inbox = self._inbox[sender]
         try:
             while inbox:
-                batch = inbox.popleft()
-                decoded = await asyncio.to_thread(_decode_batch, batch)
+                batch, functions = inbox.popleft()
+                if functions or any(_payload(item) is not None for item in batch):
+                    decoded = await asyncio.to_thread(_decode_batch, batch, functions)
+                else:  # nothing to unpickle: no thread hop
+                    decoded = [(True, None)] * len(batch)
                 for item, payload in zip(batch, decoded, strict=True):
                     self._take(sender, item, payload)
         finally:
@@ -375,8 +468,13 @@ class NodeRuntime:
             self._submit(sender, item, payload)
         elif kind == "release":
             for sub_id in item[1]:
+                self._errors.pop(sub_id, None)
+                self._arrivals.pop(sub_id, None)
                 if self._values.pop(sub_id, _MISSING) is _MISSING:
                     self._released.add(sub_id)
+        elif kind == "copy":
+            _, sub_id, target = item
+            self._copy_request(sub_id, target)
         elif kind in ("link_send", "link_recv"):
             self._link_item(sender, item, payload)
         elif kind == "collective":
@@ -413,13 +511,16 @@ class NodeRuntime:
             local_waits = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in waits]
             local_signals = [(self._semaphore(SemaphoreRef(*ref)), v) for ref, v in signals]
         except Exception as exc:
-            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            self._submit_failed(sender, sub_id, exc)
             return
         try:
             ok, work = decoded
             if not ok:
                 raise work
             fn, args, kwargs = work if work is not None else (None, (), {})
+            for ref in (*args, *kwargs.values()):
+                if isinstance(ref, ValueRef) and ref.node is not None:
+                    local_waits.append((self._arrival(ref.submission, ref.node), 1))
             collective = isinstance(entry.queue, _ChannelQueue)
             if fn is not None:
                 fn = self._keeping(fn, sub_id, args, kwargs, keeps=not collective)
@@ -431,7 +532,7 @@ class NodeRuntime:
             for sem, value in local_signals:
                 if sem.value < value:
                     sem.fail(exc)
-            self._emit(sender, ("done", sub_id, 0, ((), ()), False, pack_exception(exc), None))
+            self._submit_failed(sender, sub_id, exc)
             return
         entry.finished.append((sub_id, sender, sub))
         wakeup = entry.wakeup
@@ -475,6 +576,80 @@ class NodeRuntime:
             return result
 
         return run
+
+    def _submit_failed(self, sender: str, sub_id: int, exc: BaseException) -> None:
+        """A submission that could not be queued: report it, fail the copies asked of it."""
+        packed = pack_exception(exc)
+        self._errors[sub_id] = packed
+        for target in self._copy_targets.pop(sub_id, ()):
+            self._fail_copy(sub_id, target, packed)
+        self._emit(sender, ("done", sub_id, 0, ((), ()), False, packed, None))
+
+    # -- copies of results between nodes ----------------------------------------------
+
+    def _copy_request(self, sub_id: int, target: int) -> None:
+        """Node ``target`` runs work taking this node's result ``sub_id``: send it a copy."""
+        value = self._values.get(sub_id, _MISSING)
+        if value is not _MISSING:
+            self._send_copy(sub_id, target, value)
+            return
+        error = self._errors.get(sub_id)
+        if error is not None:
+            self._fail_copy(sub_id, target, error)
+            return
+        # Not finished yet: sent when it is reported.
+        self._copy_targets.setdefault(sub_id, []).append(target)
+
+    def _send_copy(self, sub_id: int, target: int, value: Any) -> None:
+        if target in self._lost:
+            return
+        try:
+            payload = dumps(value)
+        except Exception as exc:
+            failure = TypeError(f"the result of submission {sub_id} cannot be pickled: {exc}")
+            self._fail_copy(sub_id, target, pack_exception(failure))
+            return
+        self._peers[target].take_copy.remote(sub_id, self.index, True, payload)
+
+    def _fail_copy(self, sub_id: int, target: int, error: bytes) -> None:
+        if target not in self._lost:
+            self._peers[target].take_copy.remote(sub_id, self.index, False, error)
+
+    def _arrival(self, sub_id: int, source: int) -> TimelineSemaphore:
+        """The local semaphore that a copy of ``source``'s result ``sub_id`` signals."""
+        entry = self._arrivals.get(sub_id)
+        if entry is not None:
+            return entry[0]
+        sem = TimelineSemaphore(name=f"copy of submission {sub_id} from node {source}")
+        assert self._loop is not None
+        sem.bind(self._loop)
+        self._arrivals[sub_id] = (sem, source)
+        lost = self._lost.get(source)
+        if lost is not None:
+            sem.fail(lost)
+        return sem
+
+    async def take_copy(self, sub_id: int, source: int, ok: bool, payload: bytes) -> None:
+        """A copy of node ``source``'s result ``sub_id`` (or the error it failed with)."""
+        sem = self._arrival(sub_id, source)
+        if sem.value >= 1 or sem.failure is not None:
+            return
+        if not ok:
+            sem.fail(unpack_exception(payload))
+            return
+        try:
+            value = await asyncio.to_thread(_loads_locked, payload)
+        except Exception as exc:
+            sem.fail(TypeError(f"a copy of submission {sub_id} cannot be unpickled: {exc}"))
+            return
+        if sem.value >= 1 or sem.failure is not None:
+            return
+        if sub_id in self._released:  # nothing that takes it is left
+            self._released.discard(sub_id)
+            self._arrivals.pop(sub_id, None)
+            return
+        self._values[sub_id] = value
+        sem.signal(1)
 
     def _keep(self, sub_id: int, value: Any) -> None:
         """Keep a result for later arguments, unless the sender already released it."""
@@ -663,9 +838,13 @@ class NodeRuntime:
         frontier = sub.frontier
         encoded = encode_frontier(frontier) if frontier is not None else ((), ())
         exc = sub.exception()
-        if exc is None and isinstance(sub, CollectiveStep):
+        if exc is None and sub_id not in self._values:
+            # Barriers, collective steps and sends keep theirs now (a copy may ask for it).
             self._keep(sub_id, sub._result)
+        targets = self._copy_targets.pop(sub_id, None)
         if exc is None:
+            for target in targets or ():
+                self._send_copy(sub_id, target, self._values.get(sub_id, sub._result))
             try:
                 payload = dumps(sub._result)
             except Exception as error:
@@ -683,6 +862,12 @@ class NodeRuntime:
         if isinstance(exc, SemaphoreFailedError):
             failed_sem = exc.semaphore.name
         packed = pack_exception(root_cause(exc))
+        if sub_id in self._released:
+            self._released.discard(sub_id)
+        else:
+            self._errors[sub_id] = packed
+        for target in targets or ():
+            self._fail_copy(sub_id, target, packed)
         self._emit(sender, ("done", sub_id, sub.epoch, encoded, False, packed, failed_sem))
 
     # -- semaphores ------------------------------------------------------------------
@@ -806,6 +991,12 @@ class NodeRuntime:
         for (link, _), sem in self._announced.items():
             if self._recv_peers.get(link) == node:
                 sem.fail(error)
+        for sem, source in self._arrivals.values():
+            if source == node:
+                sem.fail(error)
+        for targets in self._copy_targets.values():
+            while node in targets:
+                targets.remove(node)
 
     # -- results to senders ----------------------------------------------------------
 
@@ -821,6 +1012,9 @@ class NodeRuntime:
         if box is None:
             box = self._outbox[sender] = []
         box.append(event)
+        if sender in self._result_writers:
+            self._schedule_results(sender)
+            return
         ready = self._outbox_ready.get(sender)
         if ready is None:
             ready = self._outbox_ready[sender] = asyncio.Event()
@@ -878,26 +1072,53 @@ class NodeRuntime:
 
 
 _PAYLOAD_AT = {"submit": 3, "link_send": 6}
+# A sender's batch: its items, and the distinct functions they run, pickled once each.
+_Batch = tuple[list[tuple[Any, ...]], list[bytes | str]]
 # Unpickling may import torch while the process group's thread imports torch.distributed;
 # torch does not survive being imported from two threads at once.
 _IMPORTS = threading.Lock()
 
 
-def _decode_batch(batch: list[tuple[Any, ...]]) -> list[tuple[bool, Any]]:
+def _decode_batch(
+    batch: list[tuple[Any, ...]], functions: list[bytes | str]
+) -> list[tuple[bool, Any]]:
     """Unpickle each item's work or value: (True, value) or (False, the error)."""
     out: list[tuple[bool, Any]] = []
     with _IMPORTS:
+        fns = [_decode_function(f) for f in functions]
         for item in batch:
-            out.append(_decode_item(item))
+            out.append(_decode_item(item, fns))
     return out
 
 
-def _decode_item(item: tuple[Any, ...]) -> tuple[bool, Any]:
+def _decode_function(data: bytes | str) -> Any:
+    """A batch's function, or the error that stands for it."""
+    if isinstance(data, str):
+        return TypeError(data)
+    try:
+        return loads(data)
+    except Exception as exc:
+        return exc
+
+
+def _payload(item: tuple[Any, ...]) -> Any:
+    """What of an item must be unpickled (None: nothing)."""
     at = _PAYLOAD_AT.get(item[0])
-    payload = item[at] if at is not None else None
+    return item[at] if at is not None else None
+
+
+def _decode_item(item: tuple[Any, ...], functions: list[Any]) -> tuple[bool, Any]:
+    payload = _payload(item)
     if payload is None:
         return (True, None)
     try:
+        if item[0] == "submit":
+            slot, arguments = payload
+            fn = functions[slot] if slot >= 0 else None
+            if isinstance(fn, BaseException):
+                raise fn
+            args, kwargs = loads(arguments) if arguments is not None else ((), {})
+            return (True, (fn, args, kwargs))
         return (True, loads(payload))
     except Exception as exc:
         return (False, exc)

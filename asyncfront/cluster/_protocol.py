@@ -48,9 +48,14 @@ class SemaphoreRef(NamedTuple):
 
 
 class ValueRef(NamedTuple):
-    """An argument standing for the result of an earlier submission on the same node."""
+    """An argument standing for the result of an earlier submission.
+
+    ``node`` is None when that submission ran on the node that reads the argument;
+    else it names the node that keeps the result and sends a copy.
+    """
 
     submission: int
+    node: int | None = None
 
 
 class SemaphoreUpdate(NamedTuple):
