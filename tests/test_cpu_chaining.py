@@ -231,3 +231,23 @@ async def test_a_chained_wait_that_nothing_signals_is_reported_as_a_stall() -> N
     error = stuck.exception()
     assert isinstance(error, af.StalledError)
     assert "'never'" in str(error) and "reach 1" in str(error)
+
+
+async def test_a_failure_to_choose_chained_work_falls_back_to_the_loop_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should picking chained work ever raise, the workers stop chaining and all work runs."""
+    from asyncfront.devices import _workers
+
+    def broken(self: Any) -> None:
+        raise LookupError("broken choice")
+
+    monkeypatch.setattr(_workers.WorkerPool, "_choose", broken)
+    device = CpuDevice("cpu", workers=2)
+    order: list[str] = []
+    async with af.open_runtime([device]) as rt:
+        qa, qb = rt.queue("cpu", name="qa"), rt.queue("cpu", name="qb")
+        subs = chain(rt, qa, qb, 20, lambda label: order.append(label) or label)
+        results = [await sub for sub in subs]
+    assert results == order == [f"{x}{i}" for i in range(1, 21) for x in "ab"]
+    assert device._workers.chains is False and device.statistics().chained == 0

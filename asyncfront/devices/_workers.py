@@ -308,6 +308,12 @@ class WorkerPool:
                 pending.append((sub, _kind(sub)))
             mirrored = fifo[-1].epoch
         line.mirrored = mirrored
+        finished = self._finished
+        while pending and pending[0][0].state in finished:
+            pending.popleft()  # the loop finished it without the device
+        ahead = line.ahead
+        while ahead and ahead[0].sub is not None and ahead[0].sub.state in finished:
+            ahead.popleft()  # its waits failed on the loop: its result is never taken
         if len(self._promised) > 64 + 4 * len(self._order):
             self._prune_promises()
         return line
@@ -373,6 +379,8 @@ class WorkerPool:
         """The next work for a worker, or None (lock held). See the module docstring."""
         if self._jobs:
             return None, self._jobs.popleft()
+        if not self.chains:
+            return None  # every piece of work is a job
         while True:
             choice = self._choose()
             if choice is None:
@@ -492,15 +500,38 @@ class WorkerPool:
 
     def _wait_for_work(self) -> tuple[_Line | None, _Run] | None:
         """The next work, waiting for it; None once the pool stops (lock held)."""
-        picked = self._pick()
+        picked = self._pick_safely()
         while picked is None:
             if self._stopping:
                 return None
             self._idle += 1
             self._wake.wait()
             self._idle -= 1
-            picked = self._pick()
+            picked = self._pick_safely()
         return picked
+
+    def _pick_safely(self) -> tuple[_Line | None, _Run] | None:
+        """:meth:`_pick`; should choosing ever fail, stop chaining rather than the worker.
+
+        A worker that died would leave the work handed to it waiting forever; without
+        chaining, every submission still runs as the loop hands it over.
+        """
+        try:
+            return self._pick()
+        except Exception as exc:
+            if not self.chains:
+                raise
+            self.chains = False
+            runtime = self._runtime
+            if runtime is not None and runtime._log_warning:
+                runtime._log.warning(
+                    "chaining_disabled", device=self.name, error=f"{type(exc).__name__}: {exc}"
+                )
+            for line in self._order:  # hand the loop's work over the plain way
+                if line.forced is not None:
+                    self._jobs.append(line.forced)
+                    line.forced = None
+            return self._pick()
 
 
 def _ready(sub: Submission, promised: dict[TimelineSemaphore, int]) -> bool:
