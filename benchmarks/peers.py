@@ -319,7 +319,9 @@ def main() -> None:
     else:
         missing.append("dask")
     client = None
-    if has("distributed") and wanted("Dask distributed in-process"):
+    if not has("distributed"):
+        missing.append("distributed")
+    elif wanted("Dask distributed in-process"):
         from distributed import Client
 
         client = Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None)
@@ -327,18 +329,16 @@ def main() -> None:
             ("Dask distributed in-process|independent", lambda: dask_independent(slowest, client)),
             ("Dask distributed in-process|chain", lambda: dask_chain(slowest, client)),
         ]
-    else:
-        missing.append("distributed")
     ray_peer = None
-    if has("ray") and wanted("Ray"):
+    if not has("ray"):
+        missing.append("ray")
+    elif wanted("Ray"):
         ray_peer = RayPeer()
         cases += [
             ("Ray tasks|independent", lambda: ray_peer.independent(slow)),  # type: ignore[union-attr]
             ("Ray tasks|chain", lambda: ray_peer.chain(slowest)),  # type: ignore[union-attr]
             ("Ray actor round trip|chain", lambda: ray_peer.actor_round_trip(slowest)),  # type: ignore[union-attr]
         ]
-    else:
-        missing.append("ray")
     if has("iree.runtime"):
         cases += [("IREE HAL semaphore, two threads|chain", lambda: iree_hop(slow))]
     else:

@@ -251,3 +251,32 @@ async def test_a_failure_to_choose_chained_work_falls_back_to_the_loop_path(
         results = [await sub for sub in subs]
     assert results == order == [f"{x}{i}" for i in range(1, 21) for x in "ab"]
     assert device._workers.chains is False and device.statistics().chained == 0
+
+
+async def test_completions_reach_the_loop_in_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work that finishes while the loop is busy is delivered by one loop callback."""
+    from asyncfront.devices import _workers
+
+    deliveries: list[int] = []
+    deliver = _workers.WorkerPool._deliver
+
+    def counting(self: _workers.WorkerPool) -> None:
+        deliveries.append(len(self._outbox))
+        deliver(self)
+
+    monkeypatch.setattr(_workers.WorkerPool, "_deliver", counting)
+    device = CpuDevice("cpu", workers=2)
+    all_done = threading.Event()
+    finished: list[int] = []
+
+    def work(i: int) -> int:
+        finished.append(i)
+        if len(finished) == 20:
+            all_done.set()
+        return i
+
+    async with af.open_runtime([device]):
+        futures = [device._in_pool(lambda i=i: work(i)) for i in range(20)]
+        all_done.wait(10)  # hold the loop thread until every call has finished
+        assert await asyncio.gather(*futures) == list(range(20))
+    assert deliveries == [20]

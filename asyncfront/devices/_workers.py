@@ -102,6 +102,10 @@ class WorkerPool:
         self.name = name
         self.workers = workers
         self.chains = chains
+        # At most the device's slots run at once, work taken up ahead of the loop included.
+        self._capacity = arbiter.capacity
+        self._running = 0  # work running on the workers, and coroutines on the loop
+        self._gated = False  # a worker went idle because every slot was running
         self._arbiter = arbiter
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -272,15 +276,15 @@ class WorkerPool:
             with self._lock:
                 line = self._mirror(sub.queue)
                 self._drop_before(line, sub)
-                if line.pending and line.pending[0][0] is sub:
-                    line.pending.popleft()
                 line.busy = True
+                self._running += 1
         try:
             return await work()
         finally:
             if line is not None:
                 with self._lock:
                     line.busy = False
+                    self._running -= 1
                     if self._idle:
                         self._wake.notify()
 
@@ -377,7 +381,11 @@ class WorkerPool:
 
     def _pick(self) -> tuple[_Line | None, _Run] | None:
         """The next work for a worker, or None (lock held). See the module docstring."""
+        if self.chains and self._running >= self._capacity:
+            self._gated = True  # as many running as the device has slots
+            return None
         if self._jobs:
+            self._running += 1
             return None, self._jobs.popleft()
         if not self.chains:
             return None  # every piece of work is a job
@@ -386,6 +394,7 @@ class WorkerPool:
             if choice is None:
                 return None
             line, forced = choice
+            self._running += 1
             if forced:
                 run = line.forced
                 assert run is not None
@@ -395,6 +404,7 @@ class WorkerPool:
             sub, kind = line.pending.popleft()
             self.chained += 1
             if kind == _VIRTUAL:
+                self._running -= 1
                 self._promise(sub)  # nothing to call: what it signals holds at once
                 continue
             run = _Run(sub)
@@ -447,11 +457,10 @@ class WorkerPool:
                 continue
             if ahead_line is None or priority > ahead_priority:
                 ahead_line, ahead_priority = line, priority
-        if ahead_line is not None and blocking is not None and ahead_priority < blocking:
-            ahead_line = None
-        if forced_line is not None and (ahead_line is None or forced_priority >= ahead_priority):
+        if forced_line is not None:
+            # The loop granted it a slot and started it: it goes before anything taken up.
             return forced_line, True
-        if ahead_line is None:
+        if ahead_line is None or (blocking is not None and ahead_priority < blocking):
             return None
         return ahead_line, False
 
@@ -481,6 +490,10 @@ class WorkerPool:
                 run.error = exc
             with lock:
                 run.done = True
+                self._running -= 1
+                if self._gated and self._idle:
+                    self._gated = False
+                    self._wake.notify()  # a slot freed for the worker that found none
                 if line is not None:
                     line.busy = False
                     sub = run.sub
