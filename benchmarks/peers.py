@@ -265,7 +265,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="samples per case (median kept)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every case's task count")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PEER",
+        help="run only the peers whose name contains PEER (repeatable; implies --no-docs)",
+    )
     args = parser.parse_args()
+    if args.only:
+        args.no_docs = True
     if args.rounds < 1 or args.scale <= 0:
         parser.error("--rounds must be >= 1 and --scale > 0")
 
@@ -287,6 +295,10 @@ def main() -> None:
         ("asyncfront CpuDevice|chain", run(cpu_chain, cpu)),
     ]
     missing: list[str] = []
+
+    def wanted(peer: str) -> bool:
+        return not args.only or any(w.lower() in peer.lower() for w in args.only)
+
     if has("anyio"):
         cases += [
             ("anyio|independent", run(anyio_stream, fast)),
@@ -307,7 +319,9 @@ def main() -> None:
     else:
         missing.append("dask")
     client = None
-    if has("distributed"):
+    if not has("distributed"):
+        missing.append("distributed")
+    elif wanted("Dask distributed in-process"):
         from distributed import Client
 
         client = Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None)
@@ -315,22 +329,21 @@ def main() -> None:
             ("Dask distributed in-process|independent", lambda: dask_independent(slowest, client)),
             ("Dask distributed in-process|chain", lambda: dask_chain(slowest, client)),
         ]
-    else:
-        missing.append("distributed")
     ray_peer = None
-    if has("ray"):
+    if not has("ray"):
+        missing.append("ray")
+    elif wanted("Ray"):
         ray_peer = RayPeer()
         cases += [
             ("Ray tasks|independent", lambda: ray_peer.independent(slow)),  # type: ignore[union-attr]
             ("Ray tasks|chain", lambda: ray_peer.chain(slowest)),  # type: ignore[union-attr]
             ("Ray actor round trip|chain", lambda: ray_peer.actor_round_trip(slowest)),  # type: ignore[union-attr]
         ]
-    else:
-        missing.append("ray")
     if has("iree.runtime"):
         cases += [("IREE HAL semaphore, two threads|chain", lambda: iree_hop(slow))]
     else:
         missing.append("iree-base-runtime")
+    cases = [case for case in cases if wanted(case[0].split("|")[0])]
     try:
         figures = interleaved(cases, args.rounds)
     finally:
@@ -343,15 +356,17 @@ def main() -> None:
     for key, figure in figures.items():
         peer, shape = key.split("|")
         peers.setdefault(peer, {})[shape] = figure
-    cpu_dev = peers["asyncfront CpuDevice"]
+    cpu_dev = peers.get("asyncfront CpuDevice", {})
 
     def cell(peer: dict[str, Figure], shape: str) -> str:
         figure = peer.get(shape)
         return figure.format(1) if figure is not None else "—"
 
-    def versus(ours: Figure, shape: str, peer: dict[str, Figure]) -> str:
+    def versus(ours: Figure | None, shape: str, peer: dict[str, Figure]) -> str:
         figure = peer.get(shape)
-        return f"{figure.median / ours.median:.1f}x" if figure is not None else "—"
+        if figure is None or ours is None:
+            return "—"
+        return f"{figure.median / ours.median:.1f}x"
 
     rows = []
     for name, peer in peers.items():
@@ -360,8 +375,8 @@ def main() -> None:
                 name,
                 cell(peer, "independent"),
                 cell(peer, "chain"),
-                versus(cpu_dev["independent"], "independent", peer),
-                versus(cpu_dev["chain"], "chain", peer),
+                versus(cpu_dev.get("independent"), "independent", peer),
+                versus(cpu_dev.get("chain"), "chain", peer),
             ]
         )
     header = [

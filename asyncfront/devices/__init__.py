@@ -8,6 +8,7 @@ from ._base import Device as Device
 from ._base import DeviceStatistics as DeviceStatistics
 from ._base import SlotArbiter as SlotArbiter
 from .cpu import CpuDevice as CpuDevice
+from .cpu import CpuStatistics as CpuStatistics
 from .fake import FakeDevice as FakeDevice
 from .fake import FakeDeviceError as FakeDeviceError
 from .storage import ChecksumError as ChecksumError
@@ -27,6 +28,7 @@ __all__ = (
     "LATER",
     "ChecksumError",
     "CpuDevice",
+    "CpuStatistics",
     "Device",
     "DeviceStatistics",
     "FakeDevice",

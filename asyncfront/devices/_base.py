@@ -113,6 +113,20 @@ class SlotArbiter:
         """The work waiting for a slot under a policy, as that policy sees it."""
         return tuple(work for work, fut in self._ready if not fut.done())
 
+    def highest_waiting(self) -> int | None:
+        """The priority of the highest-priority queue waiting for a slot, or None.
+
+        Read-only, and safe to call from a worker thread: a device that picks work on its
+        own threads asks it so it never runs lower-priority work ahead of such a queue.
+        """
+        heap = self._heap
+        if not heap:
+            return None
+        try:
+            return -heap[0][0]
+        except IndexError:  # the loop emptied it meanwhile
+            return None
+
     def try_acquire(self) -> bool:
         """Take a slot now if one is free and nobody is ahead; True on success."""
         if self._free and not self._heap and not self._ready and not self._grant_scheduled:
