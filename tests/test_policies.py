@@ -412,3 +412,23 @@ def test_a_cancelled_request_leaves_no_stale_entry() -> None:
             device.release()
 
     run_virtual(main)
+
+
+def test_highest_waiting_sees_requests_queued_under_a_policy() -> None:
+    """A worker asking for the highest waiting priority sees a non-default policy's requests."""
+
+    async def main() -> None:
+        from asyncfront.devices._base import SlotArbiter
+
+        loop = asyncio.get_running_loop()
+        arbiter = SlotArbiter(1, policy=af.EDFPolicy())
+        assert arbiter.try_acquire()
+        assert arbiter.highest_waiting() is None
+        low, high = loop.create_future(), loop.create_future()
+        arbiter.enqueue_work(work(1, priority=1), low)
+        arbiter.enqueue_work(work(2, priority=5), high)
+        assert arbiter.highest_waiting() == 5
+        high.cancel()
+        assert arbiter.highest_waiting() == 1
+
+    asyncio.run(main())

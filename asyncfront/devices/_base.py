@@ -119,13 +119,18 @@ class SlotArbiter:
         Read-only, and safe to call from a worker thread: a device that picks work on its
         own threads asks it so it never runs lower-priority work ahead of such a queue.
         """
+        best: int | None = None
         heap = self._heap
-        if not heap:
-            return None
-        try:
-            return -heap[0][0]
-        except IndexError:  # the loop emptied it meanwhile
-            return None
+        if heap:
+            try:
+                best = -heap[0][0]
+            except IndexError:  # the loop emptied it meanwhile
+                best = None
+        if self._ready:  # a non-default policy's requests: priorities in no order
+            for work, fut in list(self._ready):  # a snapshot: the loop may change the list
+                if not fut.done() and (best is None or work.priority > best):
+                    best = work.priority
+        return best
 
     def try_acquire(self) -> bool:
         """Take a slot now if one is free and nobody is ahead; True on success."""
