@@ -280,3 +280,14 @@ async def test_completions_reach_the_loop_in_one_batch(monkeypatch: pytest.Monke
         all_done.wait(10)  # hold the loop thread until every call has finished
         assert await asyncio.gather(*futures) == list(range(20))
     assert deliveries == [20]
+
+
+async def test_under_a_deadline_policy_the_workers_run_only_what_the_loop_hands_over() -> None:
+    """An EDF device takes nothing up ahead, so its policy sees every ready submission."""
+    device = CpuDevice("cpu", workers=2)
+    async with af.open_runtime([device], policy=af.EDFPolicy()) as rt:
+        qa, qb = rt.queue("cpu", name="qa"), rt.queue("cpu", name="qb")
+        subs = chain(rt, qa, qb, 50, lambda label: label)
+        results = [await sub for sub in subs]
+    assert results == [f"{x}{i}" for i in range(1, 51) for x in "ab"]
+    assert device.statistics().chained == 0

@@ -418,7 +418,15 @@ class WorkerPool:
         if not order:
             return None
         runtime = self._runtime
-        ahead_allowed = self.chains and not self._stopping and runtime is not None and runtime._open
+        # Work runs ahead only under the default policy: a deadline or SLO policy must see
+        # every ready submission of a tier to choose among them.
+        ahead_allowed = (
+            self.chains
+            and not self._stopping
+            and runtime is not None
+            and runtime._open
+            and self._arbiter.chooser is None
+        )
         # Higher-priority ready work that cannot run ahead here holds back what would.
         blocking = self._arbiter.highest_waiting() if ahead_allowed else None
         forced_line: _Line | None = None
