@@ -876,7 +876,7 @@ class Runtime:
         for device in self.devices.values():
             if device.memory is None and device.memory_capacity:
                 device.memory = BufferPool(
-                    device.memory_capacity,
+                    device.memory_capacity - (device.working_capacity or 0),
                     completed=self,
                     frontier_capacity=self.frontier_capacity,
                     name=device.name,
