@@ -39,6 +39,10 @@ def _check_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         _check_checkpoint(parser, args.checkpoint)
     if args.model_dir is not None and args.model_dir.exists() and not args.model_dir.is_dir():
         parser.error(f"--model-dir {args.model_dir}: not a directory")
+    if args.lm_layers < 1:
+        parser.error(f"--lm-layers must be at least 1, not {args.lm_layers}")
+    if args.lm_width < 64 or args.lm_width % 64:
+        parser.error(f"--lm-width must be a positive multiple of 64, not {args.lm_width}")
     if args.tokens < 1:
         parser.error(f"--tokens must be at least 1, not {args.tokens}")
     context = _context_length(args.checkpoint if args.checkpoint is not None else args.model_dir)
@@ -104,6 +108,8 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         audio=args.audio,
         checkpoint=args.checkpoint,
         model_dir=args.model_dir,
+        lm_layers=args.lm_layers,
+        lm_width=args.lm_width,
         tokens=args.tokens,
         tts=args.tts,
         output=args.output,
@@ -279,6 +285,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         default=None,
         help="where the untrained demo LM is saved (default ~/.cache/asyncfront/demo-lm)",
+    )
+    demo.add_argument(
+        "--lm-layers",
+        type=int,
+        default=12,
+        help="transformer blocks of the untrained demo LM (default 12, GPT-2's 124 M)",
+    )
+    demo.add_argument(
+        "--lm-width",
+        type=int,
+        default=768,
+        help="embedding width of the untrained demo LM, a multiple of 64 (default 768)",
     )
     demo.add_argument(
         "--tokens",

@@ -297,6 +297,7 @@ class _Status(enum.Enum):
     NO_SPACE = "no_space"  # the device is committed: others' frees or evictions help
     FRAGMENTED = "fragmented"  # the budget fits but no free extent does: others' frees help
     EPOCHS = "epochs"  # a block fits once ``pending``'s epochs complete
+    WORKING = "working_share"  # the device's working-memory share is taken: other work's ends
 
 
 _WAITING_FOR_DEVICE = (_Status.NO_SPACE, _Status.FRAGMENTED)
@@ -361,6 +362,10 @@ class _DeviceMemory:
         self.held: dict[tuple[str, object], int] = {}
         # bumped on every change that may let a waiter through (frees, closes, admissions)
         self.version = 0
+        # the share of the device only working memory may use (its pool holds the rest),
+        # and the working memory reserved in it now
+        self.working_capacity: int | None = device.working_capacity
+        self.working = 0
 
     def hold(self, key: tuple[str, object], nbytes: int) -> None:
         """Record bytes charged on behalf of a holder (negative to release)."""
@@ -692,6 +697,8 @@ class MemoryManager:
         self, memory: _DeviceMemory, ctx: ExecutionContext, nbytes: int, key: tuple[str, object]
     ) -> None:
         memory.ledger.release(ctx.name, nbytes)
+        if memory.working_capacity is not None and isinstance(key[1], WorkingMemory):
+            memory.working -= nbytes
         memory.hold(key, -nbytes)
         self._wake(memory)
 
@@ -726,6 +733,15 @@ class MemoryManager:
             return _Status.OVER_LIMIT if charge is Charge.OVER_LIMIT else _Status.NO_SPACE
         pool = ctx.device.memory if request.place else None
         if pool is None:
+            share = memory.working_capacity
+            if share is not None and isinstance(request.owner, WorkingMemory):
+                if memory.working + request.charge > share:
+                    ledger.release(ctx.name, request.charge)
+                    if request.charge > share:
+                        request.error = self._over_share(memory, request)
+                        return _Status.REFUSED
+                    return _Status.WORKING
+                memory.working += request.charge
             memory.hold(key, request.charge)
             return _Status.GRANTED
         requester = ctx.queue.frontier if request.requester is None else request.requester
@@ -748,6 +764,21 @@ class MemoryManager:
             request.error = error
             return _Status.REFUSED
         return _Status.FRAGMENTED
+
+    def _over_share(self, memory: _DeviceMemory, request: _Request) -> MemoryBudgetError:
+        """The refusal of working memory larger than the device leaves to working memory."""
+        share = memory.working_capacity
+        assert share is not None
+        pool = request.ctx.device.memory
+        segment = 0 if pool is None else pool.capacity
+        return _refusal(
+            request.ctx,
+            memory.ledger,
+            request.nbytes,
+            f"working memory can never fit: device {memory.device.name!r} leaves "
+            f"{format_bytes(share)} of its {format_bytes(memory.ledger.capacity)} to working "
+            f"memory (its pool's segment holds the other {format_bytes(segment)})",
+        )
 
     def _fragmentation(
         self, memory: _DeviceMemory, request: _Request, pool: BufferPool

@@ -730,12 +730,16 @@ class Runtime:
         priority: int | None = None,
         request_rate: float | None = None,
         storage: str | Device | None = None,
+        in_host_memory: bool = False,
+        drop_while_queued: bool = False,
+        evict_with_context: bool = False,
     ) -> Weights:
         """Register immutable weights: a safetensors file or a dict of host tensors.
 
         Without a ``source``, weights of ``size`` bytes are accounting-only, for fake
         devices: loads charge the budget and take the storage's time in virtual time,
-        and move no bytes. See :meth:`asyncfront.memory.Residency.register`.
+        and move no bytes. See :meth:`asyncfront.memory.Residency.register` (and
+        :class:`asyncfront.memory.Weights` for the three options).
         """
         return self.residency.register(
             name,
@@ -744,6 +748,9 @@ class Runtime:
             priority=priority,
             request_rate=request_rate,
             storage=storage,
+            in_host_memory=in_host_memory,
+            drop_while_queued=drop_while_queued,
+            evict_with_context=evict_with_context,
         )
 
     async def ensure_resident(
@@ -931,7 +938,7 @@ class Runtime:
         for device in self.devices.values():
             if device.memory is None and device.memory_capacity:
                 device.memory = BufferPool(
-                    device.memory_capacity,
+                    device.memory_capacity - (device.working_capacity or 0),
                     completed=self,
                     frontier_capacity=self.frontier_capacity,
                     name=device.name,

@@ -349,6 +349,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cache", type=Path, default=Path(".cache/model_swap"))
     args = parser.parse_args()
+    args.cache = args.cache.resolve()  # the storage device reads paths below its root
     if sys.platform != "linux":
         sys.exit("this benchmark uses posix_fadvise, preadv and /proc: run it on Linux")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

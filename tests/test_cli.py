@@ -113,6 +113,8 @@ def _bad_demo_arguments(tmp: Path) -> list[tuple[list[str], str]]:
         (["--audio", str(tmp / "4k.wav")], "4k.wav: 4000 Hz, outside 8000..192000 Hz; convert"),
         (["--tokens", "0"], "--tokens must be at least 1, not 0"),
         (["--tokens", "-5"], "--tokens must be at least 1, not -5"),
+        (["--lm-layers", "0"], "--lm-layers must be at least 1, not 0"),
+        (["--lm-width", "100"], "--lm-width must be a positive multiple of 64, not 100"),
         (["--checkpoint", str(tmp / "empty-ckpt")],
          "not a transformers checkpoint (no config.json)"),
         (["--checkpoint", str(tmp / "nowhere")],

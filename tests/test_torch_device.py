@@ -18,6 +18,7 @@ from queue import SimpleQueue
 from typing import Any
 
 import pytest
+import structlog
 
 torch = pytest.importorskip("torch")
 
@@ -460,3 +461,129 @@ def _quiet() -> Any:
         structlog.PrintLogger(sys.stderr),
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
     )
+
+
+# -- the pool's segment and working memory ------------------------------------------
+
+
+class MeasuringCuda(EmulatedCuda):
+    """An emulated GPU of ``total`` bytes whose allocator peaks at ``peak`` per submission."""
+
+    def __init__(self, total: int = 1 << 30, peak: int = 0) -> None:
+        super().__init__()
+        self.total, self.peak = total, peak
+
+    def total_memory(self) -> int:
+        return self.total
+
+    def start_peak(self) -> int:
+        return 0
+
+    def peak_since(self, start: int) -> int:
+        return self.peak
+
+
+async def test_gpu_segment_leaves_a_quarter_of_memory_to_working_memory(
+    cuda: EmulatedCuda,
+) -> None:
+    """On a GPU the pool's segment is three quarters of memory=; working memory gets the rest."""
+    dev = TorchDevice("cuda:0", memory=1 << 20, backend=cuda)
+    assert dev.working_capacity == 1 << 18
+    async with af.open_runtime([dev]) as rt:
+        assert dev.memory.capacity == 3 << 18
+        ctx = rt.create_context("m", max_memory=1 << 20)
+        async with rt.session(ctx) as s:
+            buf = await s.allocate(1024)
+            assert buf.tensor(torch.uint8).numel() == 1024  # the segment is made on first use
+            assert dev._segment is not None and dev._segment.numel() == 3 << 18
+            with pytest.raises(af.MemoryBudgetError):
+                await s.allocate(3 << 18, timeout=0)  # beyond the segment's free space
+    explicit = TorchDevice("cuda:0", memory=1 << 20, working_memory=0, backend=cuda)
+    assert explicit.working_capacity is None  # the segment takes all of memory=
+
+
+def test_cpu_pool_shares_all_of_memory_unless_told() -> None:
+    """On the CPU the arena is touched lazily: no share is set aside unless working_memory says."""
+    assert TorchDevice("cpu", memory=1 << 20).working_capacity is None
+    assert TorchDevice("cpu", memory=1 << 20, working_memory=1 << 16).working_capacity == 1 << 16
+
+
+def test_memory_and_working_share_are_checked() -> None:
+    """memory= above the GPU's, or a share that leaves no segment, is refused with the numbers."""
+    with pytest.raises(ValueError, match=r"memory=2,048 bytes is more than the GPU holds \(1,024"):
+        TorchDevice("cuda:0", memory=2048, backend=MeasuringCuda(total=1024))
+    with pytest.raises(ValueError, match="leaves nothing of memory=1,024"):
+        TorchDevice("cpu", memory=1024, working_memory=1024)
+    with pytest.raises(ValueError, match="memory=, which is not set"):
+        TorchDevice("cpu", working_memory=16)
+    with pytest.raises(ValueError, match=r"an int >= 0 bytes, got -1"):
+        TorchDevice("cpu", memory=1024, working_memory=-1)
+
+
+async def test_working_memory_above_the_share_is_refused_and_charges_nothing() -> None:
+    """Working memory larger than the device's share can never run: refused, nothing charged."""
+    dev = TorchDevice("cpu", memory=1 << 20, working_memory=1 << 16)
+    async with af.open_runtime([dev]) as rt:
+        ctx = rt.create_context("m", max_memory=1 << 20)
+        sub = ctx.queue.submit(lambda: None, memory=(1 << 16) + 1, name="big")
+        with pytest.raises(af.MemoryBudgetError, match=r"leaves 64\.0 KiB of its 1\.0 MiB"):
+            await sub
+        assert rt.usage(ctx).used == 0
+        assert await ctx.queue.submit(lambda: "fits", memory=1 << 16) == "fits"
+
+
+async def test_working_memory_waits_for_the_share_while_the_budget_has_room() -> None:
+    """Two works whose memory= exceed the share together run one after the other."""
+    dev = TorchDevice("cpu", workers=2, memory=1 << 20, working_memory=1 << 16)
+    release = threading.Event()
+    async with af.open_runtime([dev]) as rt:
+        a = rt.create_context("a", max_memory=1 << 19)
+        b = rt.create_context("b", max_memory=1 << 19)
+        first = a.queue.submit(lambda: release.wait(WAIT), memory=3 << 14, name="first")
+        await until(lambda: first.started_at is not None, "the first work runs")
+        second = b.queue.submit(lambda: "second", memory=3 << 14, name="second")
+        async with rt.session(a) as s:
+            await s.allocate(1 << 18)  # the pool still serves blocks meanwhile
+        await asyncio.sleep(0.05)
+        assert second.started_at is None  # the share is taken, the budgets are not
+        release.set()
+        assert await second == "second" and await first is True
+        assert second.started_at is not None and first.finished_at is not None
+        assert second.started_at >= first.finished_at
+
+
+async def test_allocator_peak_is_traced_and_logged_above_the_reservation() -> None:
+    """Each GPU submission's allocator peak is in the trace; one above memory= is logged."""
+    backend = MeasuringCuda(peak=5000)
+    try:
+        dev = TorchDevice("cuda:0", memory=1 << 20, backend=backend)
+        with structlog.testing.capture_logs() as logs:
+            async with af.open_runtime([dev]) as rt:
+                ctx = rt.create_context("m", max_memory=1 << 19)
+                within = ctx.queue.submit(lambda: None, memory=8192, name="within")
+                over = ctx.queue.submit(lambda: None, memory=4096, name="over")
+                await within
+                await over
+                assert within.annotations == {"memory": 8192, "peak_memory": 5000}
+                records = {r.name: r for r in rt.trace.records}
+                assert records["over"].annotations["peak_memory"] == 5000
+    finally:
+        backend.close()
+    exceeded = [e for e in logs if e["event"] == "working_memory_exceeded"]
+    assert [(e["submission"], e["reserved"], e["peak"]) for e in exceeded] == [("over", 4096, 5000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+async def test_real_gpu_segment_leaves_working_memory_outside_it() -> None:
+    """On a real GPU the segment is memory - working_memory; work allocates beside it."""
+    dev = TorchDevice("cuda:0", memory=64 << 20, working_memory=16 << 20)
+    async with af.open_runtime([dev]) as rt:
+        ctx = rt.create_context("m", device="cuda:0", max_memory=64 << 20)
+        async with rt.session(ctx) as s:
+            buf = await s.allocate(1 << 20)
+            assert buf.tensor(torch.uint8).device.type == "cuda"
+            assert dev._segment is not None and dev._segment.numel() == 48 << 20
+            sub = ctx.queue.submit(lambda: torch.ones(1 << 20, device="cuda").sum(), memory=8 << 20)
+            await sub
+            assert 0 < sub.annotations["peak_memory"] <= 8 << 20

@@ -20,6 +20,9 @@ from ._language import CharTokenizer as CharTokenizer
 from ._language import Generation as Generation
 from ._language import ReplyModel as ReplyModel
 from ._language import default_model_dir as default_model_dir
+from ._resident import ResidentMemory as ResidentMemory
+from ._speech import SAMPLE_QUESTION as SAMPLE_QUESTION
+from ._speech import SAMPLE_TRANSCRIPT as SAMPLE_TRANSCRIPT
 from ._speech import Audio as Audio
 from ._speech import SpeechRecognizer as SpeechRecognizer
 from ._speech import read_wav as read_wav
@@ -29,6 +32,8 @@ from ._synthesis import Synthesis as Synthesis
 from ._synthesis import wav_info as wav_info
 
 __all__ = (
+    "SAMPLE_QUESTION",
+    "SAMPLE_TRANSCRIPT",
     "STAGES",
     "Audio",
     "CharTokenizer",
@@ -40,6 +45,7 @@ __all__ = (
     "Generation",
     "ReplyModel",
     "ResidencyEvent",
+    "ResidentMemory",
     "SpeechRecognizer",
     "SpeechSynthesizer",
     "Synthesis",

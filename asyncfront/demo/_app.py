@@ -1,8 +1,9 @@
 """The voice assistant: real models scheduled on one CPU by asyncfront.
 
 Four contexts share a :class:`~asyncfront.devices.CpuDevice`. Three Guaranteed
-contexts run the conversation: PocketSphinx transcribes a WAV file, a small causal LM
-writes a reply, and espeak-ng (or a labelled tone stand-in) speaks it to a WAV file.
+contexts run the conversation: PocketSphinx transcribes a WAV file, a GPT-2 of 124 M
+weights writes a reply, and espeak-ng (or a labelled tone stand-in) speaks it to a WAV
+file.
 The whole pipeline, model loading included, is submitted at once, last stage first;
 each stage waits on timeline semaphores, never on this code. Meanwhile a BestEffort
 context embeds the repository's docs with MiniLM-L6: it runs at the lowest priority,
@@ -30,9 +31,10 @@ from .._semaphore import TimelineSemaphore
 from ..devices.cpu import CpuDevice
 from ..devices.storage import StorageDevice
 from ..models import from_transformers
-from ._deps import require
+from ._deps import import_from, require
 from ._index import DocChunk, DocIndex, chunk_documents, find_docs
-from ._language import Generation, ReplyModel
+from ._language import DEFAULT_LAYERS, DEFAULT_WIDTH, Generation, ReplyModel
+from ._resident import ResidentMemory, ResidentSampler
 from ._speech import SpeechRecognizer, read_wav, sample_wav_path
 from ._synthesis import SpeechSynthesizer, Synthesis
 
@@ -52,6 +54,10 @@ class DemoOptions:
     """A local transformers causal-LM directory; None is the untrained demo model."""
     model_dir: Path | None = None
     """Where the untrained demo model is saved (default ``~/.cache/asyncfront/demo-lm``)."""
+    lm_layers: int = DEFAULT_LAYERS
+    """Transformer blocks of the untrained demo LM (GPT-2's 12 by default)."""
+    lm_width: int = DEFAULT_WIDTH
+    """Embedding width of the untrained demo LM (GPT-2's 768 by default)."""
     tokens: int = 48
     """Tokens the reply model generates."""
     tts: str = "auto"
@@ -96,6 +102,56 @@ def _budget_for(checkpoint: Path) -> int:
     return size + size // 16 + 4 * MiB
 
 
+SPEECH_MEMORY = 112 * MiB
+"""The speech-to-text context's Guaranteed budget: PocketSphinx's decoder with its bundled
+US English model holds about 96 MiB of resident memory once loaded (measured on Linux)."""
+
+_ALLOCATOR_MARGIN = 16 * MiB
+"""Added to each working-memory estimate: the allocator's caching and threads' arenas."""
+
+
+_PROMPT_CHARS = 160
+"""The longest prompt the reply is given, in characters (so at most as many tokens)."""
+
+
+def _prompt(transcript: str) -> str:
+    """The reply's prompt: the transcript's end, within :data:`_PROMPT_CHARS`."""
+    tail = "\nassistant:"
+    return f"user: {transcript}"[-(_PROMPT_CHARS - len(tail)) :] + tail
+
+
+def _configs(lm_path: Path, index_path: Path) -> tuple[Any, Any]:
+    """The two checkpoints' transformers configs (their shapes size the working memory)."""
+    (auto_config,) = import_from("transformers", "AutoConfig")
+    return (
+        auto_config.from_pretrained(lm_path, local_files_only=True),
+        auto_config.from_pretrained(index_path, local_files_only=True),
+    )
+
+
+def _lm_working_memory(config: Any, prompt_tokens: int, tokens: int) -> int:
+    """The reply's working memory: its KV cache, the prompt's logits and activations.
+
+    An estimate from the model's shape (float32), with a margin for the allocator.
+    """
+    width = int(getattr(config, "n_embd", None) or config.hidden_size)
+    layers = int(getattr(config, "n_layer", None) or config.num_hidden_layers)
+    vocab = int(config.vocab_size)
+    length = prompt_tokens + tokens
+    cache = 2 * layers * length * width * 4
+    logits = 2 * prompt_tokens * vocab * 4
+    activations = 16 * prompt_tokens * width * 4
+    return cache + logits + activations + _ALLOCATOR_MARGIN
+
+
+def _embedding_working_memory(config: Any, batch: int, length: int = 64) -> int:
+    """An embedding batch's working memory: a few hidden states and attention scores."""
+    width, heads = int(config.hidden_size), int(config.num_attention_heads)
+    hidden = 8 * batch * length * int(config.intermediate_size) * 4
+    scores = 2 * batch * heads * length * length * 4
+    return hidden + scores + width * batch * 4 + _ALLOCATOR_MARGIN
+
+
 @dataclass
 class DemoReport:
     """What the demo produced, where each stage ran, and the reply's frontier."""
@@ -122,6 +178,8 @@ class DemoReport:
     residency: list[ResidencyEvent] = field(default_factory=list)
     """Each load and drop of a model's weights, in the order they happened."""
     timeline: str = ""
+    resident: ResidentMemory | None = None
+    """The process's resident memory sampled during the run (None where unreported)."""
 
     @property
     def final_frontier(self) -> Frontier:
@@ -141,7 +199,7 @@ class DemoReport:
         lm = (
             f"checkpoint {model.path}"
             if model.trained
-            else f"UNTRAINED 2-layer GPT-2 ({model.parameters:,} weights, seed 0) at "
+            else f"UNTRAINED {model.layers}-layer GPT-2 ({model.parameters:,} weights, seed 0) at "
             f"{model.path}: its reply is gibberish by design; pass --checkpoint DIR for a "
             "trained model"
         )
@@ -167,6 +225,15 @@ class DemoReport:
             )
         for name, peak in self.peaks.items():
             lines.append(f"  peak of the {name!r} budget: {format_bytes(peak)}")
+        resident = self.resident
+        if resident is not None:
+            within = "within" if resident.above_baseline <= self.capacity else "ABOVE"
+            lines.append(
+                f"  resident memory: peak {format_bytes(resident.above_baseline)} above the "
+                f"baseline of {format_bytes(resident.baseline)} (after imports, before any "
+                f"model), {within} the CPU's {format_bytes(self.capacity)} "
+                f"({resident.samples} samples, every {resident.interval * 1000:.0f} ms)"
+            )
         lines.append("stages:")
         for name, sub in self.stages.items():
             ctx = self.contexts[name]
@@ -261,6 +328,28 @@ async def run_demo(
     """
     require()
     opts = options or DemoOptions()
+    # The baseline of resident memory: the interpreter with every library the demo uses
+    # imported, before any model is built, saved, loaded or made resident.
+    await asyncio.to_thread(_import_libraries)
+    sampler = ResidentSampler().start()
+    try:
+        report = await _run(opts, trace_path)
+    finally:
+        resident = sampler.stop()
+    report.resident = resident
+    return report
+
+
+def _import_libraries() -> None:
+    """Import what the demo's stages import, so that the baseline includes them."""
+    import pocketsphinx  # noqa: F401
+    import torch  # noqa: F401
+    import transformers.models.bert.modeling_bert
+    import transformers.models.gpt2.modeling_gpt2  # noqa: F401
+
+
+async def _run(opts: DemoOptions, trace_path: str | Path | None) -> DemoReport:
+    """The demo's run, between the resident-memory samples of :func:`run_demo`."""
     audio_path = opts.audio or sample_wav_path()
     chunks = chunk_documents(find_docs(opts.docs))
     batches = [chunks[i : i + opts.batch_size] for i in range(0, len(chunks), opts.batch_size)]
@@ -268,12 +357,27 @@ async def run_demo(
     # The checkpoints' directories and tokenizers (the untrained LM is saved on first use);
     # the weights themselves are the runtime's to load, through the storage queue.
     lm_path, trained, lm_tokenizer = await asyncio.to_thread(
-        ReplyModel.prepare, checkpoint=opts.checkpoint, model_dir=opts.model_dir
+        ReplyModel.prepare,
+        checkpoint=opts.checkpoint,
+        model_dir=opts.model_dir,
+        layers=opts.lm_layers,
+        width=opts.lm_width,
     )
     index_path, index_tokenizer = await asyncio.to_thread(DocIndex.prepare)
     lm_bytes, index_bytes = _budget_for(lm_path), _budget_for(index_path)
-    # The CPU's declared memory holds one model's weights at a time, not both.
-    capacity = max(lm_bytes, index_bytes) + min(lm_bytes, index_bytes) // 2 + 2 * MiB
+    lm_config, index_config = await asyncio.to_thread(_configs, lm_path, index_path)
+    # Every stage's memory is in a budget: PocketSphinx's decoder and each model's
+    # working memory as Guaranteed reservations, the weights as Burstable ones.
+    working = {
+        "speech-to-text": SPEECH_MEMORY,
+        "reply": _lm_working_memory(lm_config, _PROMPT_CHARS, opts.tokens),
+        "query": _embedding_working_memory(index_config, 1),
+    }
+    index_work = _embedding_working_memory(index_config, opts.batch_size)
+    # What is left to weights holds one model at a time, not both; the indexing's
+    # working memory (BestEffort: no reservation) comes from what is spare beside them.
+    room = max(lm_bytes, index_bytes) + min(lm_bytes, index_bytes) // 2
+    capacity = room + sum(working.values()) + index_work + 2 * MiB  # + Burstable bases
     answers = [c for c in chunk_documents([answers_path()]) if c.text.startswith("## ")]
     devices = [
         CpuDevice("cpu", workers=opts.workers, memory=capacity),
@@ -282,12 +386,22 @@ async def run_demo(
     async with open_runtime(devices) as rt:
         clock = asyncio.get_running_loop().time  # the clock submissions are timed on
         start = clock()
+        # Dropped weights give their pages back at once: the process's resident memory
+        # follows the budgets, not the pool's high-water mark.
+        rt.residency.release_pages = True
         contexts = {
-            "speech-to-text": rt.create_context("stt", "cpu", qos=QoS.GUARANTEED),
-            "query": rt.create_context("query", "cpu", qos=QoS.GUARANTEED),
-            "reply": rt.create_context("lm", "cpu", qos=QoS.GUARANTEED),
+            "speech-to-text": rt.create_context(
+                "stt", "cpu", max_memory=working["speech-to-text"], qos=QoS.GUARANTEED
+            ),
+            "query": rt.create_context(
+                "query", "cpu", max_memory=working["query"], qos=QoS.GUARANTEED
+            ),
+            "reply": rt.create_context(
+                "lm", "cpu", max_memory=working["reply"], qos=QoS.GUARANTEED
+            ),
+            # espeak-ng runs in its own process: its memory is not this one's
             "text-to-speech": rt.create_context("tts", "cpu", qos=QoS.GUARANTEED),
-            "index": rt.create_context("index", "cpu", qos=QoS.BEST_EFFORT),
+            "index": rt.create_context("index", "cpu", max_memory=index_work, qos=QoS.BEST_EFFORT),
         }
         # The weights' budgets can yield their memory (a Burstable base of 1 MiB): two
         # Guaranteed reservations of a model each would not fit the device together.
@@ -365,6 +479,7 @@ async def run_demo(
                 queue["index"].submit(
                     lambda batch=chunks[i : i + opts.batch_size]: index.add(batch),
                     name=f"embed {first + n}/{total}",
+                    memory=index_work,
                     waits=[m.ready],
                     signals=[(indexed, first + n)],
                 )
@@ -383,6 +498,7 @@ async def run_demo(
                     search = queue["query"].submit(
                         lambda: index.search(results["transcript"] or "hello", 1),
                         name="search",
+                        memory=working["query"],
                         waits=[(heard, 1), (indexed, len(index_batches)), m.ready],
                     )
                     nearest = await search
@@ -394,9 +510,10 @@ async def run_demo(
                     generate = queue["reply"].submit(
                         lambda: results.__setitem__(
                             "reply text",
-                            lm.generate(f"user: {results['transcript']}\nassistant:", opts.tokens),
+                            lm.generate(_prompt(results["transcript"]), opts.tokens),
                         ),
                         name="generate",
+                        memory=working["reply"],
                         waits=[(heard, 1), m.ready],
                         signals=[(replied, 1)],
                     )

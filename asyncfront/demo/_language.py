@@ -1,10 +1,13 @@
-"""The reply model: a small causal LM built with transformers, from no model hub.
+"""The reply model: a causal LM built with transformers, from no model hub.
 
-Without a checkpoint the model is a 2-layer GPT-2 initialised from a fixed seed and
+Without a checkpoint the model is a GPT-2 of ``GPT2Config()``'s defaults (12 layers of
+width 768, 124 M weights, about 475 MiB of float32) initialised from a fixed seed and
 saved once as safetensors in a cache directory: it is untrained, so its reply is
 gibberish by design; it exercises the real code path (weights from disk, a KV cache,
-token-by-token decoding on the CPU). ``checkpoint=`` loads any local transformers
-causal-LM directory the same way, with its own tokenizer when it ships one.
+token-by-token decoding on the CPU) at a real model's size. Its tokenizer is a
+character one: the model's output keeps GPT-2's 50,257 ids and sampling is restricted
+to the tokenizer's. ``checkpoint=`` loads any local transformers causal-LM directory
+the same way, with its own tokenizer when it ships one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from ._deps import import_from, require
 __all__ = (
     "CharTokenizer",
     "Generation",
+    "DEFAULT_LAYERS",
+    "DEFAULT_WIDTH",
     "ReplyModel",
     "TextTokenizer",
     "default_model_dir",
@@ -30,6 +35,12 @@ ALPHABET = " abcdefghijklmnopqrstuvwxyz.,?!'"
 """The character tokenizer's vocabulary: one id per character (others read as space)."""
 
 _TOKENIZER_FILE = "asyncfront_tokenizer.json"
+
+DEFAULT_LAYERS = 12
+"""The untrained demo LM's transformer blocks (``GPT2Config()``'s default)."""
+
+DEFAULT_WIDTH = 768
+"""The untrained demo LM's embedding width (``GPT2Config()``'s default)."""
 
 
 class TextTokenizer(Protocol):
@@ -114,20 +125,32 @@ class ReplyModel:
         self.eos_token_id: int | None = (
             getattr(model.config, "eos_token_id", None) if trained else None
         )
+        # The character tokenizer names only the first ids of the model's vocabulary.
+        self.sampled_ids: int | None = (
+            len(tokenizer) if isinstance(tokenizer, CharTokenizer) else None
+        )
 
     @classmethod
     def load(
-        cls, *, checkpoint: str | Path | None = None, model_dir: str | Path | None = None
+        cls,
+        *,
+        checkpoint: str | Path | None = None,
+        model_dir: str | Path | None = None,
+        layers: int = DEFAULT_LAYERS,
+        width: int = DEFAULT_WIDTH,
     ) -> ReplyModel:
         """Load ``checkpoint``, or the untrained demo model (made in ``model_dir`` on first use).
 
         Raises:
             FileNotFoundError: ``checkpoint`` holds no ``config.json``.
+            ValueError: ``layers`` or ``width`` out of range (see :meth:`prepare`).
         """
         from ..models import BUILD_LOCK
 
         (auto_model,) = import_from("transformers", "AutoModelForCausalLM")
-        path, trained, tokenizer = cls.prepare(checkpoint=checkpoint, model_dir=model_dir)
+        path, trained, tokenizer = cls.prepare(
+            checkpoint=checkpoint, model_dir=model_dir, layers=layers, width=width
+        )
         with BUILD_LOCK:  # transformers changes process-global state while it builds
             model = auto_model.from_pretrained(path, local_files_only=True)
         model.eval()
@@ -135,18 +158,31 @@ class ReplyModel:
 
     @staticmethod
     def prepare(
-        *, checkpoint: str | Path | None = None, model_dir: str | Path | None = None
+        *,
+        checkpoint: str | Path | None = None,
+        model_dir: str | Path | None = None,
+        layers: int = DEFAULT_LAYERS,
+        width: int = DEFAULT_WIDTH,
     ) -> tuple[Path, bool, TextTokenizer]:
         """The checkpoint directory to load, whether it is trained, and its tokenizer.
 
-        Without ``checkpoint``, the untrained demo model is built and saved in
-        ``model_dir`` on first use (under :data:`asyncfront.models.BUILD_LOCK`); later
-        calls find the saved files. Nothing here loads the weights: the runtime does
+        Without ``checkpoint``, the untrained demo model (a GPT-2 of ``layers`` blocks of
+        width ``width``, ``GPT2Config()``'s vocabulary and positions) is built and saved
+        in ``model_dir`` on first use (under :data:`asyncfront.models.BUILD_LOCK`); later
+        calls find the saved files, and a directory holding another shape is rebuilt.
+        Nothing here loads the weights: the runtime does
         (``asyncfront.models.from_transformers``).
 
         Raises:
             FileNotFoundError: ``checkpoint`` holds no ``config.json``.
+            ValueError: ``layers`` below 1, or ``width`` not a positive multiple of 64
+                (GPT-2's attention heads are 64 wide).
         """
+        if layers < 1 or width < 64 or width % 64:
+            raise ValueError(
+                f"the demo LM needs layers >= 1 and a width that is a positive multiple of "
+                f"64, got layers={layers}, width={width}"
+            )
         require("torch", "transformers", "safetensors")
         _quiet_transformers()
         if checkpoint is not None:
@@ -156,8 +192,8 @@ class ReplyModel:
             trained = True
         else:
             path = Path(model_dir) if model_dir is not None else default_model_dir()
-            if not (path / "model.safetensors").is_file() or not (path / _TOKENIZER_FILE).is_file():
-                _create_untrained(path)
+            if not _holds_untrained(path, layers, width):
+                _create_untrained(path, layers, width)
             trained = False
         return path, trained, _load_tokenizer(path)
 
@@ -165,6 +201,12 @@ class ReplyModel:
     def parameters(self) -> int:
         """The number of weights."""
         return int(sum(p.numel() for p in self.model.parameters()))
+
+    @property
+    def layers(self) -> int:
+        """The number of transformer blocks."""
+        config = self.model.config
+        return int(getattr(config, "n_layer", None) or config.num_hidden_layers)
 
     @property
     def context_length(self) -> int:
@@ -191,7 +233,7 @@ class ReplyModel:
         with torch.inference_mode():
             step = self.model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
             for _ in range(tokens):
-                logits = step.logits[:, -1, :].float() / max(temperature, 1e-5)
+                logits = step.logits[:, -1, : self.sampled_ids].float() / max(temperature, 1e-5)
                 token = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
                 token_id = int(token.item())
                 if token_id == self.eos_token_id:
@@ -225,8 +267,26 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def _create_untrained(path: Path) -> None:
-    """Save a 2-layer GPT-2 with fixed-seed random weights and the character tokenizer."""
+def _holds_untrained(path: Path, layers: int, width: int) -> bool:
+    """Whether ``path`` holds the untrained demo model of this shape, completely saved."""
+    try:
+        info = json.loads((path / _TOKENIZER_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return (
+        isinstance(info, dict)
+        and info.get("layers") == layers
+        and info.get("width") == width
+        and (path / "model.safetensors").is_file()
+    )
+
+
+def _create_untrained(path: Path, layers: int, width: int) -> None:
+    """Save a GPT-2 with fixed-seed random weights and the character tokenizer.
+
+    The tokenizer's file is written last: a directory without it (an interrupted first
+    run) is built again.
+    """
     import torch
 
     from ..models import BUILD_LOCK
@@ -234,21 +294,24 @@ def _create_untrained(path: Path) -> None:
     gpt2_config, gpt2_model = import_from("transformers", "GPT2Config", "GPT2LMHeadModel")
 
     tokenizer = CharTokenizer()
+    # GPT2Config()'s vocabulary and positions; a smaller shape only where asked.
     config = gpt2_config(
-        vocab_size=len(tokenizer),
-        n_positions=256,
-        n_embd=128,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=None,
-        eos_token_id=None,
+        n_embd=width, n_layer=layers, n_head=width // 64, bos_token_id=None, eos_token_id=None
     )
+    (path / _TOKENIZER_FILE).unlink(missing_ok=True)
     with BUILD_LOCK:  # the seed and transformers' build state are process-global
         torch.manual_seed(0)
         model = gpt2_model(config)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    info = {"kind": "characters", "alphabet": tokenizer.alphabet, "trained": False}
+    del model
+    info = {
+        "kind": "characters",
+        "alphabet": tokenizer.alphabet,
+        "trained": False,
+        "layers": layers,
+        "width": width,
+    }
     (path / _TOKENIZER_FILE).write_text(json.dumps(info), encoding="utf-8")
 
 

@@ -11,6 +11,8 @@ from typing import Any
 from ._deps import require
 
 __all__ = (
+    "SAMPLE_QUESTION",
+    "SAMPLE_TRANSCRIPT",
     "SAMPLE_WAV",
     "SPEECH_SAMPLE_RATE",
     "Audio",
@@ -23,7 +25,18 @@ __all__ = (
 )
 
 SAMPLE_WAV = "question.wav"
-"""The spoken question shipped in ``asyncfront/demo_data`` (espeak-ng, 16 kHz mono)."""
+"""The spoken question shipped in ``asyncfront/demo_data`` (espeak-ng, 16 kHz mono).
+
+Made with ``espeak-ng -v en-us -s 160 -w raw.wav "how can i see what ran where"`` and
+``sox raw.wav -r 16000 -c 1 -b 16 question.wav pad 0.3 0.3``: it says
+:data:`SAMPLE_QUESTION`, and PocketSphinx's bundled model hears
+:data:`SAMPLE_TRANSCRIPT`."""
+
+SAMPLE_QUESTION = "How can I see what ran where?"
+"""What the shipped question says (answered by the demo's section on the trace)."""
+
+SAMPLE_TRANSCRIPT = "how can i see what and where"
+"""What PocketSphinx's bundled US English model hears in the shipped question."""
 
 SPEECH_SAMPLE_RATE = 16000
 """The rate PocketSphinx's bundled US English model hears: every input is resampled to it."""

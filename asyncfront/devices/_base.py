@@ -263,6 +263,9 @@ class Device(ABC):
         self.concurrency = concurrency
         self.memory: Any = None  # the device's BufferPool, set by the runtime
         self.memory_capacity: int | None = None  # bytes of device memory, None if untracked
+        # Bytes of memory_capacity that only work's own allocations (working memory) may
+        # use; the pool takes the rest. None: the pool and working memory share all of it.
+        self.working_capacity: int | None = None
         self.index = -1  # set by the runtime: the device field of its queue axes
         self._arbiter = SlotArbiter(concurrency)
         self._runtime: Runtime | None = None

@@ -22,7 +22,7 @@ import math
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from queue import SimpleQueue
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from .cpu import CpuDevice
@@ -110,6 +110,61 @@ class CudaBackend(Protocol):
         ...
 
 
+def _working_share(
+    name: str,
+    memory: int | None,
+    working_memory: int | None,
+    cuda: bool,
+    backend: CudaBackend | None,
+) -> int | None:
+    """The bytes of ``memory`` left to working memory outside the pool's segment.
+
+    Raises:
+        ValueError: ``memory`` above what the GPU holds, or a share not below ``memory``.
+    """
+    if working_memory is not None:
+        if type(working_memory) is not int or working_memory < 0:
+            raise ValueError(
+                f"device {name!r}: working_memory must be an int >= 0 bytes, got {working_memory!r}"
+            )
+        if not memory:
+            raise ValueError(
+                f"device {name!r}: working_memory={working_memory:,} is a share of memory=, "
+                "which is not set"
+            )
+        if working_memory >= memory:
+            raise ValueError(
+                f"device {name!r}: working_memory={working_memory:,} leaves nothing of "
+                f"memory={memory:,} to the pool's segment"
+            )
+    if not cuda or not memory:
+        return working_memory or None
+    total = getattr(backend, "total_memory", None)
+    held = None if total is None else int(total())
+    if held is not None and memory > held:
+        raise ValueError(
+            f"device {name!r}: memory={memory:,} bytes is more than the GPU holds ({held:,})"
+        )
+    return memory // 4 if working_memory is None else working_memory or None
+
+
+class _PeakSource(Protocol):
+    """A backend that measures its allocator's peak around each submission."""
+
+    def start_peak(self) -> int: ...
+
+    def peak_since(self, start: int) -> int: ...
+
+
+def _peak_source(backend: CudaBackend | None) -> _PeakSource | None:
+    """``backend`` if it measures allocator peaks (PyTorch's does; an emulation may)."""
+    if callable(getattr(backend, "start_peak", None)) and callable(
+        getattr(backend, "peak_since", None)
+    ):
+        return cast("_PeakSource", backend)
+    return None
+
+
 class _TorchCuda:
     """:class:`CudaBackend` on PyTorch's CUDA runtime."""
 
@@ -150,6 +205,12 @@ class _TorchCuda:
         import torch
 
         return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def total_memory(self) -> int:
+        """The bytes of memory the GPU holds."""
+        import torch
+
+        return int(torch.cuda.mem_get_info(self.device)[1])
 
     def start_peak(self) -> int:
         """Reset the allocator's peak; the bytes allocated now (on the issuing thread)."""
@@ -241,20 +302,31 @@ class TorchDevice(CpuDevice):
     ``concurrency`` counts submissions in flight on the GPU (8 by default).
 
     With ``memory`` (bytes), the runtime's pool of the device hands out views of one
-    segment the device allocates on first use: ``buffer.tensor(dtype, shape)``.
+    segment the device allocates on first use: ``buffer.tensor(dtype, shape)``. The
+    segment is ``memory - working_memory`` bytes: the rest is left to the work's own
+    allocations (activations, PyTorch's caching allocator), which ``submit(...,
+    memory=)`` reserves. Pool blocks and working memory charge the same budgets, and
+    working memory waits for the share it may use, so the two together never exceed
+    ``memory``. On a GPU the segment is real memory from the start (a quarter of
+    ``memory`` is left to working memory by default), and ``memory`` may not exceed what
+    the GPU holds; on the CPU the arena's pages are touched only as blocks are used, so
+    by default the pool may use all of ``memory``.
 
     Args:
         name_or_device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
         name: the device's name in the runtime (default: ``name_or_device`` as given).
         workers: threads that run (CPU) or issue (GPU) work.
         memory: bytes of device memory contexts may budget; None leaves it untracked.
+        working_memory: bytes of ``memory`` left to working memory outside the pool's
+            segment (default: a quarter of ``memory`` on a GPU, none set aside on the CPU).
         concurrency: execution slots (default: ``workers`` on the CPU, 8 on a GPU).
         priority_step: queue priorities per CUDA priority level.
         backend: the CUDA runtime to drive (default: PyTorch's; implies a GPU device).
 
     Raises:
         ImportError: PyTorch is not installed.
-        ValueError: not a CPU or CUDA device, or no such GPU.
+        ValueError: not a CPU or CUDA device, no such GPU, ``memory`` above what the GPU
+            holds, or ``working_memory`` without ``memory`` or not below it.
     """
 
     def __init__(
@@ -267,6 +339,7 @@ class TorchDevice(CpuDevice):
         concurrency: int | None = None,
         priority_step: int = DEFAULT_PRIORITY_STEP,
         backend: CudaBackend | None = None,
+        working_memory: int | None = None,
     ) -> None:
         _require_torch()
         import torch
@@ -290,7 +363,12 @@ class TorchDevice(CpuDevice):
         if concurrency is None and cuda:
             concurrency = _CUDA_SLOTS
         label = name if name is not None else str(name_or_device)
+        self._backend: CudaBackend | None = None
+        if cuda:
+            self._backend = backend if backend is not None else _TorchCuda(target)
+        working = _working_share(label, memory, working_memory, cuda, self._backend)
         super().__init__(label, workers, memory, concurrency=concurrency)
+        self.working_capacity = working
         self.torch_device = target
         """The ``torch.device`` work runs on: the GPU, or the CPU."""
         self.is_cuda = cuda
@@ -298,9 +376,6 @@ class TorchDevice(CpuDevice):
         self.kind = "gpu" if cuda else "cpu"
         self.claims_waits = cuda
         self.priority_step = priority_step
-        self._backend: CudaBackend | None = None
-        if cuda:
-            self._backend = backend if backend is not None else _TorchCuda(target)
         self._priority_range: tuple[int, int] | None = None
         self._streams: dict[DeviceQueue, Any] = {}
         # Issued, unfinished submissions by the semaphores they will signal; waits parked
@@ -380,7 +455,7 @@ class TorchDevice(CpuDevice):
             )
         stream = self.stream(submission.queue)
         claims = self._take_claims(submission)
-        peaks = self._backend if isinstance(self._backend, _TorchCuda) else None
+        peaks = _peak_source(self._backend)
         issue = functools.partial(
             self._issue,
             stream,
@@ -420,7 +495,7 @@ class TorchDevice(CpuDevice):
         fn: Callable[..., Any] | None,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        peaks: _TorchCuda | None = None,
+        peaks: _PeakSource | None = None,
     ) -> tuple[tuple[Any, int], Any]:
         """On a worker thread: enqueue the work on ``stream`` after ``waits``, then an event.
 

@@ -31,6 +31,7 @@ from ._reclaim import RequestRate as RequestRate
 from ._reclaim import plan_reclaim as plan_reclaim
 from ._residency import EvictionCandidate as EvictionCandidate
 from ._residency import Residency as Residency
+from ._residency import ResidencyChange as ResidencyChange
 from ._residency import ResidencyStatistics as ResidencyStatistics
 from ._residency import ResidentWeights as ResidentWeights
 from ._residency import Weights as Weights
@@ -64,6 +65,7 @@ __all__ = (
     "ReclaimPlan",
     "RequestRate",
     "Residency",
+    "ResidencyChange",
     "ResidencyStatistics",
     "ResidentWeights",
     "Reuse",

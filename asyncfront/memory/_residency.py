@@ -23,7 +23,15 @@ on fake devices: a load charges the budget and takes the storage device's time f
 the bytes (a read of ``size`` on its queue, then a copy of ``size`` on the target
 device's copy engine when :attr:`Residency.copy_engines` names one) in virtual time,
 and moves no bytes; everything else (sharing, pins, drops with a death frontier,
-eviction by cost, placement) is the same.
+eviction by cost, placement) is the same. Three registration options serve simulations
+of a serving system's weight manager: ``in_host_memory`` (a host copy exists, so a load
+through a copy engine skips the storage read; the first read leaves one, and it survives
+drops), ``drop_while_queued`` (queued work of the context does not pin the weights: the
+death frontier keeps their memory from reuse until that work is done) and
+``evict_with_context`` (the context's ``on_evict`` drops them, so the QoS tiers' eviction
+takes them). :meth:`Residency.adopt` takes weights already in a device's memory (a warm
+start), and :meth:`Residency.on_change` reports every load and drop as a
+:class:`ResidencyChange`.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = (
     "EvictionCandidate",
     "Residency",
+    "ResidencyChange",
     "ResidencyStatistics",
     "ResidentWeights",
     "Weights",
@@ -108,6 +117,11 @@ class Weights:
         load_seconds: the last load's duration, or None before the first.
         load_times: device name -> the duration of the last load there (placement's
             load time for that device).
+        in_host_memory: accounting-only: host memory holds a copy, so a load through a
+            copy engine skips the storage read (set by the first such read; drops keep it).
+        drop_while_queued: accounting-only: queued or running work of the holding context
+            does not pin them (its death frontier guards the memory instead).
+        evict_with_context: the holding context's ``on_evict`` drops them.
     """
 
     def __init__(
@@ -124,7 +138,16 @@ class Weights:
         request_rate: float | None = None,
         storage: str | Device | None = None,
         dtype: str | None = None,
+        in_host_memory: bool = False,
+        drop_while_queued: bool = False,
+        evict_with_context: bool = False,
     ) -> None:
+        if source is not None and (in_host_memory or drop_while_queued):
+            raise ValueError(
+                f"weights {name!r}: in_host_memory and drop_while_queued are for "
+                "accounting-only weights (a size and no source); real weights' bytes are "
+                "read from their source, and queued work reads their tensors"
+            )
         if dtype is not None and dtype not in _FLOAT_SIZES:
             raise ValueError(
                 f"weights {name!r}: dtype must be a floating dtype name "
@@ -134,6 +157,9 @@ class Weights:
         self.priority = priority
         self.request_rate = request_rate
         self.storage = storage
+        self.in_host_memory = in_host_memory
+        self.drop_while_queued = drop_while_queued
+        self.evict_with_context = evict_with_context
         self._host: dict[str, Any] | None = None
         self.files: tuple[WeightsFile, ...] = ()
         self.file_layouts: tuple[TensorLayout, ...] | None = None
@@ -288,7 +314,9 @@ class ResidentWeights:
     def pinned(self) -> bool:
         """Whether eviction must keep them: a ``using`` block holds them, submissions
         that use them are queued or running, or their context has work queued or running."""
-        return self.pins > 0 or self.work > 0 or self.context.queue._busy()
+        if self.pins > 0 or self.work > 0:
+            return True
+        return not self.weights.drop_while_queued and self.context.queue._busy()
 
     def hold_until_done(self, submission: Submission) -> None:
         """Keep the weights pinned until ``submission`` has completed or failed."""
@@ -311,6 +339,53 @@ class ResidentWeights:
             f"<ResidentWeights {self.weights.name!r} on {self.device.name!r} "
             f"{format_bytes(self.nbytes)} context={self.context.name!r} {state}>"
         )
+
+
+@dataclass(frozen=True)
+class ResidencyChange:
+    """One load or drop of weights, as :meth:`Residency.on_change` callbacks receive it.
+
+    The residency keeps none of these: a callback that wants a history keeps its own.
+
+    Attributes:
+        action: ``"load"`` or ``"drop"``.
+        weights: the weights' name.
+        device: the device's name.
+        context: the context whose budget holds (held) them.
+        nbytes: their size.
+        offset: where their block lies in the device's pool (None without a pool).
+        time: when the load's memory was granted, or when the drop happened.
+        requested_at: a load: when it asked for the memory.
+        requester: a load: the frontier the pool was asked with.
+        reuse: a load: how the pool found the memory safe to hand out.
+        read: a load: its storage read (the last one for several files; None when host
+            memory held a copy).
+        copy: a load: its copy onto the device (None when the read lands there).
+        death: a drop: the death frontier the memory was freed with.
+        pending: a drop: the entries of ``death`` not yet complete at the drop (what a
+            reuse must wait for; empty when nothing still used them).
+        reason: a drop: ``"by hand"``, ``"moved"`` (a model used on another device),
+            ``"on_evict"`` (the QoS tiers' eviction of the context) or
+            ``"on_memory_pressure"`` (the residency's pressure handler).
+        requested_by: a drop: the context whose allocation caused it, when known.
+    """
+
+    action: str
+    weights: str
+    device: str
+    context: str
+    nbytes: int
+    offset: int | None
+    time: float
+    requested_at: float | None = None
+    requester: Frontier | None = None
+    reuse: Any = None
+    read: Submission | None = None
+    copy: Submission | None = None
+    death: Frontier | None = None
+    pending: Frontier | None = None
+    reason: str | None = None
+    requested_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -424,7 +499,16 @@ class Residency:
         ``size`` bytes on the engine's queue; onto any other device it reads straight
         into the granted memory.
         """
+        self.load_queues: dict[str, DeviceQueue] = {}
+        """Device name -> the queue every load's reads or copies on that device use.
+
+        By default each weights get their own queue per device (``DEVICE.load.NAME``),
+        so loads of different weights run side by side; naming a queue here puts them
+        all on its one axis, in order (one DMA queue per GPU, one NVMe queue).
+        """
         self._loads = self._shared_loads = self._drops = self._evictions = 0
+        self._on_change: list[Callable[[ResidencyChange], None]] = []
+        self._evicting: set[str] = set()  # contexts whose on_evict drops their weights
         runtime.on_memory_pressure(self._on_memory_pressure)
 
     # -- registration ----------------------------------------------------------------
@@ -438,18 +522,34 @@ class Residency:
         priority: int | None = None,
         request_rate: float | None = None,
         storage: str | Device | None = None,
+        in_host_memory: bool = False,
+        drop_while_queued: bool = False,
+        evict_with_context: bool = False,
     ) -> Weights:
         """Register weights from a safetensors path or a dict of host tensors.
 
         ``size`` (bytes), when given, must match the tensors; without a ``source`` the
         weights are accounting-only, of ``size`` bytes (see the module's description).
         ``storage`` names the storage device that reads the file (default: the
-        runtime's only one).
+        runtime's only one). ``in_host_memory``, ``drop_while_queued`` (both for
+        accounting-only weights) and ``evict_with_context`` are described on
+        :class:`Weights`.
+
+        Raises:
+            ValueError: the name is taken, or an option does not apply to the source.
         """
         if name in self._weights:
             raise ValueError(f"weights named {name!r} are already registered")
         weights = Weights(
-            name, source, size=size, priority=priority, request_rate=request_rate, storage=storage
+            name,
+            source,
+            size=size,
+            priority=priority,
+            request_rate=request_rate,
+            storage=storage,
+            in_host_memory=in_host_memory,
+            drop_while_queued=drop_while_queued,
+            evict_with_context=evict_with_context,
         )
         self._weights[name] = weights
         self._rates[name] = RequestRate(self.half_life)
@@ -542,7 +642,7 @@ class Residency:
                         f"model {m.name!r} is pinned on {current.device.name!r} by work "
                         f"that uses it; it cannot move to {dev.name!r} now"
                     )
-                self._drop(current.weights)
+                self._drop(current.weights, "moved")
                 continue
             ctx = context
             if ctx is None and m.context is not None and m.context.device is dev:
@@ -635,6 +735,7 @@ class Residency:
                 del self._loading[key]
                 settled.set_result(None)
             self._resident[key] = resident
+            self._hook_eviction(resident)
             model = self._models.get(w.name)
             if model is not None and model.resident is None:
                 model._attach(resident)  # the module runs on what was just loaded
@@ -715,6 +816,9 @@ class Residency:
 
     def _queue(self, device: Device, weights: Weights) -> DeviceQueue:
         """The queue on ``device`` that loads ``weights``: each model its own axis."""
+        shared = self.load_queues.get(device.name)
+        if shared is not None:
+            return shared
         key = (device.name, weights.name)
         queue = self._queues.get(key)
         if queue is None:
@@ -784,6 +888,10 @@ class Residency:
             resident = ResidentWeights(
                 weights, device, context, buffer, raw, (sem, sem.value), frontier
             )
+            if self._on_change:
+                copied = last if last.queue.device is device else None
+                read = None if copied is last else last
+                self._changed_load(weights, device, context, buffer, started, started, read, copied)
         except BaseException:
             # Nothing but the load touched the buffer: it dies with the load's epoch, and
             # the budget gets its charge back whatever step failed.
@@ -800,26 +908,30 @@ class Residency:
         rt = self.runtime
         started = rt.now()
         sem = rt.semaphore(name=f"load:{weights.name}@{device.name}")
-        read_queue = self._queue(self._accounting_storage(weights), weights)
         engine = self.copy_engines.get(device.name)
-        last = None
-        if engine is not None:  # into host memory: needs none of the device's memory
-            read_queue.submit(
+        last = read = copy = None
+        staged = engine is not None and weights.in_host_memory
+        if engine is not None and not staged:  # into host memory: needs no device memory
+            read = self._queue(self._accounting_storage(weights), weights).submit(
                 name=f"read {weights.name} weights", cost=weights.nbytes, signals=[(sem, 1)]
             )
+            weights.in_host_memory = True  # the host copy outlives the device's
         buffer = await rt._memory.allocate(context, weights.nbytes, owner=self)
+        granted = rt.now()
         try:
             if engine is None:
-                last = read_queue.submit(
+                last = read = self._queue(self._accounting_storage(weights), weights).submit(
                     name=f"read {weights.name} weights", cost=weights.nbytes, signals=[(sem, 1)]
                 )
             else:
-                last = self._queue(rt.device(engine), weights).submit(
+                done = 1 if staged else 2
+                last = copy = self._queue(rt.device(engine), weights).submit(
                     name=f"h2d {weights.name} weights",
                     cost=weights.nbytes,
-                    waits=[(sem, 1)],
-                    signals=[(sem, 2)],
+                    waits=() if staged else [(sem, 1)],
+                    signals=[(sem, done)],
                 )
+            self._changed_load(weights, device, context, buffer, started, granted, read, copy)
             await last
             frontier = last.frontier
             assert frontier is not None
@@ -875,13 +987,20 @@ class Residency:
             return False
         if resident.pinned:
             raise RuntimeError(f"{resident!r} is pinned by work that uses it; cannot drop")
-        self._drop(resident)
+        self._drop(resident, "by hand")
         return True
 
-    def _drop(self, resident: ResidentWeights) -> None:
+    def _drop(
+        self, resident: ResidentWeights, reason: str, requested_by: str | None = None
+    ) -> None:
         del self._resident[(resident.weights.name, resident.device.name)]
         buffer, resident._buffer = resident._buffer, None
-        if self.release_pages and resident._raw is not None and not resident.pinned:
+        if (
+            self.release_pages
+            and resident._raw is not None
+            and not resident.pinned
+            and not resident.context.queue._busy()
+        ):
             # Nothing queued or running uses them: their host pages go back to the
             # system now, not when the block is next reused.
             release_pages(resident._raw)
@@ -893,9 +1012,123 @@ class Residency:
         resident._on_drop.clear()
         death = resident.context.death_frontier().merge(resident.frontier)
         assert buffer is not None
+        offset = buffer.offset
         self.runtime._memory.free(buffer, death)
         self._drops += 1
         self._log("weights_dropped", resident.weights, resident.device, death=repr(death))
+        if self._on_change:
+            rt = self.runtime
+            self._emit(
+                ResidencyChange(
+                    "drop",
+                    resident.weights.name,
+                    resident.device.name,
+                    resident.context.name,
+                    resident.nbytes,
+                    offset,
+                    rt.now(),
+                    death=death,
+                    pending=rt.completed.undominated(death),
+                    reason=reason,
+                    requested_by=requested_by,
+                )
+            )
+
+    # -- hooks -------------------------------------------------------------------------
+
+    def on_change(self, callback: Callable[[ResidencyChange], None]) -> None:
+        """Call ``callback`` with a :class:`ResidencyChange` on every load and drop.
+
+        A load is reported once its memory is granted and its transfers are submitted
+        (an accounting-only load) or once it finished (a real one); a drop once its
+        memory is freed. Callbacks run synchronously and must not raise.
+        """
+        self._on_change.append(callback)
+
+    def _emit(self, change: ResidencyChange) -> None:
+        for callback in self._on_change:
+            callback(change)
+
+    def _changed_load(
+        self,
+        weights: Weights,
+        device: Device,
+        context: ExecutionContext,
+        buffer: Buffer,
+        requested_at: float,
+        granted_at: float,
+        read: Submission | None,
+        copy: Submission | None,
+    ) -> None:
+        if not self._on_change:
+            return
+        block = buffer.block
+        self._emit(
+            ResidencyChange(
+                "load",
+                weights.name,
+                device.name,
+                context.name,
+                weights.nbytes,
+                buffer.offset,
+                granted_at,
+                requested_at=requested_at,
+                requester=None if block is None else block.requester,
+                reuse=None if block is None else block.reuse,
+                read=read,
+                copy=copy,
+            )
+        )
+
+    def _hook_eviction(self, resident: ResidentWeights) -> None:
+        """Let the QoS tiers' eviction of the holding context drop these weights."""
+        ctx = resident.context
+        if not resident.weights.evict_with_context or ctx.name in self._evicting:
+            return
+        self._evicting.add(ctx.name)
+
+        def evict(wanted: int) -> int:
+            freed = 0
+            for other in list(self._resident.values()):
+                if other.context is ctx and other.weights.evict_with_context and not other.pinned:
+                    self._drop(other, "on_evict")
+                    self._evictions += 1
+                    freed += other.nbytes
+            return freed
+
+        ctx.on_evict(evict)
+
+    def adopt(
+        self, weights: Weights | str, device: str | Device, buffer: Buffer
+    ) -> ResidentWeights:
+        """Take accounting-only weights already in ``device``'s memory as resident.
+
+        ``buffer`` (allocated in the holding context's budget, for example before the
+        residency managed the weights: a warm start) becomes their block; drops free it
+        with a death frontier like a loaded one. Their ``ready`` is reached at once.
+
+        Raises:
+            ValueError: the weights carry bytes, are already resident on ``device``, or
+                ``buffer`` is freed, of another size or on another device.
+        """
+        w = self.get(weights) if isinstance(weights, str) else weights
+        dev = self.runtime.device(device) if isinstance(device, str) else device
+        if not w.accounting:
+            raise ValueError(
+                f"weights {w.name!r}: only accounting-only weights can be adopted; load "
+                "weights with bytes through ensure_resident"
+            )
+        if (w.name, dev.name) in self._resident:
+            raise ValueError(f"weights {w.name!r} are already resident on {dev.name!r}")
+        if buffer.freed or buffer.nbytes != w.nbytes or buffer.context.device is not dev:
+            raise ValueError(
+                f"weights {w.name!r} ({w.nbytes:,} bytes on {dev.name!r}) cannot adopt {buffer!r}"
+            )
+        sem = self.runtime.semaphore(1, name=f"load:{w.name}@{dev.name}")
+        resident = ResidentWeights(w, dev, buffer.context, buffer, None, (sem, 1), Frontier())
+        self._resident[(w.name, dev.name)] = resident
+        self._hook_eviction(resident)
+        return resident
 
     def candidates(self, device: Device) -> list[EvictionCandidate]:
         """What :func:`choose_evictions` sees of the weights resident on ``device``."""
@@ -928,7 +1161,7 @@ class Residency:
         plan = choose_evictions(self.candidates(context.device), needed, reclaimable)
         freed = 0
         for resident in plan.victims:
-            self._drop(resident)
+            self._drop(resident, "on_memory_pressure", context.name)
             self._evictions += 1
             freed += resident.nbytes
         return freed

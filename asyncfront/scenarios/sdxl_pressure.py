@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .._budget import GiB, MiB, QoS, format_bytes
@@ -33,7 +33,7 @@ from .._runtime import Runtime, open_runtime
 from .._semaphore import TimelineSemaphore
 from .._trace import TraceRecord
 from ..devices.fake import FakeDevice
-from ..memory import PoolStatistics, Reuse
+from ..memory import PoolStatistics, ResidencyChange, Reuse
 
 __all__ = (
     "COPY_ENGINES",
@@ -48,7 +48,6 @@ __all__ = (
     "ModelSpec",
     "SdxlPressureReport",
     "VoiceTurn",
-    "WeightResidency",
     "WeightsDrop",
     "WeightsLoad",
     "run_sdxl_pressure",
@@ -93,8 +92,8 @@ class ModelSpec:
     """One model of the workstation: where it runs, its tier and its memory.
 
     ``weights`` is one read-only buffer; ``workspace`` (KV cache, activations, a
-    vector index) is allocated once and kept. ``droppable`` weights are managed by
-    :class:`WeightResidency` and may be dropped under memory pressure.
+    vector index) is allocated once and kept. ``droppable`` weights are accounting-only
+    weights of the runtime's residency and may be dropped under memory pressure.
     """
 
     name: str
@@ -262,209 +261,73 @@ class ImageJob:
 # -- weight residency --------------------------------------------------------------
 
 
-class _Resident:
-    """One model's droppable weights and what is known about them."""
+class _WeightsLog:
+    """The scenario's record of the core residency's loads and drops of weights.
 
-    def __init__(
-        self,
-        rt: Runtime,
-        spec: ModelSpec,
-        ctx: ExecutionContext,
-        session: Session,
-        buffer: Buffer | None,
-        in_host_memory: bool,
-    ) -> None:
-        self.spec = spec
-        self.ctx = ctx
-        self.session = session
-        self.buffer = buffer
-        self.in_host_memory = in_host_memory
-        # value 1 means "loaded before the simulated window"
-        self.loaded = rt.semaphore(1 if buffer is not None else 0, name=f"{spec.name}.loaded")
-        self.staged = rt.semaphore(name=f"{spec.name}.staged")
-        # the copy that wrote the weights: the buffer dies after it too
-        self.written = Frontier()
-        self.loads = 1 if buffer is not None else 0
-        self.reads = 0
-        self.pins = 0
-        self.last_used = 0.0
-        self.lock = asyncio.Lock()
-
-
-class WeightResidency:
-    """Keeps droppable weights resident on demand; drops them under memory pressure.
-
-    Loading reads the weights from NVMe into host memory (unless host memory already
-    holds them), allocates device memory through the model's context budget, and
-    copies them to the device on the GPU's DMA queue. Dropping frees the weights'
-    buffer with the model queue's tail as death frontier and writes nothing back.
-
-    Dropping is driven by the runtime's pressure policy: each droppable model registers
-    ``ctx.on_evict``, and one ``rt.on_memory_pressure`` handler drops idle weights of
-    non-Guaranteed models, lowest tier first, then the longest idle. Weights a request
-    holds (between :meth:`use` entry and exit) are never dropped.
+    The droppable models' weights are accounting-only weights of ``rt.residency``:
+    Bark's are adopted where the warm start allocated them, SDXL's registered on
+    request. Both may be dropped while their context still has work queued (the death
+    frontier keeps the memory from reuse until that work is done), the QoS tiers'
+    eviction of their context drops them (``evict_with_context``), and the residency's
+    pressure handler drops idle ones for anyone else. Every load and drop is reported
+    here through :meth:`~asyncfront.memory.Residency.on_change`.
     """
 
-    def __init__(
-        self, rt: Runtime, nvme: DeviceQueue, on_change: Callable[[], None] | None = None
-    ) -> None:
-        self.rt = rt
-        self.nvme = nvme
+    def __init__(self, rt: Runtime, on_change: Callable[[], None]) -> None:
         self.drops: list[WeightsDrop] = []
         self.loads: list[WeightsLoad] = []
         self._on_change = on_change
-        self._residents: dict[str, _Resident] = {}
-        self._copy_queues: dict[str, DeviceQueue] = {}
-        rt.on_memory_pressure(self._on_pressure)
+        rt.residency.on_change(self._record)
 
-    def add(
-        self,
-        spec: ModelSpec,
-        ctx: ExecutionContext,
-        session: Session,
-        buffer: Buffer | None = None,
-        *,
-        in_host_memory: bool = True,
-    ) -> None:
-        """Manage ``spec``'s weights: ``buffer`` if already resident, else loaded on use."""
-        resident = _Resident(self.rt, spec, ctx, session, buffer, in_host_memory)
-        self._residents[spec.name] = resident
-
-        def evict(wanted: int) -> int:
-            return self._drop(resident, "on_evict", None)
-
-        ctx.on_evict(evict)
-
-    def copy_queue(self, device: str) -> DeviceQueue:
-        """The host<->device DMA queue of a GPU (see :data:`COPY_ENGINES`)."""
-        queue = self._copy_queues.get(device)
-        if queue is None:
-            engine = COPY_ENGINES[device]
-            queue = self._copy_queues[device] = self.rt.queue(engine, name=engine)
-        return queue
-
-    def buffer(self, model: str) -> Buffer | None:
-        """The resident weights of ``model``, or None when dropped."""
-        return self._residents[model].buffer
-
-    def droppable_bytes(self, device: str) -> int:
-        """Bytes of idle droppable weights on ``device``."""
-        return sum(
-            r.spec.weights
-            for r in self._residents.values()
-            if r.ctx.device.name == device and r.buffer is not None and not r.pins
-        )
-
-    @contextlib.asynccontextmanager
-    async def use(self, model: str) -> AsyncIterator[tuple[TimelineSemaphore, int]]:
-        """Hold ``model``'s weights while submitting work that reads them.
-
-        Yields the ``(semaphore, value)`` that work must wait for: it is reached once
-        the weights are in device memory. Loads them first if they were dropped. On
-        exit the weights may be dropped again; the death frontier covers the work
-        submitted meanwhile.
-        """
-        resident = self._residents[model]
-        resident.pins += 1
-        try:
-            async with resident.lock:
-                if resident.buffer is None:
-                    await self._load(resident)
-            yield resident.loaded, resident.loads
-        finally:
-            resident.pins -= 1
-            resident.last_used = self.rt.now()
-
-    async def _load(self, resident: _Resident) -> None:
-        spec = resident.spec
-        read = None
-        if not resident.in_host_memory:
-            # Reading into host memory does not touch the GPU: start it before the
-            # device memory is free.
-            resident.reads += 1
-            read = self.nvme.submit(
-                name=f"read {spec.name} weights",
-                cost=spec.weights,
-                signals=[(resident.staged, resident.reads)],
+    def _record(self, change: ResidencyChange) -> None:
+        if change.action == "drop":
+            assert change.death is not None and change.pending is not None
+            assert change.reason is not None
+            self.drops.append(
+                WeightsDrop(
+                    time=change.time,
+                    model=change.weights,
+                    nbytes=change.nbytes,
+                    offset=change.offset,
+                    death=change.death,
+                    pending=change.pending,
+                    mechanism=change.reason,
+                    requested_by=change.requested_by,
+                )
             )
-            resident.in_host_memory = True
-        requested_at = self.rt.now()
-        buffer = await resident.session.allocate(spec.weights)
-        granted_at = self.rt.now()
-        self._changed()
-        resident.buffer = buffer
-        resident.loads += 1
-        copy = self.copy_queue(resident.ctx.device.name).submit(
-            name=f"h2d {spec.name} weights",
-            cost=spec.weights,
-            waits=[(resident.staged, resident.reads)] if read is not None else (),
-            signals=[(resident.loaded, resident.loads)],
-        )
-        resident.written = Frontier.single(copy.queue.axis, copy.epoch)
-        block = buffer.block
-        self.loads.append(
-            WeightsLoad(
-                model=spec.name,
-                nbytes=spec.weights,
-                requested_at=requested_at,
-                granted_at=granted_at,
-                offset=buffer.offset,
-                requester=getattr(block, "requester", None),
-                reuse=getattr(block, "reuse", None),
-                read=read,
-                copy=copy,
+        else:
+            assert change.requested_at is not None and change.copy is not None
+            self.loads.append(
+                WeightsLoad(
+                    model=change.weights,
+                    nbytes=change.nbytes,
+                    requested_at=change.requested_at,
+                    granted_at=change.time,
+                    offset=change.offset,
+                    requester=change.requester,
+                    reuse=change.reuse,
+                    read=change.read,
+                    copy=change.copy,
+                )
             )
-        )
+        self._on_change()
 
-    def _drop(self, resident: _Resident, mechanism: str, requested_by: str | None) -> int:
-        buffer = resident.buffer
-        if buffer is None or resident.pins:
-            return 0
-        resident.buffer = None
-        # Nobody touches the weights after the model's queued work and the copy that
-        # wrote them: the model queue's tail and the copy's epoch.
-        death = resident.ctx.death_frontier().merge(resident.written)
-        pending = self.rt.completed.undominated(death)
-        resident.session.free(buffer, death=death)
-        self.drops.append(
-            WeightsDrop(
-                time=self.rt.now(),
-                model=resident.spec.name,
-                nbytes=buffer.nbytes,
-                offset=buffer.offset,
-                death=death,
-                pending=pending,
-                mechanism=mechanism,
-                requested_by=requested_by,
-            )
-        )
-        self._changed()
-        return buffer.nbytes
 
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
+def _register_droppable(rt: Runtime, spec: ModelSpec, *, in_host_memory: bool) -> None:
+    """Register ``spec``'s weights with the core residency as droppable, accounting-only."""
+    rt.residency.register(
+        spec.name,
+        size=spec.weights,
+        storage="nvme",
+        in_host_memory=in_host_memory,
+        drop_while_queued=True,
+        evict_with_context=True,
+    )
 
-    def _on_pressure(self, ctx: ExecutionContext, requested: int, available: int) -> bool:
-        """Drop idle weights on ``ctx``'s device until ``requested`` bytes could fit."""
-        candidates = sorted(
-            (
-                r
-                for r in self._residents.values()
-                if r.ctx.device is ctx.device
-                and r.ctx is not ctx
-                and r.ctx.qos is not QoS.GUARANTEED
-                and r.buffer is not None
-                and not r.pins
-            ),
-            key=lambda r: (r.ctx.priority, r.last_used),
-        )
-        freed = 0
-        for resident in candidates:
-            if available + freed >= requested:
-                break
-            freed += self._drop(resident, "on_memory_pressure", ctx.name)
-        return freed > 0
+
+def _droppable_bytes(rt: Runtime, device: str) -> int:
+    """Bytes of idle weights on ``device`` that the residency could drop."""
+    return sum(r.nbytes for r in rt.residency.resident(device) if not r.pinned)
 
 
 # -- memory sampling ---------------------------------------------------------------
@@ -708,7 +571,13 @@ async def run_sdxl_pressure(
         resident_buffers: dict[str, list[Buffer]] = {}
         nvme = rt.queue("nvme", name="nvme")
         audio_queue = rt.queue("cpu1", name="cpu1.audio")
-        residency = WeightResidency(rt, nvme, on_change=sampler.sample)
+        # One NVMe queue and one DMA queue per GPU carry every load, in order.
+        copy_queues = {gpu: rt.queue(engine, name=engine) for gpu, engine in COPY_ENGINES.items()}
+        residency = rt.residency
+        residency.copy_engines.update(COPY_ENGINES)
+        residency.load_queues["nvme"] = nvme
+        residency.load_queues.update({q.name: q for q in copy_queues.values()})
+        log = _WeightsLog(rt, sampler.sample)
         # The workstation starts warm: resident weights are already in VRAM.
         for spec in RESIDENT_MODELS:
             ctx = rt.create_context(
@@ -724,10 +593,10 @@ async def run_sdxl_pressure(
             resident_buffers[spec.name] = [weights]
             if spec.workspace:
                 resident_buffers[spec.name].append(await session.allocate(spec.workspace))
-            if spec.droppable:
-                residency.add(spec, ctx, session, weights)
-        bark_weights = residency.buffer("bark")
-        bark_offset = bark_weights.offset if bark_weights is not None else None
+            if spec.droppable:  # warm: its weights are in host memory and on the GPU
+                _register_droppable(rt, spec, in_host_memory=True)
+                residency.adopt(spec.name, spec.device, weights)
+        bark_offset = resident_buffers["bark"][0].offset
         initial_offsets = {name: _offsets(b) for name, b in resident_buffers.items()}
         sampling = asyncio.ensure_future(sampler.run(sample_period))
         try:
@@ -761,9 +630,9 @@ async def run_sdxl_pressure(
                 turn = VoiceTurn(arrival, preprocess, whisper, drafts, verifies)
                 voice.append(turn)
                 # Bark's weights are made resident while Whisper and the LLM work.
-                async with residency.use("bark") as weights_ready:
+                async with residency.using("bark", "gpu1") as bark:
                     for c in range(BARK_CHUNKS):
-                        waits = [(verified, ROUNDS_PER_REPLY), weights_ready] if c == 0 else []
+                        waits = [(verified, ROUNDS_PER_REPLY), bark.ready] if c == 0 else []
                         turn.speech.append(
                             sessions["bark"].submit(
                                 name="bark", cost=STAGE_COSTS["bark"], waits=waits
@@ -779,7 +648,7 @@ async def run_sdxl_pressure(
                     rt, sessions["llama-draft"], sessions["llama"], CHAT_ROUNDS, "chat", None
                 )
                 offers = {
-                    gpu: rt.available_memory(gpu) + residency.droppable_bytes(gpu)
+                    gpu: rt.available_memory(gpu) + _droppable_bytes(rt, gpu)
                     for gpu in ("gpu0", "gpu1")
                 }
                 device = next(gpu for gpu, offer in offers.items() if offer >= SDXL.max_memory)
@@ -791,17 +660,16 @@ async def run_sdxl_pressure(
                     qos=SDXL.qos,
                 )
                 contexts[SDXL.name] = ctx
-                weights_session = await stack.enter_async_context(rt.session(ctx))
-                residency.add(SDXL, ctx, weights_session, in_host_memory=False)
+                _register_droppable(rt, SDXL, in_host_memory=False)
                 image_ready = rt.semaphore(name="image")
                 async with rt.session(ctx) as job:
-                    async with residency.use(SDXL.name) as weights_ready:
+                    async with residency.using(SDXL.name, device) as sdxl:
                         latents = await job.allocate(SDXL.workspace)
                         sampler.sample()
                         encode = job.submit(
                             name="sdxl encode",
                             cost=STAGE_COSTS["sdxl_encode"],
-                            waits=[weights_ready],
+                            waits=[sdxl.ready],
                         )
                         steps = [
                             job.submit(name="unet step", cost=STAGE_COSTS["sdxl_step"])
@@ -812,7 +680,7 @@ async def run_sdxl_pressure(
                             cost=STAGE_COSTS["sdxl_decode"],
                             signals=[(image_ready, 1)],
                         )
-                        download = residency.copy_queue(device).submit(
+                        download = copy_queues[device].submit(
                             name="d2h sdxl image", cost=IMAGE_BYTES, waits=[(image_ready, 1)]
                         )
                     await download
@@ -848,8 +716,8 @@ async def run_sdxl_pressure(
             chat=chat,
             embeddings=embeddings,
             image=image,
-            drops=list(residency.drops),
-            loads=list(residency.loads),
+            drops=list(log.drops),
+            loads=list(log.loads),
             samples=list(sampler.samples),
             initial_offsets=initial_offsets,
             final_offsets=final_offsets,
