@@ -23,6 +23,8 @@ from asyncfront.memory import (
     Tier,
     UnknownPageError,
 )
+from asyncfront.scenarios import get_scenario, moe_prefetch
+from asyncfront.scenarios.moe_prefetch import MoePrefetchReport
 from asyncfront.testing import FakeCopyEngine, FakeDevice, FakeStorageDevice, run_virtual
 
 torch = pytest.importorskip("torch")
@@ -461,3 +463,64 @@ def test_fake_storage_takes_latency_plus_bytes_over_bandwidth(tmp_path: Path) ->
         FakeStorageDevice(tmp_path, latency=-1.0)
     with pytest.raises(ValueError, match="bandwidth"):
         FakeCopyEngine("pcie", bandwidth=math.nan)
+
+
+# -- MoE experts from routing foresight ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe() -> MoePrefetchReport:
+    async def main() -> MoePrefetchReport:
+        report, _ = await moe_prefetch.simulate(steps=32)
+        return report
+
+    return run_virtual(main)
+
+
+def test_foresight_at_full_accuracy_strictly_lowers_expert_stall(moe: MoePrefetchReport) -> None:
+    """Correct predictions: less total expert-load stall than on demand, no wasted load."""
+    base, exact = moe.run(None), moe.run(100)
+    assert exact.stall < base.stall
+    assert exact.wasted == 0 and exact.loads == base.loads
+
+
+def test_foresight_costs_at_most_its_wasted_loads(moe: MoePrefetchReport) -> None:
+    """At 80 and 50 %: stall <= on demand's + the wasted loads' load time, stall rises."""
+    base = moe.run(None)
+    for accuracy in (80, 50):
+        run = moe.run(accuracy)
+        assert run.wasted > 0
+        assert run.stall <= base.stall + run.wasted * moe_prefetch.LOAD_SECONDS
+    assert moe.run(100).stall < moe.run(80).stall < moe.run(50).stall
+
+
+def test_every_run_keeps_the_expert_budget_and_runs_what_was_routed(
+    moe: MoePrefetchReport,
+) -> None:
+    """No run exceeds the budget or leaves evictions to pressure; each step ran its experts."""
+    routes = moe_prefetch.route_steps(moe.steps, moe.seed)
+    for run in moe.runs:
+        assert run.peak_bytes <= run.budget == moe_prefetch.SLOTS * moe_prefetch.EXPERT_BYTES
+        assert run.pressure_evictions == 0
+        assert run.ran == routes and len(run.stalls) == moe.steps
+
+
+def test_predictions_are_exactly_as_accurate_as_asked_and_seeded() -> None:
+    """predict() gets exactly accuracy % of the picks right, the same for the same seed."""
+    routes = moe_prefetch.route_steps(50, seed=3)
+    for accuracy in (100, 80, 50, 0):
+        guess = moe_prefetch.predict(routes, accuracy, seed=3)
+        right = sum(len(set(g) & set(r)) for g, r in zip(guess, routes, strict=True))
+        assert right == round(100 * accuracy / 100)
+        assert all(len(set(g)) == 2 for g in guess)
+        assert guess == moe_prefetch.predict(routes, accuracy, seed=3)
+    with pytest.raises(ValueError, match=r"0\.\.100"):
+        moe_prefetch.predict(routes, 101, seed=3)
+
+
+def test_the_moe_prefetch_scenario_is_registered_with_its_ranges() -> None:
+    """simulate moe_prefetch takes --steps, --seed and --accuracy 0..100."""
+    scenario = get_scenario("moe_prefetch")
+    assert scenario.ranges["accuracy"] == (0, 100)
+    with pytest.raises(ValueError, match=r"--accuracy must be 0\.\.100, not 101"):
+        scenario.check_options({"accuracy": 101})

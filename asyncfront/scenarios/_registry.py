@@ -102,6 +102,7 @@ def _registry() -> dict[str, Scenario]:
         cross_node_pipeline,
         finetune_paging,
         laptop_voice,
+        moe_prefetch,
         moe_routing,
         multimedia_request,
         rag_placement,
@@ -199,6 +200,18 @@ def _registry() -> dict[str, Scenario]:
             "an image + voice request through seven models, submitted atomically",
             multimedia_request.simulate,
             {},
+        ),
+        Scenario(
+            "moe_prefetch",
+            "C3b",
+            "MoE experts loaded ahead of need from routing foresight, against on-demand loads",
+            moe_prefetch.simulate,
+            {
+                "steps": moe_prefetch.DEFAULT_STEPS,
+                "seed": moe_prefetch.DEFAULT_SEED,
+                "accuracy": 100,
+            },
+            {"steps": (1, moe_prefetch.MAX_STEPS), "seed": SEED_RANGE, "accuracy": (0, 100)},
         ),
     ]
     return {s.name: s for s in scenarios}
