@@ -23,7 +23,8 @@ from asyncfront.memory import (
     Tier,
     UnknownPageError,
 )
-from asyncfront.scenarios import get_scenario, moe_prefetch
+from asyncfront.scenarios import get_scenario, kv_prefetch, moe_prefetch
+from asyncfront.scenarios.kv_prefetch import KvPrefetchReport
 from asyncfront.scenarios.moe_prefetch import MoePrefetchReport
 from asyncfront.testing import FakeCopyEngine, FakeDevice, FakeStorageDevice, run_virtual
 
@@ -524,3 +525,40 @@ def test_the_moe_prefetch_scenario_is_registered_with_its_ranges() -> None:
     assert scenario.ranges["accuracy"] == (0, 100)
     with pytest.raises(ValueError, match=r"--accuracy must be 0\.\.100, not 101"):
         scenario.check_options({"accuracy": 101})
+
+
+# -- sessions resuming, scenario B2d -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def resumes() -> KvPrefetchReport:
+    async def main() -> KvPrefetchReport:
+        report, _ = await kv_prefetch.simulate()
+        return report
+
+    return run_virtual(main)
+
+
+def test_correct_hints_strictly_lower_resume_latency(resumes: KvPrefetchReport) -> None:
+    """Hints right 100 % of the time: less total resume latency than on-demand page-in."""
+    base, exact = resumes.run("on demand"), resumes.run("hint 100 %")
+    assert exact.total < base.total and exact.hits > 0
+
+
+def test_wrong_hints_cost_at_most_their_wasted_loads(resumes: KvPrefetchReport) -> None:
+    """At 80 and 50 %: total latency <= on demand's + one read and copy per wasted prefetch."""
+    base = resumes.run("on demand")
+    per_load = kv_prefetch.PAGE_BYTES * (
+        1 / kv_prefetch.READ_BYTES_PER_SECOND + 1 / kv_prefetch.COPY_BYTES_PER_SECOND
+    )
+    for label in ("hint 80 %", "hint 50 %", "arrival model"):
+        run = resumes.run(label)
+        assert run.total <= base.total + run.wasted * per_load, label
+
+
+def test_no_prediction_breaks_data_or_budgets(resumes: KvPrefetchReport) -> None:
+    """Every run ends with every page's bytes exact and never held more than a budget."""
+    for run in resumes.runs:
+        assert run.intact, run.label
+        assert run.peak_device <= run.budget_device and run.peak_host <= run.budget_host
+        assert len(run.latencies) == resumes.sessions * resumes.messages

@@ -101,6 +101,7 @@ def _registry() -> dict[str, Scenario]:
     from . import (
         cross_node_pipeline,
         finetune_paging,
+        kv_prefetch,
         laptop_voice,
         moe_prefetch,
         moe_routing,
@@ -212,6 +213,22 @@ def _registry() -> dict[str, Scenario]:
                 "accuracy": 100,
             },
             {"steps": (1, moe_prefetch.MAX_STEPS), "seed": SEED_RANGE, "accuracy": (0, 100)},
+        ),
+        Scenario(
+            "kv_prefetch",
+            "B2d",
+            "idle sessions' KV pages brought file -> host -> device before their users return",
+            kv_prefetch.simulate,
+            {
+                "sessions": kv_prefetch.DEFAULT_SESSIONS,
+                "messages": kv_prefetch.DEFAULT_MESSAGES,
+                "seed": kv_prefetch.DEFAULT_SEED,
+            },
+            {
+                "sessions": (2, kv_prefetch.MAX_SESSIONS),
+                "messages": (1, kv_prefetch.MAX_MESSAGES),
+                "seed": SEED_RANGE,
+            },
         ),
     ]
     return {s.name: s for s in scenarios}
