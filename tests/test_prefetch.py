@@ -175,7 +175,7 @@ def test_prefetch_strictly_lowers_resume_latency_against_on_demand(tmp_path: Pat
 
 
 def test_a_full_device_pushes_out_only_pages_nobody_expects_sooner(tmp_path: Path) -> None:
-    """The device step evicts the least recent unexpected page, never one expected sooner."""
+    """prefetch_evicts: the least recent unexpected page goes, never one expected sooner."""
 
     async def body(w: World) -> None:
         pages = [await w.page(i) for i in range(1, 5)]  # the device holds 4: full
@@ -190,6 +190,28 @@ def test_a_full_device_pushes_out_only_pages_nobody_expects_sooner(tmp_path: Pat
         assert late.tier is Tier.DEVICE and pages[2].tier is Tier.DEVICE
         assert pages[3].tier is not Tier.DEVICE  # the unexpected one went
         assert w.peak_ok()
+
+    virtual(tmp_path, body, prefetch_evicts=True)
+
+
+def test_by_default_a_prefetch_takes_only_free_device_memory(tmp_path: Path) -> None:
+    """A full device: the prefetch stops in host memory; the use pays only the copy."""
+
+    async def body(w: World) -> None:
+        pages = [await w.page(i) for i in range(1, 5)]  # the device holds 4: full
+        await w.measured(pages[0])
+        late = await w.page(9)
+        assert pages[1].tier is not Tier.DEVICE
+        await w.pager.page_out(pages[1], Tier.FILE)
+        w.pager.expect(pages[1], after=1.0)
+        await asyncio.sleep(1.0)
+        assert pages[1].tier is Tier.HOST and pages[1].prefetched
+        assert all(p.tier is Tier.DEVICE for p in (pages[0], pages[2], pages[3], late))
+        outs = w.pager.statistics().page_outs
+        waited, first, _ = await w.resume(pages[1])
+        assert first == 2 and waited < READ + COPY  # no read: the page-out and the copy
+
+        assert w.pager.statistics().page_outs == outs + 1
 
     virtual(tmp_path, body)
 

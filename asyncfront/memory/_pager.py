@@ -33,10 +33,11 @@ Foresight: :meth:`Pager.expect` says when a page will be used next (``at=`` on t
 runtime clock, or ``after=`` seconds from now), and an :class:`ArrivalModel` may say it
 for every page that leaves the device. The pager then reads the page file → host ahead
 of time, as late as its measured read and copy times allow (times ``prefetch_margin``),
-and copies it host → device just before it is needed, first paging out (least recently
-used first) device pages that nobody expects sooner. The prefetched copy is *clean*: the
-page keeps its file extent until its first use, so evicting a page that was prefetched
-for nothing writes nothing, and it sits at the least recently used end, evicted first.
+and copies it host → device just before it is needed when the device has free room
+(``prefetch_evicts=True``: paging out device pages nobody expects sooner). The
+prefetched copy is *clean*: the page keeps its file extent until its first use, so
+evicting a page that was prefetched for nothing writes nothing, and it sits at the least
+recently used end, evicted first.
 A prefetch goes through the same budgets, checksums and errors as a page-in; one that
 fails or finds no memory leaves the page where it was, counted in
 :attr:`PagerStatistics.prefetch_failures`, and the use pages it in on demand (raising
@@ -430,6 +431,11 @@ class Pager:
         prefetch_margin: a prefetch starts this many times its measured read and copy
             time before the expected use (>= 1); before anything was measured it starts
             at once.
+        prefetch_evicts: whether a prefetch's host → device step may page out device
+            pages that nobody expects sooner (least recently used first). False (the
+            default): it takes only free device memory, and otherwise leaves the page in
+            host memory for the use to copy in; evicting for a guess can push out a page
+            an unpredicted use needs next.
     """
 
     def __init__(
@@ -447,6 +453,7 @@ class Pager:
         name: str = "pager",
         arrivals: ArrivalModel | None = None,
         prefetch_margin: float = DEFAULT_PREFETCH_MARGIN,
+        prefetch_evicts: bool = False,
     ) -> None:
         from ..devices.storage import StorageDevice
 
@@ -483,6 +490,7 @@ class Pager:
         self._failures = 0
         self.arrivals = arrivals
         self.prefetch_margin = float(prefetch_margin)
+        self.prefetch_evicts = bool(prefetch_evicts)
         self._prefetching: set[asyncio.Task[None]] = set()
         self._prefetches = self._prefetch_hits = self._prefetch_wasted = 0
         self._prefetch_failures = 0
@@ -970,9 +978,10 @@ class Pager:
 
         A page out of device memory is then brought in ahead of the use: read file →
         host about ``prefetch_margin`` times its measured read and copy time before,
-        and copied host → device shortly before, paging out least recently used device
-        pages that nobody expects sooner (if none can go, the use finds it in host
-        memory and pays only the copy). A page on the device keeps the expectation: if
+        and copied host → device shortly before if the device has free room (with
+        ``prefetch_evicts``, paging out least recently used device pages that nobody
+        expects sooner); otherwise the use finds it in host memory and pays only the
+        copy. A page on the device keeps the expectation: if
         it is paged out before then, it is brought back. A later call replaces the
         expectation; :meth:`forget` drops it. A prediction that proves wrong costs only
         memory within the budgets: the prefetched copy is clean, evicted first and
@@ -1146,13 +1155,16 @@ class Pager:
     async def _make_room_on_device(self, page: Page, when: float) -> bool:
         """Page out what must go for ``page`` to fit on its device; False if it cannot.
 
-        Only pages nobody expects before ``when`` go, least recently used first (unused
+        Without ``prefetch_evicts`` nothing goes: only free room is taken. With it, only
+        pages nobody expects before ``when`` go, least recently used first (unused
         prefetched copies sit there): a page that will be needed sooner stays. A victim
         whose page-out fails keeps its place, and the prefetch stops in host memory.
         """
         needed, reclaimable = shortfall(self.runtime, page.context, page.nbytes)
         if needed <= 0:
             return True
+        if not self.prefetch_evicts:
+            return False
         order = [
             p
             for p in self._lru
