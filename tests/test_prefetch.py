@@ -568,14 +568,15 @@ def test_correct_hints_strictly_lower_resume_latency(resumes: KvPrefetchReport) 
     assert exact.total < base.total and exact.hits > 0
 
 
-def test_the_arrival_model_costs_at_most_its_wasted_loads(resumes: KvPrefetchReport) -> None:
-    """ReuseIntervals: total latency <= on demand's + one read and copy per wasted prefetch."""
+def test_wrong_hints_cost_at_most_their_wasted_loads(resumes: KvPrefetchReport) -> None:
+    """80 %, 50 %, the model: total latency <= on demand's + a read and copy per wasted one."""
     base = resumes.run("on demand")
     per_load = kv_prefetch.PAGE_BYTES * (
         1 / kv_prefetch.READ_BYTES_PER_SECOND + 1 / kv_prefetch.COPY_BYTES_PER_SECOND
     )
-    run = resumes.run("arrival model")
-    assert run.total <= base.total + run.wasted * per_load
+    for label in ("hint 80 %", "hint 50 %", "arrival model"):
+        run = resumes.run(label)
+        assert run.total <= base.total + run.wasted * per_load, label
 
 
 def test_no_prediction_breaks_data_or_budgets(resumes: KvPrefetchReport) -> None:

@@ -38,7 +38,9 @@ and copies it host → device just before it is needed when the device has free 
 prefetched copy is *clean*: the page keeps its file extent until its first use, so
 evicting a page that was prefetched for nothing writes nothing, and it sits at the least
 recently used end, evicted first.
-A prefetch goes through the same budgets, checksums and errors as a page-in; one that
+Prefetch reads run on a storage queue one priority below the pager's, so page-ins and
+page-outs that a use waits for go first. A prefetch goes through the same budgets,
+checksums and errors as a page-in; one that
 fails or finds no memory leaves the page where it was, counted in
 :attr:`PagerStatistics.prefetch_failures`, and the use pages it in on demand (raising
 the error itself if it persists).
@@ -492,6 +494,7 @@ class Pager:
         self.prefetch_margin = float(prefetch_margin)
         self.prefetch_evicts = bool(prefetch_evicts)
         self._prefetching: set[asyncio.Task[None]] = set()
+        self._prefetch_reads: DeviceQueue | None = None  # created by the first prefetch
         self._prefetches = self._prefetch_hits = self._prefetch_wasted = 0
         self._prefetch_failures = 0
         # Measured seconds per byte of a file read and of a host <-> device copy.
@@ -1123,7 +1126,7 @@ class Pager:
             staging = await self._allocate(self.host, page, loop.time())
             host_bytes = buffer_bytes(staging)
             read = self._storage_device.read(
-                self.storage,
+                self._prefetch_queue(),
                 host_bytes,
                 self.file,
                 page._extent.offset,
@@ -1184,6 +1187,15 @@ class Pager:
                 return False  # logged and counted by page_out; the victim kept its data
         needed, _ = shortfall(self.runtime, page.context, page.nbytes)
         return needed <= 0
+
+    def _prefetch_queue(self) -> DeviceQueue:
+        """A queue below the storage queue's priority: page-ins and page-outs go first."""
+        queue = self._prefetch_reads
+        if queue is None:
+            queue = self._prefetch_reads = self._storage_device.queue(
+                priority=self.storage.priority - 1, name=f"{self.storage.name}.prefetch"
+            )
+        return queue
 
     def _lead(self, page: Page, *, from_file: bool) -> float:
         """Seconds before the use to start bringing the page in (inf: start now).
