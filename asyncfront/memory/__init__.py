@@ -1,11 +1,15 @@
 """Memory shared across models: death-frontier buffer pools, weight residency and paging."""
 
+from ._pager import ArrivalModel as ArrivalModel
 from ._pager import Page as Page
 from ._pager import PageCorruptedError as PageCorruptedError
 from ._pager import Pager as Pager
+from ._pager import PageReleasedError as PageReleasedError
 from ._pager import PagerStatistics as PagerStatistics
 from ._pager import PageUse as PageUse
+from ._pager import ReuseIntervals as ReuseIntervals
 from ._pager import Tier as Tier
+from ._pager import UnknownPageError as UnknownPageError
 from ._pager import choose_page_outs as choose_page_outs
 from ._pool import DEFAULT_ALIGNMENT as DEFAULT_ALIGNMENT
 from ._pool import Block as Block
@@ -44,6 +48,7 @@ from ._safetensors import read_safetensors_layout as read_safetensors_layout
 
 __all__ = (
     "DEFAULT_ALIGNMENT",
+    "ArrivalModel",
     "Block",
     "BufferPool",
     "CompletedSource",
@@ -55,6 +60,7 @@ __all__ = (
     "InvalidSizeError",
     "Page",
     "PageCorruptedError",
+    "PageReleasedError",
     "PageUse",
     "Pager",
     "PagerStatistics",
@@ -68,10 +74,12 @@ __all__ = (
     "ResidencyChange",
     "ResidencyStatistics",
     "ResidentWeights",
+    "ReuseIntervals",
     "Reuse",
     "SupportsCompleted",
     "TensorLayout",
     "Tier",
+    "UnknownPageError",
     "Wait",
     "WaitCompleted",
     "WaitForFree",

@@ -28,6 +28,22 @@ otherwise), and the host tier is left out of file transfers.
 
 On a machine without a GPU the device and host tiers are both CPU memory, but they are
 distinct tiers all the same: different devices, budgets and pools.
+
+Foresight: :meth:`Pager.expect` says when a page will be used next (``at=`` on the
+runtime clock, or ``after=`` seconds from now), and an :class:`ArrivalModel` may say it
+for every page that leaves the device. The pager then reads the page file → host ahead
+of time, as late as its measured read and copy times allow (times ``prefetch_margin``),
+and copies it host → device just before it is needed when the device has free room
+(``prefetch_evicts=True``: paging out device pages nobody expects sooner). The
+prefetched copy is *clean*: the page keeps its file extent until its first use, so
+evicting a page that was prefetched for nothing writes nothing, and it sits at the least
+recently used end, evicted first.
+Prefetch reads run on a storage queue one priority below the pager's, so page-ins and
+page-outs that a use waits for go first. A prefetch goes through the same budgets,
+checksums and errors as a page-in; one that
+fails or finds no memory leaves the page where it was, counted in
+:attr:`PagerStatistics.prefetch_failures`, and the use pages it in on demand (raising
+the error itself if it persists).
 """
 
 from __future__ import annotations
@@ -40,7 +56,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from .._budget import format_bytes
 from .._frontier import Frontier
@@ -58,12 +74,16 @@ if TYPE_CHECKING:
     from ..devices.storage import StorageDevice
 
 __all__ = (
+    "ArrivalModel",
     "PageCorruptedError",
     "Page",
+    "PageReleasedError",
     "PageUse",
     "Pager",
     "PagerStatistics",
+    "ReuseIntervals",
     "Tier",
+    "UnknownPageError",
     "choose_page_outs",
 )
 
@@ -72,6 +92,9 @@ DEFAULT_FILE_CAPACITY = 1 << 40
 
 FILE_ALIGNMENT = 4096
 """Alignment of page extents in the file: the page size direct I/O and GDS want."""
+
+DEFAULT_PREFETCH_MARGIN = 2.0
+"""How many times its measured read and copy time a prefetch starts before the use."""
 
 _RETRY_FIRST = 0.01
 _RETRY_MAX = 1.0
@@ -126,6 +149,14 @@ class PageCorruptedError(StorageReadError):
         self.actual_checksum = actual_checksum
 
 
+class PageReleasedError(RuntimeError):
+    """A call named a page that was released: its data and its record are gone."""
+
+
+class UnknownPageError(ValueError):
+    """A call named a page this pager does not hold (another pager's page)."""
+
+
 class Page:
     """A pageable block of mutable memory (created by :meth:`Pager.allocate`).
 
@@ -169,6 +200,24 @@ class Page:
         self._host_tensor: Any = None
         self._extent: Block | None = None
         self._checksum: int | None = None  # CRC32C of its bytes in the file tier
+        # Foresight: when the next use is expected (runtime clock), the task bringing it
+        # in, and whether its device or host copy is a prefetched, unused copy of its
+        # file extent (kept until the first use, so evicting it writes nothing).
+        self._expected: float | None = None
+        self._prefetch: asyncio.Task[None] | None = None
+        self._prefetch_moving = False  # its prefetch task is moving it now: let it finish
+        self._clean = False
+        self._last_use: float | None = None
+
+    @property
+    def expected_at(self) -> float | None:
+        """When its next use is expected (runtime clock), if :meth:`Pager.expect` said so."""
+        return self._expected
+
+    @property
+    def prefetched(self) -> bool:
+        """Whether its data was brought in ahead of a use that has not come yet."""
+        return self._clean
 
     @property
     def in_transit(self) -> bool:
@@ -229,6 +278,14 @@ class PagerStatistics:
     bytes_out: int
     bytes_in: int
     failures: int
+    prefetches: int = 0
+    """Pages brought file → host ahead of an expected use."""
+    prefetch_hits: int = 0
+    """Uses that found their page brought in by a prefetch."""
+    prefetch_wasted: int = 0
+    """Prefetched pages evicted or released before any use (a wrong prediction)."""
+    prefetch_failures: int = 0
+    """Prefetches that failed (storage error, checksum, no memory in time)."""
 
 
 def choose_page_outs(
@@ -279,6 +336,77 @@ def _death(sub: Submission) -> Frontier:
     return Frontier({sub.queue.axis: sub.epoch})
 
 
+class ArrivalModel(Protocol):
+    """Predicts when pages will be used again, so the pager brings them in ahead of time.
+
+    The pager tells it of every use as it starts (:meth:`observe`) and of every page
+    released (:meth:`forget`), and asks it (:meth:`predict`) whenever a page leaves the
+    device; a prediction becomes a :meth:`Pager.expect`. It must keep plain values (page
+    names, times), not the pages.
+    """
+
+    def observe(self, page: Page, now: float) -> None:
+        """A use of ``page`` starts at ``now`` (runtime clock)."""
+
+    def predict(self, page: Page, now: float) -> float | None:
+        """When ``page`` will next be used (runtime clock), or None for no prediction."""
+
+    def forget(self, page: Page) -> None:
+        """``page`` was released: drop what is known of it."""
+
+
+class ReuseIntervals:
+    """An :class:`ArrivalModel`: a page returns after the mean of its past idle gaps.
+
+    A gap between two uses of a page longer than ``min_gap`` seconds is an idle period
+    (a user reading, an agent waiting for a tool); shorter gaps are one burst of work.
+    The prediction is the last use plus the exponentially weighted mean of the page's
+    idle periods (``weight`` for the newest); a page with no idle period yet has none.
+
+    Args:
+        min_gap: seconds between uses that count as an idle period.
+        weight: the newest idle period's weight in the mean, in (0, 1].
+    """
+
+    def __init__(self, *, min_gap: float = 0.5, weight: float = 0.5) -> None:
+        if isinstance(min_gap, bool) or not isinstance(min_gap, int | float):
+            raise TypeError(f"min_gap must be seconds, got {min_gap!r}")
+        if not (min_gap >= 0 and math.isfinite(min_gap)):
+            raise ValueError(f"min_gap must be finite and >= 0 seconds, got {min_gap!r}")
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise TypeError(f"weight must be a number, got {weight!r}")
+        if not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight!r}")
+        self.min_gap = float(min_gap)
+        self.weight = float(weight)
+        self._last: dict[str, float] = {}  # page name -> its last use's start
+        self._idle: dict[str, float] = {}  # page name -> mean idle period
+
+    def observe(self, page: Page, now: float) -> None:
+        """Record a use of ``page`` at ``now``; a long gap since the last one is an idle period."""
+        last = self._last.get(page.name)
+        if last is not None and now - last > self.min_gap:
+            gap = now - last
+            mean = self._idle.get(page.name)
+            self._idle[page.name] = gap if mean is None else mean + self.weight * (gap - mean)
+        self._last[page.name] = now
+
+    def predict(self, page: Page, now: float) -> float | None:
+        """The last use plus the mean idle period, or None before any idle period."""
+        last, mean = self._last.get(page.name), self._idle.get(page.name)
+        if last is None or mean is None:
+            return None
+        return last + mean
+
+    def forget(self, page: Page) -> None:
+        """Drop the page's history."""
+        self._last.pop(page.name, None)
+        self._idle.pop(page.name, None)
+
+    def __repr__(self) -> str:
+        return f"<ReuseIntervals min_gap={self.min_gap} pages={len(self._last)}>"
+
+
 class Pager:
     """Pages mutable blocks between device memory, host memory and a file.
 
@@ -300,6 +428,16 @@ class Pager:
             page is read back, so changed bytes raise :class:`PageCorruptedError`
             instead of coming back as data. False leaves that to the filesystem.
         name: a label for logs, queue-free.
+        arrivals: predicts when a page that leaves the device is used next; each
+            prediction is an :meth:`expect` (see :class:`ReuseIntervals`).
+        prefetch_margin: a prefetch starts this many times its measured read and copy
+            time before the expected use (>= 1); before anything was measured it starts
+            at once.
+        prefetch_evicts: whether a prefetch's host → device step may page out device
+            pages that nobody expects sooner (least recently used first). False (the
+            default): it takes only free device memory, and otherwise leaves the page in
+            host memory for the use to copy in; evicting for a guess can push out a page
+            an unpredicted use needs next.
     """
 
     def __init__(
@@ -315,8 +453,20 @@ class Pager:
         file_capacity: int = DEFAULT_FILE_CAPACITY,
         verify: bool = True,
         name: str = "pager",
+        arrivals: ArrivalModel | None = None,
+        prefetch_margin: float = DEFAULT_PREFETCH_MARGIN,
+        prefetch_evicts: bool = False,
     ) -> None:
         from ..devices.storage import StorageDevice
+
+        if (
+            isinstance(prefetch_margin, bool)
+            or not isinstance(prefetch_margin, int | float)
+            or not (1 <= prefetch_margin < math.inf)
+        ):
+            raise ValueError(
+                f"prefetch_margin must be a finite number >= 1, got {prefetch_margin!r}"
+            )
 
         if not isinstance(storage.device, StorageDevice):
             raise TypeError(f"storage queue {storage.name!r} is not on a StorageDevice")
@@ -340,6 +490,16 @@ class Pager:
         self._count = 0
         self._page_outs = self._page_ins = self._bytes_out = self._bytes_in = 0
         self._failures = 0
+        self.arrivals = arrivals
+        self.prefetch_margin = float(prefetch_margin)
+        self.prefetch_evicts = bool(prefetch_evicts)
+        self._prefetching: set[asyncio.Task[None]] = set()
+        self._prefetch_reads: DeviceQueue | None = None  # created by the first prefetch
+        self._prefetches = self._prefetch_hits = self._prefetch_wasted = 0
+        self._prefetch_failures = 0
+        # Measured seconds per byte of a file read and of a host <-> device copy.
+        self._read_rate: float | None = None
+        self._copy_rate: float | None = None
         self._closed = False
         runtime.on_memory_pressure(self._on_memory_pressure)
 
@@ -428,6 +588,13 @@ class Pager:
             StorageError: the page-in failed; the page stays in the file, intact.
         """
         self._check_page(page)
+        now = self.runtime.now()
+        if self.arrivals is not None:
+            self.arrivals.observe(page, now)
+        page._expected = None  # the expected use has come
+        page._last_use = now
+        if page._prefetch is not None and page._transit is None:
+            page._prefetch.cancel()  # not moving it: this use pages it in itself
         page.pins += 1
         try:
             while page.tier is not Tier.DEVICE or page._transit is not None:
@@ -435,6 +602,11 @@ class Pager:
                     await asyncio.wait([page._transit])
                 else:
                     await self.page_in(page)
+            if page._clean:
+                # The first use of a prefetched copy: from now on the device copy is the
+                # data, and the file extent it came from is free.
+                self._prefetch_hits += 1
+                self._drop_clean_extent(page)
             value = page._value
             page._value = value + 1
             self._lru.move_to_end(page)
@@ -451,6 +623,8 @@ class Pager:
         self._check_page(page)
         if page.pins or page._transit is not None:
             raise RuntimeError(f"{page!r} is in use or moving; cannot release it")
+        if page._prefetch is not None:
+            page._prefetch.cancel()
         page._transit = asyncio.get_running_loop().create_future()
         try:
             sem, value = page.ready
@@ -463,6 +637,12 @@ class Pager:
             self._settle(page)
         page.released = True
         del self._lru[page]
+        if page._clean:
+            self._prefetch_wasted += 1
+            page._clean = False
+        page._expected = None
+        if self.arrivals is not None:
+            self.arrivals.forget(page)
         if page._device is not None:
             self._free(page._device, death)
         if page._host is not None:
@@ -492,6 +672,7 @@ class Pager:
         if page.tier is Tier.FILE or page.tier is tier:
             return
         page._transit = asyncio.get_running_loop().create_future()
+        was_clean = page._clean
         try:
             if page.tier is Tier.DEVICE:
                 await self._out_of_device(page, tier)
@@ -503,6 +684,12 @@ class Pager:
             raise
         finally:
             self._settle(page)
+        if was_clean and cast(Tier, page.tier) is Tier.FILE:
+            # A prefetch for nothing (or too early): forget the prediction rather than
+            # bring the page back into the pressure that just pushed it out.
+            page._expected = None
+            return
+        self._foresee_after_page_out(page)
 
     async def page_in(self, page: Page) -> None:
         """Bring the page back to device memory; returns once its data is there.
@@ -525,6 +712,9 @@ class Pager:
             self._settle(page)
 
     async def _out_of_device(self, page: Page, tier: Tier) -> None:
+        if page._clean and tier is Tier.FILE:
+            self._evict_clean(page)
+            return
         storage = self._storage_device
         value = page._value
         device_bytes = self._raw(page._device_tensor)
@@ -593,6 +783,9 @@ class Pager:
         self._log("page_out", page, tier=page.tier.value, frontier=repr(last.frontier))
 
     async def _host_to_file(self, page: Page) -> None:
+        if page._clean:
+            self._evict_clean(page)
+            return
         value = page._value
         extent = await self._file_space.allocate(page.nbytes, self._storage_requester())
         out = self.runtime.semaphore(name=f"{page.semaphore.name}.out")
@@ -694,6 +887,7 @@ class Pager:
         page._device = device
         page._device_tensor = self._typed(device_bytes, page)
         page.tier = Tier.DEVICE
+        self._measure(read, copy, page.nbytes)
         self._page_ins += 1
         self._bytes_in += page.nbytes
         self._log("page_in", page, frontier=repr(last.frontier))
@@ -779,6 +973,272 @@ class Pager:
         returned, self._returned = self._returned, None
         if returned is not None and not returned.done():
             returned.set_result(None)
+
+    # -- foresight -------------------------------------------------------------------
+
+    def expect(self, page: Page, *, at: float | None = None, after: float | None = None) -> float:
+        """Say that ``page`` will be used at ``at`` (runtime clock) or ``after`` seconds from now.
+
+        A page out of device memory is then brought in ahead of the use: read file →
+        host about ``prefetch_margin`` times its measured read and copy time before,
+        and copied host → device shortly before if the device has free room (with
+        ``prefetch_evicts``, paging out least recently used device pages that nobody
+        expects sooner); otherwise the use finds it in host memory and pays only the
+        copy. A page on the device keeps the expectation: if
+        it is paged out before then, it is brought back. A later call replaces the
+        expectation; :meth:`forget` drops it. A prediction that proves wrong costs only
+        memory within the budgets: the prefetched copy is clean, evicted first and
+        without writing.
+
+        Returns:
+            The expected time, on the runtime clock.
+
+        Raises:
+            TypeError: not exactly one of ``at`` and ``after``, or one is not a number.
+            ValueError: a value that is not finite, or ``after`` < 0.
+            PageReleasedError: the page was released.
+            UnknownPageError: the page belongs to another pager.
+            RuntimeError: the pager is closed.
+        """
+        self._check_page(page)
+        when = self._expected_time(at, after)
+        self._cancel_prefetch(page)
+        page._expected = when
+        if page.tier is not Tier.DEVICE or page._transit is not None:
+            self._start_prefetch(page, when)
+        self._log("page_expected", page, at=when, tier=page.tier.value)
+        return when
+
+    def forget(self, page: Page) -> None:
+        """Drop the page's expected use; a prefetch not yet moving it is called off.
+
+        Raises:
+            PageReleasedError / UnknownPageError / RuntimeError: as :meth:`expect`.
+        """
+        self._check_page(page)
+        page._expected = None
+        self._cancel_prefetch(page)
+
+    def _expected_time(self, at: object, after: object) -> float:
+        """The runtime-clock time that ``at=`` or ``after=`` names (exactly one of them)."""
+        if (at is None) == (after is None):
+            raise TypeError(
+                f"expect takes exactly one of at= (runtime clock) and after= (seconds from "
+                f"now), got at={at!r}, after={after!r}"
+            )
+        name, value = ("at", at) if at is not None else ("after", after)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(
+                f"expect: {name}= must be seconds, got {type(value).__name__} {value!r}"
+            )
+        if not math.isfinite(value):
+            raise ValueError(f"expect: {name}= must be finite, got {value!r}")
+        if name == "after":
+            if value < 0:
+                raise ValueError(f"expect: after= must be >= 0 seconds, got {value!r}")
+            return self.runtime.now() + float(value)
+        return float(value)
+
+    def _start_prefetch(self, page: Page, when: float) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._foresee(page, when), name=f"asyncfront:prefetch {page.name}"
+        )
+        page._prefetch = task
+        self._prefetching.add(task)
+        task.add_done_callback(self._prefetching.discard)
+
+    def _cancel_prefetch(self, page: Page) -> None:
+        """Call off the page's prefetch unless it is moving the page now."""
+        task, page._prefetch = page._prefetch, None
+        if task is not None and not page._prefetch_moving:
+            task.cancel()
+
+    def _foresee_after_page_out(self, page: Page) -> None:
+        """After a page-out: bring the page back for its expected (or predicted) use."""
+        if page.released or page.tier is Tier.DEVICE or page._prefetch is not None:
+            return
+        now = self.runtime.now()
+        when = page._expected
+        if when is None and self.arrivals is not None:
+            when = self.arrivals.predict(page, now)
+            if when is not None and math.isfinite(when) and when > now:
+                page._expected = when
+                self._log("page_predicted", page, at=when)
+            else:
+                when = None
+        if when is not None and when > now:
+            self._start_prefetch(page, when)
+
+    async def _foresee(self, page: Page, when: float) -> None:
+        """The prefetch task: file → host, then host → device, each as late as is safe."""
+        task = asyncio.current_task()
+        slept = False  # once per step: a clock with coarse resolution may wake a hair early
+        try:
+            while not (self._closed or page.released) and page._expected == when:
+                if page.tier is Tier.DEVICE and page._transit is None:
+                    return
+                if page._transit is not None:
+                    await asyncio.wait([page._transit])
+                    continue
+                if page.pins:
+                    return  # a use is paging it in itself
+                start = when - self._lead(page, from_file=page.tier is Tier.FILE)
+                now = self.runtime.now()
+                if now < start and not slept:
+                    await asyncio.sleep(start - now)
+                    slept = True
+                    continue
+                page._prefetch_moving = True
+                try:
+                    if page.tier is Tier.FILE:
+                        await self._prefetch_to_host(page)
+                        slept = False
+                        continue
+                    if not await self._make_room_on_device(page, when):
+                        return  # the use finds it in host memory and pays only the copy
+                    await self.page_in(page)
+                    self._lru.move_to_end(page, last=False)  # unused: evicted first
+                    return
+                finally:
+                    page._prefetch_moving = False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The page is where it was; the use pages it in on demand and meets the error
+            # itself if it persists.
+            self._prefetch_failures += 1
+            self._log("prefetch_failed", page, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if page._prefetch is task:
+                page._prefetch = None
+
+    async def _prefetch_to_host(self, page: Page) -> None:
+        """Read the page file → host, keeping its extent: a clean host copy, evicted first."""
+        loop = asyncio.get_running_loop()
+        page._transit = loop.create_future()
+        sem, value = page.semaphore, page._value
+        staging: Buffer | None = None
+        read: Submission | None = None
+        try:
+            assert page._extent is not None
+            # Host memory now or not at all (page-outs of older host pages allowed): a
+            # prefetch waiting for memory would hold back the use it is meant to speed up.
+            staging = await self._allocate(self.host, page, loop.time())
+            host_bytes = buffer_bytes(staging)
+            read = self._storage_device.read(
+                self._prefetch_queue(),
+                host_bytes,
+                self.file,
+                page._extent.offset,
+                waits=[(sem, value)],
+                signals=[(sem, value + 1)],
+                name=f"prefetch read {page.name}",
+                checksum=page._checksum,
+            )
+            await read
+        except BaseException as exc:
+            if staging is not None:
+                self._free(staging, _death(read) if read is not None else Frontier())
+            self._rearm(page)
+            self._settle(page)
+            corrupted = self._corrupted(page, exc)
+            if corrupted is not None:
+                raise corrupted from exc
+            raise
+        page._value = value + 1
+        page._host, page._host_tensor = staging, host_bytes
+        page.tier = Tier.HOST
+        page._clean = True  # the extent keeps the same bytes until the first use
+        self._lru.move_to_end(page, last=False)
+        self._measure(read, None, page.nbytes)
+        self._prefetches += 1
+        self._settle(page)
+        self._log("prefetch", page, tier="host", frontier=repr(read.frontier))
+
+    async def _make_room_on_device(self, page: Page, when: float) -> bool:
+        """Page out what must go for ``page`` to fit on its device; False if it cannot.
+
+        Without ``prefetch_evicts`` nothing goes: only free room is taken. With it, only
+        pages nobody expects before ``when`` go, least recently used first (unused
+        prefetched copies sit there): a page that will be needed sooner stays. A victim
+        whose page-out fails keeps its place, and the prefetch stops in host memory.
+        """
+        needed, reclaimable = shortfall(self.runtime, page.context, page.nbytes)
+        if needed <= 0:
+            return True
+        if not self.prefetch_evicts:
+            return False
+        order = [
+            p
+            for p in self._lru
+            if p is not page
+            and p.context.device is page.context.device
+            and (p._expected is None or p._expected > when)
+        ]
+        plan = choose_page_outs(order, needed, reclaimable)
+        if not plan.victims:
+            return False
+        for victim in plan.victims:
+            if victim.pins or victim._transit is not None or victim.tier is not Tier.DEVICE:
+                return False  # it changed while an earlier victim moved
+            try:
+                await self.page_out(victim, self.spill)
+            except Exception:
+                return False  # logged and counted by page_out; the victim kept its data
+        needed, _ = shortfall(self.runtime, page.context, page.nbytes)
+        return needed <= 0
+
+    def _prefetch_queue(self) -> DeviceQueue:
+        """A queue below the storage queue's priority: page-ins and page-outs go first."""
+        queue = self._prefetch_reads
+        if queue is None:
+            queue = self._prefetch_reads = self._storage_device.queue(
+                priority=self.storage.priority - 1, name=f"{self.storage.name}.prefetch"
+            )
+        return queue
+
+    def _lead(self, page: Page, *, from_file: bool) -> float:
+        """Seconds before the use to start bringing the page in (inf: start now).
+
+        The host → device step starts early enough to push one victim out through host
+        memory to the file and copy the page in; the file → host step before that,
+        early enough for one more read. Both times ``prefetch_margin``.
+        """
+        copy, read = self._copy_rate, self._read_rate
+        if copy is None or read is None:
+            return math.inf
+        seconds = (read + 2 * copy) * page.nbytes
+        if from_file:
+            seconds += read * page.nbytes
+        return seconds * self.prefetch_margin
+
+    def _measure(self, read: Submission | None, copy: Submission | None, nbytes: int) -> None:
+        """Keep the latest read and copy seconds per byte (device time, not queueing)."""
+        for sub, attr in ((read, "_read_rate"), (copy, "_copy_rate")):
+            if sub is None or sub.started_at is None or sub.finished_at is None:
+                continue
+            setattr(self, attr, (sub.finished_at - sub.started_at) / nbytes)
+
+    def _evict_clean(self, page: Page) -> None:
+        """Drop a prefetched copy nobody used: its file extent still holds the same bytes."""
+        death = page.semaphore.frontier  # the prefetch's read and copy, all signalled
+        if page._device is not None:
+            self._free(page._device, death)
+        if page._host is not None:
+            self._free(page._host, death)
+        page._device = page._device_tensor = page._host = page._host_tensor = None
+        page.tier = Tier.FILE
+        page._clean = False
+        self._prefetch_wasted += 1
+        self._page_outs += 1
+        self._log("page_out", page, tier="file", clean=True)
+
+    def _drop_clean_extent(self, page: Page) -> None:
+        """The first use of a prefetched page: its file extent no longer holds its data."""
+        assert page._extent is not None
+        self._file_space.free(page._extent, page.semaphore.frontier)
+        page._extent = page._checksum = None
+        page._clean = False
 
     # -- memory pressure -------------------------------------------------------------
 
@@ -866,9 +1326,9 @@ class Pager:
     def _check_page(self, page: Page) -> None:
         self._check_open()
         if page.released:
-            raise RuntimeError(f"{page!r} was released")
+            raise PageReleasedError(f"{page!r} was released; its data is gone")
         if page not in self._lru:
-            raise ValueError(f"{page!r} belongs to another pager")
+            raise UnknownPageError(f"{page!r} is not a page of pager {self.name!r}")
 
     def _log(self, event: str, page: Page, **fields: Any) -> None:
         rt = self.runtime
@@ -900,10 +1360,19 @@ class Pager:
             bytes_out=self._bytes_out,
             bytes_in=self._bytes_in,
             failures=self._failures,
+            prefetches=self._prefetches,
+            prefetch_hits=self._prefetch_hits,
+            prefetch_wasted=self._prefetch_wasted,
+            prefetch_failures=self._prefetch_failures,
         )
 
     async def aclose(self) -> None:
         """Release every page; the pager stops answering memory pressure."""
+        tasks = list(self._prefetching)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         for page in list(self._lru):
             if page._transit is not None:
                 await asyncio.wait([page._transit])
