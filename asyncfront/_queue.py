@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import itertools
 import time
 import weakref
 from collections import deque
@@ -67,6 +68,8 @@ _COMPLETED = SubmissionState.COMPLETED
 _READY = SubmissionState.READY
 _DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
 _NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
+
+_tokens = itertools.count(1)
 
 # Where a queue's head is (DeviceQueue._stage); the first two are re-entered on a wake.
 _FRESH = 0  # taken from the FIFO, waits not looked at
@@ -380,6 +383,10 @@ class DeviceQueue:
         self._timer: asyncio.TimerHandle | None = None
         self._handed: tuple[int, Any] | None = None
         self._scheduled = False  # on the trampoline's ready list
+        # Whether every frontier of the queue dominates the one before (true until a
+        # truncation drops an entry): lets a semaphore signalled only from here skip merges.
+        self._monotone = True
+        self._token = next(_tokens)  # names the queue to semaphores without keeping it
         self._trampoline = runtime._trampoline
         self._arbiter = device._arbiter
         self._claims = device.claims_waits
@@ -431,6 +438,7 @@ class DeviceQueue:
         frontier = base.with_epoch(axis, epoch)
         if len(frontier._axes) > self._capacity:
             frontier = frontier.truncated(self._capacity, keep=axis)
+            self._monotone = False
         return frontier
 
     @property
@@ -766,6 +774,7 @@ class DeviceQueue:
                 base = met.merge(waiter._result)
                 if len(base._axes) > self._capacity:
                     base = base.truncated(self._capacity, keep=self.axis)
+                    self._monotone = False
                 self._base = sub._base = base
                 self._last_epoch = sub.epoch
                 return True
@@ -800,6 +809,7 @@ class DeviceQueue:
     def _settle_base(self, sub: Submission, base: Frontier) -> None:
         if len(base._axes) > self._capacity:
             base = base.truncated(self._capacity, keep=self.axis)
+            self._monotone = False
         self._base = base
         # The frontier is base | {axis: epoch}, built only when someone needs it.
         sub._base = base
@@ -891,9 +901,11 @@ class DeviceQueue:
                 base = sub._base
                 assert base is not None
                 frontier = sub._frontier = self._materialize(base, sub.epoch)
+            # While nothing was truncated, each frontier of this queue dominates its last.
+            source = self._token if self._monotone else None
             try:
                 for sem, value in signals:
-                    sem.signal(value, frontier)
+                    sem._signal_from(source, value, frontier)
                     if runtime._log_debug:
                         runtime._log.debug(
                             "signal", queue=self.name, semaphore=sem.name, value=value

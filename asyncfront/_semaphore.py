@@ -162,6 +162,7 @@ class TimelineSemaphore:
         "_live",
         "_loop",
         "_seq",
+        "_source",
         "_value",
         "_waiters",
         "name",
@@ -173,6 +174,8 @@ class TimelineSemaphore:
         self.name = name if name is not None else f"sem{next(_names)}"
         self._value = initial
         self._frontier = EMPTY
+        # The token of the queue whose frontiers alone the semaphore's frontier merges.
+        self._source: int | None = None
         self._failure: BaseException | None = None
         # heap of (target value, sequence, future): O(log n) insert, ordered wake-ups
         self._waiters: list[tuple[int, int, AnyWaiter]] = []
@@ -238,6 +241,14 @@ class TimelineSemaphore:
                 ``2**64 - 1``.
             SemaphoreFailedError: the semaphore has failed.
         """
+        self._signal_from(None, value, frontier)
+
+    def _signal_from(self, source: int | None, value: int, frontier: Frontier | None) -> None:
+        """:meth:`signal`, by ``source`` (a queue's token) whose every frontier dominates its last.
+
+        While every signal so far came from that one source, the semaphore's frontier is
+        the source's last one, so the new frontier replaces it without a merge.
+        """
         if type(value) is not int or value > MAX_VALUE:
             value = check_value(f"semaphore {self.name!r}: signal value", value)
         if frontier is not None and type(frontier) is not Frontier:
@@ -251,7 +262,11 @@ class TimelineSemaphore:
             )
         self._value = value
         if frontier is not None and frontier._axes:
-            self._frontier = self._frontier.merge(frontier)
+            if source is not None and self._source is source:
+                self._frontier = frontier
+            else:
+                merged = self._frontier = self._frontier.merge(frontier)
+                self._source = source if merged is frontier else None
         waiters = self._waiters
         if waiters and waiters[0][0] <= value:
             current = self._frontier
