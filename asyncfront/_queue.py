@@ -544,6 +544,12 @@ class DeviceQueue:
         if memory is not None:
             sub.memory = memory
             sub.annotate(memory=memory)
+        elif fn is None and cost is None and self._current is None and not self._fifo:
+            # A barrier with nothing ahead: finished here when its waits are met, without
+            # going through the FIFO (nothing is pending, so no record needs keeping).
+            runtime = self._runtime_ref()
+            if runtime is not None and runtime._open and self._barrier_now(sub, runtime):
+                return sub
         self._fifo.append(sub)
         if waits_t:
             unmet = self._unmet
@@ -567,20 +573,35 @@ class DeviceQueue:
         runtime = self._runtime_ref()
         if runtime is None:
             raise RuntimeError(f"queue {self.name!r}: its runtime was closed and freed")
+        self._announce(sub, runtime)
+        if self._current is None and not self._scheduled:
+            self._schedule()
+        return sub
+
+    def _announce(self, sub: Submission, runtime: Runtime) -> None:
+        """Tell the runtime's hook and the debug log about a new submission."""
         hook = runtime._submit_hook
         if hook is not None:
             hook(sub)
         if runtime._log_debug:
             runtime._log.debug(
-                "submit", queue=self.name, submission=name, epoch=epoch, waits=len(waits_t)
-            )
-        if self._current is None and not self._scheduled:
-            if fn is None and cost is None and memory is None and len(self._fifo) == 1:
-                # A barrier with nothing ahead finishes here, when its waits are met.
-                self._advance()
-            else:
-                self._schedule()
-        return sub
+                "submit", queue=self.name, submission=sub.name, epoch=sub.epoch,
+                waits=len(sub.waits),
+            )  # fmt: skip
+
+    def _barrier_now(self, sub: Submission, runtime: Runtime) -> bool:
+        """Finish a barrier submitted to an idle queue if its waits are met; else False."""
+        base = self._base
+        for sem, value in sub.waits:
+            if sem._failure is not None or sem._value < value:
+                return False  # it waits (or fails) in turn, through the FIFO
+            base = base.merge(sem._frontier)
+        self._announce(sub, runtime)
+        self._current = sub
+        self._settle_base(sub, base)
+        sub.started_at = sub.finished_at = sub.submitted_at
+        self._complete(sub, None, runtime)
+        return True
 
     def _warn_same_queue(self, sub: Submission, sem: TimelineSemaphore, value: int) -> None:
         earlier = self._earlier_waiter(sem, value)

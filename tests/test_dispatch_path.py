@@ -39,6 +39,8 @@ def test_a_barrier_behind_work_or_on_an_unmet_wait_keeps_its_turn() -> None:
             assert work.finished_at is not None and behind.finished_at is not None
             assert work.finished_at <= behind.finished_at and behind.epoch == work.epoch + 1
             waiting = q.submit(waits=[(gate, 1)])
+            assert not waiting.done()
+            await asyncio.sleep(0)
             assert not waiting.done() and q.statistics().blocked
             gate.signal(1)
             await waiting
