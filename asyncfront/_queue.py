@@ -70,6 +70,7 @@ _DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
 _NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
 
 _tokens = itertools.count(1)
+_PLAIN_SIGNAL = TimelineSemaphore.signal
 
 # Where a queue's head is (DeviceQueue._stage); the first two are re-entered on a wake.
 _FRESH = 0  # taken from the FIFO, waits not looked at
@@ -926,7 +927,10 @@ class DeviceQueue:
             source = self._token if self._monotone else None
             try:
                 for sem, value in signals:
-                    sem._signal_from(source, value, frontier)
+                    if type(sem).signal is _PLAIN_SIGNAL:
+                        sem._signal_from(source, value, frontier)
+                    else:  # a subclass's signal (a cluster's owned semaphore) runs as such
+                        sem.signal(value, frontier)
                     if runtime._log_debug:
                         runtime._log.debug(
                             "signal", queue=self.name, semaphore=sem.name, value=value

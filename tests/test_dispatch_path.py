@@ -163,3 +163,25 @@ def test_closing_with_a_head_on_a_timer_or_waiting_for_a_slot_gives_everything_b
         assert isinstance(sub.exception(), af.StalledError), sub
         assert "runtime closed" in str(sub.exception())
     assert device.statistics().busy_slots == 0 and device.statistics().waiting_queues == 0
+
+
+def test_a_queue_signals_a_semaphore_subclass_through_its_own_signal() -> None:
+    """A semaphore class that overrides signal() sees every signal a queue gives it."""
+    seen: list[int] = []
+
+    class Watched(af.TimelineSemaphore):
+        def signal(self, value: int, frontier: af.Frontier | None = None) -> None:
+            seen.append(value)
+            super().signal(value, frontier)
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu")
+            sem = Watched(name="watched")
+            q.submit(signals=[(sem, 1)])
+            await q.submit(lambda: None, signals=[(sem, 2)])
+            await q.submit(lambda: None, signals=[(sem, 3)], cost=1.0)
+            assert sem.value == 3 and sem.frontier.get(q.axis) == 3
+
+    run_virtual(main)
+    assert seen == [1, 2, 3]
