@@ -601,7 +601,10 @@ class DeviceQueue:
         self._current = sub
         self._settle_base(sub, base)
         sub.started_at = sub.finished_at = sub.submitted_at
-        self._complete(sub, None, runtime)
+        try:
+            self._complete(sub, None, runtime)
+        except Exception as exc:  # a defect of the queue itself, as on the trampoline
+            runtime._crashed_by(exc)
         return True
 
     def _warn_same_queue(self, sub: Submission, sem: TimelineSemaphore, value: int) -> None:
