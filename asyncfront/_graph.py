@@ -698,6 +698,12 @@ class Graph:
                 if not isinstance(sub, StageBinding):  # a binding was given them at submit
                     sub._plan = plan
                     sub.deadline_at = stage_deadline
+                    if sub.done():  # finished inside submit: a barrier with its waits met
+                        plan.finished(
+                            sub.started_at,
+                            now if sub.finished_at is None else sub.finished_at,
+                            sub.state is not SubmissionState.COMPLETED,
+                        )
             handles[s.name] = handle
         has_dependants = {d for s in order for d in s._after}
         sinks = tuple(s.name for s in order if s not in has_dependants)

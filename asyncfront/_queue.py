@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import itertools
 import math
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
-from ._semaphore import MAX_VALUE, SemaphoreFailedError, TimelineSemaphore, join_waiters
+from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
 from .devices._base import LATER, Device
 
 if TYPE_CHECKING:
@@ -38,7 +40,7 @@ __all__ = (
 )
 
 SemaphoreValue = tuple[TimelineSemaphore, int]
-Waiting = tuple[TimelineSemaphore, int, "asyncio.Future[Frontier]"]
+Waiting = tuple[TimelineSemaphore, int, AnyWaiter]
 
 
 class CancelledWorkError(RuntimeError):
@@ -65,8 +67,24 @@ class SubmissionState(enum.Enum):
 
 
 _COMPLETED = SubmissionState.COMPLETED
+_READY = SubmissionState.READY
 _DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
 _NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
+
+_tokens = itertools.count(1)
+_PLAIN_SIGNAL = TimelineSemaphore.signal
+
+# Where a queue's head is (DeviceQueue._stage); the first two are re-entered on a wake.
+_FRESH = 0  # taken from the FIFO, waits not looked at
+_BLOCKED = 1  # waits on semaphores (DeviceQueue._blocked)
+_SLOT = 2  # waits for a device slot (DeviceQueue._slot)
+_TIMED = 3  # runs as a loop timer (DeviceQueue._timer)
+_TASK = 4  # the queue's task carries it (DeviceQueue._handed)
+
+# What the queue's task does for a head handed to it.
+_CARRY_ACQUIRE = 0  # reserve working memory, acquire a slot, execute
+_CARRY_EXECUTE = 1  # holding a slot: await device.execute
+_CARRY_AWAIT = 2  # holding a slot: await the awaitable the work returned
 
 
 class Outcome:
@@ -244,6 +262,63 @@ class Submission(Outcome):
         )
 
 
+class Trampoline:
+    """One runtime's ready list: queues whose waits ended, advanced in one loop callback.
+
+    A signal readies the queues it unblocks here instead of waking a task each; the
+    first one schedules a single callback that advances every ready queue, including
+    those readied while it runs, so a chain of dependent hops costs one loop callback,
+    not a task wake-up per hop. After ``batch`` queues it yields to the loop, so other
+    callbacks and tasks keep their turn.
+    """
+
+    __slots__ = ("_crashed", "_loop", "_ready", "_scheduled", "batch")
+
+    def __init__(self, crashed: Callable[[BaseException], None], batch: int = 1024) -> None:
+        self._crashed = crashed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: deque[DeviceQueue] = deque()
+        self._scheduled = False
+        self.batch = batch
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop`` (the runtime's, once it opens)."""
+        self._loop = loop
+
+    def push(self, queue: DeviceQueue) -> None:
+        """Advance ``queue`` on the next run (the first push schedules one)."""
+        self._ready.append(queue)
+        if not self._scheduled:
+            self.start()
+
+    def start(self) -> None:
+        """Schedule a run on the loop (queues are already on the ready list)."""
+        self._scheduled = True
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        loop.call_soon(self._run)
+
+    def _run(self) -> None:
+        ready = self._ready
+        budget = self.batch
+        try:
+            while ready and budget:
+                budget -= 1
+                queue = ready.popleft()
+                queue._scheduled = False
+                try:
+                    queue._advance()
+                except Exception as exc:  # a defect of the queue itself: the runtime reports it
+                    self._crashed(exc)
+        finally:
+            if ready:
+                assert self._loop is not None
+                self._loop.call_soon(self._run)
+            else:
+                self._scheduled = False
+
+
 @dataclass(frozen=True)
 class QueueStatistics:
     """A snapshot of a queue's state."""
@@ -284,6 +359,13 @@ class DeviceQueue:
         # What every trace record of this queue names: plain values, shared by the records.
         self._trace_info = (name, axis, device.name, priority)
         self._loop = asyncio.get_running_loop()
+        # The loop's clock; asyncio's own reads time.monotonic, called here without the
+        # method in between (a virtual-time loop keeps its own).
+        self._time: Callable[[], float] = (
+            time.monotonic
+            if type(self._loop).time is asyncio.BaseEventLoop.time
+            else self._loop.time
+        )
         self._fifo: deque[Submission] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._next_epoch = 1
@@ -303,6 +385,22 @@ class DeviceQueue:
         self._signalled: dict[TimelineSemaphore, int] = {}
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        # The consumer (see _advance): what the head waits for, by stage.
+        self._stage = _FRESH
+        self._wait_base: Frontier | None = None  # the head's met waits, while others are not
+        self._slot: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._handed: tuple[int, Any] | None = None
+        self._scheduled = False  # on the trampoline's ready list
+        # Whether every frontier of the queue dominates the one before (true until a
+        # truncation drops an entry): lets a semaphore signalled only from here skip merges.
+        self._monotone = True
+        self._token = next(_tokens)  # names the queue to semaphores without keeping it
+        self._trampoline = runtime._trampoline
+        self._arbiter = device._arbiter
+        self._claims = device.claims_waits
+        self._plain_acquire = type(device).acquire is Device.acquire
+        self._timed = type(device).timed_seconds is not Device.timed_seconds
         # The context whose queue this is, weakly: the context owns its queue.
         self._context_ref: weakref.ref[ExecutionContext] | None = None
 
@@ -338,9 +436,18 @@ class DeviceQueue:
 
     def _materialize(self, base: Frontier, epoch: int) -> Frontier:
         """``base | {axis: epoch}``, truncated to the runtime's frontier capacity."""
-        frontier = base.with_epoch(self.axis, epoch)
+        axis = self.axis
+        axes = base._axes
+        if axis in axes:  # the common case once the queue has run: no truncation needed
+            i = axes.index(axis)
+            epochs = base._epochs
+            if epochs[i] >= epoch:
+                return base
+            return Frontier._make(axes, (*epochs[:i], epoch, *epochs[i + 1 :]))
+        frontier = base.with_epoch(axis, epoch)
         if len(frontier._axes) > self._capacity:
-            frontier = frontier.truncated(self._capacity, keep=self.axis)
+            frontier = frontier.truncated(self._capacity, keep=axis)
+            self._monotone = False
         return frontier
 
     @property
@@ -401,10 +508,26 @@ class DeviceQueue:
         waits_t = tuple(waits) if waits else ()
         signals_t = tuple(signals) if signals else ()
         if waits_t:
-            _check_pairs("waits", waits_t)
+            for pair in waits_t:
+                if not (
+                    type(pair) is tuple
+                    and len(pair) == 2
+                    and type(pair[1]) is int
+                    and 0 <= pair[1] <= MAX_VALUE
+                    and isinstance(pair[0], TimelineSemaphore)
+                ):
+                    _check_pairs("waits", waits_t)
         if signals_t:
-            _check_pairs("signals", signals_t)
-            for sem, value in signals_t:
+            for pair in signals_t:
+                if not (
+                    type(pair) is tuple
+                    and len(pair) == 2
+                    and type(pair[1]) is int
+                    and 0 <= pair[1] <= MAX_VALUE
+                    and isinstance(pair[0], TimelineSemaphore)
+                ):
+                    _check_pairs("signals", signals_t)
+                sem, value = pair
                 if value <= sem._value:
                     raise ValueError(
                         f"queue {self.name!r}: signal value {value} for semaphore "
@@ -430,13 +553,19 @@ class DeviceQueue:
             name,
             cost,
             epoch,
-            self._loop.time(),
+            self._time(),
         )
+        if deadline_at is not None:
+            sub.deadline_at = deadline_at
         if memory is not None:
             sub.memory = memory
             sub.annotate(memory=memory)
-        if deadline_at is not None:
-            sub.deadline_at = deadline_at
+        elif fn is None and cost is None and self._current is None and not self._fifo:
+            # A barrier with nothing ahead: finished here when its waits are met, without
+            # going through the FIFO (nothing is pending, so no record needs keeping).
+            runtime = self._runtime_ref()
+            if runtime is not None and runtime._open and self._barrier_now(sub, runtime):
+                return sub
         self._fifo.append(sub)
         if waits_t:
             unmet = self._unmet
@@ -457,21 +586,41 @@ class DeviceQueue:
                     self._warn_same_queue(sub, sem, value)
                 if ahead.get(sem, -1) < value:
                     ahead[sem] = value
-        hook = self.runtime._submit_hook
+        runtime = self._runtime_ref()
+        if runtime is None:
+            raise RuntimeError(f"queue {self.name!r}: its runtime was closed and freed")
+        self._announce(sub, runtime)
+        if self._current is None and not self._scheduled:
+            self._schedule()
+        return sub
+
+    def _announce(self, sub: Submission, runtime: Runtime) -> None:
+        """Tell the runtime's hook and the debug log about a new submission."""
+        hook = runtime._submit_hook
         if hook is not None:
             hook(sub)
-        wakeup = self._wakeup
-        if wakeup is not None:
-            self._wakeup = None
-            wakeup.set_result(None)
-        elif self._task is None:
-            self.runtime._start_queue(self)
-        runtime = self.runtime
         if runtime._log_debug:
             runtime._log.debug(
-                "submit", queue=self.name, submission=name, epoch=epoch, waits=len(waits_t)
-            )
-        return sub
+                "submit", queue=self.name, submission=sub.name, epoch=sub.epoch,
+                waits=len(sub.waits),
+            )  # fmt: skip
+
+    def _barrier_now(self, sub: Submission, runtime: Runtime) -> bool:
+        """Finish a barrier submitted to an idle queue if its waits are met; else False."""
+        base = self._base
+        for sem, value in sub.waits:
+            if sem._failure is not None or sem._value < value:
+                return False  # it waits (or fails) in turn, through the FIFO
+            base = base.merge(sem._frontier)
+        self._announce(sub, runtime)
+        self._current = sub
+        self._settle_base(sub, base)
+        sub.started_at = sub.finished_at = sub.submitted_at
+        try:
+            self._complete(sub, None, runtime)
+        except Exception as exc:  # a defect of the queue itself, as on the trampoline
+            runtime._crashed_by(exc)
+        return True
 
     def _warn_same_queue(self, sub: Submission, sem: TimelineSemaphore, value: int) -> None:
         earlier = self._earlier_waiter(sem, value)
@@ -514,7 +663,8 @@ class DeviceQueue:
         wakeup = self._wakeup
         if wakeup is not None:
             self._wakeup = None
-            wakeup.set_result(None)  # the idle task wakes, sees the queue closed, and ends
+            if not wakeup.done():  # cancelled with the task as the runtime closed
+                wakeup.set_result(None)  # the idle task wakes, sees the queue closed, and ends
         runtime = self._runtime_ref()
         if runtime is not None and runtime._open and not self._busy():
             runtime._retire(self)
@@ -548,169 +698,436 @@ class DeviceQueue:
     def _busy(self) -> bool:
         return bool(self._fifo) or self._current is not None
 
-    async def _run(self) -> None:
+    def _schedule(self) -> None:
+        """Ready the queue to advance on its runtime's trampoline (a wait of it ended)."""
+        if not self._scheduled:
+            self._scheduled = True
+            trampoline = self._trampoline
+            trampoline._ready.append(self)
+            if not trampoline._scheduled:
+                trampoline.start()
+
+    def _waiter_done(self, waiter: asyncio.Future[Frontier]) -> None:
+        self._schedule()
+
+    def _advance(self) -> None:
+        """Run the queue's work in FIFO order as far as it goes without awaiting.
+
+        The head's unmet waits register :class:`~asyncfront._semaphore.Waiter` call
+        backs (the queue advances again once they end), a busy slot a grant, timed work
+        a loop timer; work that must await goes to the queue's task. Barriers, met waits
+        and a device's immediate calls (``execute_now``) finish here.
+        """
+        runtime = self._runtime_ref()
+        if runtime is None or not runtime._open:
+            return  # closing: the runtime fails what is left
         fifo = self._fifo
-        loop = self._loop
-        runtime = self.runtime
-        completed = runtime._completed_epochs
-        tracer = runtime.trace
-        axis = self.axis
+        while True:
+            sub = self._current
+            if sub is None:
+                if not fifo:
+                    self._went_idle(runtime)
+                    return
+                sub = self._current = fifo.popleft()
+                stage = _FRESH
+            else:
+                stage = self._stage
+                if stage >= _TIMED:
+                    return  # a timer or the task carries the head
+            try:
+                if stage <= _BLOCKED:
+                    if sub.waits:
+                        if not self._take_waits(sub, runtime):
+                            return
+                    else:
+                        sub._base = self._base
+                        self._last_epoch = sub.epoch
+                    if sub.fn is None and sub.cost is None:
+                        sub.started_at = sub.finished_at = self._time()
+                        self._complete(sub, None, runtime)
+                        continue
+                    sub.state = _READY
+                    if sub.memory is not None or not self._plain_acquire:
+                        self._hand(_CARRY_ACQUIRE, None, runtime)
+                        return
+                    # A slot free with nobody ahead is taken at once; the arbiter decides
+                    # exactly as acquire() would.
+                    if not self._arbiter.try_acquire():
+                        self._wait_slot()
+                        return
+                else:  # _SLOT: the grant ended the wait
+                    slot = self._slot
+                    if slot is None or not slot.done():
+                        return
+                    self._slot = None
+                if not self._execute_held(sub, runtime):
+                    return
+            except BaseException as exc:
+                self._settle_error(sub, exc, runtime)
+
+    def _take_waits(self, sub: Submission, runtime: Runtime) -> bool:
+        """Merge the head's waits into the queue's history; False while some are unmet.
+
+        Raises the error of a failed semaphore or of an ended wait.
+        """
+        blocked = self._blocked
+        if blocked is None:
+            sub.state = SubmissionState.WAITING
+            base = self._base
+            for sem, value in sub.waits:
+                failure = sem._failure
+                if failure is not None:
+                    if blocked is not None:
+                        _drop_waiters(blocked)
+                    raise SemaphoreFailedError(sem, failure)
+                if sem._value >= value:
+                    base = base.merge(sem._frontier)
+                    continue
+                waiter: AnyWaiter
+                if self._claims:
+                    # The device may resolve it itself: a future it can watch.
+                    future = sem._add_waiter(value)
+                    future.add_done_callback(self._waiter_done)
+                    self.device.claim_wait(sub, sem, value, future)
+                    waiter = future
+                else:
+                    waiter = sem._add_callback_waiter(value, self._schedule, self._loop)
+                if blocked is None:
+                    blocked = [(sem, value, waiter)]
+                else:
+                    blocked.append((sem, value, waiter))
+            if blocked is None:
+                self._settle_base(sub, base)
+                return True
+            self._blocked = blocked
+            self._wait_base = base
+            self._stage = _BLOCKED
+            if runtime._stall_timer is None or runtime._draining:
+                runtime._queue_blocked()
+        if len(blocked) == 1:
+            waiter = blocked[0][2]
+            if type(waiter) is Waiter and waiter._state == 1:  # met: the common wake
+                self._blocked = None
+                met = self._wait_base
+                assert met is not None and waiter._result is not None
+                self._wait_base = None
+                base = met.merge(waiter._result)
+                if len(base._axes) > self._capacity:
+                    base = base.truncated(self._capacity, keep=self.axis)
+                    self._monotone = False
+                self._base = sub._base = base
+                self._last_epoch = sub.epoch
+                return True
+        pending = False
+        for _, _, waiter in blocked:
+            if not waiter.done():
+                pending = True
+                continue
+            if waiter.cancelled():
+                continue
+            exc = waiter.exception()
+            if exc is not None:
+                # A multi-wait fails as soon as any wait fails, others still pending.
+                _drop_waiters(blocked)
+                self._blocked = None
+                self._wait_base = None
+                if not isinstance(exc, _WAIT_ENDINGS):
+                    runtime._note_stall()  # an outside error ended the wait
+                raise exc
+        if pending:
+            return False
+        self._blocked = None
+        met = self._wait_base
+        assert met is not None
+        self._wait_base = None
+        base = met
+        for _, _, waiter in blocked:
+            base = base.merge(waiter.result())
+        self._settle_base(sub, base)
+        return True
+
+    def _settle_base(self, sub: Submission, base: Frontier) -> None:
+        if len(base._axes) > self._capacity:
+            base = base.truncated(self._capacity, keep=self.axis)
+            self._monotone = False
+        self._base = base
+        # The frontier is base | {axis: epoch}, built only when someone needs it.
+        sub._base = base
+        self._last_epoch = sub.epoch
+
+    def _wait_slot(self) -> None:
+        """Queue for the device's slot by priority; the grant advances the queue."""
+        slot: asyncio.Future[None] = self._loop.create_future()
+        arbiter = self._arbiter
+        sub = self._current
+        if arbiter.chooser is None or sub is None:
+            arbiter.enqueue(self.priority, slot)
+        else:  # a policy other than the default weighs the work's deadline and workflow
+            arbiter.enqueue_work(
+                self.device._ready_work(sub, self.priority, self._loop.time()), slot
+            )
+        self._slot = slot
+        self._stage = _SLOT
+        slot.add_done_callback(self._slot_done)
+
+    def _slot_done(self, slot: asyncio.Future[None]) -> None:
+        if not slot.cancelled():
+            self._advance()
+
+    def _execute_held(self, sub: Submission, runtime: Runtime) -> bool:
+        """Run the head on the slot just taken; True when it finished here."""
         device = self.device
-        claims = device.claims_waits
-        capacity = self._capacity
-        arbiter = device._arbiter
-        plain_acquire = type(device).acquire is Device.acquire
+        loop = self._loop
+        sub.state = SubmissionState.RUNNING
+        sub.started_at = now = self._time()
+        if runtime._log_debug:
+            runtime._log.debug("start", queue=self.name, submission=sub.name, epoch=sub.epoch)
+        try:
+            result = device.execute_now(sub)
+            if result is LATER:
+                seconds = device.timed_seconds(sub) if self._timed else None
+                if seconds is None:
+                    self._hand(_CARRY_EXECUTE, None, runtime)
+                else:
+                    self._stage = _TIMED
+                    self._timer = loop.call_at(now + seconds, self._timer_fired)
+                return False
+            if result is not None and inspect.isawaitable(result):
+                self._hand(_CARRY_AWAIT, result, runtime)
+                return False
+        except BaseException:
+            device.release()
+            raise
+        device.release()
+        sub.finished_at = self._time()
+        self._complete(sub, result, runtime)
+        return True
+
+    def _timer_fired(self) -> None:
+        """Timed work's duration elapsed: finish it and go on with the queue."""
+        sub = self._current
+        runtime = self._runtime_ref()
+        if sub is None or runtime is None or not runtime._open:
+            return  # closing: the runtime fails the work and takes back its slot
+        self._timer = None
+        device = self.device
+        try:
+            try:
+                result = device.finish_timed(sub)
+            except BaseException:
+                device.release()
+                raise
+            if result is not None and inspect.isawaitable(result):
+                self._hand(_CARRY_AWAIT, result, runtime)
+                return
+            device.release()
+            sub.finished_at = self._loop.time()
+            self._complete(sub, result, runtime)
+        except BaseException as exc:
+            self._settle_error(sub, exc, runtime)
+        self._advance()
+
+    def _hand(self, how: int, awaitable: Any, runtime: Runtime) -> None:
+        """Give the head to the queue's task: the rest of its work must await."""
+        self._stage = _TASK
+        self._handed = (how, awaitable)
+        wakeup = self._wakeup
+        if wakeup is not None:
+            self._wakeup = None
+            if not wakeup.done():  # cancelled with the task as the runtime closed
+                wakeup.set_result(None)
+        elif self._task is None:
+            runtime._start_queue(self)
+
+    def _complete(self, sub: Submission, result: Any, runtime: Runtime) -> None:
+        """Signal the head's semaphores with its frontier and finish it with ``result``."""
+        signals = sub.signals
+        if signals:
+            frontier = sub._frontier
+            if frontier is None:
+                base = sub._base
+                assert base is not None
+                frontier = sub._frontier = self._materialize(base, sub.epoch)
+            # While nothing was truncated, each frontier of this queue dominates its last.
+            source = self._token if self._monotone else None
+            try:
+                for sem, value in signals:
+                    if type(sem).signal is _PLAIN_SIGNAL:
+                        sem._signal_from(source, value, frontier)
+                    else:  # a subclass's signal (a cluster's owned semaphore) runs as such
+                        sem.signal(value, frontier)
+                    if runtime._log_debug:
+                        runtime._log.debug(
+                            "signal", queue=self.name, semaphore=sem.name, value=value
+                        )
+            except Exception as exc:
+                self._fail(sub, exc)
+                self._finished(sub, runtime)
+                return
+        sub._result = result
+        sub.state = _COMPLETED
+        if sub._futures is not None:
+            sub._wake()
+        # _finished, inline: the hot path of every submission
+        self._current = None
+        if sub._plan is not None:  # what a deadline policy learns of its workflow
+            sub._plan.finished(sub.started_at, self._loop.time(), False)
+        if signals:
+            signalled = self._signalled
+            for sem, value in signals:
+                if signalled.get(sem) == value:
+                    del signalled[sem]
+        if sub.waits and self._unmet:
+            self._unindex(sub)
+        epoch = self._completed_epoch = sub.epoch
+        runtime._completed_epochs[self.axis] = epoch
+        runtime._completed_cache = None
+        if runtime._completion_waiters:
+            runtime._axis_completed(self.axis, epoch)
+        tracer = runtime.trace
+        if tracer.enabled:
+            tracer._add(sub)
+
+    def _settle_error(self, sub: Submission, exc: BaseException, runtime: Runtime) -> None:
+        """The head's work or waits raised ``exc``: fail it (and its signals) and go on."""
+        error = exc
+        if isinstance(exc, asyncio.CancelledError):
+            # The work raised CancelledError itself (it awaited something that someone
+            # else cancelled): an error of this submission only.
+            error = CancelledWorkError(
+                f"work {sub.name!r} on queue {self.name!r} raised CancelledError "
+                "(it awaited something that was cancelled)"
+            )
+            error.__cause__ = exc
+        self._fail(sub, error)
+        self._finished(sub, runtime)
+        if not isinstance(exc, Exception | asyncio.CancelledError):
+            raise exc  # KeyboardInterrupt, SystemExit: not the work's error to keep
+
+    def _forget(self, sub: Submission) -> None:
+        """The head is done: let go of it and of the records of its signals and waits."""
+        self._current = None
+        if sub._plan is not None:  # what a deadline policy learns of its workflow
+            sub._plan.finished(sub.started_at, self._loop.time(), sub.state is not _COMPLETED)
+        if sub.signals:
+            signalled = self._signalled
+            for sem, value in sub.signals:
+                # the record is this one's unless later work signals higher
+                if signalled.get(sem) == value:
+                    del signalled[sem]
+        if sub.waits and self._unmet:
+            self._unindex(sub)
+
+    def _finished(self, sub: Submission, runtime: Runtime) -> None:
+        """The head finished (completed or failed): advance the axis and trace it."""
+        self._forget(sub)
+        epoch = sub.epoch
+        axis = self.axis
+        self._completed_epoch = epoch
+        runtime._completed_epochs[axis] = epoch
+        runtime._completed_cache = None
+        if runtime._completion_waiters:
+            runtime._axis_completed(axis, epoch)
+        tracer = runtime.trace
+        if tracer.enabled:
+            tracer._add(sub)
+
+    def _went_idle(self, runtime: Runtime) -> None:
+        """The FIFO drained: a closed queue retires, an open one waits for submissions."""
+        if self._closed:
+            wakeup = self._wakeup
+            if wakeup is not None:
+                self._wakeup = None
+                if not wakeup.done():  # the idle task wakes, sees the queue closed, ends
+                    wakeup.set_result(None)
+            if runtime._open:
+                runtime._retire(self)
+        runtime._queue_settled()
+
+    async def _run(self) -> None:
+        """The queue's task: carries the heads whose work must await (see ``_hand``)."""
+        loop = self._loop
         try:
             while True:
-                if not fifo:
-                    if self._closed:
+                handed = self._handed
+                if handed is None:
+                    if self._closed and not self._busy():
                         return  # closed and drained: the task ends, the queue retires
-                    runtime._queue_settled()
                     wakeup = self._wakeup = loop.create_future()
-                    await wakeup
+                    try:
+                        await wakeup
+                    finally:
+                        self._wakeup = None
                     continue
-                sub = fifo.popleft()
-                self._current = sub
+                self._handed = None
+                sub = self._current
+                assert sub is not None
+                runtime = self.runtime
                 try:
-                    base = self._base
-                    if sub.waits:
-                        sub.state = SubmissionState.WAITING
-                        blocked: list[Waiting] | None = None
-                        for sem, value in sub.waits:
-                            failure = sem._failure
-                            if failure is not None:
-                                if blocked is not None:
-                                    _drop_waiters(blocked)
-                                raise SemaphoreFailedError(sem, failure)
-                            if sem._value >= value:
-                                base = base.merge(sem._frontier)
-                                continue
-                            fut = sem._add_waiter(value)
-                            if blocked is None:
-                                blocked = [(sem, value, fut)]
-                            else:
-                                blocked.append((sem, value, fut))
-                            if claims:
-                                device.claim_wait(sub, sem, value, fut)
-                        if blocked is not None:
-                            self._blocked = blocked
-                            if runtime._stall_timer is None or runtime._draining:
-                                runtime._queue_blocked()
-                            try:
-                                if len(blocked) == 1:
-                                    await blocked[0][2]
-                                else:
-                                    # Fail as soon as any wait fails, even while an
-                                    # earlier one is still pending.
-                                    await join_waiters([w[2] for w in blocked])
-                            except BaseException as exc:
-                                _drop_waiters(blocked)
-                                if not isinstance(exc, _WAIT_ENDINGS):
-                                    runtime._note_stall()  # an outside error ended the wait
-                                raise
-                            finally:
-                                self._blocked = None
-                            for _, _, fut in blocked:
-                                base = base.merge(fut.result())
-                        if len(base._axes) > capacity:
-                            base = base.truncated(capacity, keep=axis)
-                        self._base = base
-                    # The frontier is base | {axis: epoch}, built only when someone needs it.
-                    sub._base = base
-                    self._last_epoch = sub.epoch
-                    if sub.fn is None and sub.cost is None:
-                        sub.started_at = sub.finished_at = loop.time()
-                        result = None
-                    else:
-                        sub.state = SubmissionState.READY
-                        # Working memory first: a memory wait holds no device slot.
-                        working = None if sub.memory is None else await self._reserve(sub)
-                        try:
-                            # A slot free with nobody ahead is taken without a coroutine;
-                            # the arbiter decides exactly as acquire() would.
-                            if plain_acquire:
-                                if not arbiter.try_acquire():
-                                    await device.acquire(self.priority, sub)
-                            else:  # an override keeps the signature it was written for
-                                await device.acquire(self.priority)
-                        except BaseException:
-                            self._unreserve(working)
-                            raise
-                        try:
-                            sub.state = SubmissionState.RUNNING
-                            sub.started_at = loop.time()
-                            if runtime._log_debug:
-                                runtime._log.debug(
-                                    "start", queue=self.name, submission=sub.name, epoch=sub.epoch
-                                )
-                            result = device.execute_now(sub)
-                            if result is LATER:
-                                result = await device.execute(sub)
-                            elif result is not None and inspect.isawaitable(result):
-                                result = await result
-                        finally:
-                            device.release()
-                            self._unreserve(working)
-                        sub.finished_at = loop.time()
-                    if sub.signals:
-                        frontier = sub.frontier
-                        for sem, value in sub.signals:
-                            sem.signal(value, frontier)
-                            if runtime._log_debug:
-                                runtime._log.debug(
-                                    "signal", queue=self.name, semaphore=sem.name, value=value
-                                )
-                    sub._result = result
-                    sub.state = _COMPLETED
-                    if sub._futures is not None:
-                        sub._wake()
+                    result = await self._carry(sub, handed[0], handed[1], runtime)
                 except asyncio.CancelledError as exc:
                     task = asyncio.current_task()
                     if task is None or task.cancelling():
                         # The runtime itself is closing the queue.
                         closing = StalledError(f"runtime closed before {sub.name!r} finished")
                         self._fail(sub, closing)
+                        self._forget(sub)
                         raise
-                    # The work raised CancelledError itself (it awaited something that
-                    # someone else cancelled): an error of this submission only.
-                    error = CancelledWorkError(
-                        f"work {sub.name!r} on queue {self.name!r} raised CancelledError "
-                        "(it awaited something that was cancelled)"
-                    )
-                    error.__cause__ = exc
-                    self._fail(sub, error)
+                    self._settle_error(sub, exc, runtime)
                 except Exception as exc:
-                    self._fail(sub, exc)
-                finally:
-                    self._current = None
-                    if sub.signals:
-                        signalled = self._signalled
-                        for sem, value in sub.signals:
-                            # the record is this one's unless later work signals higher
-                            if signalled.get(sem) == value:
-                                del signalled[sem]
-                    if sub.waits and self._unmet:
-                        self._unindex(sub)
-                    if sub._plan is not None:
-                        sub._plan.finished(
-                            sub.started_at,
-                            loop.time(),
-                            sub.state is not _COMPLETED,
-                        )
-                self._completed_epoch = sub.epoch
-                completed[axis] = sub.epoch
-                runtime._completed_cache = None
-                if runtime._completion_waiters:
-                    runtime._axis_completed(axis, sub.epoch)
-                if tracer.enabled:
-                    tracer._add(sub)
+                    self._settle_error(sub, exc, runtime)
+                else:
+                    self._complete(sub, result, runtime)
                 # Let go of the finished work before idling: an idle queue task must not
                 # keep its last submission (arguments, traceback) or result alive.
-                del sub
+                del sub, runtime, handed
                 result = None
+                self._advance()
         finally:
             self._closed = True
             self._fail_pending()
+
+    async def _carry(self, sub: Submission, how: int, awaitable: Any, runtime: Runtime) -> Any:
+        """The awaiting part of the head's work; returns its result."""
+        device = self.device
+        loop = self._loop
+        if how == _CARRY_ACQUIRE:
+            # Working memory first: a memory wait holds no device slot.
+            working = None if sub.memory is None else await self._reserve(sub)
+            try:
+                if self._plain_acquire:
+                    if not self._arbiter.try_acquire():
+                        await device.acquire(self.priority, sub)
+                else:  # an override keeps the signature it was written for
+                    await device.acquire(self.priority)
+            except BaseException:
+                self._unreserve(working)
+                raise
+            try:
+                sub.state = SubmissionState.RUNNING
+                sub.started_at = loop.time()
+                if runtime._log_debug:
+                    runtime._log.debug(
+                        "start", queue=self.name, submission=sub.name, epoch=sub.epoch
+                    )
+                result = device.execute_now(sub)
+                if result is LATER:
+                    result = await device.execute(sub)
+                elif result is not None and inspect.isawaitable(result):
+                    result = await result
+            finally:
+                device.release()
+                self._unreserve(working)
+        else:
+            try:
+                if how == _CARRY_EXECUTE:
+                    result = await device.execute(sub)
+                else:
+                    result = await awaitable
+            finally:
+                device.release()
+        sub.finished_at = loop.time()
+        return result
 
     async def _reserve(self, sub: Submission) -> WorkingMemory:
         """Reserve ``sub``'s working memory from the queue's context (see ``submit``)."""
@@ -722,7 +1139,10 @@ class DeviceQueue:
             self.runtime._memory.release_working(working)
 
     def _fail_pending(self) -> None:
-        """Fail every submission still in the FIFO: the queue is closing."""
+        """Fail the head and every submission still in the FIFO: the queue is closing."""
+        sub = self._current
+        if sub is not None:
+            self._abort_head(sub)
         self._unmet.clear()
         self._signalled.clear()
         fifo = self._fifo
@@ -730,6 +1150,31 @@ class DeviceQueue:
             closing = StalledError(f"queue {self.name!r} closed before this work ran")
             while fifo:
                 self._fail(fifo.popleft(), closing)
+
+    def _abort_head(self, sub: Submission) -> None:
+        """Withdraw whatever the head waits on, give back a slot it holds, and fail it."""
+        held = False
+        blocked, self._blocked = self._blocked, None
+        self._wait_base = None
+        if blocked is not None:
+            _drop_waiters(blocked)
+        slot, self._slot = self._slot, None
+        if slot is not None and not slot.cancel() and not slot.cancelled():
+            held = True  # granted just as the runtime closed: give it back
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            held = True
+        handed, self._handed = self._handed, None
+        if handed is not None and handed[0] != _CARRY_ACQUIRE:
+            held = True
+            awaitable = handed[1]
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()  # never to be awaited
+        if held:
+            self.device.release()
+        self._fail(sub, StalledError(f"runtime closed before {sub.name!r} finished"))
+        self._forget(sub)
 
     def _abort_blocked(self, doomed: Callable[[TimelineSemaphore, int], str | None]) -> bool:
         """Fail the head's waits that ``doomed`` names a reason for with a StalledError.

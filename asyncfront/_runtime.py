@@ -58,7 +58,7 @@ from ._placement import (
     runtime_candidates,
 )
 from ._policy import Policy, SLOStatistics
-from ._queue import DeviceQueue, StalledError
+from ._queue import DeviceQueue, StalledError, Trampoline
 from ._semaphore import TimelineSemaphore
 from ._stall import StallAnalysis, StalledWait
 from ._stealing import StageBinder
@@ -281,6 +281,9 @@ class Runtime:
         # Set by a RuntimeThread hosting this runtime: resolves when its thread ends.
         self._host_ended: concurrent.futures.Future[None] | None = None
         self._draining = False
+        # Queues whose waits ended, advanced together in one loop callback. Not owning
+        # the runtime: a closed runtime is freed by reference counting.
+        self._trampoline = Trampoline(_crash_reporter(weakref.ref(self)))
         self._settled: asyncio.Future[None] | None = None
         self._stall_timer: asyncio.TimerHandle | None = None  # armed while a queue is blocked
         self._stall_mark = -1  # progress when the timer was armed
@@ -934,6 +937,7 @@ class Runtime:
 
     async def _start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._trampoline.bind(self._loop)
         self.trace.origin = self._loop.time()
         for device in self.devices.values():
             if device.memory is None and device.memory_capacity:
@@ -959,8 +963,15 @@ class Runtime:
         self._tasks.discard(task)
         if task.cancelled():
             _clear_cancelled_frames(task)
-        if not task.cancelled() and task.exception() is not None and self._crash is None:
-            self._crash = task.exception()
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            assert exc is not None
+            self._crashed_by(exc)
+
+    def _crashed_by(self, exc: BaseException) -> None:
+        """A queue or channel crashed (a defect, not a work error): report it on close."""
+        if self._crash is None:
+            self._crash = exc
             signal = self._crashed
             if signal is not None and not signal.done():
                 signal.set_result(None)
@@ -1137,6 +1148,17 @@ class Runtime:
         self._policy_devices.clear()
         if self._crash is not None:
             raise RuntimeError("an asyncfront queue task crashed") from self._crash
+
+
+def _crash_reporter(runtime: weakref.ref[Runtime]) -> Callable[[BaseException], None]:
+    """Report a crash to the runtime while it lives; afterwards there is no one to tell."""
+
+    def report(exc: BaseException) -> None:
+        rt = runtime()
+        if rt is not None:
+            rt._crashed_by(exc)
+
+    return report
 
 
 def _clear_cancelled_frames(task: asyncio.Task[Any]) -> None:

@@ -7,10 +7,10 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from ._frontier import EMPTY, Frontier
 
@@ -26,6 +26,93 @@ _names = itertools.count()
 MAX_VALUE = (1 << 64) - 1
 """The largest value a timeline semaphore holds: its counter is an unsigned 64-bit integer."""
 _condition_lock = threading.Lock()  # creates each semaphore's condition exactly once
+
+
+class Waiter:
+    """A wait resolved in place, whose owner is called back at once: no future, no loop turn.
+
+    Queues wait with these, so a signal readies the waiting queue within the signalling
+    call instead of waking a task on a later loop iteration. It answers the part of the
+    future API the semaphore, the stall analysis and the queues use (``done``,
+    ``cancelled``, ``result``, ``exception``, ``set_result``, ``set_exception``,
+    ``cancel``); ``cancel`` does not call back, since only the owner cancels.
+    """
+
+    __slots__ = ("_callback", "_exception", "_result", "_state")
+
+    _PENDING, _DONE, _FAILED, _CANCELLED = 0, 1, 2, 3
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback: Callable[[], None] | None = callback
+        self._state = 0
+        self._result: Frontier | None = None
+        self._exception: BaseException | None = None
+
+    def done(self) -> bool:
+        """Whether it was resolved, failed or cancelled."""
+        return self._state != 0
+
+    def cancelled(self) -> bool:
+        """Whether its owner withdrew it."""
+        return self._state == 3
+
+    def result(self) -> Frontier:
+        """The frontier it was resolved with; raises its error otherwise."""
+        state = self._state
+        if state == 1:
+            assert self._result is not None
+            return self._result
+        if state == 2:
+            assert self._exception is not None
+            raise self._exception
+        if state == 3:
+            raise asyncio.CancelledError()
+        raise asyncio.InvalidStateError("the wait is still pending")
+
+    def exception(self) -> BaseException | None:
+        """The error it failed with (None when resolved); raises while pending or cancelled."""
+        state = self._state
+        if state == 3:
+            raise asyncio.CancelledError()
+        if state == 0:
+            raise asyncio.InvalidStateError("the wait is still pending")
+        return self._exception
+
+    def set_result(self, frontier: Frontier) -> None:
+        """Resolve it with ``frontier`` and call the owner back."""
+        if self._state:
+            raise asyncio.InvalidStateError("the wait is already done")
+        self._result = frontier
+        self._state = 1
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+    def set_exception(self, exc: BaseException) -> None:
+        """Fail it with ``exc`` and call the owner back."""
+        if self._state:
+            raise asyncio.InvalidStateError("the wait is already done")
+        self._exception = exc
+        self._state = 2
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+    def cancel(self) -> bool:
+        """Withdraw it (no call back); False once it is done."""
+        if self._state:
+            return False
+        self._state = 3
+        self._callback = None
+        return True
+
+    def __repr__(self) -> str:
+        state = ("pending", "done", "failed", "cancelled")[self._state]
+        return f"<Waiter {state}>"
+
+
+AnyWaiter: TypeAlias = "asyncio.Future[Frontier] | Waiter"
+"""What a semaphore's waiter heap holds: futures of ``wait()`` and queues' waiters."""
 
 
 class SemaphoreFailedError(RuntimeError):
@@ -75,6 +162,7 @@ class TimelineSemaphore:
         "_live",
         "_loop",
         "_seq",
+        "_source",
         "_value",
         "_waiters",
         "name",
@@ -86,9 +174,11 @@ class TimelineSemaphore:
         self.name = name if name is not None else f"sem{next(_names)}"
         self._value = initial
         self._frontier = EMPTY
+        # The token of the queue whose frontiers alone the semaphore's frontier merges.
+        self._source: int | None = None
         self._failure: BaseException | None = None
         # heap of (target value, sequence, future): O(log n) insert, ordered wake-ups
-        self._waiters: list[tuple[int, int, asyncio.Future[Frontier]]] = []
+        self._waiters: list[tuple[int, int, AnyWaiter]] = []
         self._seq = 0
         # Waiters still inside wait(): counted out when woken, failed, abandoned, or when a
         # cancelled waiter handles its cancellation. Done futures may linger in the heap;
@@ -151,6 +241,14 @@ class TimelineSemaphore:
                 ``2**64 - 1``.
             SemaphoreFailedError: the semaphore has failed.
         """
+        self._signal_from(None, value, frontier)
+
+    def _signal_from(self, source: int | None, value: int, frontier: Frontier | None) -> None:
+        """:meth:`signal`, by ``source`` (a queue's token) whose every frontier dominates its last.
+
+        While every signal so far came from that one source, the semaphore's frontier is
+        the source's last one, so the new frontier replaces it without a merge.
+        """
         if type(value) is not int or value > MAX_VALUE:
             value = check_value(f"semaphore {self.name!r}: signal value", value)
         if frontier is not None and type(frontier) is not Frontier:
@@ -164,7 +262,11 @@ class TimelineSemaphore:
             )
         self._value = value
         if frontier is not None and frontier._axes:
-            self._frontier = self._frontier.merge(frontier)
+            if source is not None and self._source is source:
+                self._frontier = frontier
+            else:
+                merged = self._frontier = self._frontier.merge(frontier)
+                self._source = source if merged is frontier else None
         waiters = self._waiters
         if waiters and waiters[0][0] <= value:
             current = self._frontier
@@ -258,6 +360,18 @@ class TimelineSemaphore:
         self._live += 1
         return fut
 
+    def _add_callback_waiter(
+        self, value: int, callback: Callable[[], None], loop: asyncio.AbstractEventLoop
+    ) -> Waiter:
+        """A :class:`Waiter` for ``value`` that calls ``callback`` once it is resolved."""
+        if self._loop is None:
+            self._loop = loop
+        waiter = Waiter(callback)
+        self._seq += 1
+        heapq.heappush(self._waiters, (value, self._seq, waiter))
+        self._live += 1
+        return waiter
+
     def _forget_cancelled(self) -> None:
         """Count out a waiter whose future was cancelled, once, from its own cancellation.
 
@@ -275,7 +389,7 @@ class TimelineSemaphore:
             self._waiters = [w for w in self._waiters if not w[2].done()]
             heapq.heapify(self._waiters)
 
-    def _satisfy(self, fut: asyncio.Future[Frontier], frontier: Frontier) -> None:
+    def _satisfy(self, fut: AnyWaiter, frontier: Frontier) -> None:
         """Resolve one waiter early with ``frontier`` (left in the heap as stale).
 
         For a device that orders the waiter's work after the signalling work itself
@@ -286,7 +400,7 @@ class TimelineSemaphore:
             self._live -= 1
             self._compact()
 
-    def _abandon(self, fut: asyncio.Future[Frontier], exc: BaseException) -> None:
+    def _abandon(self, fut: AnyWaiter, exc: BaseException) -> None:
         """Fail one waiter's future (left in the heap as stale) without failing the semaphore."""
         if not fut.done():
             fut.set_exception(exc)

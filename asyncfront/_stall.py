@@ -10,16 +10,14 @@ queue: the queue runs that submission first. The analysis iterates to a fixpoint
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ._collective import CollectiveChannel
-    from ._frontier import Frontier
     from ._queue import DeviceQueue, Submission
-    from ._semaphore import TimelineSemaphore
+    from ._semaphore import AnyWaiter, TimelineSemaphore
 
 __all__ = ("StallAnalysis", "StalledWait")
 
@@ -185,7 +183,7 @@ class StallAnalysis:
         return found
 
 
-def _ended_from_outside(fut: asyncio.Future[Frontier]) -> bool:
+def _ended_from_outside(fut: AnyWaiter) -> bool:
     from ._queue import StalledError
     from ._semaphore import SemaphoreFailedError
 

@@ -689,8 +689,14 @@ class StageBinder:
             "stealing": self.stealing.value,
         }
         sub.annotate(**notes)
-        sub._plan = binding._plan
+        plan = sub._plan = binding._plan
         sub.deadline_at = binding.deadline_at
+        if plan is not None and sub.done():  # finished inside submit: a ready barrier
+            plan.finished(
+                sub.started_at,
+                self._loop.time() if sub.finished_at is None else sub.finished_at,
+                sub.state is not SubmissionState.COMPLETED,
+            )
         binding.annotations = None
         binding._plan = None
         binding.submission = sub

@@ -1,7 +1,7 @@
 """Trace recording and export: every finished submission, as Perfetto/Chrome JSON or HTML.
 
-A record is a flat tuple of plain values (names, numbers, strings, an immutable
-frontier) taken when a submission finishes, so the trace never keeps a submission, its
+A record is a flat tuple of plain values (names, numbers, strings, a frontier's axes and
+epochs) taken when a submission finishes, so the trace never keeps a submission, its
 queue, its semaphores, its work's arguments or an exception's traceback alive. The
 recorder is a ring: past its capacity the oldest records go, and every export says how
 many were dropped.
@@ -20,6 +20,7 @@ from ._frontier import DEFAULT_FRONTIER_CAPACITY, Frontier, axis_name
 
 if TYPE_CHECKING:
     from ._queue import Submission
+    from ._semaphore import TimelineSemaphore
 
 __all__ = ("DEFAULT_TRACE_CAPACITY", "TraceRecord", "TraceRecorder")
 
@@ -40,8 +41,10 @@ QueueInfo = tuple[str, int, str, int]
 # exports draw dependency arrows; it never refers back to the object.
 _Point = tuple[str, int, int]
 
-# (queue, name, epoch, submitted_at, started_at, finished_at, frontier or its base,
-#  waits, signals, error, annotations)
+# (queue, name, epoch, submitted_at, started_at, finished_at, axes and epochs of the
+#  frontier or its base, waits, signals, error, annotations). The frontier is kept as its
+# two tuples of ints, not as the Frontier object: a record of plain values only is one
+# the garbage collector stops tracking, so a full trace ring costs collections nothing.
 _Raw = tuple[
     QueueInfo,
     str,
@@ -49,12 +52,23 @@ _Raw = tuple[
     float,
     "float | None",
     "float | None",
-    "Frontier | None",
+    "tuple[int, ...] | None",
+    "tuple[int, ...] | None",
     tuple[_Point, ...],
     tuple[_Point, ...],
     "str | None",
     "dict[str, Any] | None",
 ]
+
+
+def _points(pairs: tuple[tuple[TimelineSemaphore, int], ...]) -> tuple[_Point, ...]:
+    """A submission's waits or signals as plain values."""
+    if not pairs:
+        return ()
+    if len(pairs) == 1:
+        sem, value = pairs[0]
+        return ((sem.name, value, id(sem)),)
+    return tuple([(s.name, v, id(s)) for s, v in pairs])
 
 
 def describe_error(exc: BaseException) -> str:
@@ -131,6 +145,8 @@ class TraceRecorder:
         signals = sub.signals
         exc = sub._exception
         frontier = sub._frontier
+        if frontier is None:
+            frontier = sub._base
         self._raw.append(
             (
                 sub.queue._trace_info,
@@ -139,9 +155,15 @@ class TraceRecorder:
                 sub.submitted_at,
                 sub.started_at,
                 sub.finished_at,
-                frontier if frontier is not None else sub._base,
-                tuple([(s.name, v, id(s)) for s, v in waits]) if waits else (),
-                tuple([(s.name, v, id(s)) for s, v in signals]) if signals else (),
+                None if frontier is None else frontier._axes,
+                None if frontier is None else frontier._epochs,
+                # one pair is the common case: built here without a call
+                ((waits[0][0].name, waits[0][1], id(waits[0][0])),)
+                if len(waits) == 1
+                else _points(waits),
+                ((signals[0][0].name, signals[0][1], id(signals[0][0])),)
+                if len(signals) == 1
+                else _points(signals),
                 None if exc is None else describe_error(exc),
                 sub.annotations,
             )
@@ -161,10 +183,13 @@ class TraceRecorder:
     def __len__(self) -> int:
         return len(self._raw)
 
-    def _frontier(self, stored: Frontier | None, axis: int, epoch: int) -> Frontier:
+    def _frontier(
+        self, axes: tuple[int, ...] | None, epochs: tuple[int, ...] | None, axis: int, epoch: int
+    ) -> Frontier:
         """A record's frontier: stored whole, or built from its base as the queue builds it."""
-        if stored is None:
+        if axes is None or epochs is None:
             return Frontier()
+        stored = Frontier._make(axes, epochs)
         if stored.get(axis) >= epoch:
             return stored
         frontier = stored.with_epoch(axis, epoch)
@@ -174,9 +199,20 @@ class TraceRecorder:
 
     def __iter__(self) -> Iterator[TraceRecord]:
         origin = self.origin
-        for info, name, epoch, sub_at, start, end, stored, waits, signals, error, notes in list(
-            self._raw
-        ):
+        for (
+            info,
+            name,
+            epoch,
+            sub_at,
+            start,
+            end,
+            axes,
+            epochs,
+            waits,
+            signals,
+            error,
+            notes,
+        ) in list(self._raw):
             start_t = (start if start is not None else sub_at) - origin
             end_t = (end if end is not None else start_t + origin) - origin
             yield TraceRecord(
@@ -188,7 +224,7 @@ class TraceRecorder:
                 submitted_at=sub_at - origin,
                 started_at=start_t,
                 finished_at=end_t,
-                frontier=self._frontier(stored, info[1], epoch),
+                frontier=self._frontier(axes, epochs, info[1], epoch),
                 waits=tuple((s, v) for s, v, _ in waits),
                 signals=tuple((s, v) for s, v, _ in signals),
                 error=error,
@@ -261,13 +297,26 @@ class TraceRecorder:
                     }
                 )
         timed: list[tuple[tuple[_Point, ...], int, int, float]] = []
-        for info, name, epoch, sub_at, start, end, stored, waits, signals, error, notes in raw:
+        for (
+            info,
+            name,
+            epoch,
+            sub_at,
+            start,
+            end,
+            axes,
+            epochs,
+            waits,
+            signals,
+            error,
+            notes,
+        ) in raw:
             qname, qaxis, device, _ = info
             pid, tid = pids[device], tids[qaxis]
             ts = ((start if start is not None else sub_at) - origin) * 1e6
             dur = max(0.0, ((end if end is not None else sub_at) - origin) * 1e6 - ts)
             timed.append((waits, pid, tid, ts))
-            frontier = self._frontier(stored, qaxis, epoch)
+            frontier = self._frontier(axes, epochs, qaxis, epoch)
             args: dict[str, Any] = {
                 "queue": qname,
                 "epoch": epoch,

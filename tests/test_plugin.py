@@ -93,3 +93,37 @@ async def test_hang(virtual_runtime):
     )
     result = pytester.runpytest_subprocess("-p", "no:looptime_plugin")
     result.assert_outcomes(passed=1)
+
+
+def test_the_fixture_polls_once_before_each_clock_jump(pytester: pytest.Pytester) -> None:
+    """Under the fixture a chain of timers costs one idle I/O poll per jump, as run_virtual."""
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
+    pytester.makepyfile(
+        test_polls="""
+import asyncio
+
+async def test_polls(virtual_runtime):
+    loop = asyncio.get_running_loop()
+    selector = loop._selector
+    select = selector.select
+    calls = []
+
+    def counting(timeout=None):
+        calls.append(timeout)
+        return select(timeout)
+
+    selector.select = counting
+    try:
+        gpu = virtual_runtime.queue("gpu")
+        for _ in range(100):
+            await gpu.submit(cost=1.0)
+    finally:
+        selector.select = select
+    assert virtual_runtime.now() == 100.0
+    # a few polls per step (the loop's own turns plus one idle poll before the jump);
+    # looptime's default idles 42 polls before every jump
+    assert len(calls) <= 100 * 10, len(calls)
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin", "-W", "error")
+    result.assert_outcomes(passed=1)

@@ -103,13 +103,13 @@ def test_retired_axis_reads_as_complete_and_its_memory_is_reused_at_once() -> No
             old = rt.create_context("old", device="gpu", max_memory=32 * af.KiB)
             async with rt.session(old) as s:
                 buf = await s.allocate(32 * af.KiB)
-                s.submit(cost=1.0)
+                work = s.submit(cost=1.0)
             death = old.death_frontier()
             ax = old.queue.axis
             assert death.get(ax) == 1
             rt.close_context(old)  # its work is still running: not retired yet
             assert not rt.axis_retired(ax)
-            await old.queue._task  # type: ignore[misc]
+            await work  # the queue drains and retires as its last work finishes
             assert rt.axis_retired(ax)
             assert ax not in rt.completed and rt.is_complete(death)
             before = rt.now()

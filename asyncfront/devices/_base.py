@@ -385,6 +385,24 @@ class Device(ABC):
         """
         return LATER
 
+    def timed_seconds(self, submission: Submission) -> float | None:
+        """Seconds of loop time the work takes if this device runs it as a timer, else None.
+
+        The queue asks, holding a slot, when :meth:`execute_now` returned :data:`LATER`:
+        a device whose work is a pure wait of known length (a fake device's cost) returns
+        it, and the queue sets a loop timer instead of awaiting :meth:`execute`, then calls
+        :meth:`finish_timed` when it fires. The default, None, sends the work to
+        :meth:`execute`.
+        """
+        return None
+
+    def finish_timed(self, submission: Submission) -> Any:
+        """Complete work whose :meth:`timed_seconds` elapsed: its result, or its error.
+
+        An awaitable result is awaited by the queue, the slot still held.
+        """
+        raise NotImplementedError(f"device {self.name!r} runs no work as a timer")
+
     def claim_wait(  # noqa: B027 (a hook whose default is to do nothing)
         self,
         submission: Submission,

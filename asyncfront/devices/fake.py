@@ -71,14 +71,34 @@ class FakeDevice(Device):
             return LATER
         return fn(*submission.args, **submission.kwargs)
 
-    async def execute(self, submission: Submission) -> Any:
+    def timed_seconds(self, submission: Submission) -> float | None:
+        """The work's duration when it has a cost: the queue runs it as a loop timer."""
+        if not self._inline or not submission.cost:
+            return None
         seconds = self.duration(submission)
-        if seconds > 0:
-            await asyncio.sleep(seconds)
+        return seconds if seconds > 0 else None
+
+    def finish_timed(self, submission: Submission) -> Any:
+        """After the duration: raise a pending fault for it, else call its work."""
+        if self._faults:
+            self._take_fault(submission)
+        fn = submission.fn
+        if fn is None:
+            return None
+        return fn(*submission.args, **submission.kwargs)
+
+    def _take_fault(self, submission: Submission) -> None:
         for i, (name, error) in enumerate(self._faults):
             if name is None or name == submission.name:
                 del self._faults[i]
                 raise error
+
+    async def execute(self, submission: Submission) -> Any:
+        seconds = self.duration(submission)
+        if seconds > 0:
+            await asyncio.sleep(seconds)
+        if self._faults:
+            self._take_fault(submission)
         fn = submission.fn
         if fn is None:
             return None

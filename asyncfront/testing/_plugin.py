@@ -9,7 +9,9 @@ uses the fixtures without imports:
   on the devices of the ``virtual_runtime_devices`` fixture (override it to choose
   them). The test's event loop runs in virtual time for the test: timers cost no wall
   time, and a test in which nothing can ever happen fails with
-  ``looptime.IdleTimeoutError`` after a second instead of hanging.
+  ``looptime.IdleTimeoutError`` after a second instead of hanging. Like
+  :func:`~asyncfront.testing.run_virtual`, the loop polls I/O once before its clock
+  jumps to the next timer (looptime's default is 42 times).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import pytest
 
 from .._runtime import Runtime, open_runtime
 from ..devices.fake import FakeDevice
+from ._virtual import DEFAULT_NOOP_CYCLES
 
 __all__ = ("fake_device", "virtual_runtime", "virtual_runtime_devices")
 
@@ -72,7 +75,11 @@ async def virtual_runtime(virtual_runtime_devices: list[FakeDevice]) -> AsyncIte
     # reads exactly: 0.0 + 5.0 - 0.0 is 5.0, where an origin taken from the real clock
     # (say 91234.567891) leaves 5.000000000000028. pytest-asyncio's fresh loop has no
     # timers yet whose real-clock deadlines this would reorder.
-    patched = looptime.patch_event_loop(loop, start=0.0, idle_timeout=1.0, _enabled=False)
+    # One idle poll before the clock jumps, as run_virtual does: fake devices schedule
+    # everything on the loop, so looptime's 42 polls per timer only cost system calls.
+    patched = looptime.patch_event_loop(
+        loop, start=0.0, idle_timeout=1.0, noop_cycles=DEFAULT_NOOP_CYCLES, _enabled=False
+    )
     with patched.looptime_enabled():
         async with open_runtime(virtual_runtime_devices) as rt:
             yield rt
