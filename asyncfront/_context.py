@@ -366,6 +366,9 @@ class _DeviceMemory:
         # and the working memory reserved in it now
         self.working_capacity: int | None = device.working_capacity
         self.working = 0
+        # blocks a decision granted whose buffer is not made yet, with their holder: the
+        # holder keeps them as it keeps its live buffers' blocks
+        self.unclaimed: dict[Block, tuple[str, object]] = {}
 
     def hold(self, key: tuple[str, object], nbytes: int) -> None:
         """Record bytes charged on behalf of a holder (negative to release)."""
@@ -538,6 +541,8 @@ class MemoryManager:
         """
         request = self._request(ctx, nbytes, timeout, owner, requester, place=True)
         await self._acquire(request, timeout)
+        if request.block is not None:
+            self._memory(ctx.device).unclaimed.pop(request.block, None)
         buf = Buffer(ctx, nbytes, request.block, request.owner, charge=request.charge)
         ctx._buffers[buf] = None
         ctx._allocations += 1
@@ -724,14 +729,19 @@ class MemoryManager:
             charge = Charge.NO_SPACE  # queue behind more urgent waiters: no overtaking
         else:
             charge = ledger.try_charge(ctx.name, request.charge)
+        pool = ctx.device.memory if request.place else None
         if charge is not Charge.GRANTED:
-            # Only a request the budget cannot take now may be one it can never take.
+            # Only a request the budget cannot take now may be one it can never take:
+            # above its ceiling, or larger than any extent its holder's blocks leave.
             kept = memory.held.get(key, 0)
             if request.charge > ledger.ceiling(ctx.name, kept):
                 request.error = self._impossible(memory, request, kept)
                 return _Status.REFUSED
+            error = None if pool is None else self._fragmentation(memory, request, pool)
+            if error is not None:
+                request.error = error
+                return _Status.REFUSED
             return _Status.OVER_LIMIT if charge is Charge.OVER_LIMIT else _Status.NO_SPACE
-        pool = ctx.device.memory if request.place else None
         if pool is None:
             share = memory.working_capacity
             if share is not None and isinstance(request.owner, WorkingMemory):
@@ -754,6 +764,7 @@ class MemoryManager:
                 request.charge = decision._span
             memory.hold(key, request.charge)
             request.block = decision
+            memory.unclaimed[decision] = key
             return _Status.GRANTED
         ledger.release(ctx.name, request.charge)  # nothing placed: charge nothing
         if isinstance(decision, Wait):
@@ -794,6 +805,8 @@ class MemoryManager:
             for buf in ctx._buffers
             if buf.owner is request.owner and buf._block is not None
         ]
+        # Blocks just granted to the same holder, whose buffers are not made yet.
+        kept_blocks += [block for block, key in memory.unclaimed.items() if key == request.key]
         largest = pool.largest_extent(kept_blocks)
         if request.nbytes <= largest:
             return None
@@ -1029,6 +1042,7 @@ class MemoryManager:
         ctx = request.ctx
         block, request.block = request.block, None
         if block is not None:
+            memory.unclaimed.pop(block, None)
             pool = ctx.device.memory
             assert pool is not None
             # Never used: it dies where it was born, with what its death was known as.

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import asyncfront as af
-from asyncfront.testing import FakeDevice, new_virtual_loop
+from asyncfront.testing import FakeDevice, new_virtual_loop, run_virtual
 
 KiB = af.KiB
 CAPACITY = 64 * KiB
@@ -298,6 +298,61 @@ class ContextsAndPool(RuleBasedStateMachine):
             self.run(self.stack.aclose())
         finally:
             self.loop.close()
+
+
+def test_a_grant_that_fragments_the_pool_refuses_its_holders_impossible_waiter_at_once() -> None:
+    """A session's own new block leaving no extent its waiter fits refuses that waiter at once."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("g", memory=CAPACITY)]) as rt:
+            mine = rt.create_context("mine", max_memory=CAPACITY, qos="best_effort")
+            other = rt.create_context("other", max_memory=CAPACITY, qos="best_effort")
+            async with rt.session(mine) as s, rt.session(other) as o:
+                head = await o.allocate(16 * KiB)
+                kept = await s.allocate(4 * KiB)
+                rest = [await o.allocate(n * KiB) for n in (20, 4, 20)]
+                assert [b.offset for b in (head, kept, *rest)] == [
+                    n * KiB for n in (0, 16, 20, 40, 44)
+                ]
+                waiter = asyncio.ensure_future(s.allocate(40 * KiB, timeout=3.0))
+                await asyncio.sleep(0)
+                assert not waiter.done()  # others' frees could still open 44 KiB at 20 KiB
+                o.free(rest[1])
+                await asyncio.sleep(0)
+                assert not waiter.done()
+                hole = await s.allocate(4 * KiB)  # the only free extent: at 40 KiB
+                assert hole.offset == 40 * KiB
+                await asyncio.sleep(0)
+                assert waiter.done() and rt.now() == 0.0
+                with pytest.raises(af.MemoryBudgetError, match="fragmented"):
+                    waiter.result()
+                assert mine.statistics().waiting == 0
+                for buf in (head, rest[0], rest[2]):
+                    o.free(buf)
+                s.free(kept)
+                s.free(hole)
+
+    run_virtual(main)
+
+
+def test_a_request_over_the_budget_now_is_refused_at_once_if_its_own_blocks_fragment() -> None:
+    """A request the budget cannot take now is refused at once if its own blocks fragment."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("g", memory=CAPACITY)]) as rt:
+            mine = rt.create_context("mine", max_memory=CAPACITY, qos="best_effort")
+            other = rt.create_context("other", max_memory=CAPACITY, qos="best_effort")
+            async with rt.session(mine) as s, rt.session(other) as o:
+                bufs = [await (s if n == 4 else o).allocate(n * KiB) for n in (16, 4, 20, 4, 20)]
+                assert [b.offset for b in bufs] == [n * KiB for n in (0, 16, 20, 40, 44)]
+                assert rt.available_memory("g") == 0
+                with pytest.raises(af.MemoryBudgetError, match="fragmented"):
+                    await s.allocate(24 * KiB, timeout=3.0)
+                assert rt.now() == 0.0 and mine.statistics().waiting == 0
+                for buf in bufs:
+                    (s if buf.context is mine else o).free(buf)
+
+    run_virtual(main)
 
 
 ContextsAndPool.TestCase.settings = settings(
