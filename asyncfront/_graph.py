@@ -924,6 +924,30 @@ class GraphRunStatistics:
     failed: int
     pending: int
 
+    @classmethod
+    def of(cls, name: str, states: Iterable[SubmissionState]) -> GraphRunStatistics:
+        """The snapshot of a run called ``name`` whose stages are in ``states``."""
+        states = list(states)
+        completed = sum(1 for s in states if s is SubmissionState.COMPLETED)
+        failed = sum(1 for s in states if s is SubmissionState.FAILED)
+        return cls(
+            name=name,
+            stages=len(states),
+            completed=completed,
+            failed=failed,
+            pending=len(states) - completed - failed,
+        )
+
+
+def sinks_frontier(handles: Mapping[str, Any], sinks: Iterable[str]) -> Frontier:
+    """The merge of the sink stages' frontiers (those known yet): a run's provenance."""
+    frontier = EMPTY
+    for name in sinks:
+        f = handles[name].frontier
+        if f is not None:
+            frontier = frontier.merge(f)
+    return frontier
+
 
 class GraphRun:
     """One submitted run of a :class:`Graph`: its stages' submissions, results and frontier."""
@@ -1023,25 +1047,11 @@ class GraphRun:
 
         Final once :meth:`wait` or :meth:`results` returned.
         """
-        frontier = EMPTY
-        for name in self.sinks:
-            f = self._handles[name].frontier
-            if f is not None:
-                frontier = frontier.merge(f)
-        return frontier
+        return sinks_frontier(self._handles, self.sinks)
 
     def statistics(self) -> GraphRunStatistics:
         """A frozen snapshot of how many stages completed, failed and are pending."""
-        states = [h.state for h in self._handles.values()]
-        completed = sum(1 for s in states if s is SubmissionState.COMPLETED)
-        failed = sum(1 for s in states if s is SubmissionState.FAILED)
-        return GraphRunStatistics(
-            name=self.name,
-            stages=len(states),
-            completed=completed,
-            failed=failed,
-            pending=len(states) - completed - failed,
-        )
+        return GraphRunStatistics.of(self.name, (h.state for h in self._handles.values()))
 
     def _handle(self, stage: str) -> StageHandle:
         try:

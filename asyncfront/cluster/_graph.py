@@ -26,8 +26,14 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from .._frontier import EMPTY, Frontier
-from .._graph import GraphDefinitionError, GraphError, GraphRunStatistics
+from .._frontier import Frontier
+from .._graph import (
+    GraphDefinitionError,
+    GraphError,
+    GraphRunStatistics,
+    _as_exception,
+    sinks_frontier,
+)
 from .._placement import (
     PlacementCandidate,
     PlacementDecision,
@@ -36,7 +42,6 @@ from .._placement import (
     place,
     runtime_candidates,
 )
-from .._queue import SubmissionState
 
 if TYPE_CHECKING:
     from .._runtime import Runtime
@@ -634,25 +639,11 @@ class ClusterGraphRun:
 
         Final once :meth:`wait` or :meth:`results` returned.
         """
-        frontier = EMPTY
-        for name in self.sinks:
-            f = self._handles[name].frontier
-            if f is not None:
-                frontier = frontier.merge(f)
-        return frontier
+        return sinks_frontier(self._handles, self.sinks)
 
     def statistics(self) -> GraphRunStatistics:
         """A frozen snapshot of how many stages completed, failed and are pending."""
-        states = [h.state for h in self._handles.values()]
-        completed = sum(1 for s in states if s is SubmissionState.COMPLETED)
-        failed = sum(1 for s in states if s is SubmissionState.FAILED)
-        return GraphRunStatistics(
-            name=self.name,
-            stages=len(states),
-            completed=completed,
-            failed=failed,
-            pending=len(states) - completed - failed,
-        )
+        return GraphRunStatistics.of(self.name, (h.state for h in self._handles.values()))
 
     def _handle(self, stage: str) -> RemoteSubmission:
         try:
@@ -668,11 +659,3 @@ class ClusterGraphRun:
             f"<ClusterGraphRun {self.name!r} stages={st.stages} completed={st.completed} "
             f"failed={st.failed} pending={st.pending}>"
         )
-
-
-def _as_exception(exc: BaseException) -> Exception:
-    if isinstance(exc, Exception):
-        return exc
-    wrapped = RuntimeError(f"{type(exc).__name__}: {exc}")
-    wrapped.__cause__ = exc
-    return wrapped
