@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -278,6 +279,12 @@ async def test_completions_reach_the_loop_in_one_batch(monkeypatch: pytest.Monke
     async with af.open_runtime([device]):
         futures = [device._in_pool(lambda i=i: work(i)) for i in range(20)]
         all_done.wait(10)  # hold the loop thread until every call has finished
+        # ... and until the last worker has put its result in the outbox, which it does
+        # just after the call returns
+        pool = device._workers
+        deadline = time.monotonic() + 10
+        while len(pool._outbox) < 20 and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert await asyncio.gather(*futures) == list(range(20))
     assert deliveries == [20]
 
