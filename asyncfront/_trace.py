@@ -61,6 +61,11 @@ _Raw = tuple[
 ]
 
 
+_FIELDS = 12  # values per record (the fields of _Raw)
+_CHUNK_VALUES = 512 * _FIELDS  # values per chunk of the flat store
+_CLEARED = (None,) * _FIELDS
+
+
 def _points(pairs: tuple[tuple[TimelineSemaphore, int], ...]) -> tuple[_Point, ...]:
     """A submission's waits or signals as plain values."""
     if not pairs:
@@ -136,8 +141,17 @@ class TraceRecorder:
         self.enabled = enabled
         self.origin = 0.0
         self.frontier_capacity = frontier_capacity
-        self._raw: deque[_Raw] = deque(maxlen=capacity)
+        # The records, flat: _FIELDS values per record in chunks of _CHUNK records, so
+        # recording allocates no container that outlives the call (a tuple per record
+        # would be one more object for every garbage collection to visit until it is
+        # untracked). Past the capacity the oldest record's values are cleared; a chunk
+        # goes once all its records have.
+        self._chunks: deque[list[Any]] = deque()
+        self._tail: list[Any] = []  # the chunk being filled, also the last of _chunks
+        self._chunks.append(self._tail)
+        self._head = 0  # values of the first chunk already dropped
         self._added = 0  # records appended since the last clear (kept + dropped)
+        self._limit = capacity  # _added beyond which the oldest record goes
 
     def _add(self, sub: Submission) -> None:
         """Record a finished submission as plain values (the queue task calls this)."""
@@ -147,8 +161,8 @@ class TraceRecorder:
         frontier = sub._frontier
         if frontier is None:
             frontier = sub._base
-        self._raw.append(
-            (
+        tail = self._tail
+        tail += (
                 sub.queue._trace_info,
                 sub.name,
                 sub.epoch,
@@ -166,22 +180,57 @@ class TraceRecorder:
                 else _points(signals),
                 None if exc is None else describe_error(exc),
                 sub.annotations,
-            )
-        )
-        self._added += 1
+        )  # fmt: skip
+        added = self._added = self._added + 1
+        if len(tail) >= _CHUNK_VALUES:
+            self._tail = []
+            self._chunks.append(self._tail)
+        if added > self._limit:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        """Past the capacity: clear the oldest record's values (and its chunk once empty)."""
+        self._limit += 1
+        first = self._chunks[0]
+        head = self._head
+        if head + _FIELDS >= len(first) and first is not self._tail:
+            self._chunks.popleft()
+            self._head = 0
+        else:
+            first[head : head + _FIELDS] = _CLEARED
+            self._head = head + _FIELDS
+            if first is self._tail and self._head == len(first):  # capacity 0
+                first.clear()
+                self._head = 0
+
+    @property
+    def _raw(self) -> list[_Raw]:
+        """The kept records as tuples, oldest first."""
+        out: list[_Raw] = []
+        head = self._head
+        for chunk in self._chunks:
+            for i in range(head, len(chunk), _FIELDS):
+                out.append(tuple(chunk[i : i + _FIELDS]))  # type: ignore[arg-type]
+            head = 0
+        return out
 
     @property
     def dropped(self) -> int:
         """How many records the ring dropped (oldest first) since the last :meth:`clear`."""
-        return self._added - len(self._raw)
+        return self._added - len(self)
 
     def clear(self) -> None:
         """Forget every record (and the dropped count)."""
-        self._raw.clear()
+        self._chunks.clear()
+        self._tail = []
+        self._chunks.append(self._tail)
+        self._head = 0
         self._added = 0
+        self._limit = self.capacity
 
     def __len__(self) -> int:
-        return len(self._raw)
+        values = sum(len(chunk) for chunk in self._chunks) - self._head
+        return values // _FIELDS
 
     def _frontier(
         self, axes: tuple[int, ...] | None, epochs: tuple[int, ...] | None, axis: int, epoch: int
@@ -212,7 +261,7 @@ class TraceRecorder:
             signals,
             error,
             notes,
-        ) in list(self._raw):
+        ) in self._raw:
             start_t = (start if start is not None else sub_at) - origin
             end_t = (end if end is not None else start_t + origin) - origin
             yield TraceRecord(
@@ -238,8 +287,7 @@ class TraceRecorder:
 
     def __repr__(self) -> str:
         return (
-            f"<TraceRecorder records={len(self._raw)} capacity={self.capacity} "
-            f"dropped={self.dropped}>"
+            f"<TraceRecorder records={len(self)} capacity={self.capacity} dropped={self.dropped}>"
         )
 
     # -- export --------------------------------------------------------------------
@@ -263,7 +311,7 @@ class TraceRecorder:
         tids: dict[int, int] = {}
         producers: dict[tuple[str, int], list[tuple[int, float, int, int, float]]] = {}
         origin = self.origin
-        raw = list(self._raw)
+        raw = self._raw
         names = self._axis_names(raw)
 
         def name_of(ax: int) -> str:

@@ -163,6 +163,39 @@ def test_a_trace_within_capacity_reports_no_drops() -> None:
     assert 'id="dropped"' not in render_html(trace.to_perfetto())
 
 
+@pytest.mark.parametrize(("capacity", "n"), [(0, 7), (1, 1100), (600, 1500), (2000, 1500)])
+def test_the_ring_keeps_the_newest_records_in_order_across_chunks(capacity: int, n: int) -> None:
+    """At any capacity (none, one, several chunks of records) the newest records stay, in order."""
+    trace = _short_trace(capacity=capacity, n=n)
+    kept = min(capacity, n)
+    assert len(trace) == kept and trace.dropped == n - kept
+    assert [r.name for r in trace.records] == [f"w{i}" for i in range(n - kept, n)]
+    assert [r.epoch for r in trace.records] == list(range(n - kept + 1, n + 1))
+
+
+def test_recording_leaves_no_object_for_the_garbage_collector() -> None:
+    """A record is stored as plain values: recording allocates nothing the collector tracks."""
+
+    async def body() -> tuple[int, int]:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu")
+            await q.submit()
+            gc.collect()
+            gc.disable()
+            try:
+                before = gc.get_count()[0]
+                for _ in range(3000):
+                    q.submit()  # finished inside submit(): one record each, nothing else kept
+                after = gc.get_count()[0]
+            finally:
+                gc.enable()
+            assert len(rt.trace) == 3001
+            return before, after
+
+    before, after = run_virtual(body)
+    assert after - before < 100
+
+
 @pytest.mark.parametrize("capacity", [-1, 2.5, "10"])
 def test_trace_capacity_must_be_a_non_negative_int(capacity: Any) -> None:
     """A negative or non-int trace capacity is refused with ValueError naming it."""
