@@ -210,7 +210,7 @@ class TraceRecorder:
         head = self._head
         for chunk in self._chunks:
             for i in range(head, len(chunk), _FIELDS):
-                out.append(tuple(chunk[i : i + _FIELDS]))  # type: ignore[arg-type]
+                out.append(tuple(chunk[i : i + _FIELDS]))
             head = 0
         return out
 
