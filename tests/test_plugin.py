@@ -95,6 +95,21 @@ async def test_hang(virtual_runtime):
     result.assert_outcomes(passed=1)
 
 
+def test_a_hang_with_a_stalled_queue_names_the_stall(pytester: pytest.Pytester) -> None:
+    """A test whose queue waits on a value nothing signals fails naming queue, semaphore, value."""
+    pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")
+    pytester.makepyfile(
+        test_stall="""
+async def test_stall(virtual_runtime):
+    never = virtual_runtime.semaphore(name="never")
+    await virtual_runtime.queue("gpu", name="gpu.main").submit(waits=[(never, 3)], name="stuck")
+"""
+    )
+    result = pytester.runpytest_subprocess("-p", "no:looptime_plugin")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*VirtualStallError*gpu.main*stuck*never*3*"])
+
+
 def test_the_fixture_polls_once_before_each_clock_jump(pytester: pytest.Pytester) -> None:
     """Under the fixture a chain of timers costs one idle I/O poll per jump, as run_virtual."""
     pytester.makeini("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function")

@@ -8,8 +8,11 @@ uses the fixtures without imports:
 * ``virtual_runtime`` is an open runtime, for ``async def`` tests run by pytest-asyncio,
   on the devices of the ``virtual_runtime_devices`` fixture (override it to choose
   them). The test's event loop runs in virtual time for the test: timers cost no wall
-  time, and a test in which nothing can ever happen fails with
-  ``looptime.IdleTimeoutError`` after a second instead of hanging. Like
+  time, and a test in which nothing can ever happen fails after a second instead of
+  hanging: with :class:`~asyncfront.testing.VirtualStallError` naming each stalled
+  queue, submission, semaphore and value when runtime queues are stalled, as
+  :func:`~asyncfront.testing.run_virtual` does, else with looptime's
+  ``IdleTimeoutError`` (which that error subclasses). Like
   :func:`~asyncfront.testing.run_virtual`, the loop polls I/O once before its clock
   jumps to the next timer (looptime's default is 42 times).
 """
@@ -18,15 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import looptime
 import pytest
 
-from .._runtime import Runtime, open_runtime
+from .._runtime import Runtime, open_runtime, stall_note
 from ..devices.fake import FakeDevice
-from ._virtual import DEFAULT_NOOP_CYCLES
+from ._virtual import DEFAULT_NOOP_CYCLES, VirtualStallError
 
 __all__ = ("fake_device", "virtual_runtime", "virtual_runtime_devices")
 
@@ -38,6 +42,10 @@ except ImportError:  # pragma: no cover - then pytest itself says the async fixt
 GiB = 1 << 30
 
 FakeDeviceFactory = Callable[..., FakeDevice]
+
+# The runtime a test's virtual_runtime opened, weakly: the hook below names the stalls
+# of a hang in it.
+_VIRTUAL_RUNTIME = pytest.StashKey["weakref.ref[Runtime]"]()
 
 
 @pytest.fixture
@@ -61,12 +69,15 @@ def virtual_runtime_devices(fake_device: FakeDeviceFactory) -> list[FakeDevice]:
 
 
 @_async_fixture
-async def virtual_runtime(virtual_runtime_devices: list[FakeDevice]) -> AsyncIterator[Runtime]:
+async def virtual_runtime(
+    virtual_runtime_devices: list[FakeDevice], request: pytest.FixtureRequest
+) -> AsyncIterator[Runtime]:
     """An open runtime on ``virtual_runtime_devices``, the test's loop in virtual time.
 
     For ``async def`` tests run by pytest-asyncio (auto mode, or ``@pytest.mark.asyncio``
     in strict mode).
-    Leaving drains the runtime's queues, as ``open_runtime`` does.
+    Leaving drains the runtime's queues, as ``open_runtime`` does. A hang with queues
+    stalled fails the test with :class:`~asyncfront.testing.VirtualStallError`.
     """
     loop = asyncio.get_running_loop()
     if not isinstance(loop, asyncio.BaseEventLoop):
@@ -82,4 +93,24 @@ async def virtual_runtime(virtual_runtime_devices: list[FakeDevice]) -> AsyncIte
     )
     with patched.looptime_enabled():
         async with open_runtime(virtual_runtime_devices) as rt:
+            request.node.stash[_VIRTUAL_RUNTIME] = weakref.ref(rt)
             yield rt
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, object]:
+    """A test on ``virtual_runtime`` that hangs with queues stalled names the stalls."""
+    __tracebackhide__ = True
+    try:
+        return (yield)
+    except looptime.IdleTimeoutError as exc:
+        ref = pyfuncitem.stash.get(_VIRTUAL_RUNTIME, None)
+        rt = None if ref is None else ref()
+        loop = None if rt is None else rt._loop
+        if rt is None or loop is None or isinstance(exc, VirtualStallError):
+            raise
+        rt._note_stall()  # the hang ended the test, not a wait inside the runtime
+        stalls = stall_note(loop)
+        if not stalls:
+            raise
+        raise VirtualStallError(stalls) from exc
