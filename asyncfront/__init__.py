@@ -5,6 +5,7 @@ queues are async tasks consuming FIFOs of submissions, and fake devices run it a
 virtual time.
 """
 
+from . import _native as _native  # first: chooses the core's build before it is imported
 from . import cluster as cluster
 from . import devices as devices
 from . import memory as memory
@@ -47,6 +48,7 @@ from ._graph import GraphRun as GraphRun
 from ._graph import GraphRunStatistics as GraphRunStatistics
 from ._graph import Stage as Stage
 from ._graph import StageChain as StageChain
+from ._native import core_build as core_build
 from ._placement import ModelInfo as ModelInfo
 from ._placement import ModelRegistry as ModelRegistry
 from ._placement import PlacementCandidate as PlacementCandidate
@@ -173,6 +175,7 @@ __all__ = (
     "axis_fields",
     "axis_name",
     "cluster",
+    "core_build",
     "devices",
     "format_bytes",
     "memory",

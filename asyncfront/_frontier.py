@@ -246,6 +246,11 @@ class Frontier:
     _epochs: tuple[int, ...]
     _hash: int | None
 
+    def __new__(cls, entries: Mapping[int, int] | Iterable[tuple[int, int]] = ()) -> Frontier:
+        # Defined so that _make can allocate without __init__ also where this module is
+        # compiled (a compiled class refuses object.__new__ from outside its __new__).
+        return object.__new__(cls)
+
     def __init__(self, entries: Mapping[int, int] | Iterable[tuple[int, int]] = ()) -> None:
         items = list(entries.items()) if isinstance(entries, Mapping) else list(entries)
         items.sort()
@@ -278,7 +283,7 @@ class Frontier:
     @classmethod
     def _make(cls, axes: tuple[int, ...], epochs: tuple[int, ...]) -> Frontier:
         """Build from already sorted, validated tuples (no checks: internal fast path)."""
-        self = object.__new__(cls)
+        self = Frontier.__new__(Frontier)
         self._axes = axes
         self._epochs = epochs
         self._hash = None
@@ -355,7 +360,9 @@ class Frontier:
             return other
         return Frontier._make(*union)
 
-    __or__ = merge
+    def __or__(self, other: Frontier) -> Frontier:
+        """``a | b`` is :meth:`merge`."""
+        return self.merge(other)
 
     def dominates(self, other: Frontier) -> bool:
         """True when every entry of ``other`` is at most the same axis here."""

@@ -20,6 +20,8 @@ from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from ._frontier import Frontier, axis_name
 from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
 from .devices._base import LATER, Device
@@ -43,6 +45,7 @@ SemaphoreValue = tuple[TimelineSemaphore, int]
 Waiting = tuple[TimelineSemaphore, int, AnyWaiter]
 
 
+@mypyc_attr(native_class=False)
 class CancelledWorkError(RuntimeError):
     """The work raised ``CancelledError`` itself (it awaited a task someone cancelled).
 
@@ -51,6 +54,7 @@ class CancelledWorkError(RuntimeError):
     """
 
 
+@mypyc_attr(native_class=False)
 class StalledError(RuntimeError):
     """Work could never run: it waits on a semaphore that nothing left will signal."""
 
@@ -87,6 +91,7 @@ _CARRY_EXECUTE = 1  # holding a slot: await device.execute
 _CARRY_AWAIT = 2  # holding a slot: await the awaitable the work returned
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Outcome:
     """Work that finishes once, with a result or an error; awaitable for the result.
 

@@ -12,6 +12,8 @@ from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from mypy_extensions import mypyc_attr
+
 from ._frontier import EMPTY, Frontier
 
 __all__ = (
@@ -40,7 +42,7 @@ class Waiter:
 
     __slots__ = ("_callback", "_exception", "_result", "_state")
 
-    _PENDING, _DONE, _FAILED, _CANCELLED = 0, 1, 2, 3
+    # _state: 0 pending, 1 done, 2 failed, 3 cancelled
 
     def __init__(self, callback: Callable[[], None]) -> None:
         self._callback: Callable[[], None] | None = callback
@@ -115,6 +117,7 @@ AnyWaiter: TypeAlias = "asyncio.Future[Frontier] | Waiter"
 """What a semaphore's waiter heap holds: futures of ``wait()`` and queues' waiters."""
 
 
+@mypyc_attr(native_class=False)
 class SemaphoreFailedError(RuntimeError):
     """A wait or signal met a semaphore that was failed; ``__cause__`` is the original error."""
 
@@ -145,6 +148,7 @@ class SemaphoreStatistics:
     failed: bool
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class TimelineSemaphore:
     """A monotonically increasing 64-bit counter whose signals carry frontiers.
 

@@ -16,6 +16,9 @@ figures are medians with the range of the rounds, and the ratios compare medians
 (per-round ratio range in brackets). The run rewrites the "dispatch" section of
 ``docs/benchmarks.md`` unless ``--no-docs`` is given.
 
+With the compiled core installed, the same cases run again in a child process on the
+pure-Python core (``ASYNCFRONT_PURE_PYTHON=1``), and the table shows both.
+
 Run: ``python benchmarks/dispatch.py [--n 20000] [--rounds 7]``.
 """
 
@@ -23,6 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -140,15 +146,8 @@ def sample(make: Callable[[], Coroutine[Any, Any, float]]) -> Callable[[], float
     return lambda: asyncio.run(make())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--n", type=int, default=20_000, help="items or hops per sample")
-    parser.add_argument("--rounds", type=int, default=7, help="samples per case (median kept)")
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    args = parser.parse_args()
-    if args.n < 2 or args.rounds < 1:
-        parser.error("--n must be >= 2 and --rounds >= 1")
-    n = args.n
+def measure(n: int, rounds: int) -> dict[str, Figure]:
+    """Every case, interleaved, in this process (on whichever core it runs)."""
     cases = [
         ("queue hand-off", sample(lambda: raw_queue_stream(n))),
         ("stream barrier", sample(lambda: asyncfront_stream(n, None))),
@@ -158,33 +157,84 @@ def main() -> None:
         ("hop barrier", sample(lambda: asyncfront_hop(n, None))),
         ("hop noop", sample(lambda: asyncfront_hop(n, noop))),
     ]
-    figures = interleaved(cases, args.rounds)
-    queue, future, stream = (
-        figures["queue hand-off"],
-        figures["future hand-off"],
-        figures["anyio stream"],
+    return interleaved(cases, rounds)
+
+
+def measure_pure(n: int, rounds: int) -> dict[str, Figure]:
+    """The same cases in a child process on the pure-Python core (ASYNCFRONT_PURE_PYTHON=1)."""
+    env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
+    argv = [sys.executable, __file__, "--n", str(n), "--rounds", str(rounds), "--json"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    assert data["core"].startswith("pure Python"), data["core"]
+    return {name: Figure(tuple(values)) for name, values in data["samples"].items()}
+
+
+ROWS = [
+    ("stream", "barriers", "stream barrier", "queue hand-off", "asyncio.Queue hand-off"),
+    ("stream", "no-op function", "stream noop", "queue hand-off", "asyncio.Queue hand-off"),
+    ("hop", "barriers", "hop barrier", "future hand-off", "future hand-off"),
+    ("hop", "no-op function", "hop noop", "future hand-off", "future hand-off"),
+    ("hop", "barriers", "hop barrier", "anyio stream", "anyio memory stream"),
+    ("hop", "no-op function", "hop noop", "anyio stream", "anyio memory stream"),
+]
+
+
+def report(builds: list[tuple[str, dict[str, Figure]]]) -> str:
+    """One table: per shape, each build's figure and its baseline of the same process."""
+    header = ["shape", "submissions", "baseline"]
+    for label, _ in builds:
+        header += [f"{label} µs", "baseline µs", "ratio"]
+    rows = []
+    for shape, what, ours, base, name in ROWS:
+        row = [shape, what, name]
+        for _, figures in builds:
+            row += [
+                figures[ours].format(),
+                figures[base].format(),
+                ratio(figures[ours], figures[base]),
+            ]
+        rows.append(row)
+    return table(header, rows, align="lll" + "rrr" * len(builds))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--n", type=int, default=20_000, help="items or hops per sample")
+    parser.add_argument("--rounds", type=int, default=7, help="samples per case (median kept)")
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument(
+        "--json", action="store_true", help="print this process's samples as JSON (no table)"
     )
-
-    def row(shape: str, what: str, ours: Figure, base: Figure, name: str) -> list[str]:
-        return [shape, what, ours.format(), name, base.format(), ratio(ours, base)]
-
-    rows = [
-        row("stream", "barriers", figures["stream barrier"], queue, "asyncio.Queue hand-off"),
-        row("stream", "no-op function", figures["stream noop"], queue, "asyncio.Queue hand-off"),
-        row("hop", "barriers", figures["hop barrier"], future, "future hand-off"),
-        row("hop", "no-op function", figures["hop noop"], future, "future hand-off"),
-        row("hop", "barriers", figures["hop barrier"], stream, "anyio memory stream"),
-        row("hop", "no-op function", figures["hop noop"], stream, "anyio memory stream"),
-    ]
-    header = ["shape", "submissions", "asyncfront µs", "baseline", "baseline µs", "ratio"]
-    text = table(header, rows, align="llrlrr")
-    print(f"n={n}, {args.rounds} interleaved rounds; medians (min-max) in µs per item or hop")
+    args = parser.parse_args()
+    if args.n < 2 or args.rounds < 1:
+        parser.error("--n must be >= 2 and --rounds >= 1")
+    n = args.n
+    if args.json:
+        figures = measure(n, args.rounds)
+        samples = {name: list(f.samples) for name, f in figures.items()}
+        print(json.dumps({"core": af.core_build(), "samples": samples}))
+        return
+    core = af.core_build()
+    builds = [("compiled" if core == "compiled" else "pure Python", measure(n, args.rounds))]
+    if core == "compiled":
+        builds.append(("pure Python", measure_pure(n, args.rounds)))
+    text = report(builds)
+    print(f"core: {core}; n={n}, {args.rounds} interleaved rounds per build")
+    print("medians (min-max) in µs per item or hop; ratios against the same process's baseline")
     print(text)
     if not args.no_docs:
+        which = (
+            "the compiled core (the default install) and, in a child process, the pure-Python "
+            "core (`ASYNCFRONT_PURE_PYTHON=1`), each against raw asyncio measured in its own "
+            "process"
+            if core == "compiled"
+            else f"the pure-Python core ({core}) against raw asyncio in the same process"
+        )
         body = (
             "What one submission costs on the hot path (submit → wait → run → signal) with the "
             "defaults a user gets: `open_runtime` with its trace on, garbage collection on, "
-            "fake devices, against raw asyncio in the same process. Each case runs once per "
+            f"fake devices; {which}. Each case runs once per "
             f"round in a fresh event loop, {args.rounds} rounds of {n:,} items or hops; "
             "figures are medians with the range of the rounds in brackets, ratios compare "
             "medians (the range of the per-round ratios in brackets).\n\n"

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from .._policy import Policy, PriorityPolicy, ReadyWork
 
 if TYPE_CHECKING:
@@ -247,6 +249,7 @@ class DeviceStatistics:
     executed: int
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Device(ABC):
     """A piece of hardware that runs submissions from its queues.
 

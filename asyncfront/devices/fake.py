@@ -6,6 +6,8 @@ import asyncio
 import inspect
 from typing import TYPE_CHECKING, Any
 
+from mypy_extensions import mypyc_attr
+
 from ._base import LATER, Device
 
 if TYPE_CHECKING:
@@ -14,10 +16,12 @@ if TYPE_CHECKING:
 __all__ = ("FakeDevice", "FakeDeviceError")
 
 
+@mypyc_attr(native_class=False)
 class FakeDeviceError(RuntimeError):
     """The error a :class:`FakeDevice` raises for an injected fault."""
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class FakeDevice(Device):
     """Runs each submission for ``cost / speed`` seconds of loop time, then calls its work.
 
@@ -51,7 +55,7 @@ class FakeDevice(Device):
         self.speed = speed
         self._faults: list[tuple[str | None, BaseException]] = []
         # A subclass that overrides execute() gets every submission there.
-        self._inline = type(self).execute is FakeDevice.execute
+        self._runs_here = type(self).execute is FakeDevice.execute
 
     def fail_next(
         self, exc: BaseException | None = None, *, name: str | None = None, count: int = 1
@@ -67,13 +71,13 @@ class FakeDevice(Device):
     def execute_now(self, submission: Submission) -> Any:
         """Call zero-cost work at once (no fault pending); anything else is :data:`LATER`."""
         fn = submission.fn
-        if fn is None or self._faults or not self._inline or submission.cost:
+        if fn is None or self._faults or not self._runs_here or submission.cost:
             return LATER
         return fn(*submission.args, **submission.kwargs)
 
     def timed_seconds(self, submission: Submission) -> float | None:
         """The work's duration when it has a cost: the queue runs it as a loop timer."""
-        if not self._inline or not submission.cost:
+        if not self._runs_here or not submission.cost:
             return None
         seconds = self.duration(submission)
         return seconds if seconds > 0 else None
