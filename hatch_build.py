@@ -73,7 +73,7 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         with tempfile.TemporaryDirectory(prefix="asyncfront-build-") as work:
             try:
                 built = self._compile(root, native, Path(work))
-            except Exception as exc:  # any failure leaves the pure-Python core
+            except (Exception, SystemExit) as exc:  # mypyc exits on errors: pure Python then
                 self.app.display_warning(
                     f"the compiled core was not built ({type(exc).__name__}: {exc}); "
                     "installing the pure-Python core"

@@ -101,6 +101,8 @@ from .cluster import open_cluster as open_cluster
 from .memory._pager import PageCorruptedError as PageCorruptedError
 from .memory._safetensors import WeightsFormatError as WeightsFormatError
 
+_native.restore_class_docs()  # the compiled core's classes keep their docstrings
+
 __all__ = (
     "AdmissionError",
     "AxisFields",

@@ -1,7 +1,7 @@
 """Which build of the core runs: the compiled one, or the pure-Python modules.
 
-The dispatch path (frontiers, semaphores, queues, the trace, the device base and fake
-devices) is compiled with mypyc when the package is built where a C compiler exists
+The dispatch path (frontiers, semaphores, queues, the device base and fake devices) is
+compiled with mypyc when the package is built where a C compiler exists
 (see ``hatch_build.py``); the same modules ship as Python sources beside it. The
 compiled modules are used only when they were built from exactly the sources beside
 them, so an edited checkout never runs a stale build. ``ASYNCFRONT_PURE_PYTHON=1`` in
@@ -13,6 +13,7 @@ This module imports nothing of asyncfront and is executed by the build hook as w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.abc
 import importlib.machinery
@@ -28,7 +29,6 @@ COMPILED_MODULES = (
     "asyncfront._frontier",
     "asyncfront._semaphore",
     "asyncfront._queue",
-    "asyncfront._trace",
     "asyncfront.devices._base",
     "asyncfront.devices.fake",
 )
@@ -115,6 +115,30 @@ def choose() -> str:
     if not any(isinstance(finder, _SourceFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _SourceFinder())
     return _state
+
+
+def restore_class_docs() -> None:
+    """Give the compiled core's classes the docstrings of their sources.
+
+    mypyc keeps a class's signature as its ``__doc__``, not its docstring, so ``help()``
+    and :func:`inspect.getdoc` read the source's instead (methods keep their signatures).
+    """
+    if _state != "compiled":
+        return
+    import ast
+
+    for module in COMPILED_MODULES:
+        loaded = sys.modules.get(module)
+        if loaded is None:
+            continue
+        tree = ast.parse(source_path(module).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef):
+                doc = ast.get_docstring(node, clean=False)
+                cls = getattr(loaded, node.name, None)
+                if doc and isinstance(cls, type) and not (cls.__doc__ or "").strip(" -\n"):
+                    with contextlib.suppress(AttributeError, TypeError):  # an immutable type
+                        cls.__doc__ = doc
 
 
 def core_build() -> str:

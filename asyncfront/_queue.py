@@ -18,7 +18,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, SupportsFloat, SupportsIndex
 
 from mypy_extensions import mypyc_attr
 
@@ -100,7 +100,7 @@ class Outcome:
 
     __slots__ = ("_exception", "_futures", "_result", "name", "state")
 
-    _kind = "work"
+    _kind: ClassVar[str] = "work"
 
     name: str
     state: SubmissionState
@@ -255,7 +255,7 @@ class Submission(Outcome):
             frontier = self._frontier = self.queue._materialize(base, self.epoch)
         return frontier
 
-    _kind = "submission"
+    _kind: ClassVar[str] = "submission"
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self.queue._loop
@@ -362,7 +362,9 @@ class DeviceQueue:
         self.name = name
         self._capacity = frontier_capacity
         # What every trace record of this queue names: plain values, shared by the records.
-        self._trace_info = (name, axis, device.name, priority)
+        # Typed as a tuple of any length: the compiled core stores a fixed-length tuple
+        # unboxed and would build a new one (for the collector to visit) on every read.
+        self._trace_info: tuple[Any, ...] = (name, axis, device.name, priority)
         self._loop = asyncio.get_running_loop()
         # The loop's clock; asyncio's own reads time.monotonic, called here without the
         # method in between (a virtual-time loop keeps its own).
@@ -473,9 +475,9 @@ class DeviceQueue:
         signals: Iterable[SemaphoreValue] = (),
         name: str | None = None,
         cost: float | None = None,
-        memory: int | None = None,
-        deadline: float | None = None,
-        deadline_at: float | None = None,
+        memory: SupportsIndex | None = None,
+        deadline: SupportsFloat | None = None,
+        deadline_at: SupportsFloat | None = None,
         **kwargs: Any,
     ) -> Submission:
         """Queue work and return its :class:`Submission` at once (never waits).
@@ -510,8 +512,9 @@ class DeviceQueue:
                 f"queue {self.name!r}: work must be callable (or None for a barrier), "
                 f"got {fn!r} ({type(fn).__name__})"
             )
-        waits_t = tuple(waits) if waits else ()
-        signals_t = tuple(signals) if signals else ()
+        # Untyped until checked: what the caller passed, whatever it is.
+        waits_t: tuple[Any, ...] = tuple(waits) if waits else ()
+        signals_t: tuple[Any, ...] = tuple(signals) if signals else ()
         if waits_t:
             for pair in waits_t:
                 if not (
@@ -540,10 +543,11 @@ class DeviceQueue:
                     )
         if cost is not None and cost < 0:
             raise ValueError(f"cost must be >= 0, got {cost}")
-        if memory is not None:
-            _check_memory(self, memory)
+        reserve = None if memory is None else _check_memory(self, memory)
         if deadline is not None or deadline_at is not None:
-            deadline_at = _deadline_at(self.name, deadline, deadline_at, self._loop.time())
+            due: float | None = _deadline_at(self.name, deadline, deadline_at, self._loop.time())
+        else:
+            due = None
         if name is None:
             name = getattr(fn, "__name__", "work") if fn is not None else "barrier"
         epoch = self._next_epoch
@@ -560,11 +564,11 @@ class DeviceQueue:
             epoch,
             self._time(),
         )
-        if deadline_at is not None:
-            sub.deadline_at = deadline_at
-        if memory is not None:
-            sub.memory = memory
-            sub.annotate(memory=memory)
+        if due is not None:
+            sub.deadline_at = due
+        if reserve is not None:
+            sub.memory = reserve
+            sub.annotate(memory=reserve)
         elif fn is None and cost is None and self._current is None and not self._fifo:
             # A barrier with nothing ahead: finished here when its waits are met, without
             # going through the FIFO (nothing is pending, so no record needs keeping).
@@ -1282,7 +1286,8 @@ def _deadline_at(label: str, deadline: object, deadline_at: object, now: float) 
     return float(value)
 
 
-def _check_memory(queue: DeviceQueue, memory: object) -> None:
+def _check_memory(queue: DeviceQueue, memory: object) -> int:
+    """``memory`` if it is working memory this queue can reserve; else the error."""
     if queue.context is None:
         raise TypeError(
             f"queue {queue.name!r} belongs to no context, so memory={memory!r} has no budget "
@@ -1292,6 +1297,7 @@ def _check_memory(queue: DeviceQueue, memory: object) -> None:
         raise ValueError(
             f"queue {queue.name!r}: memory= is working memory in bytes, an int > 0; got {memory!r}"
         )
+    return memory
 
 
 def _check_pairs(label: str, pairs: tuple[Any, ...]) -> None:

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, SupportsIndex, TypeAlias
 
 from mypy_extensions import mypyc_attr
 
@@ -172,11 +172,11 @@ class TimelineSemaphore:
         "name",
     )
 
-    def __init__(self, initial: int = 0, name: str | None = None) -> None:
+    def __init__(self, initial: SupportsIndex = 0, name: str | None = None) -> None:
         label = f"semaphore {name!r}" if name is not None else "semaphore"
-        initial = check_value(f"{label} initial value", initial)
+        start = check_value(f"{label} initial value", initial)
         self.name = name if name is not None else f"sem{next(_names)}"
-        self._value = initial
+        self._value = start
         self._frontier = EMPTY
         # The token of the queue whose frontiers alone the semaphore's frontier merges.
         self._source: int | None = None
@@ -233,7 +233,9 @@ class TimelineSemaphore:
 
     # -- signalling ----------------------------------------------------------------
 
-    def signal(self, value: int, frontier: Frontier | None = None) -> None:
+    def signal(
+        self, value: SupportsIndex, frontier: Frontier | Mapping[int, int] | None = None
+    ) -> None:
         """Advance the value to ``value`` and merge ``frontier``; wakes satisfied waiters.
 
         ``frontier`` may be a :class:`Frontier` or a mapping ``{axis: epoch}``.
@@ -245,7 +247,16 @@ class TimelineSemaphore:
                 ``2**64 - 1``.
             SemaphoreFailedError: the semaphore has failed.
         """
-        self._signal_from(None, value, frontier)
+        # Checked here, before anything is typed: ``value`` and ``frontier`` are what the
+        # caller passed, whatever it is (the compiled core would otherwise coerce them).
+        if type(value) is int and value <= MAX_VALUE:
+            checked = value
+        else:
+            checked = check_value(f"semaphore {self.name!r}: signal value", value)
+        if frontier is None or type(frontier) is Frontier:
+            self._signal_from(None, checked, frontier)
+        else:
+            self._signal_from(None, checked, _as_frontier(self, frontier))
 
     def _signal_from(self, source: int | None, value: int, frontier: Frontier | None) -> None:
         """:meth:`signal`, by ``source`` (a queue's token) whose every frontier dominates its last.
@@ -302,7 +313,7 @@ class TimelineSemaphore:
         return True
 
     def signal_threadsafe(
-        self, value: int, frontier: Frontier | None = None
+        self, value: SupportsIndex, frontier: Frontier | Mapping[int, int] | None = None
     ) -> ConcurrentFuture[None]:
         """Signal from any thread; the signal runs on the semaphore's loop.
 
@@ -319,7 +330,10 @@ class TimelineSemaphore:
         return result
 
     def _signal_into(
-        self, result: ConcurrentFuture[None], value: int, frontier: Frontier | None
+        self,
+        result: ConcurrentFuture[None],
+        value: SupportsIndex,
+        frontier: Frontier | Mapping[int, int] | None,
     ) -> None:
         try:
             self.signal(value, frontier)

@@ -14,7 +14,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsIndex
 
 from ._frontier import DEFAULT_FRONTIER_CAPACITY, Frontier, axis_name
 
@@ -124,10 +124,10 @@ class TraceRecorder:
 
     def __init__(
         self,
-        capacity: int = DEFAULT_TRACE_CAPACITY,
+        capacity: SupportsIndex = DEFAULT_TRACE_CAPACITY,
         *,
         enabled: bool = True,
-        frontier_capacity: int = DEFAULT_FRONTIER_CAPACITY,
+        frontier_capacity: SupportsIndex = DEFAULT_FRONTIER_CAPACITY,
     ) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"trace capacity must be an int >= 0, got {capacity!r}")

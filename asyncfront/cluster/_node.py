@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, SupportsIndex
 
 from .._collective import CollectiveChannel, CollectiveStep
 from .._frontier import Frontier
@@ -67,7 +67,9 @@ class _OwnedSemaphore(TimelineSemaphore):
         super().__init__(initial, name=name)
         self._on_change = on_change
 
-    def signal(self, value: int, frontier: Frontier | None = None) -> None:
+    def signal(
+        self, value: SupportsIndex, frontier: Frontier | Mapping[int, int] | None = None
+    ) -> None:
         super().signal(value, frontier)
         self._on_change(self.name)
 

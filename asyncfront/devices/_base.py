@@ -237,6 +237,7 @@ def _no_clock() -> float:
     return 0.0
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class DeviceStatistics:
     """A snapshot of a device's scheduling state."""
@@ -262,6 +263,11 @@ class Device(ABC):
     """Whether its queues offer the device their unmet waits (see :meth:`claim_wait`)."""
 
     def __init__(self, name: str, *, concurrency: int = 1) -> None:
+        # A subclass may declare its kind as a class attribute (``kind = "npu"``): where
+        # this class is compiled its instances hold their own, so take the declared one.
+        declared = getattr(type(self), "kind", None)
+        if isinstance(declared, str):
+            self.kind = declared
         self.name = name
         self.concurrency = concurrency
         self.memory: Any = None  # the device's BufferPool, set by the runtime

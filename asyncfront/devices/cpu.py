@@ -34,8 +34,6 @@ class CpuDevice(ThreadPoolDevice):
     submission's bookkeeping as it catches up (see ``docs/devices.md``).
     """
 
-    kind = "cpu"
-
     def __init__(
         self,
         name: str = "cpu",
@@ -47,6 +45,7 @@ class CpuDevice(ThreadPoolDevice):
         if memory is not None and memory < 0:
             raise ValueError(f"{type(self).__name__} memory must be >= 0 bytes, got {memory}")
         super().__init__(name, workers, concurrency=concurrency)
+        self.kind = "cpu"
         self.memory_capacity = memory or None
 
     def statistics(self) -> CpuStatistics:

@@ -202,8 +202,6 @@ class StorageDevice(ThreadPoolDevice):
             False never uses it.
     """
 
-    kind = "storage"
-
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -213,6 +211,7 @@ class StorageDevice(ThreadPoolDevice):
         use_kvikio: bool | None = None,
     ) -> None:
         super().__init__(name, workers)
+        self.kind = "storage"
         self.path = Path(path)
         if use_kvikio is None:
             use_kvikio = kvikio_available()
