@@ -198,8 +198,13 @@ class WorkerPool:
             last = fifo[-1].epoch if fifo else queue._current.epoch if queue._current else 0
             if last <= line.mirrored:
                 return  # shown already
+        if not self.chains:
+            return
         with self._lock:
-            self._mirror(queue)
+            try:
+                self._mirror(queue)
+            except Exception as exc:  # the queue's wait must not fail for the device's sake
+                self._stop_chaining(exc)
 
     def take(self, sub: Submission) -> Any:
         """``(True, result)`` if a worker already ran ``sub``, raising its error; else None.
@@ -542,17 +547,23 @@ class WorkerPool:
         except Exception as exc:
             if not self.chains:
                 raise
-            self.chains = False
-            runtime = self._runtime
-            if runtime is not None and runtime._log_warning:
-                runtime._log.warning(
-                    "chaining_disabled", device=self.name, error=f"{type(exc).__name__}: {exc}"
-                )
-            for line in self._order:  # hand the loop's work over the plain way
-                if line.forced is not None:
-                    self._jobs.append(line.forced)
-                    line.forced = None
+            self._stop_chaining(exc)
             return self._pick()
+
+    def _stop_chaining(self, exc: Exception) -> None:
+        """Run only what the loop hands over from now on (lock held); log why."""
+        self.chains = False
+        runtime = self._runtime
+        if runtime is not None and runtime._log_warning:
+            runtime._log.warning(
+                "chaining_disabled", device=self.name, error=f"{type(exc).__name__}: {exc}"
+            )
+        for line in self._order:  # hand the loop's work over the plain way
+            if line.forced is not None:
+                self._jobs.append(line.forced)
+                line.forced = None
+        if self._jobs and self._idle:
+            self._wake.notify_all()
 
 
 def _ready(sub: Submission, promised: dict[TimelineSemaphore, int]) -> bool:
