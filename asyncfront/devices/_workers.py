@@ -30,6 +30,7 @@ import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ with half of them, so a long chain costs one thread wake-up per ``AHEAD_LIMIT //
 # How a line's submission can run: on a worker with nothing to call, on a worker, or only
 # through the loop (working memory to reserve first, a coroutine function to await there).
 _VIRTUAL, _THREAD, _LOOP = 0, 1, 2
+_CO_COROUTINE = inspect.CO_COROUTINE
 
 
 class _Run:
@@ -88,6 +90,14 @@ def _kind(sub: Submission) -> int:
         return _LOOP
     if fn is None:
         return _VIRTUAL
+    if (
+        type(fn) is FunctionType
+        and not fn.__code__.co_flags & _CO_COROUTINE
+        and getattr(fn, "_is_coroutine_marker", None) is None
+    ):
+        # A plain function that is neither ``async def`` nor marked as a coroutine
+        # function: what ``inspect.iscoroutinefunction`` decides, without its unwrapping.
+        return _THREAD
     return _LOOP if inspect.iscoroutinefunction(fn) else _THREAD
 
 
@@ -460,7 +470,15 @@ class WorkerPool:
             if not pending:
                 continue
             sub, kind = pending[0]
-            if not _ready(sub, promised):
+            # Every wait met by a value or by work that ran here (inline: runs per link).
+            ready = True
+            for sem, value in sub.waits:
+                if sem._failure is not None or (
+                    sem._value < value and promised.get(sem, -1) < value
+                ):
+                    ready = False
+                    break
+            if not ready:
                 continue
             if kind == _LOOP or len(line.ahead) >= AHEAD_LIMIT:
                 if kind != _LOOP:
@@ -564,18 +582,6 @@ class WorkerPool:
                 line.forced = None
         if self._jobs and self._idle:
             self._wake.notify_all()
-
-
-def _ready(sub: Submission, promised: dict[TimelineSemaphore, int]) -> bool:
-    """Whether every wait of ``sub`` is met by a value or by work that ran here."""
-    for sem, value in sub.waits:
-        if sem._failure is not None:
-            return False
-        if sem._value >= value:
-            continue
-        if promised.get(sem, -1) < value:
-            return False
-    return True
 
 
 def _bound(sub: Submission) -> Callable[[], Any]:
