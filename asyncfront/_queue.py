@@ -406,6 +406,7 @@ class DeviceQueue:
         self._trampoline = runtime._trampoline
         self._arbiter = device._arbiter
         self._claims = device.claims_waits
+        self._watches = device.watches_waits
         self._plain_acquire = type(device).acquire is Device.acquire
         self._timed = type(device).timed_seconds is not Device.timed_seconds
         # The context whose queue this is, weakly: the context owns its queue.
@@ -811,6 +812,8 @@ class DeviceQueue:
             self._blocked = blocked
             self._wait_base = base
             self._stage = _BLOCKED
+            if self._watches:
+                self.device.watch_wait(sub)
             if runtime._stall_timer is None or runtime._draining:
                 runtime._queue_blocked()
         if len(blocked) == 1:

@@ -254,6 +254,26 @@ async def test_a_failure_to_choose_chained_work_falls_back_to_the_loop_path(
     assert device._workers.chains is False and device.statistics().chained == 0
 
 
+async def test_a_failure_to_read_a_waiting_queue_falls_back_to_the_loop_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Should reading a blocked queue's work ever raise, its wait and all work still end."""
+    from asyncfront.devices import _workers
+
+    def broken(self: Any, queue: Any) -> None:
+        raise LookupError("broken mirror")
+
+    monkeypatch.setattr(_workers.WorkerPool, "_mirror", broken)
+    device = CpuDevice("cpu", workers=2)
+    order: list[str] = []
+    async with af.open_runtime([device]) as rt:
+        qa, qb = rt.queue("cpu", name="qa"), rt.queue("cpu", name="qb")
+        subs = chain(rt, qa, qb, 20, lambda label: order.append(label) or label)
+        results = [await sub for sub in subs]
+    assert results == order == [f"{x}{i}" for i in range(1, 21) for x in "ab"]
+    assert device._workers.chains is False and device.statistics().chained == 0
+
+
 async def test_completions_reach_the_loop_in_one_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Work that finishes while the loop is busy is delivered by one loop callback."""
     from asyncfront.devices import _workers
@@ -298,3 +318,42 @@ async def test_under_a_deadline_policy_the_workers_run_only_what_the_loop_hands_
         results = [await sub for sub in subs]
     assert results == [f"{x}{i}" for i in range(1, 51) for x in "ab"]
     assert device.statistics().chained == 0
+
+
+async def test_chained_results_are_caught_up_by_the_loop_in_one_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Links the workers ran ahead reach the loop's bookkeeping in one trampoline run."""
+    from asyncfront import _queue
+
+    runs: list[int] = []
+    advance = _queue.Trampoline._run
+
+    def counting(self: _queue.Trampoline) -> None:
+        runs.append(len(self._ready))
+        advance(self)
+
+    device = CpuDevice("cpu", workers=2)
+    order: list[str] = []
+    running, go = threading.Event(), threading.Event()
+
+    def work(label: str) -> str:
+        if label == "a1":
+            running.set()
+            go.wait(10)
+        order.append(label)
+        return label
+
+    async with af.open_runtime([device]) as rt:
+        qa, qb = rt.queue("cpu", name="qa"), rt.queue("cpu", name="qb")
+        subs = chain(rt, qa, qb, 20, work)
+        await asyncio.to_thread(running.wait, 10)  # both queues shown, a1 on a worker
+        monkeypatch.setattr(_queue.Trampoline, "_run", counting)
+        go.set()
+        deadline = time.monotonic() + 10
+        while len(order) < 40 and time.monotonic() < deadline:
+            time.sleep(0.001)  # noqa: ASYNC251 (holds the loop: the workers run the chain)
+        assert len(order) == 40
+        results = [await sub for sub in subs]
+    assert results == order == [f"{x}{i}" for i in range(1, 21) for x in "ab"]
+    assert runs[:1] == [1] and len(runs) == 1  # b1 readied, then everything in that run

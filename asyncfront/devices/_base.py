@@ -261,6 +261,8 @@ class Device(ABC):
     kind: str = "device"
     claims_waits: bool = False
     """Whether its queues offer the device their unmet waits (see :meth:`claim_wait`)."""
+    watches_waits: bool = False
+    """Whether its queues show the device each head that blocks (see :meth:`watch_wait`)."""
 
     def __init__(self, name: str, *, concurrency: int = 1) -> None:
         # A subclass may declare its kind as a class attribute (``kind = "npu"``): where
@@ -427,6 +429,15 @@ class Device(ABC):
         now or later, with the frontier the wait yields (``semaphore._satisfy``), and
         makes :meth:`execute` wait on the device. Otherwise it leaves ``waiter`` to the
         semaphore's signal: the host path. The default leaves every wait to the host.
+        """
+
+    def watch_wait(self, submission: Submission) -> None:  # noqa: B027 (a hook: default no-op)
+        """Shown each submission that blocks on unmet waits, on a device with :attr:`watches_waits`.
+
+        The waits stay the host's (the queue's callbacks, with no future and no loop
+        turn); the device only learns that the queue's head waits, so it can look at the
+        queue's work (a thread pool reads its FIFO to take up work on its own workers).
+        Called on the loop thread, once per blocking, before any of the waits ends.
         """
 
     def view(self, block: Block, dtype: Any = None, shape: Any = None) -> Any:

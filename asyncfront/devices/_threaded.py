@@ -12,10 +12,8 @@ from ._base import LATER, Device
 from ._workers import WorkerPool
 
 if TYPE_CHECKING:
-    from .._frontier import Frontier
     from .._queue import Submission
     from .._runtime import Runtime
-    from .._semaphore import TimelineSemaphore
 
 __all__ = ("ThreadPoolDevice",)
 
@@ -48,9 +46,11 @@ class ThreadPoolDevice(Device):
         chains = (
             cls.execute is ThreadPoolDevice.execute
             and cls.execute_now is ThreadPoolDevice.execute_now
-            and cls.claim_wait is ThreadPoolDevice.claim_wait
+            and cls.watch_wait is ThreadPoolDevice.watch_wait
         )
-        self.claims_waits = chains
+        # The queues show the device their blocked heads; the waits stay callbacks on the
+        # loop, so a run of chained results is processed in one loop callback.
+        self.watches_waits = chains
         self._workers = WorkerPool(name, workers, self._arbiter, chains=chains)
 
     async def start(self, runtime: Runtime) -> None:
@@ -86,14 +86,8 @@ class ThreadPoolDevice(Device):
             return await self._workers.run_on_loop(submission, work)
         return await self._workers.run(submission)
 
-    def claim_wait(
-        self,
-        submission: Submission,
-        semaphore: TimelineSemaphore,
-        value: int,
-        waiter: asyncio.Future[Frontier],
-    ) -> None:
-        """Show the device the waiting queue's work; the wait itself stays the loop's."""
+    def watch_wait(self, submission: Submission) -> None:
+        """Show the device the blocked queue's work; the wait itself stays the loop's."""
         self._workers.show(submission.queue)
 
     def _in_pool(self, call: Callable[[], T]) -> asyncio.Future[T]:

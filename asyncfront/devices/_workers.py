@@ -1,18 +1,20 @@
 """The worker threads of a thread-pool device, and chained execution of its queues' work.
 
 Each queue of the device has a *line* here: the submissions the queue has shown the
-device (its FIFO, read on the loop thread whenever the queue touches the device), in
-order. A worker that finishes a submission picks the next piece of work itself, on its
-own thread: work the loop handed over (a queue's submission whose waits the loop has
-met, or a plain call), or the head of a line whose waits are met by semaphore values
-already reached or by submissions of this device that ran successfully on a worker and
-whose signals the loop will deliver. That is a wait met on the device's own worker,
+device (its FIFO, read on the loop thread whenever the queue touches the device: a head
+that blocks, through ``watch_wait``, or work handed over), in order. A worker that
+finishes a submission picks the next piece of work itself, on its own thread: work the
+loop handed over (a queue's submission whose waits the loop has met, or a plain call),
+or the head of a line whose waits are met by semaphore values already reached or by
+submissions of this device that ran successfully on a worker and whose signals the loop
+will deliver. That is a wait met on the device's own worker,
 without a round trip through the loop: a dependent chain of no-op submissions across the
-device's queues runs back to back on one thread. The queue's task on the loop still does
-everything else for each submission, in order (waits, frontiers, signals, failures,
-trace): it finds the work already done and takes its result without a coroutine
-(``execute_now``); completions the loop awaits reach it in batches, one loop wake-up for
-everything that finished meanwhile.
+device's queues runs back to back on one thread. The loop still does everything else for
+each submission, in order (waits, frontiers, signals, failures, trace): it finds the work
+already done and takes its result without a coroutine (``execute_now``), and since the
+queues wait with semaphore callbacks, each signal readies the next link's queue at once,
+so a run of links done ahead is caught up in one loop callback; completions the loop
+awaits reach it in batches, one loop wake-up for everything that finished meanwhile.
 
 The worker-side choice keeps the queues' guarantees: one submission of a line at a time,
 in FIFO order; at every submission boundary the highest-priority ready work next (work
@@ -30,6 +32,7 @@ import inspect
 import threading
 from collections import deque
 from collections.abc import Callable
+from types import FunctionType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -51,6 +54,7 @@ with half of them, so a long chain costs one thread wake-up per ``AHEAD_LIMIT //
 # How a line's submission can run: on a worker with nothing to call, on a worker, or only
 # through the loop (working memory to reserve first, a coroutine function to await there).
 _VIRTUAL, _THREAD, _LOOP = 0, 1, 2
+_CO_COROUTINE = inspect.CO_COROUTINE
 
 
 class _Run:
@@ -74,7 +78,7 @@ class _Line:
 
     def __init__(self, queue: DeviceQueue) -> None:
         self.queue = queue
-        self.pending: deque[tuple[Submission, int]] = deque()  # not started, FIFO order
+        self.pending: deque[Submission] = deque()  # not started, FIFO order
         self.ahead: deque[_Run] = deque()  # started on a worker, result not yet taken
         self.forced: _Run | None = None  # handed over by the loop, not yet started
         self.busy = False  # a worker (or the loop, for a coroutine) runs its work now
@@ -88,6 +92,14 @@ def _kind(sub: Submission) -> int:
         return _LOOP
     if fn is None:
         return _VIRTUAL
+    if (
+        type(fn) is FunctionType
+        and not fn.__code__.co_flags & _CO_COROUTINE
+        and getattr(fn, "_is_coroutine_marker", None) is None
+    ):
+        # A plain function that is neither ``async def`` nor marked as a coroutine
+        # function: what ``inspect.iscoroutinefunction`` decides, without its unwrapping.
+        return _THREAD
     return _LOOP if inspect.iscoroutinefunction(fn) else _THREAD
 
 
@@ -198,8 +210,13 @@ class WorkerPool:
             last = fifo[-1].epoch if fifo else queue._current.epoch if queue._current else 0
             if last <= line.mirrored:
                 return  # shown already
+        if not self.chains:
+            return
         with self._lock:
-            self._mirror(queue)
+            try:
+                self._mirror(queue)
+            except Exception as exc:  # the queue's wait must not fail for the device's sake
+                self._stop_chaining(exc)
 
     def take(self, sub: Submission) -> Any:
         """``(True, result)`` if a worker already ran ``sub``, raising its error; else None.
@@ -299,7 +316,7 @@ class WorkerPool:
         current = queue._current
         pending = line.pending
         if current is not None and current.epoch > mirrored:
-            pending.append((current, _kind(current)))
+            pending.append(current)
             mirrored = current.epoch
         fifo = queue._fifo
         if fifo and fifo[-1].epoch > mirrored:
@@ -308,12 +325,11 @@ class WorkerPool:
                 if sub.epoch <= mirrored:
                     break
                 new.append(sub)
-            for sub in reversed(new):
-                pending.append((sub, _kind(sub)))
+            pending.extend(reversed(new))
             mirrored = fifo[-1].epoch
         line.mirrored = mirrored
         finished = self._finished
-        while pending and pending[0][0].state in finished:
+        while pending and pending[0].state in finished:
             pending.popleft()  # the loop finished it without the device
         ahead = line.ahead
         while ahead and ahead[0].sub is not None and ahead[0].sub.state in finished:
@@ -341,9 +357,9 @@ class WorkerPool:
     def _drop_before(line: _Line, sub: Submission) -> None:
         """Forget the line's pending submissions older than ``sub``: the loop passed them."""
         pending = line.pending
-        while pending and pending[0][0].epoch < sub.epoch:
+        while pending and pending[0].epoch < sub.epoch:
             pending.popleft()
-        if pending and pending[0][0] is sub:
+        if pending and pending[0] is sub:
             pending.popleft()
 
     def _prune_lines(self) -> None:
@@ -401,9 +417,9 @@ class WorkerPool:
                 line.forced = None
                 line.busy = True
                 return line, run
-            sub, kind = line.pending.popleft()
+            sub = line.pending.popleft()
             self.chained += 1
-            if kind == _VIRTUAL:
+            if sub.fn is None:  # chosen, so neither working memory nor a coroutine
                 self._running -= 1
                 self._promise(sub)  # nothing to call: what it signals holds at once
                 continue
@@ -450,13 +466,22 @@ class WorkerPool:
             if not ahead_allowed:
                 continue
             pending = line.pending
-            while pending and pending[0][0].state in finished:
+            while pending and pending[0].state in finished:
                 pending.popleft()  # the loop finished it without the device (a barrier)
             if not pending:
                 continue
-            sub, kind = pending[0]
-            if not _ready(sub, promised):
+            sub = pending[0]
+            # Every wait met by a value or by work that ran here (inline: runs per link).
+            ready = True
+            for sem, value in sub.waits:
+                if sem._failure is not None or (
+                    sem._value < value and promised.get(sem, -1) < value
+                ):
+                    ready = False
+                    break
+            if not ready:
                 continue
+            kind = _kind(sub)
             if kind == _LOOP or len(line.ahead) >= AHEAD_LIMIT:
                 if kind != _LOOP:
                     line.capped = True
@@ -542,29 +567,23 @@ class WorkerPool:
         except Exception as exc:
             if not self.chains:
                 raise
-            self.chains = False
-            runtime = self._runtime
-            if runtime is not None and runtime._log_warning:
-                runtime._log.warning(
-                    "chaining_disabled", device=self.name, error=f"{type(exc).__name__}: {exc}"
-                )
-            for line in self._order:  # hand the loop's work over the plain way
-                if line.forced is not None:
-                    self._jobs.append(line.forced)
-                    line.forced = None
+            self._stop_chaining(exc)
             return self._pick()
 
-
-def _ready(sub: Submission, promised: dict[TimelineSemaphore, int]) -> bool:
-    """Whether every wait of ``sub`` is met by a value or by work that ran here."""
-    for sem, value in sub.waits:
-        if sem._failure is not None:
-            return False
-        if sem._value >= value:
-            continue
-        if promised.get(sem, -1) < value:
-            return False
-    return True
+    def _stop_chaining(self, exc: Exception) -> None:
+        """Run only what the loop hands over from now on (lock held); log why."""
+        self.chains = False
+        runtime = self._runtime
+        if runtime is not None and runtime._log_warning:
+            runtime._log.warning(
+                "chaining_disabled", device=self.name, error=f"{type(exc).__name__}: {exc}"
+            )
+        for line in self._order:  # hand the loop's work over the plain way
+            if line.forced is not None:
+                self._jobs.append(line.forced)
+                line.forced = None
+        if self._jobs and self._idle:
+            self._wake.notify_all()
 
 
 def _bound(sub: Submission) -> Callable[[], Any]:
