@@ -371,7 +371,7 @@ class ClusterGraph:
             PlacementError: no node can take a stage that has no node.
             TypeError: a stage's work or arguments cannot be pickled.
         """
-        from ._cluster import RemoteSubmission
+        from ._cluster import RemoteSubmission, _RunSemaphores
 
         cluster = self.cluster
         cluster._check_open()
@@ -384,12 +384,15 @@ class ClusterGraph:
         for s in order:
             queues[s] = self._queue(s, placements.get(s.name))
         dependants = {d for s in order for d in s._after}
+        # A serial makes the names unique for the cluster's life: the nodes key pushes by
+        # name, so a name is never reused, even after its run's records are dropped.
+        serial = next(cluster._run_serials)
         made: list[str] = []
         try:
             sems: dict[ClusterStage, ClusterSemaphore] = {}
             for s in order:
                 if s in dependants:
-                    sem_name = cluster._unused_semaphore_name(f"{run_name}.{s.name}")
+                    sem_name = cluster._unused_semaphore_name(f"{run_name}.{s.name}~r{serial}")
                     sems[s] = cluster.semaphore(sem_name, owner=queues[s].node)
                     made.append(sem_name)
             subs: dict[ClusterStage, RemoteSubmission] = {}
@@ -415,6 +418,21 @@ class ClusterGraph:
             for sem_name in made:
                 del cluster._sems[sem_name]
             raise
+        if sems:
+            waiters: dict[ClusterStage, set[int]] = {d: set() for d in sems}
+            for s in order:
+                for d in s._after:
+                    waiters[d].add(queues[s].node.index)
+            record = _RunSemaphores(
+                tuple(
+                    (sem.name, sem.owner.index, tuple(sorted(waiters[d] - {sem.owner.index})))
+                    for d, sem in sems.items()
+                ),
+                len(prepared),
+            )
+            cluster._graph_runs += 1
+            for sub, _ in prepared:
+                sub._run = record
         for sub, ready in prepared:
             cluster._commit(sub, ready)
         sinks = tuple(s.name for s in order if s not in dependants)
