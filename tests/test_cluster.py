@@ -795,5 +795,45 @@ async def test_graph_runs_leave_no_records_on_the_driver_or_any_node(ray_address
         with pytest.raises(GraphError):
             await failed.results()
         assert cluster.statistics().graph_runs == 0
+        error = failed.exceptions()["z"]
         del failed
         assert await _settle_records(cluster, before) == before
+        # The error's semaphore, gone from every record, still says that it failed.
+        assert isinstance(error, SemaphoreFailedError)
+        assert isinstance(error.semaphore.failure, RemoteBoom)
+        with pytest.raises(SemaphoreFailedError):
+            await asyncio.wait_for(error.semaphore.wait(1), 5)
+
+
+async def test_graph_qos_sets_each_stage_queue_priority_as_a_local_graph_does(
+    ray_address: str,
+) -> None:
+    """qos= on a graph or stage picks the tier's queue priority; priority= still works."""
+    from asyncfront import QoS
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("tiers", qos=QoS.BURSTABLE)
+        graph.stage("inherits", lambda: 1, node=n0)
+        graph.stage("own", lambda: 2, node=n1, qos="best-effort")
+        graph.stage("numbered", lambda: 3, node=n1, priority=7)
+        graph.stage("zero", lambda: 4, node=n0, priority=0)
+        run = await graph.submit()
+        assert await run.results() == {"inherits": 1, "own": 2, "numbered": 3, "zero": 4}
+        priorities = {name: sub.queue.priority for name, sub in run.submissions.items()}
+        assert priorities == {
+            "inherits": QoS.BURSTABLE.priority,
+            "own": QoS.BEST_EFFORT.priority,
+            "numbered": 7,
+            "zero": 0,
+        }
+        assert graph["own"].qos is QoS.BEST_EFFORT and graph["own"].queue_priority == 0
+        with pytest.raises(ValueError, match=r"qos= or priority=, not both"):
+            graph.stage("both", lambda: 0, node=n0, qos=QoS.GUARANTEED, priority=1)
+        with pytest.raises(ValueError, match=r"has its own \(priority 0\)"):
+            graph.stage("queued", lambda: 0, device=n0.queue("cpu"), qos=QoS.GUARANTEED)
+        with pytest.raises(ValueError, match=r"names no tier"):
+            graph.stage("unknown", lambda: 0, node=n0, qos="platinum")
+        with pytest.raises(ValueError, match=r"names no tier"):
+            cluster.graph("bad", qos="platinum")
+        assert [s.name for s in graph.stages] == ["inherits", "own", "numbered", "zero"]

@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._budget import QoS
 from .._frontier import Frontier, set_axis_name
 from .._install import install_hint
 from .._queue import Outcome, StalledError, SubmissionState
@@ -647,16 +648,20 @@ class Cluster:
         sem = self._sems[name] = ClusterSemaphore(self, name, node, initial)
         return sem
 
-    def graph(self, name: str = "graph") -> ClusterGraph:
+    def graph(self, name: str = "graph", *, qos: QoS | str | None = None) -> ClusterGraph:
         """A new pipeline whose stages run on any node (see :class:`ClusterGraph`).
+
+        ``qos`` sets its stages' default queue priority, as :meth:`asyncfront.Runtime.graph`
+        does (a stage's own ``qos`` or ``priority`` wins).
 
         Raises:
             ClusterError: the cluster is closed.
+            TypeError / ValueError: ``qos`` is neither a QoS nor the name of a tier.
         """
         from ._graph import ClusterGraph
 
         self._check_open()
-        return ClusterGraph(self, name)
+        return ClusterGraph(self, name, qos=qos)
 
     def _check_picklable(self, fn: Callable[..., Any]) -> None:
         """Raise what pickling ``fn`` raises; a function that pickled once is not pickled again."""
@@ -1047,6 +1052,9 @@ class Cluster:
             if failed_sem is not None:
                 known = self._sems.get(failed_sem)
                 mirror = known._mirror if known is not None else TimelineSemaphore(name=failed_sem)
+                # The node says it failed: the driver's view, which the error names and
+                # its holder may wait on, fails with the same cause (first failure wins).
+                mirror.fail(cause)
                 cause = SemaphoreFailedError(mirror, cause)
             sub._fail(cause)
         if sub._run is not None:

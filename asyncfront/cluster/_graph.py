@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .._budget import QoS
 from .._frontier import Frontier
 from .._graph import (
     GraphDefinitionError,
@@ -124,12 +125,14 @@ class ClusterStage:
         device: the device's name on that node, or a queue of it, or None (the node's
             first compute device; with no node, placement chooses).
         model / cost / deadline: what placement weighs (deadline in seconds from submit).
-        priority: the priority of the stage's default queue.
+        priority: the priority given with ``priority=`` (0 when none was).
+        qos: the tier given with ``qos=``, or None (see :attr:`queue_priority`).
     """
 
     __slots__ = (
         "_after",
         "_index",
+        "_priority_given",
         "args",
         "cost",
         "deadline",
@@ -141,6 +144,7 @@ class ClusterStage:
         "name",
         "node",
         "priority",
+        "qos",
     )
 
     def __init__(
@@ -156,7 +160,8 @@ class ClusterStage:
         after: list[ClusterStage],
         cost: float | None,
         deadline: float | None,
-        priority: int,
+        priority: int | None,
+        qos: QoS | None,
         index: int,
     ) -> None:
         self.graph = graph
@@ -169,9 +174,26 @@ class ClusterStage:
         self.model = model
         self.cost = cost
         self.deadline = deadline
-        self.priority = priority
+        self.priority = priority if priority is not None else 0
+        self.qos = qos
+        self._priority_given = priority is not None
         self._after = after
         self._index = index
+
+    @property
+    def queue_priority(self) -> int:
+        """The priority of the default queue the stage joins.
+
+        The stage's ``qos`` tier's (as :attr:`asyncfront.QoS.priority` maps it, the way a
+        local graph's stage does), else its ``priority``, else its graph's ``qos``
+        tier's, else 0. A stage given a queue joins that queue at the queue's priority.
+        """
+        if self.qos is not None:
+            return self.qos.priority
+        if self._priority_given:
+            return self.priority
+        graph_qos = self.graph.qos
+        return graph_qos.priority if graph_qos is not None else 0
 
     @property
     def after(self) -> tuple[ClusterStage, ...]:
@@ -189,12 +211,20 @@ class ClusterGraph:
 
     Define stages with :meth:`stage` (each may wait only for stages defined before it;
     :meth:`add_dependency` adds edges later and refuses cycles), then :meth:`submit` a
-    run. A graph may be submitted many times; each run has its own semaphores.
+    run. A graph may be submitted many times; each run has its own semaphores, dropped
+    on the driver and on every node once the run's last stage is done.
+
+    Attributes:
+        qos: the tier whose priority the stages' default queues get when a stage gives
+            neither ``qos`` nor ``priority`` (None: priority 0).
     """
 
-    def __init__(self, cluster: Cluster, name: str = "graph") -> None:
+    def __init__(
+        self, cluster: Cluster, name: str = "graph", *, qos: QoS | str | None = None
+    ) -> None:
         self.cluster = cluster
         self.name = name
+        self.qos: QoS | None = None if qos is None else QoS.coerce(qos)
         self._stages: dict[str, ClusterStage] = {}
         self._indices = itertools.count()
         self._runs = itertools.count(1)
@@ -212,7 +242,8 @@ class ClusterGraph:
         after: ClusterStageRef | Iterable[ClusterStageRef] = (),
         cost: float | None = None,
         deadline: float | None = None,
-        priority: int = 0,
+        priority: int | None = None,
+        qos: QoS | str | None = None,
         **kwargs: Any,
     ) -> ClusterStage:
         """Add a stage that runs ``fn(*args, **kwargs)`` after the stages in ``after``.
@@ -223,14 +254,18 @@ class ClusterGraph:
         devices (only those called ``device``, when it is a name), by ``model``'s
         residency, ``cost`` and ``deadline``. Stages among ``args`` and ``kwargs``
         values are waited for and replaced by their results, copied between nodes
-        where the stages' nodes differ.
+        where the stages' nodes differ. ``qos`` (a tier or its name) sets the priority
+        of the stage's default queue as it does for a local graph's stage; ``priority``
+        sets it as a number (see :attr:`ClusterStage.queue_priority`).
 
         Raises:
             GraphDefinitionError: a duplicate or empty name, or an unknown stage.
             ValueError: a node or queue of another cluster, a device of another node,
-                a negative cost or deadline.
+                a negative cost or deadline, both ``qos`` and ``priority``, ``qos``
+                with a queue (it has its own priority), or a ``qos`` name of no tier.
             KeyError: no such device on the node.
-            TypeError: ``waits`` or ``signals`` among the keyword arguments.
+            TypeError: ``waits`` or ``signals`` among the keyword arguments, or a
+                ``qos`` that is neither a :class:`~asyncfront.QoS` nor a string.
         """
         from ._cluster import NodeDevice, RemoteQueue
 
@@ -247,6 +282,17 @@ class ClusterGraph:
             raise TypeError(
                 f"stage {name!r}: {reserved} are the stage's own waits and signals; "
                 "use after=[...] for dependencies"
+            )
+        tier = None if qos is None else QoS.coerce(qos)
+        if tier is not None and priority is not None:
+            raise ValueError(
+                f"stage {name!r}: give qos= or priority=, not both (qos {tier.value!r} "
+                f"is priority {tier.priority}, priority= says {priority})"
+            )
+        if tier is not None and isinstance(device, RemoteQueue):
+            raise ValueError(
+                f"stage {name!r}: qos sets the priority of a default queue; queue "
+                f"{device.name!r} has its own (priority {device.priority})"
             )
         cluster = self.cluster
         where = None if node is None else cluster._node(node)
@@ -299,6 +345,7 @@ class ClusterGraph:
             cost,
             deadline,
             priority,
+            tier,
             next(self._indices),
         )
         self._stages[name] = stage
@@ -450,7 +497,7 @@ class ClusterGraph:
             assert s.node is not None
             node = s.node
             device = s.device if isinstance(s.device, str) else _compute_device(node)
-        return self.cluster._default_queue(node, device, s.priority)
+        return self.cluster._default_queue(node, device, s.queue_priority)
 
     async def _place(self, stages: Sequence[ClusterStage]) -> dict[str, ClusterPlacement]:
         """Ask every live node how it sees each stage; choose among all of them at once."""
