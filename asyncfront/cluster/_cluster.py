@@ -103,9 +103,10 @@ class ClusterStatistics:
     """A snapshot of the driver's side of a cluster.
 
     ``semaphores`` counts the driver's records of semaphores: the user's (kept until the
-    cluster closes) and those of graph runs not finished yet; ``graph_runs`` counts those
-    runs. ``result_streams`` are the nodes whose results come back over a direct stream
-    (the others answer long polls).
+    cluster closes) and those of graph runs whose last stage is not done yet;
+    ``graph_runs`` counts those runs (a run of one stage, or of stages that wait for
+    nothing, makes none). ``result_streams`` are the nodes whose results come back over
+    a direct stream (the others answer long polls).
     """
 
     nodes: int
