@@ -245,3 +245,25 @@ async def test_release_of_a_failed_submission_keeps_nothing() -> None:
     node._take("driver", ("release", [5]), (True, None))
     stats = await node.statistics()
     assert (stats.errors, stats.released) == (0, 0)
+
+
+async def test_error_of_a_run_failed_while_awaited_does_not_keep_the_run_alive() -> None:
+    """Waiting for a run gives no stage error a traceback: holding one pins no run."""
+    import weakref
+    from types import SimpleNamespace
+
+    from asyncfront.cluster import ClusterGraphRun, RemoteSubmission
+
+    loop = asyncio.get_running_loop()
+    queue = SimpleNamespace(node=SimpleNamespace(cluster=SimpleNamespace(_loop=loop), index=0))
+    first = RemoteSubmission(queue, "first", 1)  # type: ignore[arg-type]
+    second = RemoteSubmission(queue, "second", 2)  # type: ignore[arg-type]
+    run = ClusterGraphRun(None, 1, "g#1", {"first": first, "second": second}, ("second",), {})  # type: ignore[arg-type]
+    loop.call_soon(first._finish, 1)
+    loop.call_later(0.01, second._fail, RuntimeError("second broke"))
+    await run.wait()
+    error = run.exceptions()["second"]
+    alive = weakref.ref(run)
+    del run, first, second
+    assert alive() is None
+    assert isinstance(error, RuntimeError) and error.__traceback__ is None

@@ -16,7 +16,6 @@ together: a stage with ``model=`` goes where the model is resident, if it is any
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -669,9 +668,7 @@ class ClusterGraphRun:
     async def wait(self) -> None:
         """Wait until every stage completed or failed (never raises a stage's error)."""
         for handle in self._handles.values():
-            if not handle.done():
-                with contextlib.suppress(Exception):
-                    await handle
+            await handle._until_done()
 
     async def results(self) -> dict[str, Any]:
         """Wait for every stage; ``{stage: result}`` in submission order.
