@@ -3,26 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from asyncfront import Domain, SemaphoreFailedError, axis_fields
+from asyncfront import Domain, GraphError, SemaphoreFailedError, axis_fields
 
 ray = pytest.importorskip("ray")
 
 from ray import cloudpickle  # noqa: E402
 
 from asyncfront.cluster import (  # noqa: E402
+    Cluster,
     ClusterError,
+    ClusterStatistics,
     DeliveryFaults,
     LocalRayCluster,
     NodeLostError,
+    NodeStatistics,
     open_cluster,
 )
 
@@ -733,3 +739,123 @@ async def test_results_stream_back_and_a_stranger_is_refused(
         results = [await cluster.nodes[k % 2].queue("cpu").submit(lambda k=k: k) for k in range(4)]
         assert results == [0, 1, 2, 3]
         assert cluster.statistics().result_streams == (0, 1)
+
+
+async def _records(cluster: Cluster) -> tuple[ClusterStatistics, list[NodeStatistics]]:
+    """The driver's statistics, less its counters of traffic, and every node's."""
+    stats = cluster.statistics()
+    stats = dataclasses.replace(stats, batches_sent=0, submissions_sent=0)
+    return stats, [await node.statistics() for node in cluster.nodes]
+
+
+async def _settle_records(
+    cluster: Cluster, expected: tuple[ClusterStatistics, list[NodeStatistics]]
+) -> tuple[ClusterStatistics, list[NodeStatistics]]:
+    """The records once they equal ``expected``, or as they are after a few seconds.
+
+    Releases and forgets travel fire-and-forget in the next batches, so the nodes' records
+    go a moment after the driver dropped its own.
+    """
+    gc.collect()
+    records = await _records(cluster)
+    for _ in range(100):
+        if records == expected:
+            break
+        await asyncio.sleep(0.05)
+        records = await _records(cluster)
+    return records
+
+
+async def test_graph_runs_leave_no_records_on_the_driver_or_any_node(ray_address: str) -> None:
+    """50 runs of a graph across nodes, then a failed one: every record count is back."""
+
+    def boom(x: int) -> int:
+        time.sleep(0.2)  # its dependant is still pending when the driver waits for the run
+        raise RemoteBoom(f"stage b broke on {x}")
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("churn")
+        a = graph.stage("a", lambda: 1, node=n0)
+        b = graph.stage("b", lambda x: x + 1, a, node=n1)
+        graph.stage("c", lambda x, y: x + y, b, y=a, node=n0)
+        # One run first: the default queues (one per node) and the driver's view of
+        # them exist from then on, as they do in a long-lived cluster.
+        assert (await (await graph.submit()).results())["c"] == 3
+        before = await _settle_records(cluster, await _records(cluster))
+        assert before[0].semaphores == 0 and before[0].graph_runs == 0
+        for _ in range(50):
+            run = await graph.submit()
+            assert (await run.results())["c"] == 3
+        del run
+        assert await _settle_records(cluster, before) == before
+        failing = cluster.graph("failing")
+        x = failing.stage("x", lambda: 1, node=n0)
+        y = failing.stage("y", boom, x, node=n1)
+        failing.stage("z", lambda v, w: v + w, y, w=x, node=n0)
+        failed = await failing.submit()
+        with pytest.raises(GraphError):
+            await failed.results()
+        assert cluster.statistics().graph_runs == 0
+        error = failed.exceptions()["z"]
+        del failed
+        assert await _settle_records(cluster, before) == before
+        # The error's semaphore, gone from every record, still says that it failed.
+        assert isinstance(error, SemaphoreFailedError)
+        assert isinstance(error.semaphore.failure, RemoteBoom)
+        with pytest.raises(SemaphoreFailedError):
+            await asyncio.wait_for(error.semaphore.wait(1), 5)
+
+
+async def test_graph_qos_sets_each_stage_queue_priority_as_a_local_graph_does(
+    ray_address: str,
+) -> None:
+    """qos= on a graph or stage picks the tier's queue priority; priority= still works."""
+    from asyncfront import QoS
+
+    async with open_cluster(ray_address, nodes=2) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("tiers", qos=QoS.BURSTABLE)
+        graph.stage("inherits", lambda: 1, node=n0)
+        graph.stage("own", lambda: 2, node=n1, qos="best-effort")
+        graph.stage("numbered", lambda: 3, node=n1, priority=7)
+        graph.stage("zero", lambda: 4, node=n0, priority=0)
+        run = await graph.submit()
+        assert await run.results() == {"inherits": 1, "own": 2, "numbered": 3, "zero": 4}
+        priorities = {name: sub.queue.priority for name, sub in run.submissions.items()}
+        assert priorities == {
+            "inherits": QoS.BURSTABLE.priority,
+            "own": QoS.BEST_EFFORT.priority,
+            "numbered": 7,
+            "zero": 0,
+        }
+        assert graph["own"].qos is QoS.BEST_EFFORT and graph["own"].queue_priority == 0
+        with pytest.raises(ValueError, match=r"qos= or priority=, not both"):
+            graph.stage("both", lambda: 0, node=n0, qos=QoS.GUARANTEED, priority=1)
+        with pytest.raises(ValueError, match=r"has its own \(priority 0\)"):
+            graph.stage("queued", lambda: 0, device=n0.queue("cpu"), qos=QoS.GUARANTEED)
+        with pytest.raises(ValueError, match=r"names no tier"):
+            graph.stage("unknown", lambda: 0, node=n0, qos="platinum")
+        with pytest.raises(ValueError, match=r"names no tier"):
+            cluster.graph("bad", qos="platinum")
+        assert [s.name for s in graph.stages] == ["inherits", "own", "numbered", "zero"]
+
+
+async def test_graph_runs_leave_no_records_under_reordered_duplicated_messages(
+    ray_address: str,
+) -> None:
+    """Batches and pushes delayed, reordered and duplicated: run records still all go."""
+    faults = DeliveryFaults(seed=5, max_delay=0.01, duplicate=0.5)
+    async with open_cluster(ray_address, nodes=2, delivery_faults=faults) as cluster:
+        n0, n1 = cluster.nodes
+        graph = cluster.graph("shaken")
+        a = graph.stage("a", lambda: 2, node=n0)
+        b = graph.stage("b", lambda x: x * 3, a, node=n1)
+        c = graph.stage("c", lambda x: x + 1, a, node=n1)
+        graph.stage("d", lambda x, y: x + y, b, c, node=n0)
+        assert (await (await graph.submit()).results())["d"] == 9
+        before = await _settle_records(cluster, await _records(cluster))
+        runs = [await graph.submit() for _ in range(20)]  # in flight together
+        assert [(await r.results())["d"] for r in runs] == [9] * 20
+        del runs
+        assert await _settle_records(cluster, before) == before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 
@@ -11,7 +12,9 @@ from asyncfront import Frontier, SemaphoreFailedError, TimelineSemaphore, axis
 from asyncfront.cluster import (
     DeliveryFaults,
     NodeLostError,
+    NodeRuntime,
     RemoteWorkError,
+    SemaphoreRef,
     SemaphoreUpdate,
     Sequencer,
     apply_update,
@@ -21,6 +24,7 @@ pytest.importorskip("ray")
 
 from asyncfront.cluster._protocol import (
     decode_frontier,
+    dumps,
     encode_frontier,
     pack_exception,
     unpack_exception,
@@ -158,3 +162,108 @@ def test_function_that_stops_pickling_fails_only_its_items() -> None:
     assert not ok1 and isinstance(error, TypeError)
     assert "work 'locked' cannot be pickled" in str(error)
     assert ok2 and work == (abs, (), {})
+
+
+def _node(index: int) -> NodeRuntime:
+    """A node runtime's handlers on the running loop, with no runtime and no peers."""
+    node = NodeRuntime(index, b"", 1.0, None)
+    node._loop = asyncio.get_running_loop()
+    return node
+
+
+async def test_owner_drops_a_forgotten_semaphore_and_a_late_subscription_adds_nothing() -> None:
+    """Forgotten before node 1 subscribed: the late subscription is absorbed, not re-made."""
+    owner = _node(0)
+    ref = ("g#1.a~r1", 0, 0)
+    owner._semaphore(SemaphoreRef(*ref))
+    owner._forget_semaphore(ref[0], 0, (1,))
+    stats = await owner.statistics()
+    assert (stats.semaphores, stats.subscriptions, stats.forgotten) == (0, 0, 1)
+    await owner.subscribe(ref, 1)
+    stats = await owner.statistics()
+    assert (stats.semaphores, stats.subscriptions, stats.forgotten) == (0, 0, 0)
+    # Subscribed first, forgotten after: everything goes at once.
+    ref = ("g#2.a~r2", 0, 0)
+    await owner.subscribe(ref, 1)
+    assert (await owner.statistics()).subscriptions == 1
+    owner._forget_semaphore(ref[0], 0, (1,))
+    stats = await owner.statistics()
+    assert (stats.semaphores, stats.subscriptions, stats.forgotten) == (0, 0, 0)
+
+
+async def test_lost_subscriber_ends_the_wait_for_its_late_subscription() -> None:
+    """A node lost before its subscription arrived leaves no record on the owner."""
+    owner = _node(0)
+    owner._forget_semaphore("g#1.a~r1", 0, (1, 2))
+    assert (await owner.statistics()).forgotten == 1
+    await owner.node_lost(1, "its runtime actor died")
+    assert (await owner.statistics()).forgotten == 1  # node 2's subscription may still come
+    await owner.node_lost(2, "its runtime actor died")
+    assert (await owner.statistics()).forgotten == 0
+
+
+async def test_mirror_forgets_and_ignores_later_pushes() -> None:
+    """A mirror dropped after its run ignores pushes that arrive later."""
+
+    class Peer:
+        def __init__(self) -> None:
+            self.subscribed: list[tuple[tuple[str, int, int], int]] = []
+            self.subscribe = self
+
+        def remote(self, ref: tuple[str, int, int], subscriber: int) -> None:
+            self.subscribed.append((ref, subscriber))
+
+    mirror = _node(1)
+    peer = Peer()
+    mirror._peers = [peer, None]
+    sem = mirror._semaphore(SemaphoreRef("g#1.a~r1", 0, 0))
+    assert peer.subscribed == [(("g#1.a~r1", 0, 0), 1)]
+    mirror._forget_semaphore("g#1.a~r1", 0, ())
+    mirror._apply_pushes([tuple(SemaphoreUpdate("g#1.a~r1", 1, encode_frontier(Frontier()), None))])
+    stats = await mirror.statistics()
+    assert (stats.semaphores, stats.forgotten) == (0, 0)
+    assert sem.value == 0
+
+
+@pytest.mark.parametrize("ok", [True, False])
+async def test_copy_arriving_after_its_release_leaves_nothing(ok: bool) -> None:
+    """A copy released before it arrived is dropped on arrival, result or error alike."""
+    taker = _node(1)
+    taker._arrival(7, 0)
+    taker._take("driver", ("release", [7]), (True, None))
+    assert (await taker.statistics()).released == 1
+    payload = dumps(41) if ok else pack_exception(RuntimeError("the producer broke"))
+    await taker.take_copy(7, 0, ok, payload)
+    stats = await taker.statistics()
+    assert (stats.results, stats.copies_awaited, stats.released) == (0, 0, 0)
+
+
+async def test_release_of_a_failed_submission_keeps_nothing() -> None:
+    """Releasing a submission that failed here drops its error and remembers nothing."""
+    node = _node(0)
+    node._errors[5] = pack_exception(RuntimeError("broke"))
+    node._take("driver", ("release", [5]), (True, None))
+    stats = await node.statistics()
+    assert (stats.errors, stats.released) == (0, 0)
+
+
+async def test_error_of_a_run_failed_while_awaited_does_not_keep_the_run_alive() -> None:
+    """Waiting for a run gives no stage error a traceback: holding one pins no run."""
+    import weakref
+    from types import SimpleNamespace
+
+    from asyncfront.cluster import ClusterGraphRun, RemoteSubmission
+
+    loop = asyncio.get_running_loop()
+    queue = SimpleNamespace(node=SimpleNamespace(cluster=SimpleNamespace(_loop=loop), index=0))
+    first = RemoteSubmission(queue, "first", 1)  # type: ignore[arg-type]
+    second = RemoteSubmission(queue, "second", 2)  # type: ignore[arg-type]
+    run = ClusterGraphRun(None, 1, "g#1", {"first": first, "second": second}, ("second",), {})  # type: ignore[arg-type]
+    loop.call_soon(first._finish, 1)
+    loop.call_later(0.01, second._fail, RuntimeError("second broke"))
+    await run.wait()
+    error = run.exceptions()["second"]
+    alive = weakref.ref(run)
+    del run, first, second
+    assert alive() is None
+    assert isinstance(error, RuntimeError) and error.__traceback__ is None

@@ -21,6 +21,7 @@ from ._graph import ClusterGraphRun as ClusterGraphRun
 from ._graph import ClusterPlacement as ClusterPlacement
 from ._graph import ClusterStage as ClusterStage
 from ._node import NodeRuntime as NodeRuntime
+from ._node import NodeStatistics as NodeStatistics
 from ._protocol import DeliveryFaults as DeliveryFaults
 from ._protocol import SemaphoreRef as SemaphoreRef
 from ._protocol import SemaphoreUpdate as SemaphoreUpdate
@@ -44,6 +45,7 @@ __all__ = (
     "NodeDevice",
     "NodeLostError",
     "NodeRuntime",
+    "NodeStatistics",
     "RemoteQueue",
     "RemoteSubmission",
     "RemoteWorkError",

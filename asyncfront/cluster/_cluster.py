@@ -25,13 +25,14 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .._budget import QoS
 from .._frontier import Frontier, set_axis_name
 from .._install import install_hint
 from .._queue import Outcome, StalledError, SubmissionState
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from ..devices._base import Device
 from ._errors import ClusterError, NodeLostError
-from ._node import NodeRuntime
+from ._node import NodeRuntime, NodeStatistics
 from ._protocol import (
     DeliveryFaults,
     SemaphoreRef,
@@ -101,8 +102,11 @@ class NodeDevice:
 class ClusterStatistics:
     """A snapshot of the driver's side of a cluster.
 
-    ``result_streams`` are the nodes whose results come back over a direct stream (the
-    others answer long polls).
+    ``semaphores`` counts the driver's records of semaphores: the user's (kept until the
+    cluster closes) and those of graph runs whose last stage is not done yet;
+    ``graph_runs`` counts those runs (a run of one stage, or of stages that wait for
+    nothing, makes none). ``result_streams`` are the nodes whose results come back over
+    a direct stream (the others answer long polls).
     """
 
     nodes: int
@@ -112,6 +116,7 @@ class ClusterStatistics:
     batches_sent: int
     submissions_sent: int
     result_streams: tuple[int, ...] = ()
+    graph_runs: int = 0
 
 
 class RemoteSubmission(Outcome):
@@ -135,6 +140,7 @@ class RemoteSubmission(Outcome):
         "_copied_to",
         "_holds",
         "_loop",
+        "_run",
         "_sent",
         "epoch",
         "frontier",
@@ -159,6 +165,8 @@ class RemoteSubmission(Outcome):
         # The nodes that keep its result: its own, then every node a copy was sent to.
         self._copied_to: list[ClusterNode] = [queue.node]
         self._sent = False
+        # The graph run it is a stage of, whose semaphores go once its last stage is done.
+        self._run: _RunSemaphores | None = None
 
     _kind = "remote submission"
 
@@ -171,6 +179,21 @@ class RemoteSubmission(Outcome):
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
+
+    async def _until_done(self) -> None:
+        """Wait until it completed or failed, without raising its error.
+
+        Raising the stored error would give it a traceback holding the waiting frames
+        (and whatever they refer to, such as the run and its results) for as long as
+        anyone keeps the error.
+        """
+        if not self.done():
+            fut: asyncio.Future[None] = self._loop.create_future()
+            if self._futures is None:
+                self._futures = [fut]
+            else:
+                self._futures.append(fut)
+            await fut
 
     def __repr__(self) -> str:
         return (
@@ -234,6 +257,24 @@ class _Prepared:
     cost: float | None
     holds: tuple[RemoteSubmission, ...]
     copies: tuple[RemoteSubmission, ...]  # results of other nodes it takes: copied here
+
+
+class _RunSemaphores:
+    """The semaphores one graph run made, and who holds a record of each.
+
+    Plain data (names and node indices): each entry is ``(name, owner, waiters)``, the
+    waiters being the other nodes whose stages wait on it. When the run's last stage is
+    done (``pending`` reaches 0), the driver drops its records and tells every node that
+    holds one to drop its own.
+    """
+
+    __slots__ = ("pending", "semaphores")
+
+    def __init__(
+        self, semaphores: tuple[tuple[str, int, tuple[int, ...]], ...], pending: int
+    ) -> None:
+        self.semaphores = semaphores
+        self.pending = pending
 
 
 class RemoteQueue:
@@ -471,6 +512,19 @@ class ClusterNode:
         """The process id of the node runtime."""
         return int(await self._actor.pid.remote())
 
+    async def statistics(self) -> NodeStatistics:
+        """A snapshot of the records the node runtime keeps (see :class:`NodeStatistics`).
+
+        Raises:
+            ClusterError: the cluster is closed.
+            NodeLostError: the node was lost.
+        """
+        self.cluster._check_open()
+        if self.lost is not None:
+            raise NodeLostError(self.lost.node, self.lost.reason)
+        stats: NodeStatistics = await _await(self._actor.statistics.remote())
+        return stats
+
     def collective(self, queues: Iterable[RemoteQueue], *, name: str | None = None) -> RemoteQueue:
         """A collective channel over ``queues`` of this node, as a queue proxy.
 
@@ -585,6 +639,10 @@ class Cluster:
         # Functions known to pickle: checked once, pickled again with every batch.
         self._picklable: weakref.WeakKeyDictionary[Any, None] = weakref.WeakKeyDictionary()
         self._names = itertools.count(2)
+        # Graph runs whose semaphores are still kept (their last stage is not done), and
+        # a serial that makes every run's semaphore names unique for the cluster's life.
+        self._graph_runs = 0
+        self._run_serials = itertools.count(1)
 
     # -- public ----------------------------------------------------------------------
 
@@ -606,16 +664,20 @@ class Cluster:
         sem = self._sems[name] = ClusterSemaphore(self, name, node, initial)
         return sem
 
-    def graph(self, name: str = "graph") -> ClusterGraph:
+    def graph(self, name: str = "graph", *, qos: QoS | str | None = None) -> ClusterGraph:
         """A new pipeline whose stages run on any node (see :class:`ClusterGraph`).
+
+        ``qos`` sets its stages' default queue priority, as :meth:`asyncfront.Runtime.graph`
+        does (a stage's own ``qos`` or ``priority`` wins).
 
         Raises:
             ClusterError: the cluster is closed.
+            TypeError / ValueError: ``qos`` is neither a QoS nor the name of a tier.
         """
         from ._graph import ClusterGraph
 
         self._check_open()
-        return ClusterGraph(self, name)
+        return ClusterGraph(self, name, qos=qos)
 
     def _check_picklable(self, fn: Callable[..., Any]) -> None:
         """Raise what pickling ``fn`` raises; a function that pickled once is not pickled again."""
@@ -681,6 +743,7 @@ class Cluster:
             result_streams=tuple(
                 sorted(i for i, t in self._result_readers.items() if not t.done())
             ),
+            graph_runs=self._graph_runs,
         )
 
     def __repr__(self) -> str:
@@ -1000,14 +1063,51 @@ class Cluster:
                 sub._fail(TypeError(f"the result of {sub.name!r} cannot be unpickled: {error}"))
             else:
                 sub._finish(result)
-            return True
-        cause = unpack_exception(payload)
-        if failed_sem is not None:
-            known = self._sems.get(failed_sem)
-            mirror = known._mirror if known is not None else TimelineSemaphore(name=failed_sem)
-            cause = SemaphoreFailedError(mirror, cause)
-        sub._fail(cause)
+        else:
+            cause = unpack_exception(payload)
+            if failed_sem is not None:
+                known = self._sems.get(failed_sem)
+                mirror = known._mirror if known is not None else TimelineSemaphore(name=failed_sem)
+                # The node says it failed: the driver's view, which the error names and
+                # its holder may wait on, fails with the same cause (first failure wins).
+                mirror.fail(cause)
+                cause = SemaphoreFailedError(mirror, cause)
+            sub._fail(cause)
+        if sub._run is not None:
+            self._settled(sub)
         return True
+
+    def _settled(self, sub: RemoteSubmission) -> None:
+        """A stage of a graph run is done; after its last one, the run's semaphores go."""
+        run = sub._run
+        if run is None:
+            return
+        sub._run = None
+        run.pending -= 1
+        if not run.pending:
+            self._forget_run(run)
+
+    def _forget_run(self, run: _RunSemaphores) -> None:
+        """Drop a finished run's semaphores here and on every live node that holds one.
+
+        Every stage of the run is done, so nothing waits on them or signals them any
+        more. The owner learns which nodes subscribed, so a subscription that arrives
+        after the owner dropped the semaphore does not make it again.
+        """
+        self._graph_runs -= 1
+        for name, _, _ in run.semaphores:
+            self._sems.pop(name, None)
+        if not self._open:
+            return  # the nodes stopped with their records
+        per_node: dict[int, list[tuple[str, int, tuple[int, ...]]]] = {}
+        for name, owner, waiters in run.semaphores:
+            per_node.setdefault(owner, []).append((name, owner, waiters))
+            for waiter in waiters:
+                per_node.setdefault(waiter, []).append((name, owner, ()))
+        for index, items in per_node.items():
+            node = self.nodes[index]
+            if node.lost is None:
+                self._send(node, ("forget", tuple(items)))
 
     def _note_progress(self) -> None:
         progress = self._progress
@@ -1058,6 +1158,7 @@ class Cluster:
                 del self._pending[sub_id]
                 sub._holds = ()
                 sub._fail(NodeLostError(node.index, reason))
+                self._settled(sub)
         for other in self.nodes:
             if other.lost is None:
                 other._actor.node_lost.remote(node.index, reason)
@@ -1107,6 +1208,7 @@ class Cluster:
         pending, self._pending = self._pending, {}
         for sub in pending.values():
             sub._fail(StalledError(f"the cluster closed before {sub.name!r} finished"))
+            self._settled(sub)
         for sem in self._sems.values():  # nothing will update the mirrors any more
             sem._mirror.fail(StalledError(f"the cluster closed; semaphore {sem.name!r} is gone"))
         ray = _import_ray()

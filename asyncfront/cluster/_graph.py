@@ -16,7 +16,6 @@ together: a stage with ``model=`` goes where the model is resident, if it is any
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
+from .._budget import QoS
 from .._frontier import Frontier
 from .._graph import (
     GraphDefinitionError,
@@ -124,12 +124,14 @@ class ClusterStage:
         device: the device's name on that node, or a queue of it, or None (the node's
             first compute device; with no node, placement chooses).
         model / cost / deadline: what placement weighs (deadline in seconds from submit).
-        priority: the priority of the stage's default queue.
+        priority: the priority given with ``priority=`` (0 when none was).
+        qos: the tier given with ``qos=``, or None (see :attr:`queue_priority`).
     """
 
     __slots__ = (
         "_after",
         "_index",
+        "_priority_given",
         "args",
         "cost",
         "deadline",
@@ -141,6 +143,7 @@ class ClusterStage:
         "name",
         "node",
         "priority",
+        "qos",
     )
 
     def __init__(
@@ -156,7 +159,8 @@ class ClusterStage:
         after: list[ClusterStage],
         cost: float | None,
         deadline: float | None,
-        priority: int,
+        priority: int | None,
+        qos: QoS | None,
         index: int,
     ) -> None:
         self.graph = graph
@@ -169,9 +173,26 @@ class ClusterStage:
         self.model = model
         self.cost = cost
         self.deadline = deadline
-        self.priority = priority
+        self.priority = priority if priority is not None else 0
+        self.qos = qos
+        self._priority_given = priority is not None
         self._after = after
         self._index = index
+
+    @property
+    def queue_priority(self) -> int:
+        """The priority of the default queue the stage joins.
+
+        The stage's ``qos`` tier's (as :attr:`asyncfront.QoS.priority` maps it, the way a
+        local graph's stage does), else its ``priority``, else its graph's ``qos``
+        tier's, else 0. A stage given a queue joins that queue at the queue's priority.
+        """
+        if self.qos is not None:
+            return self.qos.priority
+        if self._priority_given:
+            return self.priority
+        graph_qos = self.graph.qos
+        return graph_qos.priority if graph_qos is not None else 0
 
     @property
     def after(self) -> tuple[ClusterStage, ...]:
@@ -189,12 +210,20 @@ class ClusterGraph:
 
     Define stages with :meth:`stage` (each may wait only for stages defined before it;
     :meth:`add_dependency` adds edges later and refuses cycles), then :meth:`submit` a
-    run. A graph may be submitted many times; each run has its own semaphores.
+    run. A graph may be submitted many times; each run has its own semaphores, dropped
+    on the driver and on every node once the run's last stage is done.
+
+    Attributes:
+        qos: the tier whose priority the stages' default queues get when a stage gives
+            neither ``qos`` nor ``priority`` (None: priority 0).
     """
 
-    def __init__(self, cluster: Cluster, name: str = "graph") -> None:
+    def __init__(
+        self, cluster: Cluster, name: str = "graph", *, qos: QoS | str | None = None
+    ) -> None:
         self.cluster = cluster
         self.name = name
+        self.qos: QoS | None = None if qos is None else QoS.coerce(qos)
         self._stages: dict[str, ClusterStage] = {}
         self._indices = itertools.count()
         self._runs = itertools.count(1)
@@ -212,7 +241,8 @@ class ClusterGraph:
         after: ClusterStageRef | Iterable[ClusterStageRef] = (),
         cost: float | None = None,
         deadline: float | None = None,
-        priority: int = 0,
+        priority: int | None = None,
+        qos: QoS | str | None = None,
         **kwargs: Any,
     ) -> ClusterStage:
         """Add a stage that runs ``fn(*args, **kwargs)`` after the stages in ``after``.
@@ -223,14 +253,18 @@ class ClusterGraph:
         devices (only those called ``device``, when it is a name), by ``model``'s
         residency, ``cost`` and ``deadline``. Stages among ``args`` and ``kwargs``
         values are waited for and replaced by their results, copied between nodes
-        where the stages' nodes differ.
+        where the stages' nodes differ. ``qos`` (a tier or its name) sets the priority
+        of the stage's default queue as it does for a local graph's stage; ``priority``
+        sets it as a number (see :attr:`ClusterStage.queue_priority`).
 
         Raises:
             GraphDefinitionError: a duplicate or empty name, or an unknown stage.
             ValueError: a node or queue of another cluster, a device of another node,
-                a negative cost or deadline.
+                a negative cost or deadline, both ``qos`` and ``priority``, ``qos``
+                with a queue (it has its own priority), or a ``qos`` name of no tier.
             KeyError: no such device on the node.
-            TypeError: ``waits`` or ``signals`` among the keyword arguments.
+            TypeError: ``waits`` or ``signals`` among the keyword arguments, or a
+                ``qos`` that is neither a :class:`~asyncfront.QoS` nor a string.
         """
         from ._cluster import NodeDevice, RemoteQueue
 
@@ -247,6 +281,17 @@ class ClusterGraph:
             raise TypeError(
                 f"stage {name!r}: {reserved} are the stage's own waits and signals; "
                 "use after=[...] for dependencies"
+            )
+        tier = None if qos is None else QoS.coerce(qos)
+        if tier is not None and priority is not None:
+            raise ValueError(
+                f"stage {name!r}: give qos= or priority=, not both (qos {tier.value!r} "
+                f"is priority {tier.priority}, priority= says {priority})"
+            )
+        if tier is not None and isinstance(device, RemoteQueue):
+            raise ValueError(
+                f"stage {name!r}: qos sets the priority of a default queue; queue "
+                f"{device.name!r} has its own (priority {device.priority})"
             )
         cluster = self.cluster
         where = None if node is None else cluster._node(node)
@@ -299,6 +344,7 @@ class ClusterGraph:
             cost,
             deadline,
             priority,
+            tier,
             next(self._indices),
         )
         self._stages[name] = stage
@@ -371,7 +417,7 @@ class ClusterGraph:
             PlacementError: no node can take a stage that has no node.
             TypeError: a stage's work or arguments cannot be pickled.
         """
-        from ._cluster import RemoteSubmission
+        from ._cluster import RemoteSubmission, _RunSemaphores
 
         cluster = self.cluster
         cluster._check_open()
@@ -384,12 +430,15 @@ class ClusterGraph:
         for s in order:
             queues[s] = self._queue(s, placements.get(s.name))
         dependants = {d for s in order for d in s._after}
+        # A serial makes the names unique for the cluster's life: the nodes key pushes by
+        # name, so a name is never reused, even after its run's records are dropped.
+        serial = next(cluster._run_serials)
         made: list[str] = []
         try:
             sems: dict[ClusterStage, ClusterSemaphore] = {}
             for s in order:
                 if s in dependants:
-                    sem_name = cluster._unused_semaphore_name(f"{run_name}.{s.name}")
+                    sem_name = cluster._unused_semaphore_name(f"{run_name}.{s.name}~r{serial}")
                     sems[s] = cluster.semaphore(sem_name, owner=queues[s].node)
                     made.append(sem_name)
             subs: dict[ClusterStage, RemoteSubmission] = {}
@@ -415,6 +464,21 @@ class ClusterGraph:
             for sem_name in made:
                 del cluster._sems[sem_name]
             raise
+        if sems:
+            waiters: dict[ClusterStage, set[int]] = {d: set() for d in sems}
+            for s in order:
+                for d in s._after:
+                    waiters[d].add(queues[s].node.index)
+            record = _RunSemaphores(
+                tuple(
+                    (sem.name, sem.owner.index, tuple(sorted(waiters[d] - {sem.owner.index})))
+                    for d, sem in sems.items()
+                ),
+                len(prepared),
+            )
+            cluster._graph_runs += 1
+            for sub, _ in prepared:
+                sub._run = record
         for sub, ready in prepared:
             cluster._commit(sub, ready)
         sinks = tuple(s.name for s in order if s not in dependants)
@@ -432,7 +496,7 @@ class ClusterGraph:
             assert s.node is not None
             node = s.node
             device = s.device if isinstance(s.device, str) else _compute_device(node)
-        return self.cluster._default_queue(node, device, s.priority)
+        return self.cluster._default_queue(node, device, s.queue_priority)
 
     async def _place(self, stages: Sequence[ClusterStage]) -> dict[str, ClusterPlacement]:
         """Ask every live node how it sees each stage; choose among all of them at once."""
@@ -604,9 +668,7 @@ class ClusterGraphRun:
     async def wait(self) -> None:
         """Wait until every stage completed or failed (never raises a stage's error)."""
         for handle in self._handles.values():
-            if not handle.done():
-                with contextlib.suppress(Exception):
-                    await handle
+            await handle._until_done()
 
     async def results(self) -> dict[str, Any]:
         """Wait for every stage; ``{stage: result}`` in submission order.

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, SupportsIndex
 
 from .._collective import CollectiveChannel, CollectiveStep
@@ -44,7 +45,7 @@ from ._protocol import (
     unpack_exception,
 )
 
-__all__ = ("NodeRuntime",)
+__all__ = ("NodeRuntime", "NodeStatistics")
 
 # What a node tells a sender about one finished submission:
 # ("done", submission id, epoch, encoded frontier, ok, pickled result or packed error,
@@ -56,6 +57,42 @@ _POLL_WAIT = 5.0  # seconds a poll waits for news before it answers empty
 _POLL_INTERVAL = 0.002
 # A result stream carries at most one frame per this many seconds (per sender).
 _FRAME_INTERVAL = 0.001
+
+
+@dataclass(frozen=True)
+class NodeStatistics:
+    """A snapshot of the records a node runtime keeps for its senders.
+
+    Each count returns to its level before a graph run once the run finished and the
+    driver dropped its submissions (see ``docs/cluster.md``).
+
+    Attributes:
+        node: the node's index.
+        semaphores: semaphores it holds, its own and its mirrors of other nodes'.
+        owned_semaphores: those of them it owns.
+        subscriptions: subscribers of its own semaphores, summed over them.
+        forgotten: semaphores it dropped as owner that still wait for a late
+            subscription (to drop it on arrival instead of making them again).
+        results: results kept for later work that takes them, including copies of
+            other nodes' results.
+        errors: packed errors of failed submissions kept for copies asked later.
+        copies_awaited: copies of other nodes' results its work waits for or has.
+        copy_requests: submissions here whose result other nodes asked for.
+        released: results dropped by the driver before their copy arrived.
+        queues: queues it created for its senders.
+    """
+
+    node: int
+    semaphores: int
+    owned_semaphores: int
+    subscriptions: int
+    forgotten: int
+    results: int
+    errors: int
+    copies_awaited: int
+    copy_requests: int
+    released: int
+    queues: int
 
 
 class _OwnedSemaphore(TimelineSemaphore):
@@ -161,6 +198,9 @@ class NodeRuntime:
         self._sems: dict[str, TimelineSemaphore] = {}
         self._refs: dict[str, SemaphoreRef] = {}
         self._subscribers: dict[str, set[int | str]] = {}
+        # Semaphores dropped here as their owner whose subscription from these nodes had
+        # not arrived yet: when it does, it is dropped too instead of making them again.
+        self._forgotten: dict[str, set[int]] = {}
         self._dirty: set[str] = set()
         self._flush_scheduled = False
         self._lost: dict[int, NodeLostError] = {}
@@ -471,9 +511,16 @@ class NodeRuntime:
         elif kind == "release":
             for sub_id in item[1]:
                 self._errors.pop(sub_id, None)
-                self._arrivals.pop(sub_id, None)
-                if self._values.pop(sub_id, _MISSING) is _MISSING:
-                    self._released.add(sub_id)
+                value = self._values.pop(sub_id, _MISSING)
+                arrival = self._arrivals.pop(sub_id, None)
+                if value is _MISSING and arrival is not None:
+                    sem = arrival[0]
+                    if sem.value < 1 and sem.failure is None:
+                        # Its copy is still on the way: dropped when it arrives.
+                        self._released.add(sub_id)
+        elif kind == "forget":
+            for name, owner, waiters in item[1]:
+                self._forget_semaphore(name, owner, waiters)
         elif kind == "copy":
             _, sub_id, target = item
             self._copy_request(sub_id, target)
@@ -633,6 +680,9 @@ class NodeRuntime:
 
     async def take_copy(self, sub_id: int, source: int, ok: bool, payload: bytes) -> None:
         """A copy of node ``source``'s result ``sub_id`` (or the error it failed with)."""
+        if sub_id in self._released and sub_id not in self._arrivals:
+            self._released.discard(sub_id)  # nothing that takes it is left
+            return
         sem = self._arrival(sub_id, source)
         if sem.value >= 1 or sem.failure is not None:
             return
@@ -908,8 +958,30 @@ class NodeRuntime:
                 )
         return sem
 
+    def _forget_semaphore(self, name: str, owner: int, waiters: Iterable[int]) -> None:
+        """Drop every record of a finished graph run's semaphore ``name``.
+
+        The sender says so once every submission that waits on it or signals it is done.
+        On the owner, ``waiters`` are the nodes that subscribe to it: one whose
+        subscription has not arrived yet is remembered until it does.
+        """
+        self._sems.pop(name, None)
+        self._refs.pop(name, None)
+        subscribers = self._subscribers.pop(name, set())
+        self._dirty.discard(name)
+        if owner == self.index:
+            missing = {w for w in waiters if w not in subscribers and w not in self._lost}
+            if missing:
+                self._forgotten[name] = missing
+
     async def subscribe(self, ref: tuple[str, int, int], subscriber: int | str) -> None:
         """Push every state of the semaphore ``ref`` to ``subscriber`` (node or driver)."""
+        late = self._forgotten.get(ref[0])
+        if late is not None and subscriber in late:
+            late.discard(subscriber)  # its run finished: nothing is left to push
+            if not late:
+                del self._forgotten[ref[0]]
+            return
         sem_ref = SemaphoreRef(*ref)
         sem = self._semaphore(sem_ref)
         self._subscribers.setdefault(sem_ref.name, set()).add(subscriber)
@@ -930,9 +1002,9 @@ class NodeRuntime:
         to_nodes: dict[int, list[SemaphoreUpdate]] = {}
         for name in dirty:
             subscribers = self._subscribers.get(name)
-            if not subscribers:
+            sem = self._sems.get(name)
+            if not subscribers or sem is None:
                 continue
-            sem = self._sems[name]
             failure = sem.failure
             update = SemaphoreUpdate(
                 name,
@@ -987,6 +1059,10 @@ class NodeRuntime:
                 self._sems[name].fail(error)
         for subscribers in self._subscribers.values():
             subscribers.discard(node)
+        for name, late in list(self._forgotten.items()):
+            late.discard(node)
+            if not late:
+                del self._forgotten[name]
         writer = self._push_writers.pop(node, None)
         if writer is not None:
             writer.close()
@@ -1063,6 +1139,22 @@ class NodeRuntime:
         if sem is None:
             return None
         return (sem.value, encode_frontier(sem.frontier), sem.failure is not None)
+
+    async def statistics(self) -> NodeStatistics:
+        """A snapshot of the records this node keeps (see :class:`NodeStatistics`)."""
+        return NodeStatistics(
+            node=self.index,
+            semaphores=len(self._sems),
+            owned_semaphores=sum(1 for ref in self._refs.values() if ref.owner == self.index),
+            subscriptions=sum(len(s) for s in self._subscribers.values()),
+            forgotten=len(self._forgotten),
+            results=len(self._values),
+            errors=len(self._errors),
+            copies_awaited=len(self._arrivals),
+            copy_requests=len(self._copy_targets),
+            released=len(self._released),
+            queues=len(self._queues),
+        )
 
     async def queue_statistics(self) -> list[dict[str, Any]]:
         """Each remote queue's statistics as a plain dict."""
