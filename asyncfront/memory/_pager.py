@@ -295,7 +295,7 @@ class PagerWait:
     Attributes:
         page: the page the memory is for (the one allocated, paged in, or paged out).
         purpose: ``"allocate"``, ``"page-in"``, ``"page-out"`` (its host staging or
-            host copy), ``"prefetch"`` or ``"file space"``.
+            host copy, or its file extent) or ``"prefetch"``.
         tier: the tier the memory is asked of.
         context: the context whose budget is charged (the page file's name for the file
             tier).
@@ -356,7 +356,7 @@ class PagerStallError(MemoryBudgetError):
         shown = ", ".join(repr(name) for name in held[:8])
         if len(held) > 8:
             shown += f" and {len(held) - 8} more"
-        holders = f"; it is held by pages that wait themselves: {shown}" if held else ""
+        holders = f": the rest is held by pages whose uses or moves wait themselves ({shown})"
         waiting = "; ".join(w.describe() for w in waits[:8])
         if len(waits) > 8:
             waiting += f"; and {len(waits) - 8} more"
@@ -364,8 +364,8 @@ class PagerStallError(MemoryBudgetError):
             f"pager {pager!r}: the {purpose} of page {page!r} needs {format_bytes(requested)} "
             f"on the {tier.value} tier ({context!r}: budget {format_bytes(limit)}, "
             f"{format_bytes(used)} in use, {format_bytes(available)} free), "
-            f"{format_bytes(needed)} more than it can ever get while the pager's waits hold "
-            f"the rest{holders}; waiting: {waiting or 'nothing else'}",
+            f"{format_bytes(needed)} more than is free, and nothing can free them"
+            f"{holders if held else ''}; waiting in the pager: {waiting or 'nothing'}",
         )
         self.tier = tier
         self.page = page
@@ -1331,13 +1331,13 @@ class Pager:
                 stats = space.statistics()
                 free = stats.bytes_cached + stats.bytes_fresh
                 name = os.fspath(self.file)
-                wait = _Wait(_holder(), page, "file space", Tier.FILE, None, page.nbytes, since)
+                wait = _Wait(_holder(), page, "page-out", Tier.FILE, None, page.nbytes, since)
                 self._stalls += 1
                 raise PagerStallError(
                     self.name,
                     Tier.FILE,
                     page.name,
-                    "file space",
+                    "page-out",
                     name,
                     page.nbytes,
                     space.capacity,
