@@ -1174,8 +1174,8 @@ class Pager:
         """
         waiting = {w.page for w in self._waits}
         return any(
-            (p._transit is not None and p is not page and p not in waiting)
-            or p._demoting is not None
+            p is not page
+            and ((p._transit is not None and p not in waiting) or p._demoting is not None)
             for p in self._lru
         )
 
@@ -1183,8 +1183,9 @@ class Pager:
         """Whether anything may ever end ``target``; called when nothing is moving.
 
         Returns the error to raise when nothing can (else None), and whether pages
-        pinned by running uses (holders not waiting in the pager) could help, so the
-        wait must wait for their pins rather than for other owners' frees.
+        pinned by running uses (holders not waiting in the pager) or moving could help,
+        so the wait must wait for the pager's own events rather than for other owners'
+        frees (the memory manager's wait).
 
         A fixpoint over the waits in the pager: every wait starts stuck; a wait whose
         shortfall the bytes not held by stuck waits could cover (idle pages, pages
@@ -1193,7 +1194,7 @@ class Pager:
         as freeable for the others. What stays stuck at the end never ends by itself.
         """
         waits = [w for w in self._waits if w.context is not None]
-        stuck = set(waits)
+        stuck = set(self._waits)  # a wait for file space ends only by a move or a release
         changed = True
         while changed:
             changed = False
@@ -1250,7 +1251,8 @@ class Pager:
                     if owner in pages or (owner.pins and holders.issuperset(owner._holders)):
                         held.append(owner.name)
                         continue  # stays while its move or its holders wait
-                    pinned = pinned or owner.pins > 0
+                    # A pin dropping or a move ending wakes the pager, not the manager.
+                    pinned = pinned or owner.pins > 0 or owner._transit is not None
                 candidates.append(Reclaim(buf, ctx.name, buf._charge))
         plan = plan_reclaim(candidates, needed, reclaimable)
         return plan.sufficient, pinned, tuple(dict.fromkeys(held))
@@ -1308,6 +1310,7 @@ class Pager:
         finally:
             page._demoting = None
             done.set_result(None)
+            self._changed()
         self._demotions += 1
         self._log("page_demoted", page, tier="file")
 
@@ -1319,37 +1322,52 @@ class Pager:
         fails at once, naming the file, its capacity and the bytes asked.
         """
         space = self._file_space
-        since = self.runtime.now()
-        while True:
-            requester = self._storage_requester()
-            decision = space.try_allocate(page.nbytes, requester)
-            if isinstance(decision, Block):
-                return decision
-            if isinstance(decision, Wait):  # a freed extent whose last write is in flight
-                return await space.allocate(page.nbytes, requester)
-            if not self._moving(page):
-                stats = space.statistics()
-                free = stats.bytes_cached + stats.bytes_fresh
-                name = os.fspath(self.file)
-                wait = _Wait(_holder(), page, "page-out", Tier.FILE, None, page.nbytes, since)
-                self._stalls += 1
-                raise PagerStallError(
-                    self.name,
-                    Tier.FILE,
-                    page.name,
-                    "page-out",
-                    name,
-                    page.nbytes,
-                    space.capacity,
-                    space.capacity - free,
-                    free,
-                    page.nbytes - decision.largest_free,
-                    tuple(p.name for p in self._lru if p._extent is not None and p is not page),
-                    tuple(w.record(name) for w in (*self._waits, wait)),
-                )
-            if self._returned is None:
-                self._returned = asyncio.get_running_loop().create_future()
-            await asyncio.wait([self._returned])
+        name = os.fspath(self.file)
+        wait = _Wait(_holder(), page, "page-out", Tier.FILE, None, page.nbytes, self.runtime.now())
+        registered = False
+        try:
+            while True:
+                requester = self._storage_requester()
+                decision = space.try_allocate(page.nbytes, requester)
+                if isinstance(decision, Block):
+                    return decision
+                if isinstance(decision, Wait):  # a freed extent whose last write is in flight
+                    return await space.allocate(page.nbytes, requester)
+                if not self._moving(page):
+                    stats = space.statistics()
+                    free = stats.bytes_cached + stats.bytes_fresh
+                    self._stalls += 1
+                    self._log("page_stall", page, tier="file", requested=page.nbytes)
+                    waits = [w.record(name) for w in self._waits]
+                    if not registered:
+                        waits.append(wait.record(name))
+                    raise PagerStallError(
+                        self.name,
+                        Tier.FILE,
+                        page.name,
+                        "page-out",
+                        name,
+                        page.nbytes,
+                        space.capacity,
+                        space.capacity - free,
+                        free,
+                        page.nbytes - decision.largest_free,
+                        tuple(p.name for p in self._lru if p._extent is not None and p is not page),
+                        tuple(waits),
+                    )
+                if not registered:
+                    # While it waits, its page counts as waiting, not moving, for the others.
+                    self._waits.append(wait)
+                    registered = True
+                    self._changed()
+                # A page-in from the file (or a release) may give an extent back.
+                if self._returned is None:
+                    self._returned = asyncio.get_running_loop().create_future()
+                await asyncio.wait([self._returned])
+        finally:
+            if registered:
+                self._waits.remove(wait)
+                self._changed()
 
     def _free(self, buffer: Buffer, death: Frontier) -> None:
         """Give a buffer back and wake allocations waiting for the pager's memory."""
@@ -1672,10 +1690,19 @@ class Pager:
         if not plan.victims:
             return 0, []
         with progress(f"paging out {len(plan.victims)} pages", total=len(plan.victims)) as shown:
+            source = Tier.HOST if context is self.host else Tier.DEVICE
 
-            async def page_out(page: Page) -> None:
+            async def page_out(page: Page) -> bool:
                 try:
+                    if (
+                        page.pins
+                        or page._transit is not None
+                        or page.released
+                        or page.tier is not source
+                    ):
+                        return False  # another reclaim or a use took it since the plan
                     await self.page_out(page, target)
+                    return True
                 finally:
                     shown.advance()
 
@@ -1690,7 +1717,8 @@ class Pager:
                     raise outcome  # cancellation and the like are not ours to swallow
                 failures.append(outcome)  # logged by page_out; the page kept its data
                 continue
-            freed += page.nbytes
+            if outcome:
+                freed += page.nbytes
         return freed, failures
 
     async def _on_memory_pressure(
