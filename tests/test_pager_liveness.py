@@ -278,3 +278,27 @@ def test_a_full_page_file_fails_the_page_out_naming_the_file_tier(tmp_path: Path
         assert await w.read(a) == 1
 
     virtual(tmp_path, body, device_pages=1, host_pages=1, file_capacity=PAGE)
+
+
+def test_a_resume_cancelled_while_its_host_copy_moves_on_leaves_every_page_whole(
+    tmp_path: Path,
+) -> None:
+    """Cancelled mid-move: no charge, pin, wait or transit stays; both pages read back."""
+
+    async def body(w: World) -> None:
+        a = await w.page(1)
+        b = await w.page(2)  # a on the host, b on the device: both tiers full
+        before = w.used()
+        resume = asyncio.create_task(w.read(a))
+        await asyncio.sleep(READ / 2)  # a's host copy is being written to the file now
+        assert w.pager.waits() != ()
+        resume.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await resume
+        await asyncio.sleep(1.0)  # what the cancelled moves left in flight drains
+        assert w.pager.waits() == ()
+        assert not any(p.pins or p.in_transit for p in (a, b))
+        assert w.used() == before
+        assert await w.read(a) == 1 and await w.read(b) == 2
+
+    virtual(tmp_path, body, device_pages=1, host_pages=1, spill=Tier.HOST)
