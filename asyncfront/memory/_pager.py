@@ -29,6 +29,15 @@ otherwise), and the host tier is left out of file transfers.
 On a machine without a GPU the device and host tiers are both CPU memory, but they are
 distinct tiers all the same: different devices, budgets and pools.
 
+Liveness: every wait for memory in the pager ends. A move that waits for memory does
+not count as one that will free memory by itself, so waits never wait for each other in
+a circle: a host tier full of pages whose page-ins wait for device room moves the host
+copies of some of them on to the file (they are read back from there), and a wait that
+nothing can end, because every byte that could help is held by pages whose uses or
+moves wait themselves, or because the page file is full, raises
+:class:`PagerStallError` at once with the tier, the budget and the bytes, leaving no
+charge, pin or half-moved page behind. :meth:`Pager.waits` lists the waits in progress.
+
 Foresight: :meth:`Pager.expect` says when a page will be used next (``at=`` on the
 runtime clock, or ``after=`` seconds from now), and an :class:`ArrivalModel` may say it
 for every page that leaves the device. The pager then reads the page file → host ahead
@@ -681,6 +690,9 @@ class Pager:
         Raises:
             StorageError: the page-outs that would make room failed (the last error);
                 the pages stay resident and intact.
+            PagerStallError: nothing can ever free the memory (every byte that could
+                is held by pages whose uses or moves wait themselves, or the page
+                file is full); raised at once, with the tier, budget and bytes.
             MemoryBudgetError: the budget cannot hold the page, or no memory was freed
                 within ``timeout``.
             ValueError / TypeError: a bad ``shape``, ``dtype`` or ``timeout`` (nothing
@@ -732,6 +744,9 @@ class Pager:
             PageCorruptedError: the page's bytes in the file changed since its page-out;
                 it stays in the file, its record intact.
             StorageError: the page-in failed; the page stays in the file, intact.
+            PagerStallError: the page-in's memory can never come free (say, the task
+                already pins as many pages as the device budget holds); the page stays
+                where it was.
         """
         self._check_page(page)
         now = self.runtime.now()
@@ -814,7 +829,9 @@ class Pager:
         Raises:
             RuntimeError: the page is pinned by a use or already moving.
             StorageError / MemoryBudgetError / SemaphoreFailedError: a step failed; the
-                page keeps its data where it was, usable, and nothing is leaked.
+                page keeps its data where it was, usable, and nothing is leaked
+                (:class:`PagerStallError`, a MemoryBudgetError, when the page file is
+                full and nothing moving can give an extent back).
         """
         self._check_page(page)
         if tier is Tier.DEVICE:
@@ -1332,7 +1349,8 @@ class Pager:
                 if isinstance(decision, Block):
                     return decision
                 if isinstance(decision, Wait):  # a freed extent whose last write is in flight
-                    return await space.allocate(page.nbytes, requester)
+                    await self.runtime.wait_completed(decision.frontier)
+                    continue
                 if not self._moving(page):
                     stats = space.statistics()
                     free = stats.bytes_cached + stats.bytes_fresh
