@@ -1141,14 +1141,14 @@ class Pager:
                 if freed:
                     retry_delay = _RETRY_FIRST
                     continue
-                moving = self._moving(page)
+                moving = self._moving(page, itself=True)
                 if not moving and demote and tier is Tier.HOST:
                     freed, errors = await self._demote_for(context, page.nbytes)
                     if freed:
                         retry_delay = _RETRY_FIRST
                         continue
                     failures += errors
-                    moving = self._moving(page)
+                    moving = self._moving(page, itself=True)
                 remaining = None if deadline is None else deadline - loop.time()
                 if failures and not moving:
                     if remaining is None or remaining <= 0:
@@ -1182,17 +1182,18 @@ class Pager:
             _HOLDER.reset(token)
             self._changed()
 
-    def _moving(self, page: Page) -> bool:
+    def _moving(self, page: Page, *, itself: bool = False) -> bool:
         """Whether another page's move is in flight and will end by itself.
 
         A move waiting for memory in the pager (its page is in :meth:`waits`) does not
         count: it ends only when memory comes back, so waiting for it could wait for
-        oneself. A host copy going on to the file does count.
+        oneself. A host copy going on to the file does count, ``page``'s own too when
+        ``itself`` (its page-in waits beside that move, which frees host memory for it).
         """
         waiting = {w.page for w in self._waits}
         return any(
-            p is not page
-            and ((p._transit is not None and p not in waiting) or p._demoting is not None)
+            (p is not page and p._transit is not None and p not in waiting)
+            or (p._demoting is not None and (itself or p is not page))
             for p in self._lru
         )
 
@@ -1265,7 +1266,11 @@ class Pager:
             for buf in ctx._buffers:
                 owner = buf.owner
                 if isinstance(owner, Page):
-                    if owner in pages or (owner.pins and holders.issuperset(owner._holders)):
+                    # A waiting page-in's host copy can go on to the file (_demote_for).
+                    movable_on = owner._demotable and owner._demoting is None and buf is owner._host
+                    if not movable_on and (
+                        owner in pages or (owner.pins and holders.issuperset(owner._holders))
+                    ):
                         held.append(owner.name)
                         continue  # stays while its move or its holders wait
                     # A pin dropping or a move ending wakes the pager, not the manager.
