@@ -99,6 +99,7 @@ from ._version import __version__ as __version__
 from .cluster import NodeLostError as NodeLostError
 from .cluster import open_cluster as open_cluster
 from .memory._pager import PageCorruptedError as PageCorruptedError
+from .memory._pager import PagerStallError as PagerStallError
 from .memory._safetensors import WeightsFormatError as WeightsFormatError
 
 _native.restore_class_docs()  # the compiled core's classes keep their docstrings
@@ -139,6 +140,7 @@ __all__ = (
     "ModelRegistry",
     "Order",
     "PageCorruptedError",
+    "PagerStallError",
     "PlacementCandidate",
     "PlacementDecision",
     "PlacementError",

@@ -5,7 +5,9 @@ from ._pager import Page as Page
 from ._pager import PageCorruptedError as PageCorruptedError
 from ._pager import Pager as Pager
 from ._pager import PageReleasedError as PageReleasedError
+from ._pager import PagerStallError as PagerStallError
 from ._pager import PagerStatistics as PagerStatistics
+from ._pager import PagerWait as PagerWait
 from ._pager import PageUse as PageUse
 from ._pager import ReuseIntervals as ReuseIntervals
 from ._pager import Tier as Tier
@@ -63,7 +65,9 @@ __all__ = (
     "PageReleasedError",
     "PageUse",
     "Pager",
+    "PagerStallError",
     "PagerStatistics",
+    "PagerWait",
     "PoolError",
     "PoolExhaustedError",
     "PoolStatistics",

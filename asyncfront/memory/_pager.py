@@ -29,6 +29,15 @@ otherwise), and the host tier is left out of file transfers.
 On a machine without a GPU the device and host tiers are both CPU memory, but they are
 distinct tiers all the same: different devices, budgets and pools.
 
+Liveness: every wait for memory in the pager ends. A move that waits for memory does
+not count as one that will free memory by itself, so waits never wait for each other in
+a circle: a host tier full of pages whose page-ins wait for device room moves the host
+copies of some of them on to the file (they are read back from there), and a wait that
+nothing can end, because every byte that could help is held by pages whose uses or
+moves wait themselves, or because the page file is full, raises
+:class:`PagerStallError` at once with the tier, the budget and the bytes, leaving no
+charge, pin or half-moved page behind. :meth:`Pager.waits` lists the waits in progress.
+
 Foresight: :meth:`Pager.expect` says when a page will be used next (``at=`` on the
 runtime clock, or ``after=`` seconds from now), and an :class:`ArrivalModel` may say it
 for every page that leaves the device. The pager then reads the page file → host ahead
@@ -49,6 +58,7 @@ the error itself if it persists).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import math
 import os
@@ -58,12 +68,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
-from .._budget import format_bytes
+from .._budget import MemoryBudgetError, format_bytes
 from .._frontier import Frontier
 from .._progress import progress
 from .._semaphore import SemaphoreFailedError, TimelineSemaphore
 from ..devices.storage import ChecksumError, ShortReadError, StorageReadError
-from ._pool import Block, BufferPool
+from ._pool import Block, BufferPool, Wait
 from ._reclaim import Reclaim, ReclaimPlan, plan_reclaim, shortfall
 from ._tensors import buffer_bytes, copy_bytes, import_torch, resolve_dtype
 
@@ -80,7 +90,9 @@ __all__ = (
     "PageReleasedError",
     "PageUse",
     "Pager",
+    "PagerStallError",
     "PagerStatistics",
+    "PagerWait",
     "ReuseIntervals",
     "Tier",
     "UnknownPageError",
@@ -100,6 +112,21 @@ _RETRY_FIRST = 0.01
 _RETRY_MAX = 1.0
 # Seconds between tries of failed page-outs while an allocation's timeout allows: the
 # first retry comes soon (a transient error), later ones back off to once a second.
+
+_HOLDER: contextvars.ContextVar[object | None] = contextvars.ContextVar(
+    "asyncfront_pager_holder", default=None
+)
+# Whom a pager operation acts for: set while an allocation waits, so the page-outs its
+# reclaim runs in their own tasks count as the same holder as the pins of its caller.
+_NO_TASK = object()
+
+
+def _holder() -> object:
+    """Whom the running pager operation acts for: the task that called it, by default."""
+    holder = _HOLDER.get()
+    if holder is None:
+        holder = asyncio.current_task() or _NO_TASK
+    return holder
 
 
 class Tier(enum.Enum):
@@ -208,6 +235,12 @@ class Page:
         self._prefetch_moving = False  # its prefetch task is moving it now: let it finish
         self._clean = False
         self._last_use: float | None = None
+        # Liveness: who holds its pins (a pin of a holder that waits in the pager stays
+        # while it waits), whether its page-in now waits for device memory with its host
+        # copy untouched (so the copy may go on to the file), and that move while it runs.
+        self._holders: dict[object, int] = {}
+        self._demotable = False
+        self._demoting: asyncio.Future[None] | None = None
 
     @property
     def expected_at(self) -> float | None:
@@ -265,6 +298,92 @@ class PageUse:
 
 
 @dataclass(frozen=True)
+class PagerWait:
+    """One wait for memory inside the pager, as a stall report names it (plain values).
+
+    Attributes:
+        page: the page the memory is for (the one allocated, paged in, or paged out).
+        purpose: ``"allocate"``, ``"page-in"``, ``"page-out"`` (its host staging or
+            host copy, or its file extent) or ``"prefetch"``.
+        tier: the tier the memory is asked of.
+        context: the context whose budget is charged (the page file's name for the file
+            tier).
+        nbytes: the bytes asked.
+        since: when the wait started (runtime clock).
+    """
+
+    page: str
+    purpose: str
+    tier: Tier
+    context: str
+    nbytes: int
+    since: float
+
+    def describe(self) -> str:
+        """One line for logs and errors."""
+        return (
+            f"{self.purpose} of page {self.page!r} waits for {format_bytes(self.nbytes)} of "
+            f"the {self.tier.value} tier ({self.context!r}) since t={self.since:.6g}"
+        )
+
+
+class PagerStallError(MemoryBudgetError):
+    """Memory the pager waits for that nothing can free: the budgets cannot hold the work.
+
+    Raised, instead of waiting forever, when a tier is short of the bytes a page needs
+    and everything that could give them back is held by the pager's own waits: pages
+    pinned by uses that themselves wait for memory, host copies of pages whose page-in
+    waits, or a page file with no free extent. Nothing of the failed call stays
+    charged, pinned or half moved.
+
+    Attributes:
+        tier: the tier that is short.
+        page: the page the memory was for.
+        needed: the bytes the tier lacks for it (beyond what is free now).
+        waits: every wait in the pager at the time (plain values).
+        held: the names of the pages whose memory stays because their holders wait.
+        context / requested / limit / used / available: as for MemoryBudgetError (the
+            file's name, size, capacity and bytes in use for the file tier).
+    """
+
+    def __init__(
+        self,
+        pager: str,
+        tier: Tier,
+        page: str,
+        purpose: str,
+        context: str,
+        requested: int,
+        limit: int,
+        used: int,
+        available: int,
+        needed: int,
+        held: tuple[str, ...],
+        waits: tuple[PagerWait, ...],
+    ) -> None:
+        super().__init__(context, requested, limit, used, available, "stalled")
+        shown = ", ".join(repr(name) for name in held[:8])
+        if len(held) > 8:
+            shown += f" and {len(held) - 8} more"
+        holders = f": the rest is held by pages whose uses or moves wait themselves ({shown})"
+        waiting = "; ".join(w.describe() for w in waits[:8])
+        if len(waits) > 8:
+            waiting += f"; and {len(waits) - 8} more"
+        self.args = (
+            f"pager {pager!r}: the {purpose} of page {page!r} needs {format_bytes(requested)} "
+            f"on the {tier.value} tier ({context!r}: budget {format_bytes(limit)}, "
+            f"{format_bytes(used)} in use, {format_bytes(available)} free), "
+            f"{format_bytes(needed)} more than is free, and nothing can free them"
+            f"{holders if held else ''}; waiting in the pager: {waiting or 'nothing'}",
+        )
+        self.tier = tier
+        self.page = page
+        self.needed = needed
+        self.held = held
+        self.waits = waits
+
+
+@dataclass(frozen=True)
 class PagerStatistics:
     """A snapshot of a pager: pages per tier, bytes moved, failures."""
 
@@ -286,6 +405,12 @@ class PagerStatistics:
     """Prefetched pages evicted or released before any use (a wrong prediction)."""
     prefetch_failures: int = 0
     """Prefetches that failed (storage error, checksum, no memory in time)."""
+    waiting: int = 0
+    """Waits for memory inside the pager now (see :meth:`Pager.waits`)."""
+    demotions: int = 0
+    """Host copies of waiting page-ins moved on to the file to make host room."""
+    stalls: int = 0
+    """Waits that failed with :class:`PagerStallError` (nothing could free their memory)."""
 
 
 def choose_page_outs(
@@ -407,6 +532,34 @@ class ReuseIntervals:
         return f"<ReuseIntervals min_gap={self.min_gap} pages={len(self._last)}>"
 
 
+class _Wait:
+    """A wait for memory in progress: who waits, for which page, where and how much."""
+
+    __slots__ = ("context", "holder", "nbytes", "page", "purpose", "since", "tier")
+
+    def __init__(
+        self,
+        holder: object,
+        page: Page,
+        purpose: str,
+        tier: Tier,
+        context: ExecutionContext | None,
+        nbytes: int,
+        since: float,
+    ) -> None:
+        self.holder = holder
+        self.page = page
+        self.purpose = purpose
+        self.tier = tier
+        self.context = context  # None for the file tier
+        self.nbytes = nbytes
+        self.since = since
+
+    def record(self, file: str) -> PagerWait:
+        name = file if self.context is None else self.context.name
+        return PagerWait(self.page.name, self.purpose, self.tier, name, self.nbytes, self.since)
+
+
 class Pager:
     """Pages mutable blocks between device memory, host memory and a file.
 
@@ -486,7 +639,9 @@ class Pager:
             file_capacity, alignment=FILE_ALIGNMENT, completed=runtime, name=os.fspath(file)
         )
         self._lru: OrderedDict[Page, None] = OrderedDict()
-        self._returned: asyncio.Future[None] | None = None  # set when the pager frees memory
+        self._returned: asyncio.Future[None] | None = None  # set when the pager's state changes
+        self._waits: list[_Wait] = []  # waits for memory in progress, oldest first
+        self._demotions = self._stalls = 0
         self._count = 0
         self._page_outs = self._page_ins = self._bytes_out = self._bytes_in = 0
         self._failures = 0
@@ -535,6 +690,9 @@ class Pager:
         Raises:
             StorageError: the page-outs that would make room failed (the last error);
                 the pages stay resident and intact.
+            PagerStallError: nothing can ever free the memory (every byte that could
+                is held by pages whose uses or moves wait themselves, or the page
+                file is full); raised at once, with the tier, budget and bytes.
             MemoryBudgetError: the budget cannot hold the page, or no memory was freed
                 within ``timeout``.
             ValueError / TypeError: a bad ``shape``, ``dtype`` or ``timeout`` (nothing
@@ -567,7 +725,7 @@ class Pager:
         page._transit = loop.create_future()
         try:
             deadline = None if timeout is None else loop.time() + timeout
-            page._device = await self._allocate(context, page, deadline)
+            page._device = await self._allocate(context, page, deadline, purpose="allocate")
         finally:
             self._settle(page)
         page._device_tensor = self._typed(buffer_bytes(page._device), page)
@@ -586,6 +744,9 @@ class Pager:
             PageCorruptedError: the page's bytes in the file changed since its page-out;
                 it stays in the file, its record intact.
             StorageError: the page-in failed; the page stays in the file, intact.
+            PagerStallError: the page-in's memory can never come free (say, the task
+                already pins as many pages as the device budget holds); the page stays
+                where it was.
         """
         self._check_page(page)
         now = self.runtime.now()
@@ -595,7 +756,9 @@ class Pager:
         page._last_use = now
         if page._prefetch is not None and page._transit is None:
             page._prefetch.cancel()  # not moving it: this use pages it in itself
+        holder = _holder()
         page.pins += 1
+        page._holders[holder] = page._holders.get(holder, 0) + 1
         try:
             while page.tier is not Tier.DEVICE or page._transit is not None:
                 if page._transit is not None:
@@ -615,8 +778,12 @@ class Pager:
             )
         finally:
             page.pins -= 1
+            left = page._holders.pop(holder, 1) - 1
+            if left:
+                page._holders[holder] = left
             if not page.released:
                 self._lru.move_to_end(page)
+            self._changed()  # an allocation waiting for this pin may take the page now
 
     async def release(self, page: Page) -> None:
         """Free the page in every tier once its uses are done; its data is gone."""
@@ -648,7 +815,7 @@ class Pager:
         if page._host is not None:
             self._free(page._host, death)
         if page._extent is not None:
-            self._file_space.free(page._extent, death)
+            self._free_extent(page._extent, death)
         page._device = page._host = page._extent = page._checksum = None
         page._device_tensor = page._host_tensor = None
 
@@ -662,7 +829,9 @@ class Pager:
         Raises:
             RuntimeError: the page is pinned by a use or already moving.
             StorageError / MemoryBudgetError / SemaphoreFailedError: a step failed; the
-                page keeps its data where it was, usable, and nothing is leaked.
+                page keeps its data where it was, usable, and nothing is leaked
+                (:class:`PagerStallError`, a MemoryBudgetError, when the page file is
+                full and nothing moving can give an extent back).
         """
         self._check_page(page)
         if tier is Tier.DEVICE:
@@ -728,7 +897,7 @@ class Pager:
             after = (page.semaphore, value)  # after the page's last use
             source = device_bytes
             if not direct:
-                staging = await self._allocate(self.host, page)
+                staging = await self._allocate(self.host, page, purpose="page-out")
                 source = buffer_bytes(staging)
                 copy = self.copy.submit(
                     copy_bytes,
@@ -740,7 +909,7 @@ class Pager:
                 )
                 after = (out, 1)
             if tier is Tier.FILE:
-                extent = await self._file_space.allocate(page.nbytes, self._storage_requester())
+                extent = await self._file_extent(page)
                 write = storage.write(
                     self.storage,
                     source,
@@ -760,7 +929,7 @@ class Pager:
             if staging is not None:
                 self._free(staging, _death(write or copy) if copy is not None else Frontier())
             if extent is not None:
-                self._file_space.free(extent, _death(write) if write is not None else Frontier())
+                self._free_extent(extent, _death(write) if write is not None else Frontier())
             raise
         last = write or copy
         assert last is not None and last.frontier is not None
@@ -787,7 +956,7 @@ class Pager:
             self._evict_clean(page)
             return
         value = page._value
-        extent = await self._file_space.allocate(page.nbytes, self._storage_requester())
+        extent = await self._file_extent(page)
         out = self.runtime.semaphore(name=f"{page.semaphore.name}.out")
         write = self._storage_device.write(
             self.storage,
@@ -802,7 +971,7 @@ class Pager:
         try:
             written = await write
         except BaseException:
-            self._file_space.free(extent, _death(write))
+            self._free_extent(extent, _death(write))
             raise
         assert write.frontier is not None
         page.semaphore.signal(value + 1, write.frontier)
@@ -818,20 +987,29 @@ class Pager:
         self._log("page_out", page, tier="file", frontier=repr(write.frontier))
 
     async def _into_device(self, page: Page) -> None:
-        sem, value = page.semaphore, page._value
         device: Buffer | None = None
         staging: Buffer | None = None
         read: Submission | None = None
         copy: Submission | None = None
         try:
-            device = await self._allocate(page.context, page)
+            # While it waits for device memory, its host copy is untouched: a host tier
+            # that fills with such pages moves one on to the file (see _demote_for).
+            page._demotable = page.tier is Tier.HOST
+            try:
+                device = await self._allocate(page.context, page, purpose="page-in")
+            finally:
+                page._demotable = False
+                demoting = page._demoting
+                if demoting is not None:
+                    await asyncio.wait([demoting])
+            sem, value = page.semaphore, page._value  # a move on to the file advanced it
             device_bytes = buffer_bytes(device)
             host_bytes = page._host_tensor
             if page.tier is Tier.FILE:
                 assert page._extent is not None
                 direct = self._direct(device_bytes)
                 if not direct:
-                    staging = await self._allocate(self.host, page)
+                    staging = await self._allocate(self.host, page, purpose="page-in")
                     host_bytes = buffer_bytes(staging)
                 read = self._storage_device.read(
                     self.storage,
@@ -878,7 +1056,7 @@ class Pager:
             assert page._extent is not None
             if staging is not None:
                 self._free(staging, _death(last))
-            self._file_space.free(page._extent, _death(read))
+            self._free_extent(page._extent, _death(read))
             page._extent = page._checksum = None
         else:
             assert page._host is not None
@@ -919,7 +1097,13 @@ class Pager:
         page.semaphore = fresh
 
     async def _allocate(
-        self, context: ExecutionContext, page: Page, deadline: float | None = None
+        self,
+        context: ExecutionContext,
+        page: Page,
+        deadline: float | None = None,
+        *,
+        purpose: str,
+        demote: bool = True,
     ) -> Buffer:
         """Memory for ``page`` through ``context``'s budget (its device's, or the host's).
 
@@ -930,49 +1114,308 @@ class Pager:
         fail and nothing else is moving, the allocation fails with their error, unless
         a ``deadline`` (loop time) leaves time to try them again: a full disk may
         recover. Any shortfall left goes to the memory manager, within the deadline.
+
+        Liveness: moves that wait for memory themselves do not count as moving. A host
+        tier full of pages whose page-ins wait for device memory moves the host copies
+        of some of them on to the file (``demote``). A wait that only pages pinned by
+        running uses can end waits for their pins to drop; one that nothing can end
+        (every byte that could help is held by the pager's own waits) raises
+        :class:`PagerStallError` at once. The wait is listed in :meth:`waits` meanwhile.
         """
         loop = asyncio.get_running_loop()
-        retry_delay = _RETRY_FIRST
-        while True:
-            charge = self.runtime._memory.charge_for(context, page.nbytes)
-            if charge > context.usage().limit:
-                break  # no amount of paging helps: let the memory manager say why
-            needed, _ = shortfall(self.runtime, context, page.nbytes)
-            if needed <= 0:
-                break
-            freed, failures = await self._reclaim(context, page.nbytes)
-            if freed:
-                retry_delay = _RETRY_FIRST
-                continue
-            moving = any(p._transit is not None for p in self._lru if p is not page)
-            remaining = None if deadline is None else deadline - loop.time()
-            if failures and not moving:
-                if remaining is None or remaining <= 0:
-                    raise failures[-1]
-                # Nothing will free memory by itself: try the page-outs again later.
-                await asyncio.sleep(min(retry_delay, remaining))
-                retry_delay = min(retry_delay * 2, _RETRY_MAX)
-                continue
-            if not moving:
-                break  # nothing will come back: let the memory manager say why
-            if remaining is not None and remaining <= 0:
-                break
-            if self._returned is None:
-                self._returned = loop.create_future()
-            await asyncio.wait([self._returned], timeout=remaining)
-        remaining = None if deadline is None else max(0.0, deadline - loop.time())
-        # The copy and storage queues write this memory, not the context's queue: the
-        # pool must not take the context queue's history as proof the old data is dead.
-        return await self.runtime._memory.allocate(
-            context, page.nbytes, owner=page, requester=Frontier(), timeout=remaining
+        tier = Tier.HOST if context.device is self.host.device else Tier.DEVICE
+        wait = _Wait(_holder(), page, purpose, tier, context, page.nbytes, self.runtime.now())
+        token = _HOLDER.set(wait.holder)
+        self._waits.append(wait)
+        self._changed()  # another wait may see now that nothing can end it
+        try:
+            retry_delay = _RETRY_FIRST
+            while True:
+                charge = self.runtime._memory.charge_for(context, page.nbytes)
+                if charge > context.usage().limit:
+                    break  # no amount of paging helps: let the memory manager say why
+                needed, _ = shortfall(self.runtime, context, page.nbytes)
+                if needed <= 0:
+                    break
+                freed, failures = await self._reclaim(context, page.nbytes)
+                if freed:
+                    retry_delay = _RETRY_FIRST
+                    continue
+                moving = self._moving(page, itself=True)
+                if not moving and demote and tier is Tier.HOST:
+                    freed, errors = await self._demote_for(context, page.nbytes)
+                    if freed:
+                        retry_delay = _RETRY_FIRST
+                        continue
+                    failures += errors
+                    moving = self._moving(page, itself=True)
+                remaining = None if deadline is None else deadline - loop.time()
+                if failures and not moving:
+                    if remaining is None or remaining <= 0:
+                        raise failures[-1]
+                    # Nothing will free memory by itself: try the page-outs again later.
+                    await asyncio.sleep(min(retry_delay, remaining))
+                    retry_delay = min(retry_delay * 2, _RETRY_MAX)
+                    continue
+                if not moving:
+                    stall, pinned = self._prospect(wait)
+                    if stall is not None:
+                        self._stalls += 1
+                        self._log("page_stall", page, error=str(stall))
+                        raise stall
+                    if not pinned:
+                        break  # only other owners' memory can help: the memory manager waits
+                if remaining is not None and remaining <= 0:
+                    break
+                # Something moving, or a use's pin, will change what can be freed.
+                if self._returned is None:
+                    self._returned = loop.create_future()
+                await asyncio.wait([self._returned], timeout=remaining)
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            # The copy and storage queues write this memory, not the context's queue: the
+            # pool must not take the context queue's history as proof the old data is dead.
+            return await self.runtime._memory.allocate(
+                context, page.nbytes, owner=page, requester=Frontier(), timeout=remaining
+            )
+        finally:
+            self._waits.remove(wait)
+            _HOLDER.reset(token)
+            self._changed()
+
+    def _moving(self, page: Page, *, itself: bool = False) -> bool:
+        """Whether another page's move is in flight and will end by itself.
+
+        A move waiting for memory in the pager (its page is in :meth:`waits`) does not
+        count: it ends only when memory comes back, so waiting for it could wait for
+        oneself. A host copy going on to the file does count, ``page``'s own too when
+        ``itself`` (its page-in waits beside that move, which frees host memory for it).
+        """
+        waiting = {w.page for w in self._waits}
+        return any(
+            (p is not page and p._transit is not None and p not in waiting)
+            or (p._demoting is not None and (itself or p is not page))
+            for p in self._lru
         )
+
+    def _prospect(self, target: _Wait) -> tuple[PagerStallError | None, bool]:
+        """Whether anything may ever end ``target``; called when nothing is moving.
+
+        Returns the error to raise when nothing can (else None), and whether pages
+        pinned by running uses (holders not waiting in the pager) or moving could help,
+        so the wait must wait for the pager's own events rather than for other owners'
+        frees (the memory manager's wait).
+
+        A fixpoint over the waits in the pager: every wait starts stuck; a wait whose
+        shortfall the bytes not held by stuck waits could cover (idle pages, pages
+        pinned by running holders, other owners' buffers; another context's only above
+        its reservation) is not, and its holder's pins and its page's memory then count
+        as freeable for the others. What stays stuck at the end never ends by itself.
+        """
+        waits = [w for w in self._waits if w.context is not None]
+        stuck = set(self._waits)  # a wait for file space ends only by a move or a release
+        changed = True
+        while changed:
+            changed = False
+            for w in waits:
+                if w in stuck and self._coverable(w, stuck)[0]:
+                    stuck.discard(w)
+                    changed = True
+        coverable, pinned, held = self._coverable(target, stuck)
+        if coverable or target not in stuck:
+            return None, pinned
+        context = target.context
+        assert context is not None
+        ledger = self.runtime._memory._memory(context.device).ledger
+        used, _, limit = ledger.usage(context.name)
+        needed, _ = shortfall(self.runtime, context, target.nbytes)
+        error = PagerStallError(
+            self.name,
+            target.tier,
+            target.page.name,
+            target.purpose,
+            context.name,
+            target.nbytes,
+            limit,
+            used,
+            ledger.available_to(context.name),
+            needed,
+            held,
+            tuple(w.record(os.fspath(self.file)) for w in self._waits),
+        )
+        return error, pinned
+
+    def _coverable(self, wait: _Wait, stuck: set[_Wait]) -> tuple[bool, bool, tuple[str, ...]]:
+        """Whether memory not held by ``stuck`` waits could cover ``wait``'s shortfall.
+
+        Also says whether pages pinned by running holders count among it, and names the
+        pages whose memory the stuck waits hold on the wait's device.
+        """
+        context = wait.context
+        assert context is not None
+        needed, reclaimable = shortfall(self.runtime, context, wait.nbytes)
+        if needed <= 0:
+            return True, False, ()
+        holders = {w.holder for w in stuck}
+        pages = {w.page for w in stuck}
+        candidates: list[Reclaim[object]] = []
+        held: list[str] = []
+        pinned = False
+        for ctx in self.runtime._memory.contexts:
+            if ctx.device is not context.device:
+                continue
+            for buf in ctx._buffers:
+                owner = buf.owner
+                if isinstance(owner, Page):
+                    # A waiting page-in's host copy can go on to the file (_demote_for).
+                    movable_on = owner._demotable and owner._demoting is None and buf is owner._host
+                    if not movable_on and (
+                        owner in pages or (owner.pins and holders.issuperset(owner._holders))
+                    ):
+                        held.append(owner.name)
+                        continue  # stays while its move or its holders wait
+                    # A pin dropping or a move ending wakes the pager, not the manager.
+                    pinned = pinned or owner.pins > 0 or owner._transit is not None
+                candidates.append(Reclaim(buf, ctx.name, buf._charge))
+        plan = plan_reclaim(candidates, needed, reclaimable)
+        return plan.sufficient, pinned, tuple(dict.fromkeys(held))
+
+    async def _demote_for(
+        self, context: ExecutionContext, nbytes: int
+    ) -> tuple[int, list[Exception]]:
+        """Move host copies of page-ins waiting for device memory on to the file.
+
+        The last of this pager's host pages to start waiting go first (the earlier ones
+        keep their place). Returns the bytes freed and the errors of moves that failed
+        (those pages keep their host copies).
+        """
+        needed, reclaimable = shortfall(self.runtime, context, nbytes)
+        if needed <= 0:
+            return 0, []
+        order = [
+            w.page
+            for w in reversed(self._waits)
+            if w.page._demotable
+            and w.page._demoting is None
+            and w.page.tier is Tier.HOST
+            and w.page._host is not None
+        ]
+        order = list(dict.fromkeys(order))
+        plan = plan_reclaim(
+            [Reclaim(p, _charged_to(p), p.nbytes) for p in order], needed, reclaimable
+        )
+        if not plan.victims:
+            return 0, []
+        outcomes = await asyncio.gather(
+            *(self._demote(p) for p in plan.victims), return_exceptions=True
+        )
+        freed = 0
+        failures: list[Exception] = []
+        for page, outcome in zip(plan.victims, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                failures.append(outcome)
+                continue
+            freed += page.nbytes
+        return freed, failures
+
+    async def _demote(self, page: Page) -> None:
+        """Write a waiting page-in's host copy to the file and free it; the page-in reads it."""
+        done = page._demoting = asyncio.get_running_loop().create_future()
+        page._demotable = False
+        try:
+            await self._host_to_file(page)
+        except BaseException as exc:
+            self._failures += 1
+            self._log("page_out_failed", page, error=f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            page._demoting = None
+            done.set_result(None)
+            self._changed()
+        self._demotions += 1
+        self._log("page_demoted", page, tier="file")
+
+    async def _file_extent(self, page: Page) -> Block:
+        """An extent of the page file for ``page``, or PagerStallError when none can free.
+
+        A full file waits while other moves are in flight (a page-in from the file gives
+        its extent back); with nothing moving, only a release could free one, so it
+        fails at once, naming the file, its capacity and the bytes asked.
+        """
+        space = self._file_space
+        name = os.fspath(self.file)
+        wait = _Wait(_holder(), page, "page-out", Tier.FILE, None, page.nbytes, self.runtime.now())
+        registered = False
+        try:
+            while True:
+                requester = self._storage_requester()
+                decision = space.try_allocate(page.nbytes, requester)
+                if isinstance(decision, Block):
+                    return decision
+                if isinstance(decision, Wait):  # a freed extent whose last write is in flight
+                    await self.runtime.wait_completed(decision.frontier)
+                    continue
+                if not self._moving(page):
+                    stats = space.statistics()
+                    free = stats.bytes_cached + stats.bytes_fresh
+                    self._stalls += 1
+                    self._log("page_stall", page, tier="file", requested=page.nbytes)
+                    waits = [w.record(name) for w in self._waits]
+                    if not registered:
+                        waits.append(wait.record(name))
+                    raise PagerStallError(
+                        self.name,
+                        Tier.FILE,
+                        page.name,
+                        "page-out",
+                        name,
+                        page.nbytes,
+                        space.capacity,
+                        space.capacity - free,
+                        free,
+                        page.nbytes - decision.largest_free,
+                        tuple(p.name for p in self._lru if p._extent is not None and p is not page),
+                        tuple(waits),
+                    )
+                if not registered:
+                    # While it waits, its page counts as waiting, not moving, for the others.
+                    self._waits.append(wait)
+                    registered = True
+                    self._changed()
+                # A page-in from the file (or a release) may give an extent back.
+                if self._returned is None:
+                    self._returned = asyncio.get_running_loop().create_future()
+                await asyncio.wait([self._returned])
+        finally:
+            if registered:
+                self._waits.remove(wait)
+                self._changed()
 
     def _free(self, buffer: Buffer, death: Frontier) -> None:
         """Give a buffer back and wake allocations waiting for the pager's memory."""
         self.runtime._memory.free(buffer, death)
+        self._changed()
+
+    def _free_extent(self, extent: Block, death: Frontier) -> None:
+        """Give a file extent back and wake what waits for file space."""
+        self._file_space.free(extent, death)
+        self._changed()
+
+    def _changed(self) -> None:
+        """Wake the pager's waits: memory came back, a move ended, a pin dropped."""
         returned, self._returned = self._returned, None
         if returned is not None and not returned.done():
             returned.set_result(None)
+
+    def waits(self) -> tuple[PagerWait, ...]:
+        """Every wait for memory in the pager now, oldest first (plain values).
+
+        A stall report: each names the page, what the memory is for, the tier, the
+        budget's context and the bytes.
+        """
+        name = os.fspath(self.file)
+        return tuple(w.record(name) for w in self._waits)
 
     # -- foresight -------------------------------------------------------------------
 
@@ -1072,6 +1515,7 @@ class Pager:
     async def _foresee(self, page: Page, when: float) -> None:
         """The prefetch task: file → host, then host → device, each as late as is safe."""
         task = asyncio.current_task()
+        _HOLDER.set(None)  # it acts for itself, not for the operation that started it
         slept = False  # once per step: a clock with coarse resolution may wake a hair early
         try:
             while not (self._closed or page.released) and page._expected == when:
@@ -1123,7 +1567,9 @@ class Pager:
             assert page._extent is not None
             # Host memory now or not at all (page-outs of older host pages allowed): a
             # prefetch waiting for memory would hold back the use it is meant to speed up.
-            staging = await self._allocate(self.host, page, loop.time())
+            staging = await self._allocate(
+                self.host, page, loop.time(), purpose="prefetch", demote=False
+            )
             host_bytes = buffer_bytes(staging)
             read = self._storage_device.read(
                 self._prefetch_queue(),
@@ -1236,7 +1682,7 @@ class Pager:
     def _drop_clean_extent(self, page: Page) -> None:
         """The first use of a prefetched page: its file extent no longer holds its data."""
         assert page._extent is not None
-        self._file_space.free(page._extent, page.semaphore.frontier)
+        self._free_extent(page._extent, page.semaphore.frontier)
         page._extent = page._checksum = None
         page._clean = False
 
@@ -1267,10 +1713,19 @@ class Pager:
         if not plan.victims:
             return 0, []
         with progress(f"paging out {len(plan.victims)} pages", total=len(plan.victims)) as shown:
+            source = Tier.HOST if context is self.host else Tier.DEVICE
 
-            async def page_out(page: Page) -> None:
+            async def page_out(page: Page) -> bool:
                 try:
+                    if (
+                        page.pins
+                        or page._transit is not None
+                        or page.released
+                        or page.tier is not source
+                    ):
+                        return False  # another reclaim or a use took it since the plan
                     await self.page_out(page, target)
+                    return True
                 finally:
                     shown.advance()
 
@@ -1285,7 +1740,8 @@ class Pager:
                     raise outcome  # cancellation and the like are not ours to swallow
                 failures.append(outcome)  # logged by page_out; the page kept its data
                 continue
-            freed += page.nbytes
+            if outcome:
+                freed += page.nbytes
         return freed, failures
 
     async def _on_memory_pressure(
@@ -1305,9 +1761,17 @@ class Pager:
         return q._materialize(q._base, q.submitted_epoch + 1)
 
     def _settle(self, page: Page) -> None:
+        """The page's move ended: it is free to move again (once a move on to the file ends)."""
+        demoting = page._demoting
+        if demoting is not None and not demoting.done():
+            # A page-in that ended (cancelled) while its host copy goes on to the file: the
+            # page stays in transit until that write is done.
+            demoting.add_done_callback(lambda _: self._settle(page))
+            return
         transit, page._transit = page._transit, None
         if transit is not None and not transit.done():
             transit.set_result(None)
+        self._changed()
 
     @staticmethod
     def _typed(raw: Any, page: Page) -> Any:
@@ -1364,6 +1828,9 @@ class Pager:
             prefetch_hits=self._prefetch_hits,
             prefetch_wasted=self._prefetch_wasted,
             prefetch_failures=self._prefetch_failures,
+            waiting=len(self._waits),
+            demotions=self._demotions,
+            stalls=self._stalls,
         )
 
     async def aclose(self) -> None:
