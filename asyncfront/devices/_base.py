@@ -265,11 +265,18 @@ class Device(ABC):
     """Whether its queues show the device each head that blocks (see :meth:`watch_wait`)."""
 
     def __init__(self, name: str, *, concurrency: int = 1) -> None:
-        # A subclass may declare its kind as a class attribute (``kind = "npu"``): where
-        # this class is compiled its instances hold their own, so take the declared one.
-        declared = getattr(type(self), "kind", None)
-        if isinstance(declared, str):
-            self.kind = declared
+        # A subclass may declare these as class attributes (``kind = "npu"``): where this
+        # class is compiled its instances hold their own, so take the declared ones.
+        cls = type(self)
+        kind = getattr(cls, "kind", None)
+        if isinstance(kind, str):
+            self.kind = kind
+        claims = getattr(cls, "claims_waits", None)
+        if isinstance(claims, bool):
+            self.claims_waits = claims
+        watches = getattr(cls, "watches_waits", None)
+        if isinstance(watches, bool):
+            self.watches_waits = watches
         self.name = name
         self.concurrency = concurrency
         self.memory: Any = None  # the device's BufferPool, set by the runtime
