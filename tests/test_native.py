@@ -78,3 +78,15 @@ def test_a_compiled_build_of_other_sources_is_not_used(tmp_path: Path) -> None:
 def _no_extensions(directory: str, names: list[str]) -> list[str]:
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     return [n for n in names if n.endswith(suffixes) or n in ("__pycache__", _native.STAMP_NAME)]
+
+
+def test_a_subclass_declares_its_kind_and_wait_handling_as_class_attributes() -> None:
+    """Class attributes of a Device subclass hold for the core's own reads, compiled or not."""
+
+    class Npu(af.testing.FakeDevice):
+        kind = "npu"
+        watches_waits = True
+
+    device = Npu("npu0")
+    assert device.kind == "npu" and device.statistics().kind == "npu"
+    assert device.watches_waits and not device.claims_waits
