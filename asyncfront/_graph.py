@@ -29,7 +29,6 @@ first stages behind a stage of iteration ``k``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import heapq
@@ -1012,9 +1011,7 @@ class GraphRun:
     async def wait(self) -> None:
         """Wait until every stage completed or failed (never raises a stage's error)."""
         for handle in self._handles.values():
-            if not handle.done():
-                with contextlib.suppress(Exception):
-                    await handle
+            await handle._until_done()  # a raised error would keep this frame (and run)
 
     async def results(self) -> dict[str, Any]:
         """Wait for every stage; ``{stage: result}`` in submission order.

@@ -138,6 +138,21 @@ class Outcome:
             yield from fut.__await__()
         return self.result()
 
+    async def _until_done(self) -> None:
+        """Wait until it completed or failed, without raising its error.
+
+        Raising the stored error would give it a traceback holding the waiting frames
+        (and whatever they refer to, such as a graph run and its results) for as long
+        as anyone keeps the error.
+        """
+        if self.state not in _DONE:
+            fut: asyncio.Future[None] = self._event_loop().create_future()
+            if self._futures is None:
+                self._futures = [fut]
+            else:
+                self._futures.append(fut)
+            await fut
+
     def _wake(self) -> None:
         futures = self._futures
         if futures is not None:

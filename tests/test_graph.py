@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 
 import asyncfront as af
@@ -382,5 +385,29 @@ def test_chain_errors() -> None:
             with pytest.raises(af.GraphDefinitionError, match="'a\\[1\\]'"):
                 g.chain(b, iterations=2)
             assert set(g._stages) == {"a", "b", "side", "a[1]"}  # failed chains change nothing
+
+    run_virtual(main)
+
+
+def test_a_kept_stage_error_does_not_keep_its_run_alive() -> None:
+    """Waiting for a run gives no stage error a traceback: holding the error pins no run."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            g = rt.graph("g")
+
+            def broken() -> None:
+                raise RuntimeError("stage broke")
+
+            g.stage("first", lambda: 1, device="gpu", cost=0.1)
+            g.stage("second", broken, device="gpu", cost=0.2)
+            run = await g.submit()
+            await run.wait()
+            error = run.exceptions()["second"]
+            alive = weakref.ref(run)
+            del run, g
+            gc.collect()  # the handles are freed; only a traceback could still hold the run
+            assert alive() is None
+            assert isinstance(error, RuntimeError)
 
     run_virtual(main)

@@ -180,21 +180,6 @@ class RemoteSubmission(Outcome):
     def _event_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    async def _until_done(self) -> None:
-        """Wait until it completed or failed, without raising its error.
-
-        Raising the stored error would give it a traceback holding the waiting frames
-        (and whatever they refer to, such as the run and its results) for as long as
-        anyone keeps the error.
-        """
-        if not self.done():
-            fut: asyncio.Future[None] = self._loop.create_future()
-            if self._futures is None:
-                self._futures = [fut]
-            else:
-                self._futures.append(fut)
-            await fut
-
     def __repr__(self) -> str:
         return (
             f"<RemoteSubmission {self.name!r} on node {self.queue.node.index} "
