@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._frontier import Frontier, axis_name
 from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
-from .devices._base import LATER, Device
+from .devices._base import LATER, Device, SlotGrant
 
 if TYPE_CHECKING:
     from ._context import ExecutionContext, WorkingMemory
@@ -466,7 +466,7 @@ class DeviceQueue:
         self._stage = _FRESH
         self._wait_base: Frontier | None = None  # the head's met waits, while others are not
         self._wait_source: TimelineSemaphore | None = None  # what _base_source is of it
-        self._slot: asyncio.Future[None] | None = None
+        self._slot: SlotGrant | None = None
         self._timer: float | None = None  # the deadline of timed work on the timer wheel
         self._timers = runtime._trampoline.timers
         self._handed: tuple[int, Any] | None = None
@@ -970,7 +970,7 @@ class DeviceQueue:
 
     def _wait_slot(self) -> None:
         """Queue for the device's slot by priority; the grant advances the queue."""
-        slot: asyncio.Future[None] = self._loop.create_future()
+        slot = SlotGrant(self._slot_granted)
         arbiter = self._arbiter
         sub = self._current
         if arbiter.chooser is None or sub is None:
@@ -981,11 +981,15 @@ class DeviceQueue:
             )
         self._slot = slot
         self._stage = _SLOT
-        slot.add_done_callback(self._slot_done)
 
-    def _slot_done(self, slot: asyncio.Future[None]) -> None:
-        if not slot.cancelled():
+    def _slot_granted(self) -> None:
+        """The grant, called back in place by the arbiter (never once withdrawn)."""
+        try:
             self._advance()
+        except Exception as exc:  # a defect of the queue itself, as on the trampoline
+            runtime = self._runtime_ref()
+            if runtime is not None:
+                runtime._crashed_by(exc)
 
     def _execute_held(self, sub: Submission, runtime: Runtime) -> bool:
         """Run the head on the slot just taken; True when it finished here."""
