@@ -440,9 +440,10 @@ class DeviceQueue:
         self._next_epoch = 1
         self._completed_epoch = 0
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
-        # The semaphore whose frontier, as it stood at some moment, the base is. A
-        # semaphore's frontier only grows (each signal merges into it), so a later one
-        # dominates the base: a wait on it replaces the base without a merge.
+        # A semaphore that once held a frontier covering the base (the base itself, unless
+        # truncated since). A semaphore's frontier only grows (each signal merges into
+        # it), so a later one dominates the base: a wait on it replaces the base without
+        # a merge.
         self._base_source: TimelineSemaphore | None = None
         # Where the queue's axis sits in the axes tuple last materialized: consecutive
         # frontiers share one axes tuple, so the position is found once.
@@ -916,7 +917,6 @@ class DeviceQueue:
                 if len(base._axes) > self._capacity:
                     base = base.truncated(self._capacity, keep=self.axis)
                     self._monotone = False
-                    source = None
                 self._base = sub._base = base
                 self._base_source = source
                 self._last_epoch = sub.epoch
@@ -961,7 +961,6 @@ class DeviceQueue:
         if len(base._axes) > self._capacity:
             base = base.truncated(self._capacity, keep=self.axis)
             self._monotone = False
-            source = None
         self._base = base
         self._base_source = source
         # The frontier is base | {axis: epoch}, built only when someone needs it.
@@ -1373,9 +1372,9 @@ def _merged(
 ) -> tuple[Frontier, TimelineSemaphore | None]:
     """``base | frontier`` (a frontier ``sem`` held, if not None) and whose frontier it is.
 
-    ``source`` is the semaphore whose frontier ``base`` is, or None: kept when ``base``
-    covers ``frontier`` (the merge is ``base`` itself), ``sem`` when ``frontier`` covers
-    ``base``, None when the merge is a new frontier.
+    ``source`` is a semaphore that once held a frontier covering ``base``, or None: kept when
+    ``base`` covers ``frontier`` (the merge is ``base`` itself), ``sem`` when ``frontier``
+    covers ``base``, None when the merge is a new frontier.
     """
     merged = base.merge(frontier)
     if merged is base:
