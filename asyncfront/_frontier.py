@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import operator
+from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
@@ -425,7 +426,12 @@ class Frontier:
             if epochs[i] >= epoch:
                 return self
             return Frontier._make(axes, (*epochs[:i], epoch, *epochs[i + 1 :]))
-        return self.merge(Frontier.single(axis, epoch))
+        if epoch <= 0:
+            return self
+        i = bisect_left(axes, axis)  # a new axis goes in at its place: no merge scan
+        return Frontier._make(
+            (*axes[:i], axis, *axes[i:]), (*self._epochs[:i], epoch, *self._epochs[i:])
+        )
 
     def truncated(self, capacity: int, keep: int | None = None) -> Frontier:
         """A valid lower bound with at most ``capacity`` entries.
@@ -435,18 +441,38 @@ class Frontier:
         """
         if capacity < 1:
             raise ValueError(f"frontier capacity must be >= 1, got {capacity}")
-        n = len(self._axes)
+        axes = self._axes
+        n = len(axes)
         if n <= capacity:
             return self
-        ranked = sorted(
-            range(n),
-            key=lambda i: (self._axes[i] == keep, self._epochs[i], self._axes[i]),
-            reverse=True,
-        )
-        kept = sorted(ranked[:capacity])
-        return Frontier._make(
-            tuple(self._axes[i] for i in kept), tuple(self._epochs[i] for i in kept)
-        )
+        epochs = self._epochs
+        # keep first, then by epoch, ties to the larger axis: the entries ranked first by
+        # (axis == keep, epoch, axis), found with one C-level sort of the epochs.
+        kept_at = -1
+        if keep is not None:
+            i = bisect_left(axes, keep)
+            if i < n and axes[i] == keep:
+                kept_at = i
+        slots = capacity if kept_at < 0 else capacity - 1
+        if slots == 0:
+            return Frontier._make((axes[kept_at],), (epochs[kept_at],))
+        others = list(epochs)
+        if kept_at >= 0:
+            del others[kept_at]
+        others.sort(reverse=True)
+        threshold = others[slots - 1]  # the smallest epoch that stays
+        ties = others[:slots].count(threshold)  # entries at it that stay
+        if ties == others.count(threshold):  # all of them (always so with distinct epochs)
+            chosen = [i for i, e in enumerate(epochs) if e >= threshold or i == kept_at]
+        else:  # the larger axes among the tied stay
+            tied = [i for i, e in enumerate(epochs) if e == threshold and i != kept_at]
+            dropped = set(tied[: len(tied) - ties])
+            chosen = [
+                i
+                for i, e in enumerate(epochs)
+                if (e >= threshold and i not in dropped) or i == kept_at
+            ]
+        return Frontier._make(tuple([axes[i] for i in chosen]), tuple([epochs[i] for i in chosen]))
 
     # -- identity --------------------------------------------------------------------
 

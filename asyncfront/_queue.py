@@ -24,7 +24,7 @@ from mypy_extensions import mypyc_attr
 
 from ._frontier import Frontier, axis_name
 from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
-from .devices._base import LATER, Device
+from .devices._base import LATER, Device, SlotGrant
 
 if TYPE_CHECKING:
     from ._context import ExecutionContext, WorkingMemory
@@ -82,7 +82,7 @@ _PLAIN_SIGNAL = TimelineSemaphore.signal
 _FRESH = 0  # taken from the FIFO, waits not looked at
 _BLOCKED = 1  # waits on semaphores (DeviceQueue._blocked)
 _SLOT = 2  # waits for a device slot (DeviceQueue._slot)
-_TIMED = 3  # runs as a loop timer (DeviceQueue._timer)
+_TIMED = 3  # runs on the runtime's timer wheel (DeviceQueue._timer)
 _TASK = 4  # the queue's task carries it (DeviceQueue._handed)
 
 # What the queue's task does for a head handed to it.
@@ -292,7 +292,7 @@ class Trampoline:
     callbacks and tasks keep their turn.
     """
 
-    __slots__ = ("_crashed", "_loop", "_ready", "_scheduled", "batch")
+    __slots__ = ("_crashed", "_loop", "_ready", "_scheduled", "batch", "timers")
 
     def __init__(self, crashed: Callable[[BaseException], None], batch: int = 1024) -> None:
         self._crashed = crashed
@@ -300,10 +300,13 @@ class Trampoline:
         self._ready: deque[DeviceQueue] = deque()
         self._scheduled = False
         self.batch = batch
+        self.timers = TimerWheel(crashed)
+        """The runtime's timed work (see :class:`TimerWheel`)."""
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run on ``loop`` (the runtime's, once it opens)."""
         self._loop = loop
+        self.timers.bind(loop)
 
     def push(self, queue: DeviceQueue) -> None:
         """Advance ``queue`` on the next run (the first push schedules one)."""
@@ -337,6 +340,72 @@ class Trampoline:
                 self._loop.call_soon(self._run)
             else:
                 self._scheduled = False
+
+
+class TimerWheel:
+    """One runtime's timed work: one loop timer per distinct deadline, not per submission.
+
+    Work that a device runs as a timer (:meth:`~asyncfront.devices.Device.timed_seconds`)
+    ends at ``start + seconds``; every queue whose work ends at the same instant (common
+    in simulations, where equal costs start together) is finished by the one loop
+    callback of that deadline, in the order the work started, within the loop iteration
+    where its own timer would have run.
+    """
+
+    __slots__ = ("_crashed", "_due", "_loop")
+
+    def __init__(self, crashed: Callable[[BaseException], None]) -> None:
+        self._crashed = crashed
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # deadline -> the queues whose timed work ends then, in the order it started
+        self._due: dict[float, list[DeviceQueue]] = {}
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run on ``loop`` (the runtime's, once it opens)."""
+        self._loop = loop
+
+    def add(self, when: float, queue: DeviceQueue) -> None:
+        """Call ``queue._timer_fired()`` at loop time ``when``."""
+        due = self._due.get(when)
+        if due is None:
+            self._due[when] = [queue]
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_at(when, self._fire, when)
+        else:
+            due.append(queue)
+
+    def remove(self, when: float, queue: DeviceQueue) -> None:
+        """Withdraw ``queue`` from the deadline ``when`` (its work was aborted)."""
+        due = self._due.get(when)
+        if due is not None:
+            for i, waiting in enumerate(due):
+                if waiting is queue:
+                    del due[i]
+                    break
+            if not due:
+                del self._due[when]  # the loop timer finds nothing and does nothing
+
+    def _fire(self, when: float) -> None:
+        due = self._due.pop(when, None)
+        if due is None:
+            return
+        done = 0
+        try:
+            for queue in due:
+                done += 1
+                try:
+                    queue._timer_fired()
+                except Exception as exc:  # a defect of the queue itself: the runtime reports it
+                    self._crashed(exc)
+        finally:
+            if done < len(due):  # KeyboardInterrupt or SystemExit: the rest fire next turn
+                rest = due[done:]
+                pending = self._due.get(when)
+                self._due[when] = rest if pending is None else rest + pending
+                assert self._loop is not None
+                self._loop.call_soon(self._fire, when)
 
 
 @dataclass(frozen=True)
@@ -393,6 +462,15 @@ class DeviceQueue:
         self._next_epoch = 1
         self._completed_epoch = 0
         self._base = Frontier()  # merge of every wait so far: the queue's causal history
+        # A semaphore that once held a frontier covering the base (the base itself, unless
+        # truncated since). A semaphore's frontier only grows (each signal merges into
+        # it), so a later one dominates the base: a wait on it replaces the base without
+        # a merge.
+        self._base_source: TimelineSemaphore | None = None
+        # Where the queue's axis sits in the axes tuple last materialized: consecutive
+        # frontiers share one axes tuple, so the position is found once.
+        self._axis_axes: tuple[int, ...] = ()
+        self._axis_index = -1
         # The epoch of the most recently started submission (its base is self._base): an
         # epoch, not the submission, so a finished submission's arguments are not kept.
         self._last_epoch = 0
@@ -410,8 +488,10 @@ class DeviceQueue:
         # The consumer (see _advance): what the head waits for, by stage.
         self._stage = _FRESH
         self._wait_base: Frontier | None = None  # the head's met waits, while others are not
-        self._slot: asyncio.Future[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._wait_source: TimelineSemaphore | None = None  # what _base_source is of it
+        self._slot: SlotGrant | None = None
+        self._timer: float | None = None  # the deadline of timed work on the timer wheel
+        self._timers = runtime._trampoline.timers
         self._handed: tuple[int, Any] | None = None
         self._scheduled = False  # on the trampoline's ready list
         # Whether every frontier of the queue dominates the one before (true until a
@@ -461,12 +541,20 @@ class DeviceQueue:
         """``base | {axis: epoch}``, truncated to the runtime's frontier capacity."""
         axis = self.axis
         axes = base._axes
-        if axis in axes:  # the common case once the queue has run: no truncation needed
-            i = axes.index(axis)
+        if axes is self._axis_axes:
+            i = self._axis_index
+        elif axis in axes:  # the common case once the queue has run: no truncation needed
+            i = self._axis_index = axes.index(axis)
+            self._axis_axes = axes
+        else:
+            i = -1
+        if i >= 0:
             epochs = base._epochs
             if epochs[i] >= epoch:
                 return base
-            return Frontier._make(axes, (*epochs[:i], epoch, *epochs[i + 1 :]))
+            raised = list(epochs)
+            raised[i] = epoch
+            return Frontier._make(axes, tuple(raised))
         frontier = base.with_epoch(axis, epoch)
         if len(frontier._axes) > self._capacity:
             frontier = frontier.truncated(self._capacity, keep=axis)
@@ -633,13 +721,14 @@ class DeviceQueue:
     def _barrier_now(self, sub: Submission, runtime: Runtime) -> bool:
         """Finish a barrier submitted to an idle queue if its waits are met; else False."""
         base = self._base
+        source = self._base_source
         for sem, value in sub.waits:
             if sem._failure is not None or sem._value < value:
                 return False  # it waits (or fails) in turn, through the FIFO
-            base = base.merge(sem._frontier)
+            base, source = _merged(base, source, sem, sem._frontier)
         self._announce(sub, runtime)
         self._current = sub
-        self._settle_base(sub, base)
+        self._settle_base(sub, base, source)
         sub.started_at = sub.finished_at = sub.submitted_at
         try:
             self._complete(sub, None, runtime)
@@ -799,6 +888,7 @@ class DeviceQueue:
         if blocked is None:
             sub.state = SubmissionState.WAITING
             base = self._base
+            source: TimelineSemaphore | None = self._base_source
             for sem, value in sub.waits:
                 failure = sem._failure
                 if failure is not None:
@@ -806,7 +896,11 @@ class DeviceQueue:
                         _drop_waiters(blocked)
                     raise SemaphoreFailedError(sem, failure)
                 if sem._value >= value:
-                    base = base.merge(sem._frontier)
+                    frontier = sem._frontier
+                    if source is sem:  # it dominates the base: no merge
+                        base = frontier
+                    else:
+                        base, source = _merged(base, source, sem, frontier)
                     continue
                 waiter: AnyWaiter
                 if self._claims:
@@ -822,10 +916,11 @@ class DeviceQueue:
                 else:
                     blocked.append((sem, value, waiter))
             if blocked is None:
-                self._settle_base(sub, base)
+                self._settle_base(sub, base, source)
                 return True
             self._blocked = blocked
             self._wait_base = base
+            self._wait_source = source
             self._stage = _BLOCKED
             if self._watches:
                 self.device.watch_wait(sub)
@@ -836,13 +931,21 @@ class DeviceQueue:
             if type(waiter) is Waiter and waiter._state == 1:  # met: the common wake
                 self._blocked = None
                 met = self._wait_base
-                assert met is not None and waiter._result is not None
+                result = waiter._result
+                assert met is not None and result is not None
                 self._wait_base = None
-                base = met.merge(waiter._result)
+                sem = blocked[0][0]
+                if self._wait_source is sem:  # it dominates what the base holds: no merge
+                    base = result
+                    source = sem
+                else:
+                    base, source = _merged(met, self._wait_source, sem, result)
+                self._wait_source = None
                 if len(base._axes) > self._capacity:
                     base = base.truncated(self._capacity, keep=self.axis)
                     self._monotone = False
                 self._base = sub._base = base
+                self._base_source = source
                 self._last_epoch = sub.epoch
                 return True
         pending = False
@@ -858,6 +961,7 @@ class DeviceQueue:
                 _drop_waiters(blocked)
                 self._blocked = None
                 self._wait_base = None
+                self._wait_source = None
                 if not isinstance(exc, _WAIT_ENDINGS):
                     runtime._note_stall()  # an outside error ended the wait
                 raise exc
@@ -868,23 +972,31 @@ class DeviceQueue:
         assert met is not None
         self._wait_base = None
         base = met
-        for _, _, waiter in blocked:
-            base = base.merge(waiter.result())
-        self._settle_base(sub, base)
+        source = self._wait_source
+        self._wait_source = None
+        for sem, _, waiter in blocked:
+            # A device may resolve a future it claimed with a frontier of its own; only a
+            # Waiter holds one that the semaphore had.
+            held = sem if type(waiter) is Waiter else None
+            base, source = _merged(base, source, held, waiter.result())
+        self._settle_base(sub, base, source)
         return True
 
-    def _settle_base(self, sub: Submission, base: Frontier) -> None:
+    def _settle_base(
+        self, sub: Submission, base: Frontier, source: TimelineSemaphore | None = None
+    ) -> None:
         if len(base._axes) > self._capacity:
             base = base.truncated(self._capacity, keep=self.axis)
             self._monotone = False
         self._base = base
+        self._base_source = source
         # The frontier is base | {axis: epoch}, built only when someone needs it.
         sub._base = base
         self._last_epoch = sub.epoch
 
     def _wait_slot(self) -> None:
         """Queue for the device's slot by priority; the grant advances the queue."""
-        slot: asyncio.Future[None] = self._loop.create_future()
+        slot = SlotGrant(self._slot_granted)
         arbiter = self._arbiter
         sub = self._current
         if arbiter.chooser is None or sub is None:
@@ -895,16 +1007,19 @@ class DeviceQueue:
             )
         self._slot = slot
         self._stage = _SLOT
-        slot.add_done_callback(self._slot_done)
 
-    def _slot_done(self, slot: asyncio.Future[None]) -> None:
-        if not slot.cancelled():
+    def _slot_granted(self) -> None:
+        """The grant, called back in place by the arbiter (never once withdrawn)."""
+        try:
             self._advance()
+        except Exception as exc:  # a defect of the queue itself, as on the trampoline
+            runtime = self._runtime_ref()
+            if runtime is not None:
+                runtime._crashed_by(exc)
 
     def _execute_held(self, sub: Submission, runtime: Runtime) -> bool:
         """Run the head on the slot just taken; True when it finished here."""
         device = self.device
-        loop = self._loop
         sub.state = SubmissionState.RUNNING
         sub.started_at = now = self._time()
         if runtime._log_debug:
@@ -917,7 +1032,8 @@ class DeviceQueue:
                     self._hand(_CARRY_EXECUTE, None, runtime)
                 else:
                     self._stage = _TIMED
-                    self._timer = loop.call_at(now + seconds, self._timer_fired)
+                    when = self._timer = now + seconds
+                    self._timers.add(when, self)
                 return False
             if result is not None and inspect.isawaitable(result):
                 self._hand(_CARRY_AWAIT, result, runtime)
@@ -1183,6 +1299,7 @@ class DeviceQueue:
         held = False
         blocked, self._blocked = self._blocked, None
         self._wait_base = None
+        self._wait_source = None
         if blocked is not None:
             _drop_waiters(blocked)
         slot, self._slot = self._slot, None
@@ -1190,7 +1307,7 @@ class DeviceQueue:
             held = True  # granted just as the runtime closed: give it back
         timer, self._timer = self._timer, None
         if timer is not None:
-            timer.cancel()
+            self._timers.remove(timer, self)
             held = True
         handed, self._handed = self._handed, None
         if handed is not None and handed[0] != _CARRY_ACQUIRE:
@@ -1272,6 +1389,26 @@ class DeviceQueue:
                 epoch=sub.epoch,
                 error=f"{type(root).__name__}: {root}",
             )
+
+
+def _merged(
+    base: Frontier,
+    source: TimelineSemaphore | None,
+    sem: TimelineSemaphore | None,
+    frontier: Frontier,
+) -> tuple[Frontier, TimelineSemaphore | None]:
+    """``base | frontier`` (a frontier ``sem`` held, if not None) and whose frontier it is.
+
+    ``source`` is a semaphore that once held a frontier covering ``base``, or None: kept when
+    ``base`` covers ``frontier`` (the merge is ``base`` itself), ``sem`` when ``frontier``
+    covers ``base``, None when the merge is a new frontier.
+    """
+    merged = base.merge(frontier)
+    if merged is base:
+        return base, source
+    if merged is frontier:
+        return frontier, sem
+    return merged, None
 
 
 # what ends a queue's wait from inside the runtime; anything else came from outside

@@ -538,3 +538,36 @@ def test_merge_returns_a_dominating_operand_itself(pair: tuple[Frontier, Frontie
     else:
         assert merged.dominates(a) and merged.dominates(b)
         assert merged.as_dict() == ref_merge(a.as_dict(), b.as_dict())
+
+
+def _ranked_truncation(f: Frontier, capacity: int, keep: int | None) -> Frontier:
+    """The truncation rule spelled out: keep first, then the larger epoch, then the larger axis."""
+    ranked = sorted(f, key=lambda entry: (entry[0] == keep, entry[1], entry[0]), reverse=True)
+    return Frontier(ranked[:capacity])
+
+
+tied_frontiers = st.dictionaries(
+    axes_st, st.integers(min_value=1, max_value=2), min_size=0, max_size=len(AXIS_POOL)
+).map(Frontier)
+
+
+@PROPERTY
+@given(
+    st.one_of(frontiers, tied_frontiers),
+    st.integers(min_value=1, max_value=len(AXIS_POOL) + 1),
+    st.one_of(st.none(), axes_st),
+)
+def test_truncated_keeps_exactly_the_ranked_entries(
+    a: Frontier, capacity: int, keep: int | None
+) -> None:
+    """truncated keeps keep, then the largest epochs, ties going to the larger axis."""
+    assert a.truncated(capacity, keep=keep) == _ranked_truncation(a, capacity, keep)
+
+
+@PROPERTY
+@given(frontiers, axes_st, st.integers(min_value=0, max_value=8))
+def test_with_epoch_is_a_merge_with_one_entry(a: Frontier, ax: int, epoch: int) -> None:
+    """with_epoch(axis, epoch) equals merging {axis: epoch}, a new axis included in order."""
+    raised = a.with_epoch(ax, epoch)
+    assert raised == a.merge(Frontier.single(ax, epoch))
+    assert list(raised.axes) == sorted(raised.axes)

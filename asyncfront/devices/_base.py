@@ -7,7 +7,7 @@ import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from mypy_extensions import mypyc_attr
 
@@ -34,6 +34,50 @@ class _Later:
 
 LATER: Any = _Later()
 """What :meth:`Device.execute_now` returns when the work must go through ``execute``."""
+
+
+class SlotGrant:
+    """A queue's request for a slot, granted in place by calling its owner back: no future.
+
+    It answers the part of the future API the arbiter uses (``done``, ``cancelled``,
+    ``set_result``, ``cancel``); ``cancel`` does not call back, since only the owner
+    cancels.
+    """
+
+    __slots__ = ("_callback", "_state")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback: Callable[[], None] | None = callback
+        self._state = 0  # 0 waiting, 1 granted, 3 cancelled
+
+    def done(self) -> bool:
+        """Whether it was granted or cancelled."""
+        return self._state != 0
+
+    def cancelled(self) -> bool:
+        """Whether its owner withdrew it."""
+        return self._state == 3
+
+    def set_result(self, result: None) -> None:
+        """Grant the slot and call the owner back."""
+        if self._state:
+            raise asyncio.InvalidStateError("the slot request is already done")
+        self._state = 1
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
+
+    def cancel(self) -> bool:
+        """Withdraw it (no call back); False once it is done."""
+        if self._state:
+            return False
+        self._state = 3
+        self._callback = None
+        return True
+
+
+SlotRequest: TypeAlias = "asyncio.Future[None] | SlotGrant"
+"""What waits in an arbiter for a slot: a future, or a queue's :class:`SlotGrant`."""
 
 
 class SlotArbiter:
@@ -70,9 +114,9 @@ class SlotArbiter:
             raise ValueError(f"device concurrency must be >= 1, got {capacity}")
         self.capacity = capacity
         self._free = capacity
-        self._heap: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._heap: list[tuple[int, int, SlotRequest]] = []
         # ready work under a policy other than the default, in the order it arrived
-        self._ready: list[tuple[ReadyWork, asyncio.Future[None]]] = []
+        self._ready: list[tuple[ReadyWork, SlotRequest]] = []
         self._seq = 0
         self._grant_scheduled = False
         self._policy: Policy | None = None
@@ -146,16 +190,16 @@ class SlotArbiter:
         self._seq += 1
         return self._seq
 
-    def enqueue(self, priority: int, future: asyncio.Future[None]) -> None:
+    def enqueue(self, priority: int, future: SlotRequest) -> None:
         """Queue a request; ``future`` resolves when the slot is granted."""
         self._seq += 1
         heapq.heappush(self._heap, (-priority, self._seq, future))
 
-    def enqueue_work(self, work: ReadyWork, future: asyncio.Future[None]) -> None:
+    def enqueue_work(self, work: ReadyWork, future: SlotRequest) -> None:
         """Queue ready work for the policy to choose; ``future`` resolves on the grant."""
         self._ready.append((work, future))
 
-    def withdraw(self, future: asyncio.Future[None]) -> None:
+    def withdraw(self, future: SlotRequest) -> None:
         """Forget a request that will not be granted (its waiter was cancelled)."""
         heap = self._heap
         for i, entry in enumerate(heap):
@@ -182,12 +226,30 @@ class SlotArbiter:
         """Give free slots to the waiting requests: highest tier first, then the policy."""
         self._grant_scheduled = False
         heap = self._heap
+        if self._free == 1 and not self._ready:  # one slot, the first in line: the common case
+            while heap:
+                fut = heapq.heappop(heap)[2]
+                if not fut.done():
+                    self._free -= 1
+                    fut.set_result(None)
+                    return
+            return
+        # Every decision first, then the grants: a queue called back in place runs its work
+        # only once every free slot is placed.
+        granted: list[SlotRequest] = []
+        self._decide(granted)
+        for fut in granted:
+            fut.set_result(None)
+
+    def _decide(self, granted: list[SlotRequest]) -> None:
+        """Take free slots for the waiting requests into ``granted`` (see :meth:`grant`)."""
+        heap = self._heap
         if not self._ready:
             while self._free and heap:
                 fut = heapq.heappop(heap)[2]
                 if not fut.done():
                     self._free -= 1
-                    fut.set_result(None)
+                    granted.append(fut)
             return
         while self._free:
             while heap and heap[0][2].done():
@@ -206,9 +268,9 @@ class SlotArbiter:
                 else:
                     fut = ready.pop(self._choose(ready, top))[1]
             self._free -= 1
-            fut.set_result(None)
+            granted.append(fut)
 
-    def _choose(self, ready: list[tuple[ReadyWork, asyncio.Future[None]]], top: int) -> int:
+    def _choose(self, ready: list[tuple[ReadyWork, SlotRequest]], top: int) -> int:
         """The index in ``ready`` of the tier ``top``'s work that the policy picks."""
         indices = [i for i, (work, _) in enumerate(ready) if work.priority == top]
         tier = [ready[i][0] for i in indices]
