@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mmap
 import re
 import shutil
 import subprocess
@@ -272,8 +273,10 @@ def test_resident_sampler_sees_memory_touched_while_it_runs() -> None:
     with pytest.raises(ValueError, match="interval must be > 0"):
         ResidentSampler(interval=0)
     sampler = ResidentSampler(interval=0.005).start()
-    block = b"\x01" * (64 << 20)  # written, so resident
+    # A fresh mapping, written: resident whatever memory the process freed before.
+    block = mmap.mmap(-1, 64 << 20)
+    block.write(b"\x01" * (64 << 20))
     seen = sampler.stop()  # takes a last sample
-    del block
+    block.close()
     assert seen is not None and seen.samples >= 1
     assert seen.above_baseline >= 60 << 20 and seen.peak == seen.baseline + seen.above_baseline
