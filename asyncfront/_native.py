@@ -29,6 +29,7 @@ COMPILED_MODULES = (
     "asyncfront._frontier",
     "asyncfront._semaphore",
     "asyncfront._queue",
+    "asyncfront._record",
     "asyncfront.devices._base",
     "asyncfront.devices.fake",
 )

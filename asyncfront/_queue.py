@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, SupportsFloat, SupportsIndex
 from mypy_extensions import mypyc_attr
 
 from ._frontier import Frontier, axis_name
+from ._record import RecordRing
 from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
 from .devices._base import LATER, Device, SlotGrant
 
@@ -282,6 +283,43 @@ class Submission(Outcome):
         )
 
 
+class RuntimeState:
+    """What every submission reads of its runtime, in one record of the compiled core.
+
+    The runtime's attributes of these names (``_open``, ``_log_debug``, ``trace``...) read
+    and write this record, which its queues hold, so the dispatch path reads plain
+    fields instead of looking attributes up on the runtime. It refers to nothing that
+    refers back to the runtime, so a closed runtime is still freed by reference counting.
+    """
+
+    __slots__ = (
+        "completed_cache",
+        "completed_epochs",
+        "completion_waiters",
+        "draining",
+        "log_debug",
+        "log_warning",
+        "open",
+        "stall_timer",
+        "submit_hook",
+        "trace",
+    )
+
+    def __init__(self, trace: RecordRing) -> None:
+        self.open = False
+        self.draining = False
+        self.log_debug = False
+        self.log_warning = True
+        # Called with each new submission (what the models it uses pin), or None.
+        self.submit_hook: Callable[[Submission], None] | None = None
+        self.completed_epochs: dict[int, int] = {}  # axis -> its latest finished epoch
+        self.completed_cache: Frontier | None = None  # reset by queues on completion
+        # axis -> heap of (epoch, sequence, future) for wait_completed
+        self.completion_waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
+        self.stall_timer: asyncio.TimerHandle | None = None  # armed while a queue is blocked
+        self.trace = trace
+
+
 class Trampoline:
     """One runtime's ready list: queues whose waits ended, advanced in one loop callback.
 
@@ -440,6 +478,7 @@ class DeviceQueue:
         # Not owning: the runtime owns its queues, so a closed runtime (and its trace)
         # is freed by reference counting, with no cycle for the collector to find.
         self._runtime_ref = weakref.ref(runtime)
+        self._state: RuntimeState = runtime._state
         self.device = device
         self.axis = axis
         self.priority = priority
@@ -677,7 +716,7 @@ class DeviceQueue:
             # A barrier with nothing ahead: finished here when its waits are met, without
             # going through the FIFO (nothing is pending, so no record needs keeping).
             runtime = self._runtime_ref()
-            if runtime is not None and runtime._open and self._barrier_now(sub, runtime):
+            if runtime is not None and self._state.open and self._barrier_now(sub, runtime):
                 return sub
         self._fifo.append(sub)
         if waits_t:
@@ -709,10 +748,11 @@ class DeviceQueue:
 
     def _announce(self, sub: Submission, runtime: Runtime) -> None:
         """Tell the runtime's hook and the debug log about a new submission."""
-        hook = runtime._submit_hook
+        state = self._state
+        hook = state.submit_hook
         if hook is not None:
             hook(sub)
-        if runtime._log_debug:
+        if state.log_debug:
             runtime._log.debug(
                 "submit", queue=self.name, submission=sub.name, epoch=sub.epoch,
                 waits=len(sub.waits),
@@ -833,7 +873,7 @@ class DeviceQueue:
         and a device's immediate calls (``execute_now``) finish here.
         """
         runtime = self._runtime_ref()
-        if runtime is None or not runtime._open:
+        if runtime is None or not self._state.open:
             return  # closing: the runtime fails what is left
         fifo = self._fifo
         while True:
@@ -924,7 +964,8 @@ class DeviceQueue:
             self._stage = _BLOCKED
             if self._watches:
                 self.device.watch_wait(sub)
-            if runtime._stall_timer is None or runtime._draining:
+            state = self._state
+            if state.stall_timer is None or state.draining:
                 runtime._queue_blocked()
         if len(blocked) == 1:
             waiter = blocked[0][2]
@@ -1022,7 +1063,7 @@ class DeviceQueue:
         device = self.device
         sub.state = SubmissionState.RUNNING
         sub.started_at = now = self._time()
-        if runtime._log_debug:
+        if self._state.log_debug:
             runtime._log.debug("start", queue=self.name, submission=sub.name, epoch=sub.epoch)
         try:
             result = device.execute_now(sub)
@@ -1050,7 +1091,7 @@ class DeviceQueue:
         """Timed work's duration elapsed: finish it and go on with the queue."""
         sub = self._current
         runtime = self._runtime_ref()
-        if sub is None or runtime is None or not runtime._open:
+        if sub is None or runtime is None or not self._state.open:
             return  # closing: the runtime fails the work and takes back its slot
         self._timer = None
         device = self.device
@@ -1099,7 +1140,7 @@ class DeviceQueue:
                         sem._signal_from(source, value, frontier)
                     else:  # a subclass's signal (a cluster's owned semaphore) runs as such
                         sem.signal(value, frontier)
-                    if runtime._log_debug:
+                    if self._state.log_debug:
                         runtime._log.debug(
                             "signal", queue=self.name, semaphore=sem.name, value=value
                         )
@@ -1123,11 +1164,12 @@ class DeviceQueue:
         if sub.waits and self._unmet:
             self._unindex(sub)
         epoch = self._completed_epoch = sub.epoch
-        runtime._completed_epochs[self.axis] = epoch
-        runtime._completed_cache = None
-        if runtime._completion_waiters:
+        state = self._state
+        state.completed_epochs[self.axis] = epoch
+        state.completed_cache = None
+        if state.completion_waiters:
             runtime._axis_completed(self.axis, epoch)
-        tracer = runtime.trace
+        tracer = state.trace
         if tracer.enabled:
             tracer._add(sub)
 
@@ -1167,11 +1209,12 @@ class DeviceQueue:
         epoch = sub.epoch
         axis = self.axis
         self._completed_epoch = epoch
-        runtime._completed_epochs[axis] = epoch
-        runtime._completed_cache = None
-        if runtime._completion_waiters:
+        state = self._state
+        state.completed_epochs[axis] = epoch
+        state.completed_cache = None
+        if state.completion_waiters:
             runtime._axis_completed(axis, epoch)
-        tracer = runtime.trace
+        tracer = state.trace
         if tracer.enabled:
             tracer._add(sub)
 

@@ -58,7 +58,7 @@ from ._placement import (
     runtime_candidates,
 )
 from ._policy import Policy, SLOStatistics
-from ._queue import DeviceQueue, StalledError, Trampoline
+from ._queue import DeviceQueue, RuntimeState, StalledError, Trampoline
 from ._semaphore import TimelineSemaphore
 from ._stall import StallAnalysis, StalledWait
 from ._stealing import StageBinder
@@ -254,8 +254,9 @@ class Runtime:
         for device in devices:
             device.index = len(self.devices)
             self.devices[device.name] = device
-        self.trace = TraceRecorder(
-            trace_capacity, enabled=trace, frontier_capacity=frontier_capacity
+        # What the dispatch path reads: the attributes below of the same names view it.
+        self._state = RuntimeState(
+            TraceRecorder(trace_capacity, enabled=trace, frontier_capacity=frontier_capacity)
         )
         self._log = logger if logger is not None else _default_logger()
         self._log_debug = _enabled(self._log, logging.DEBUG)
@@ -264,15 +265,11 @@ class Runtime:
         self._memory = MemoryManager(self)
         self._residency: Residency | None = None  # created on first use
         # Called with each new submission once models are registered (pins what it uses).
-        self._submit_hook: Callable[[Submission], None] | None = None
+        self._submit_hook = None
         self._owned_pools: list[Device] = []
         self._queues: list[DeviceQueue] = []
         self._queue_slots: dict[int, _QueueSlots] = {}  # by device index
-        self._completed_epochs: dict[int, int] = {}
-        self._completed_cache: Frontier | None = None  # reset by queues on completion
         self._known_axes: set[int] = set()
-        # axis -> heap of (epoch, sequence, future) for wait_completed
-        self._completion_waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]] = {}
         self._completion_seq = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -285,7 +282,7 @@ class Runtime:
         # the runtime: a closed runtime is freed by reference counting.
         self._trampoline = Trampoline(_crash_reporter(weakref.ref(self)))
         self._settled: asyncio.Future[None] | None = None
-        self._stall_timer: asyncio.TimerHandle | None = None  # armed while a queue is blocked
+        self._stall_timer = None  # armed while a queue is blocked
         self._stall_mark = -1  # progress when the timer was armed
         self._stall_reported: tuple[StalledWait, ...] = ()
         self._open = False
@@ -307,6 +304,89 @@ class Runtime:
                 if device._arbiter._policy is None:
                     device.policy = policy
                     self._policy_devices.append(device)
+
+    # -- the facts every submission reads, kept in the core's RuntimeState ---------
+
+    @property
+    def trace(self) -> TraceRecorder:
+        """The trace: a record of every finished submission (see :class:`TraceRecorder`)."""
+        return self._state.trace  # type: ignore[return-value]
+
+    @trace.setter
+    def trace(self, recorder: TraceRecorder) -> None:
+        if not isinstance(recorder, TraceRecorder):
+            raise TypeError(f"trace must be a TraceRecorder, got {recorder!r}")
+        self._state.trace = recorder
+
+    @property
+    def _open(self) -> bool:
+        return self._state.open
+
+    @_open.setter
+    def _open(self, value: bool) -> None:
+        self._state.open = value
+
+    @property
+    def _draining(self) -> bool:
+        return self._state.draining
+
+    @_draining.setter
+    def _draining(self, value: bool) -> None:
+        self._state.draining = value
+
+    @property
+    def _log_debug(self) -> bool:
+        return self._state.log_debug
+
+    @_log_debug.setter
+    def _log_debug(self, value: bool) -> None:
+        self._state.log_debug = value
+
+    @property
+    def _log_warning(self) -> bool:
+        return self._state.log_warning
+
+    @_log_warning.setter
+    def _log_warning(self, value: bool) -> None:
+        self._state.log_warning = value
+
+    @property
+    def _submit_hook(self) -> Callable[[Submission], None] | None:
+        return self._state.submit_hook
+
+    @_submit_hook.setter
+    def _submit_hook(self, hook: Callable[[Submission], None] | None) -> None:
+        self._state.submit_hook = hook
+
+    @property
+    def _completed_epochs(self) -> dict[int, int]:
+        return self._state.completed_epochs
+
+    @property
+    def _completed_cache(self) -> Frontier | None:
+        return self._state.completed_cache
+
+    @_completed_cache.setter
+    def _completed_cache(self, frontier: Frontier | None) -> None:
+        self._state.completed_cache = frontier
+
+    @property
+    def _completion_waiters(self) -> dict[int, list[tuple[int, int, asyncio.Future[None]]]]:
+        return self._state.completion_waiters
+
+    @_completion_waiters.setter
+    def _completion_waiters(
+        self, waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]]
+    ) -> None:
+        self._state.completion_waiters = waiters
+
+    @property
+    def _stall_timer(self) -> asyncio.TimerHandle | None:
+        return self._state.stall_timer
+
+    @_stall_timer.setter
+    def _stall_timer(self, timer: asyncio.TimerHandle | None) -> None:
+        self._state.stall_timer = timer
 
     # -- queues and semaphores -----------------------------------------------------
 

@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, SupportsIndex
+from typing import Any, SupportsIndex
 
 from ._frontier import DEFAULT_FRONTIER_CAPACITY, Frontier, axis_name
-
-if TYPE_CHECKING:
-    from ._queue import Submission
-    from ._semaphore import TimelineSemaphore
+from ._record import Point, RecordRing
 
 __all__ = ("DEFAULT_TRACE_CAPACITY", "TraceRecord", "TraceRecorder")
 
@@ -36,10 +32,7 @@ about 0.9 KB for a graph stage (its annotations), about 1.1 KB when every fronti
 # Queue facts shared by every record of one queue: (name, axis, device name, priority).
 QueueInfo = tuple[str, int, str, int]
 
-# One sync point in a record: (semaphore name, value, semaphore identity). The identity
-# (``id()`` of the semaphore) only tells apart semaphores that share a name when
-# exports draw dependency arrows; it never refers back to the object.
-_Point = tuple[str, int, int]
+_Point = Point
 
 # (queue, name, epoch, submitted_at, started_at, finished_at, axes and epochs of the
 #  frontier or its base, waits, signals, error, annotations). The frontier is kept as its
@@ -59,26 +52,6 @@ _Raw = tuple[
     "str | None",
     "dict[str, Any] | None",
 ]
-
-
-_FIELDS = 12  # values per record (the fields of _Raw)
-_CHUNK_VALUES = 512 * _FIELDS  # values per chunk of the flat store
-_CLEARED = (None,) * _FIELDS
-
-
-def _points(pairs: tuple[tuple[TimelineSemaphore, int], ...]) -> tuple[_Point, ...]:
-    """A submission's waits or signals as plain values."""
-    if not pairs:
-        return ()
-    if len(pairs) == 1:
-        sem, value = pairs[0]
-        return ((sem.name, value, id(sem)),)
-    return tuple([(s.name, v, id(s)) for s, v in pairs])
-
-
-def describe_error(exc: BaseException) -> str:
-    """``"TypeName: message"``: how records and logs show an error without keeping it."""
-    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -105,7 +78,7 @@ class TraceRecord:
         return self.finished_at - self.started_at
 
 
-class TraceRecorder:
+class TraceRecorder(RecordRing):
     """Appends a flat record per finished submission; formats only on export.
 
     Holds at most ``capacity`` records (the oldest are dropped and counted in
@@ -137,82 +110,14 @@ class TraceRecorder:
             or frontier_capacity < 1
         ):
             raise ValueError(f"frontier capacity must be an int >= 1, got {frontier_capacity!r}")
-        self.capacity = capacity
-        self.enabled = enabled
+        super().__init__(capacity, enabled)
         self.origin = 0.0
         self.frontier_capacity = frontier_capacity
-        # The records, flat: _FIELDS values per record in chunks of _CHUNK records, so
-        # recording allocates no container that outlives the call (a tuple per record
-        # would be one more object for every garbage collection to visit until it is
-        # untracked). Past the capacity the oldest record's values are cleared; a chunk
-        # goes once all its records have.
-        self._chunks: deque[list[Any]] = deque()
-        self._tail: list[Any] = []  # the chunk being filled, also the last of _chunks
-        self._chunks.append(self._tail)
-        self._head = 0  # values of the first chunk already dropped
-        self._added = 0  # records appended since the last clear (kept + dropped)
-        self._limit = capacity  # _added beyond which the oldest record goes
-
-    def _add(self, sub: Submission) -> None:
-        """Record a finished submission as plain values (the queue task calls this)."""
-        waits = sub.waits
-        signals = sub.signals
-        exc = sub._exception
-        frontier = sub._frontier
-        if frontier is None:
-            frontier = sub._base
-        tail = self._tail
-        tail += (
-                sub.queue._trace_info,
-                sub.name,
-                sub.epoch,
-                sub.submitted_at,
-                sub.started_at,
-                sub.finished_at,
-                None if frontier is None else frontier._axes,
-                None if frontier is None else frontier._epochs,
-                # one pair is the common case: built here without a call
-                ((waits[0][0].name, waits[0][1], id(waits[0][0])),)
-                if len(waits) == 1
-                else _points(waits),
-                ((signals[0][0].name, signals[0][1], id(signals[0][0])),)
-                if len(signals) == 1
-                else _points(signals),
-                None if exc is None else describe_error(exc),
-                sub.annotations,
-        )  # fmt: skip
-        added = self._added = self._added + 1
-        if len(tail) >= _CHUNK_VALUES:
-            self._tail = []
-            self._chunks.append(self._tail)
-        if added > self._limit:
-            self._drop_oldest()
-
-    def _drop_oldest(self) -> None:
-        """Past the capacity: clear the oldest record's values (and its chunk once empty)."""
-        self._limit += 1
-        first = self._chunks[0]
-        head = self._head
-        if head + _FIELDS >= len(first) and first is not self._tail:
-            self._chunks.popleft()
-            self._head = 0
-        else:
-            first[head : head + _FIELDS] = _CLEARED
-            self._head = head + _FIELDS
-            if first is self._tail and self._head == len(first):  # capacity 0
-                first.clear()
-                self._head = 0
 
     @property
     def _raw(self) -> list[_Raw]:
         """The kept records as tuples, oldest first."""
-        out: list[_Raw] = []
-        head = self._head
-        for chunk in self._chunks:
-            for i in range(head, len(chunk), _FIELDS):
-                out.append(tuple(chunk[i : i + _FIELDS]))
-            head = 0
-        return out
+        return self._raw_records()
 
     @property
     def dropped(self) -> int:
@@ -221,16 +126,10 @@ class TraceRecorder:
 
     def clear(self) -> None:
         """Forget every record (and the dropped count)."""
-        self._chunks.clear()
-        self._tail = []
-        self._chunks.append(self._tail)
-        self._head = 0
-        self._added = 0
-        self._limit = self.capacity
+        self._clear()
 
     def __len__(self) -> int:
-        values = sum(len(chunk) for chunk in self._chunks) - self._head
-        return values // _FIELDS
+        return self._count()
 
     def _frontier(
         self, axes: tuple[int, ...] | None, epochs: tuple[int, ...] | None, axis: int, epoch: int

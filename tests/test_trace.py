@@ -196,6 +196,35 @@ def test_recording_leaves_no_object_for_the_garbage_collector() -> None:
     assert after - before < 100
 
 
+def test_a_trace_given_to_an_open_runtime_records_what_finishes_from_then_on() -> None:
+    """Assigning rt.trace switches where the queues record; the old recorder keeps its own."""
+
+    async def body() -> tuple[list[str], list[str]]:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu")
+            await q.submit(name="before")
+            old = rt.trace
+            rt.trace = af.TraceRecorder()
+            await q.submit(name="after")
+            return [r.name for r in old.records], [r.name for r in rt.trace.records]
+
+    old, new = run_virtual(body)
+    assert old == ["before"] and new == ["after"]
+
+
+def test_a_runtime_refuses_a_trace_that_is_no_recorder() -> None:
+    """rt.trace accepts only a TraceRecorder, and keeps its own after a refusal."""
+
+    async def body() -> None:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            kept = rt.trace
+            with pytest.raises(TypeError, match="trace must be a TraceRecorder, got \\[\\]"):
+                rt.trace = []  # type: ignore[assignment]
+            assert rt.trace is kept
+
+    run_virtual(body)
+
+
 @pytest.mark.parametrize("capacity", [-1, 2.5, "10"])
 def test_trace_capacity_must_be_a_non_negative_int(capacity: Any) -> None:
     """A negative or non-int trace capacity is refused with ValueError naming it."""
