@@ -13,9 +13,7 @@ submission, its queue, its semaphores, its work's arguments or a traceback alive
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Final
-
-from mypy_extensions import mypyc_attr
+from typing import TYPE_CHECKING, Any, Final, final
 
 if TYPE_CHECKING:
     from ._queue import Submission
@@ -53,7 +51,7 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
+@final
 class RecordRing:
     """A ring of at most ``capacity`` flat records; ``enabled=False`` records nothing.
 

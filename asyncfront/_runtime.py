@@ -255,9 +255,10 @@ class Runtime:
             device.index = len(self.devices)
             self.devices[device.name] = device
         # What the dispatch path reads: the attributes below of the same names view it.
-        self._state = RuntimeState(
-            TraceRecorder(trace_capacity, enabled=trace, frontier_capacity=frontier_capacity)
+        self._trace = TraceRecorder(
+            trace_capacity, enabled=trace, frontier_capacity=frontier_capacity
         )
+        self._state = RuntimeState(self._trace._ring)
         self._log = logger if logger is not None else _default_logger()
         self._log_debug = _enabled(self._log, logging.DEBUG)
         self._log_info = _enabled(self._log, logging.INFO)
@@ -310,13 +311,14 @@ class Runtime:
     @property
     def trace(self) -> TraceRecorder:
         """The trace: a record of every finished submission (see :class:`TraceRecorder`)."""
-        return self._state.trace  # type: ignore[return-value]
+        return self._trace
 
     @trace.setter
     def trace(self, recorder: TraceRecorder) -> None:
         if not isinstance(recorder, TraceRecorder):
             raise TypeError(f"trace must be a TraceRecorder, got {recorder!r}")
-        self._state.trace = recorder
+        self._trace = recorder
+        self._state.trace = recorder._ring
 
     @property
     def _open(self) -> bool:

@@ -78,7 +78,7 @@ class TraceRecord:
         return self.finished_at - self.started_at
 
 
-class TraceRecorder(RecordRing):
+class TraceRecorder:
     """Appends a flat record per finished submission; formats only on export.
 
     Holds at most ``capacity`` records (the oldest are dropped and counted in
@@ -110,26 +110,45 @@ class TraceRecorder(RecordRing):
             or frontier_capacity < 1
         ):
             raise ValueError(f"frontier capacity must be an int >= 1, got {frontier_capacity!r}")
-        super().__init__(capacity, enabled)
+        # The records themselves, in the compiled core: what queues write as work finishes.
+        self._ring = RecordRing(capacity, enabled)
         self.origin = 0.0
         self.frontier_capacity = frontier_capacity
 
     @property
+    def capacity(self) -> int:
+        """The most records kept (a new value takes effect at the next :meth:`clear`)."""
+        return self._ring.capacity
+
+    @capacity.setter
+    def capacity(self, capacity: int) -> None:
+        self._ring.capacity = capacity
+
+    @property
+    def enabled(self) -> bool:
+        """Whether finished submissions are recorded (settable at any time)."""
+        return self._ring.enabled
+
+    @enabled.setter
+    def enabled(self, enabled: bool) -> None:
+        self._ring.enabled = enabled
+
+    @property
     def _raw(self) -> list[_Raw]:
         """The kept records as tuples, oldest first."""
-        return self._raw_records()
+        return self._ring._raw_records()
 
     @property
     def dropped(self) -> int:
         """How many records the ring dropped (oldest first) since the last :meth:`clear`."""
-        return self._added - len(self)
+        return self._ring._added - len(self)
 
     def clear(self) -> None:
         """Forget every record (and the dropped count)."""
-        self._clear()
+        self._ring._clear()
 
     def __len__(self) -> int:
-        return self._count()
+        return self._ring._count()
 
     def _frontier(
         self, axes: tuple[int, ...] | None, epochs: tuple[int, ...] | None, axis: int, epoch: int

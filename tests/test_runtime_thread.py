@@ -60,13 +60,17 @@ def test_a_bad_timeout_is_refused_before_anything_runs(timeout: Any) -> None:
         assert ran == []
 
 
-def _crash_the_queue_task(thread: af.RuntimeThread) -> None:
-    """Make the next finished submission crash its queue task (the trace recorder raises)."""
+class _BrokenEpochs(dict[int, int]):
+    """A record of completed epochs that refuses every write: a defect of the queue itself."""
 
-    def broken(sub: object) -> None:
+    def __setitem__(self, axis: int, epoch: int) -> None:
         raise RuntimeError("trace store is broken")
 
-    thread.call_soon(setattr, thread.runtime.trace, "_add", broken)
+
+def _crash_the_queue_task(thread: af.RuntimeThread) -> None:
+    """Make the next finished submission crash its queue task (its completion record raises)."""
+    state = thread.runtime._state
+    thread.call_soon(setattr, state, "completed_epochs", _BrokenEpochs(state.completed_epochs))
 
 
 def test_a_crash_reaches_every_blocked_caller() -> None:
