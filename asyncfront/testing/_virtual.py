@@ -30,12 +30,13 @@ class VirtualStallError(looptime.IdleTimeoutError):
         self.stalls = tuple(stalls)
 
 
-# Empty loop iterations (each an I/O poll) before the virtual clock jumps to the next
-# timer. looptime's default, 42, gives threads and I/O time to schedule callbacks
-# before time moves; fake devices schedule everything on the loop itself, where a
-# callback scheduled by a callback is seen by the very next iteration, so one poll
-# suffices and a sequential chain in virtual time costs no extra system calls.
-DEFAULT_NOOP_CYCLES = 1
+# Idle loop iterations (each an I/O poll) beyond the first before the virtual clock
+# jumps to the next timer: looptime polls once when nothing is ready, then ``noop_cycles``
+# more times. Its default, 42, gives threads and I/O time to schedule callbacks before
+# time moves; fake devices schedule everything on the loop itself, where a callback
+# scheduled by a callback is seen by the very next iteration, so the one poll suffices
+# and a sequential chain in virtual time costs one idle iteration per clock jump.
+DEFAULT_NOOP_CYCLES = 0
 
 
 def new_virtual_loop(
@@ -49,8 +50,9 @@ def new_virtual_loop(
     ``idle_timeout`` (real seconds) turns a loop with nothing scheduled and nothing
     ready, a hang, into ``looptime.IdleTimeoutError`` in every waiting task.
     ``noop_cycles`` is how many idle iterations, each polling I/O without waiting, the
-    loop runs before it moves the clock: raise it (looptime's default is 42) when
-    threads or sockets must get a word in before virtual time jumps.
+    loop runs before it moves the clock beyond the one it always runs (so 0 polls once):
+    raise it (looptime's default is 42) when threads or sockets must get a word in
+    before virtual time jumps.
 
     Raises:
         ValueError: ``noop_cycles`` is negative.
