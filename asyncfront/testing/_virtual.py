@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import weakref
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import looptime
@@ -39,6 +40,22 @@ class VirtualStallError(looptime.IdleTimeoutError):
 DEFAULT_NOOP_CYCLES = 0
 
 
+# looptime's record of the loop's executor futures (run_in_executor), which it scans on
+# every loop iteration: a WeakSet, whose iteration enters a guard and a generator even
+# when it is empty, as it is under fake devices. The attribute is name-mangled in
+# looptime's loop class; where it is absent (another looptime), the loop is left as is.
+_SYNC_FUTURES = "_LoopTimeEventLoop__sync_futures"
+
+
+class _ExecutorFutures(weakref.WeakSet["asyncio.Future[Any]"]):
+    """A WeakSet of futures whose iteration costs nothing while it is empty."""
+
+    def __iter__(self) -> Iterator[asyncio.Future[Any]]:
+        if not self.data:  # type: ignore[attr-defined]  # WeakSet keeps its refs there
+            return iter(())
+        return super().__iter__()
+
+
 def new_virtual_loop(
     start: float = 0.0,
     idle_timeout: float | None = 1.0,
@@ -59,7 +76,13 @@ def new_virtual_loop(
     """
     if isinstance(noop_cycles, bool) or not isinstance(noop_cycles, int) or noop_cycles < 0:
         raise ValueError(f"noop_cycles must be an int >= 0, got {noop_cycles!r}")
-    return looptime.new_event_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
+    loop = looptime.new_event_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
+    futures = getattr(loop, _SYNC_FUTURES, None)
+    if type(futures) is weakref.WeakSet:
+        executor_futures = _ExecutorFutures()
+        executor_futures |= futures
+        setattr(loop, _SYNC_FUTURES, executor_futures)
+    return loop
 
 
 def run_virtual(
