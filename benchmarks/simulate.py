@@ -19,6 +19,8 @@ Measured in one run, every case once per round:
   queue and device counts stay those of the headline. The cost per axis is the slope of
   the least-squares line through the five sizes' medians; its spread is the range of
   the slopes fitted to each round alone (the sizes of one round ran side by side);
+* the headline with the runtime's trace off (``trace=False``), beside it: what recording
+  every submission costs (not a default, shown for comparison);
 * memory: the resident set (RSS) after every 100k submissions of one long run of the
   headline workload (``--submissions``), which must stay flat after warm-up.
 
@@ -57,7 +59,9 @@ STRIDE = 7  # which queue's latest submission each one waits for
 WINDOW = 4096
 SIZES = (4, 8, 16, 32, 64)  # frontier axes of the per-axis fit (64: the headline)
 HEADLINE = "64 queues, 16 devices"
+TRACE_OFF = "64 queues, 16 devices, trace off"  # what the trace costs, for comparison
 HEADLINE = "64 queues, 16 devices"
+TRACE_OFF = "64 queues, 16 devices, trace off"  # what the trace costs, for comparison
 
 
 def rss_mib() -> float:
@@ -73,15 +77,16 @@ async def workload(
     submissions: int,
     samples: list[tuple[int, float]],
     group: int | None = None,
+    trace: bool = True,
 ) -> float:
     """µs of wall time per submission; appends (submissions, RSS MiB) every 100k to samples.
 
     With ``group``, queues wait only within consecutive groups of that many queues, so
-    frontiers carry ``group`` axes.
+    frontiers carry ``group`` axes; ``trace=False`` turns the runtime's trace off.
     """
     size = queues_total if group is None else group
     devices = [FakeDevice(f"d{i}") for i in range(devices_total)]
-    async with af.open_runtime(devices) as rt:
+    async with af.open_runtime(devices, trace=trace) as rt:
         queues = [rt.queue(devices[i % devices_total]) for i in range(queues_total)]
         sems = [rt.semaphore(name=f"s{i}") for i in range(queues_total)]
         counts = [0] * queues_total
@@ -105,8 +110,12 @@ async def workload(
         return (time.perf_counter() - start) / submissions * 1e6
 
 
-def case(queues: int, devices: int, submissions: int, group: int | None = None) -> float:
-    return float(run_virtual(workload, queues, devices, submissions, [], group, idle_timeout=None))
+def case(
+    queues: int, devices: int, submissions: int, group: int | None = None, trace: bool = True
+) -> float:
+    return float(
+        run_virtual(workload, queues, devices, submissions, [], group, trace, idle_timeout=None)
+    )
 
 
 def axis_case(size: int) -> str:
@@ -121,6 +130,7 @@ def measure(n: int, rounds: int) -> dict[str, Figure]:
     cases += [(HEADLINE, lambda: case(64, 16, n))]
     cases += [(axis_case(k), lambda k=k: case(64, 16, n, k)) for k in SIZES[:-1]]
     cases += [("128 queues, 32 devices", lambda: case(128, 32, n))]
+    cases += [(TRACE_OFF, lambda: case(64, 16, n, trace=False))]
     return interleaved(cases, rounds)
 
 
@@ -244,6 +254,8 @@ def main() -> None:
             "wall time. **raw hops** divides by a future hand-off between two tasks measured "
             f"in the same rounds ({raws}).\n\n"
             + text
+            + f"\n\n*{TRACE_OFF}* is the headline with `open_runtime(trace=False)`, not a "
+            "default: what recording every submission in the trace costs."
             + "\n\nCost per frontier axis: the 64 queues on 16 devices split into independent "
             f"groups of {', '.join(map(str, SIZES))} queues, each waiting only within its "
             "group, so every frontier carries exactly that many axes, nothing is truncated "
