@@ -77,12 +77,17 @@ def new_virtual_loop(
     if isinstance(noop_cycles, bool) or not isinstance(noop_cycles, int) or noop_cycles < 0:
         raise ValueError(f"noop_cycles must be an int >= 0, got {noop_cycles!r}")
     loop = looptime.new_event_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
+    _cheap_executor_scan(loop)
+    return loop
+
+
+def _cheap_executor_scan(loop: asyncio.AbstractEventLoop) -> None:
+    """Make a looptime loop's scan of its executor futures free while there are none."""
     futures = getattr(loop, _SYNC_FUTURES, None)
     if type(futures) is weakref.WeakSet:
         executor_futures = _ExecutorFutures()
         executor_futures |= futures
         setattr(loop, _SYNC_FUTURES, executor_futures)
-    return loop
 
 
 def run_virtual(
