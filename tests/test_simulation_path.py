@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -157,5 +158,39 @@ def test_a_slot_freed_goes_to_the_highest_priority_waiter_at_that_instant() -> N
             await low
             assert blocker.finished_at == 1.0
             assert (high.started_at, low.started_at) == (1.0, 2.0)
+
+    run_virtual(main)
+
+
+def test_slots_freed_together_are_granted_in_one_turn_by_priority() -> None:
+    """Slots that timed work frees at one instant are granted together, highest priority first."""
+
+    async def main() -> None:
+        devices = [FakeDevice(f"d{i}") for i in range(3)]
+        async with af.open_runtime(devices) as rt:
+            timers = rt._trampoline.timers
+            blockers = [rt.queue(d).submit(cost=1.0) for d in devices]
+            lows = [rt.queue(d, priority=0).submit(cost=1.0) for d in devices]
+            highs = [rt.queue(d, priority=5).submit(cost=1.0) for d in devices]
+            loop = asyncio.get_running_loop()
+            scheduled: list[str] = []
+            call_soon = loop.call_soon
+
+            def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+                scheduled.append(getattr(callback, "__name__", ""))
+                return call_soon(callback, *args, **kwargs)
+
+            loop.call_soon = counting  # type: ignore[method-assign,assignment]
+            try:
+                for sub in lows:
+                    await sub
+            finally:
+                del loop.call_soon
+            # slots free at 1.0 (blockers) and 2.0 (highs), three at a time: one grant each
+            assert scheduled.count("_grant") == 2
+            assert timers._grants == []
+            assert [b.finished_at for b in blockers] == [1.0] * 3
+            assert [h.started_at for h in highs] == [1.0] * 3
+            assert [low.started_at for low in lows] == [2.0] * 3
 
     run_virtual(main)
