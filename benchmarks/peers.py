@@ -379,6 +379,7 @@ def main() -> None:
     else:
         missing.append("iree-base-runtime")
     cases = [case for case in cases if wanted(case[0].split("|")[0])]
+    load_before = os.getloadavg()[0]
     try:
         figures = interleaved(cases, args.rounds)
     finally:
@@ -437,7 +438,12 @@ def main() -> None:
     if pure:
         header += ["vs pure-Python CpuDevice, independent", "vs pure-Python CpuDevice, chain"]
     text = table(header, rows)
+    load = (
+        f"Load average (1 minute, {os.cpu_count()} cores) while measuring: "
+        f"{load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
+    )
     print(f"{args.rounds} interleaved rounds; medians (min-max) in µs per task")
+    print(load)
     print(text)
     if missing:
         print("not installed, skipped:", ", ".join(missing))
@@ -467,7 +473,7 @@ def main() -> None:
             + text
             + "\n\nThe Ray actor round trip is a sequence of `ray.get(actor.ping.remote())`; "
             "IREE's HAL semaphore has no asyncio bridge in its Python package, so its chain "
-            "is two threads waiting on and signalling one semaphore."
+            "is two threads waiting on and signalling one semaphore.\n\n" + load
         )
         write_section("peers", "Peers (`benchmarks/peers.py`)", body)
 

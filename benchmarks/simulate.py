@@ -203,6 +203,7 @@ def main() -> None:
         print(json.dumps({"core": af.core_build(), "samples": samples}))
         return
     core = af.core_build()
+    load_before = os.getloadavg()[0]
     builds = [("compiled" if core == "compiled" else "pure Python", measure(n, args.rounds))]
     if core == "compiled":
         builds.append(("pure Python", measure_pure(n, args.rounds)))
@@ -211,7 +212,12 @@ def main() -> None:
     memory: list[tuple[int, float]] = []
     if args.submissions:
         run_virtual(workload, 64, 16, args.submissions, memory, idle_timeout=None)
+    load = (
+        f"Load average (1 minute, {os.cpu_count()} cores) while measuring: "
+        f"{load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
+    )
     print(f"core: {core}; {args.rounds} interleaved rounds of {n:,} submissions per build")
+    print(load)
     for label, figures in builds:
         print(f"{label}: raw hop {figures['raw hop'].format(2)} µs")
     print(text)
@@ -262,7 +268,7 @@ def main() -> None:
             "(capacity 64) and the queue and device counts are those of the headline. The "
             "slope of the least-squares line through the sizes' medians, with the range of "
             "the slopes fitted to each round alone (the sizes of a round ran side by side): "
-            f"{slopes}." + memory_text
+            f"{slopes}." + memory_text + "\n\n" + load
         )
         write_section("simulate", "Simulation in virtual time (`benchmarks/simulate.py`)", body)
 
