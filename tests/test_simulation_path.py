@@ -194,3 +194,27 @@ def test_slots_freed_together_are_granted_in_one_turn_by_priority() -> None:
             assert [low.started_at for low in lows] == [2.0] * 3
 
     run_virtual(main)
+
+
+def test_a_deadline_grants_its_freed_slots_as_one_device_would_on_every_device() -> None:
+    """Slots freed together go to the work already waiting, before work their signals readied."""
+
+    async def main() -> None:
+        devices = [FakeDevice(f"d{i}") for i in range(3)]
+        async with af.open_runtime(devices) as rt:
+            done = [rt.semaphore(name=f"done{i}") for i in range(3)]
+            for d, sem in zip(devices, done, strict=True):
+                rt.queue(d).submit(signals=[(sem, 1)], cost=1.0)
+            waiting = [rt.queue(d, priority=0).submit(cost=1.0) for d in devices]
+            readied = [
+                rt.queue(d, priority=5).submit(waits=[(sem, 1)], cost=1.0)
+                for d, sem in zip(devices, done, strict=True)
+            ]
+            for sub in waiting + readied:
+                await sub
+            # the same on every device: the grant is decided on the turn after the release,
+            # before the trampoline advances the queues the released work's signals readied
+            assert [sub.started_at for sub in waiting] == [1.0] * 3
+            assert [sub.started_at for sub in readied] == [2.0] * 3
+
+    run_virtual(main)
