@@ -194,6 +194,34 @@ def _union(
     return tuple(axes), tuple(epochs)
 
 
+def _max_epochs(a: tuple[int, ...], b: tuple[int, ...]) -> list[int] | None:
+    """The per-entry maximum of two epoch tuples of one axes tuple.
+
+    None when ``a`` is at least ``b`` everywhere (the maximum is ``a``), an empty list when
+    ``b`` is at least ``a`` everywhere (it is ``b``), else the maximum. One comparison
+    per entry finds which: nothing is allocated when an operand dominates.
+    """
+    n = len(a)
+    i = 0
+    while i < n and a[i] >= b[i]:
+        i += 1
+    if i == n:
+        return None  # a dominates (or equals) b
+    # b is larger at i: does a still exceed b somewhere?
+    j = 0
+    while j < n and a[j] <= b[j]:
+        j += 1
+    if j == n:
+        return []  # b dominates a
+    out = list(a)
+    while i < n:
+        y = b[i]
+        if y > out[i]:
+            out[i] = y
+        i += 1
+    return out
+
+
 def _merge_scan(
     a_axes: tuple[int, ...],
     a_epochs: tuple[int, ...],
@@ -341,15 +369,12 @@ class Frontier:
         # Returns an operand itself whenever it dominates the other: no allocation.
         a_axes, b_axes = self._axes, other._axes
         if a_axes is b_axes or a_axes == b_axes:
-            a_e, b_e = self._epochs, other._epochs
-            if a_e == b_e:
+            epochs = _max_epochs(self._epochs, other._epochs)
+            if epochs is None:
                 return self
-            epochs = tuple([x if x >= y else y for x, y in zip(a_e, b_e, strict=True)])
-            if epochs == a_e:
-                return self
-            if epochs == b_e:
+            if not epochs:
                 return other
-            return Frontier._make(a_axes, epochs)
+            return Frontier._make(a_axes, tuple(epochs))
         if not b_axes:
             return self
         if not a_axes:

@@ -25,7 +25,7 @@ from mypy_extensions import mypyc_attr
 from ._frontier import Frontier, axis_name
 from ._record import RecordRing
 from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
-from .devices._base import LATER, Device, SlotGrant
+from .devices._base import LATER, Device, SlotArbiter, SlotGrant
 
 if TYPE_CHECKING:
     from ._context import ExecutionContext, WorkingMemory
@@ -78,6 +78,7 @@ _NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict p
 
 _tokens = itertools.count(1)
 _PLAIN_SIGNAL = TimelineSemaphore.signal
+_PLAIN_RELEASE = Device.release
 
 # Where a queue's head is (DeviceQueue._stage); the first two are re-entered on a wake.
 _FRESH = 0  # taken from the FIFO, waits not looked at
@@ -388,22 +389,29 @@ class TimerWheel:
     in simulations, where equal costs start together) is finished by the one loop
     callback of that deadline, in the order the work started, within the loop iteration
     where its own timer would have run.
+
+    The slots that timed work frees are granted together: a device whose slot is
+    wanted is granted on the next loop turn, as :meth:`~asyncfront.devices.Device.release`
+    would, by one loop callback for every device released in the same turn instead of
+    one each.
     """
 
-    __slots__ = ("_crashed", "_due", "_loop")
+    __slots__ = ("_crashed", "_due", "_grants", "_loop")
 
     def __init__(self, crashed: Callable[[BaseException], None]) -> None:
         self._crashed = crashed
         self._loop: asyncio.AbstractEventLoop | None = None
         # deadline -> the queues whose timed work ends then, in the order it started
         self._due: dict[float, list[DeviceQueue]] = {}
+        # the arbiters whose freed slots are granted on the next loop turn, in release order
+        self._grants: list[SlotArbiter] = []
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run on ``loop`` (the runtime's, once it opens)."""
         self._loop = loop
 
     def add(self, when: float, queue: DeviceQueue) -> None:
-        """Call ``queue._timer_fired()`` at loop time ``when``."""
+        """Call ``queue._timer_fired(now)`` at loop time ``when``."""
         due = self._due.get(when)
         if due is None:
             self._due[when] = [queue]
@@ -425,16 +433,52 @@ class TimerWheel:
             if not due:
                 del self._due[when]  # the loop timer finds nothing and does nothing
 
+    def release(self, device: Device) -> None:
+        """Return the slot of timed work that ended: ``device.release()``, grants batched."""
+        if type(device).release is not _PLAIN_RELEASE:
+            device.release()  # a device's own release runs as such
+            return
+        device._executed += 1
+        arbiter = device._arbiter
+        if arbiter.release():
+            grants = self._grants
+            grants.append(arbiter)
+            if len(grants) == 1:
+                loop = self._loop
+                if loop is None:
+                    loop = self._loop = asyncio.get_running_loop()
+                loop.call_soon(self._grant)
+
+    def _grant(self) -> None:
+        grants, self._grants = self._grants, []
+        done = 0
+        try:
+            for arbiter in grants:
+                done += 1
+                try:
+                    arbiter.grant()
+                except Exception as exc:  # a defect of a policy or queue: the runtime reports it
+                    self._crashed(exc)
+        finally:
+            if done < len(grants):  # KeyboardInterrupt or SystemExit: the rest grant next turn
+                rest = grants[done:]
+                if not self._grants:
+                    assert self._loop is not None
+                    self._loop.call_soon(self._grant)
+                self._grants = rest + self._grants
+
     def _fire(self, when: float) -> None:
         due = self._due.pop(when, None)
         if due is None:
             return
+        assert self._loop is not None
+        now = self._loop.time()  # one reading for every queue: the clock stands still here
         done = 0
         try:
             for queue in due:
                 done += 1
                 try:
-                    queue._timer_fired()
+                    queue._timer_fired(now)
                 except Exception as exc:  # a defect of the queue itself: the runtime reports it
                     self._crashed(exc)
         finally:
@@ -1088,8 +1132,8 @@ class DeviceQueue:
         self._complete(sub, result, runtime)
         return True
 
-    def _timer_fired(self) -> None:
-        """Timed work's duration elapsed: finish it and go on with the queue."""
+    def _timer_fired(self, now: float) -> None:
+        """Timed work's duration elapsed (the loop reads ``now``): finish it, go on."""
         sub = self._current
         runtime = self._runtime_ref()
         if sub is None or runtime is None or not self._state.open:
@@ -1105,8 +1149,8 @@ class DeviceQueue:
             if result is not None and inspect.isawaitable(result):
                 self._hand(_CARRY_AWAIT, result, runtime)
                 return
-            device.release()
-            sub.finished_at = self._loop.time()
+            self._timers.release(device)
+            sub.finished_at = now
             self._complete(sub, result, runtime)
         except BaseException as exc:
             self._settle_error(sub, exc, runtime)

@@ -13,6 +13,10 @@ with the defaults a user gets (trace on, GC on). Every case runs once per round,
 ``--rounds`` rounds; figures are medians (min-max) in µs per task. The run rewrites
 the "peers" section of ``docs/benchmarks.md`` unless ``--no-docs`` is given.
 
+With the compiled core installed, the asyncfront cases run again in a child process on
+the pure-Python core (``ASYNCFRONT_PURE_PYTHON=1``), beside raw asyncio measured in that
+child, and the table shows those rows and how the peers compare with them too.
+
 Run: ``python benchmarks/peers.py [--rounds 5] [--scale 1.0]``.
 """
 
@@ -21,7 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import math
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -260,6 +267,24 @@ def iree_hop(n: int) -> float:
 # -- the run ---------------------------------------------------------------------------
 
 
+# the rows of the pure-Python child's cases, by the peer names they had there
+PURE_ROWS = {
+    "asyncio": "asyncio (pure-Python process)",
+    "asyncfront fake": "asyncfront fake, pure Python",
+    "asyncfront CpuDevice": "asyncfront CpuDevice, pure Python",
+}
+
+
+def measure_pure(rounds: int, scale: float) -> dict[str, Figure]:
+    """asyncio and asyncfront's cases in a child process on the pure-Python core."""
+    env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
+    argv = [sys.executable, __file__, "--rounds", str(rounds), "--scale", str(scale), "--json"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    assert data["core"].startswith("pure Python"), data["core"]
+    return {name: Figure(tuple(values)) for name, values in data["samples"].items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--rounds", type=int, default=5, help="samples per case (median kept)")
@@ -270,6 +295,11 @@ def main() -> None:
         action="append",
         metavar="PEER",
         help="run only the peers whose name contains PEER (repeatable; implies --no-docs)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="run only asyncio and asyncfront, print the samples as JSON (no table)",
     )
     args = parser.parse_args()
     if args.only:
@@ -298,6 +328,11 @@ def main() -> None:
 
     def wanted(peer: str) -> bool:
         return not args.only or any(w.lower() in peer.lower() for w in args.only)
+
+    if args.json:
+        samples = {name: list(f.samples) for name, f in interleaved(cases, args.rounds).items()}
+        print(json.dumps({"core": af.core_build(), "samples": samples}))
+        return
 
     if has("anyio"):
         cases += [
@@ -344,6 +379,7 @@ def main() -> None:
     else:
         missing.append("iree-base-runtime")
     cases = [case for case in cases if wanted(case[0].split("|")[0])]
+    load_before = os.getloadavg()[0]
     try:
         figures = interleaved(cases, args.rounds)
     finally:
@@ -352,11 +388,20 @@ def main() -> None:
         if ray_peer is not None:
             ray_peer.close()
 
+    pure: dict[str, Figure] = {}
+    if af.core_build() == "compiled" and wanted("asyncfront"):
+        pure = measure_pure(args.rounds, args.scale)
+        figures.update(
+            (f"{PURE_ROWS[key.split('|')[0]]}|{key.split('|')[1]}", figure)
+            for key, figure in pure.items()
+        )
+
     peers: dict[str, dict[str, Figure]] = {}
     for key, figure in figures.items():
         peer, shape = key.split("|")
         peers.setdefault(peer, {})[shape] = figure
     cpu_dev = peers.get("asyncfront CpuDevice", {})
+    cpu_pure = peers.get(PURE_ROWS["asyncfront CpuDevice"], {})
 
     def cell(peer: dict[str, Figure], shape: str) -> str:
         figure = peer.get(shape)
@@ -370,15 +415,19 @@ def main() -> None:
 
     rows = []
     for name, peer in peers.items():
-        rows.append(
-            [
-                name,
-                cell(peer, "independent"),
-                cell(peer, "chain"),
-                versus(cpu_dev.get("independent"), "independent", peer),
-                versus(cpu_dev.get("chain"), "chain", peer),
+        row = [
+            name,
+            cell(peer, "independent"),
+            cell(peer, "chain"),
+            versus(cpu_dev.get("independent"), "independent", peer),
+            versus(cpu_dev.get("chain"), "chain", peer),
+        ]
+        if pure:
+            row += [
+                versus(cpu_pure.get("independent"), "independent", peer),
+                versus(cpu_pure.get("chain"), "chain", peer),
             ]
-        )
+        rows.append(row)
     header = [
         "peer",
         "independent µs/task",
@@ -386,8 +435,15 @@ def main() -> None:
         "vs CpuDevice, independent",
         "vs CpuDevice, chain",
     ]
+    if pure:
+        header += ["vs pure-Python CpuDevice, independent", "vs pure-Python CpuDevice, chain"]
     text = table(header, rows)
+    load = (
+        f"Load average (1 minute, {os.cpu_count()} cores) while measuring: "
+        f"{load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end."
+    )
     print(f"{args.rounds} interleaved rounds; medians (min-max) in µs per task")
+    print(load)
     print(text)
     if missing:
         print("not installed, skipped:", ", ".join(missing))
@@ -405,11 +461,19 @@ def main() -> None:
             f"CpuDevice, {slow:,} for Dask threaded, Ray independent tasks and IREE, "
             f"{slowest:,} for Dask distributed and Ray chains and actor round trips."
             + (f" Not installed, skipped: {', '.join(missing)}." if missing else "")
+            + (
+                " The rows marked *pure Python* ran after the others, in a child process on "
+                "the pure-Python core (`ASYNCFRONT_PURE_PYTHON=1`), with raw asyncio measured "
+                "again in that process as their baseline; the last two columns compare every "
+                "peer with that CpuDevice."
+                if pure
+                else ""
+            )
             + "\n\n"
             + text
             + "\n\nThe Ray actor round trip is a sequence of `ray.get(actor.ping.remote())`; "
             "IREE's HAL semaphore has no asyncio bridge in its Python package, so its chain "
-            "is two threads waiting on and signalling one semaphore."
+            "is two threads waiting on and signalling one semaphore.\n\n" + load
         )
         write_section("peers", "Peers (`benchmarks/peers.py`)", body)
 

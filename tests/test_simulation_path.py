@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -157,5 +158,63 @@ def test_a_slot_freed_goes_to_the_highest_priority_waiter_at_that_instant() -> N
             await low
             assert blocker.finished_at == 1.0
             assert (high.started_at, low.started_at) == (1.0, 2.0)
+
+    run_virtual(main)
+
+
+def test_slots_freed_together_are_granted_in_one_turn_by_priority() -> None:
+    """Slots that timed work frees at one instant are granted together, highest priority first."""
+
+    async def main() -> None:
+        devices = [FakeDevice(f"d{i}") for i in range(3)]
+        async with af.open_runtime(devices) as rt:
+            timers = rt._trampoline.timers
+            blockers = [rt.queue(d).submit(cost=1.0) for d in devices]
+            lows = [rt.queue(d, priority=0).submit(cost=1.0) for d in devices]
+            highs = [rt.queue(d, priority=5).submit(cost=1.0) for d in devices]
+            loop = asyncio.get_running_loop()
+            scheduled: list[str] = []
+            call_soon = loop.call_soon
+
+            def counting(callback: Any, *args: Any, **kwargs: Any) -> asyncio.Handle:
+                scheduled.append(getattr(callback, "__name__", ""))
+                return call_soon(callback, *args, **kwargs)
+
+            loop.call_soon = counting  # type: ignore[method-assign,assignment]
+            try:
+                for sub in lows:
+                    await sub
+            finally:
+                del loop.call_soon
+            # slots free at 1.0 (blockers) and 2.0 (highs), three at a time: one grant each
+            assert scheduled.count("_grant") == 2
+            assert timers._grants == []
+            assert [b.finished_at for b in blockers] == [1.0] * 3
+            assert [h.started_at for h in highs] == [1.0] * 3
+            assert [low.started_at for low in lows] == [2.0] * 3
+
+    run_virtual(main)
+
+
+def test_a_deadline_grants_its_freed_slots_as_one_device_would_on_every_device() -> None:
+    """Slots freed together go to the work already waiting, before work their signals readied."""
+
+    async def main() -> None:
+        devices = [FakeDevice(f"d{i}") for i in range(3)]
+        async with af.open_runtime(devices) as rt:
+            done = [rt.semaphore(name=f"done{i}") for i in range(3)]
+            for d, sem in zip(devices, done, strict=True):
+                rt.queue(d).submit(signals=[(sem, 1)], cost=1.0)
+            waiting = [rt.queue(d, priority=0).submit(cost=1.0) for d in devices]
+            readied = [
+                rt.queue(d, priority=5).submit(waits=[(sem, 1)], cost=1.0)
+                for d, sem in zip(devices, done, strict=True)
+            ]
+            for sub in waiting + readied:
+                await sub
+            # the same on every device: the grant is decided on the turn after the release,
+            # before the trampoline advances the queues the released work's signals readied
+            assert [sub.started_at for sub in waiting] == [1.0] * 3
+            assert [sub.started_at for sub in readied] == [2.0] * 3
 
     run_virtual(main)

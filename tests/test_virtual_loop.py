@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -60,3 +61,17 @@ def test_a_bad_noop_cycles_is_refused(bad: object) -> None:
     """A negative or non-int ``noop_cycles`` raises ValueError naming the value."""
     with pytest.raises(ValueError, match="noop_cycles must be an int >= 0"):
         new_virtual_loop(noop_cycles=bad)  # type: ignore[arg-type]
+
+
+def test_a_thread_awaited_through_the_executor_holds_the_clock_until_it_ends() -> None:
+    """While an executor thread runs, a later timer does not make the clock jump past it."""
+
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        sleeper = asyncio.ensure_future(asyncio.sleep(10))
+        await loop.run_in_executor(None, time.sleep, 0.05)
+        arrived = loop.time()
+        await sleeper
+        return arrived
+
+    assert run_virtual(main) < 10.0

@@ -30,7 +30,7 @@ import pytest
 
 from .._runtime import Runtime, open_runtime, stall_note
 from ..devices.fake import FakeDevice
-from ._virtual import DEFAULT_NOOP_CYCLES, VirtualStallError
+from ._virtual import DEFAULT_NOOP_CYCLES, VirtualStallError, _cheap_executor_scan
 
 __all__ = ("fake_device", "virtual_runtime", "virtual_runtime_devices")
 
@@ -91,6 +91,7 @@ async def virtual_runtime(
     patched = looptime.patch_event_loop(
         loop, start=0.0, idle_timeout=1.0, noop_cycles=DEFAULT_NOOP_CYCLES, _enabled=False
     )
+    _cheap_executor_scan(patched)
     with patched.looptime_enabled():
         async with open_runtime(virtual_runtime_devices) as rt:
             request.node.stash[_VIRTUAL_RUNTIME] = weakref.ref(rt)

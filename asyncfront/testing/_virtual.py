@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine
+import weakref
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import looptime
@@ -30,12 +31,29 @@ class VirtualStallError(looptime.IdleTimeoutError):
         self.stalls = tuple(stalls)
 
 
-# Empty loop iterations (each an I/O poll) before the virtual clock jumps to the next
-# timer. looptime's default, 42, gives threads and I/O time to schedule callbacks
-# before time moves; fake devices schedule everything on the loop itself, where a
-# callback scheduled by a callback is seen by the very next iteration, so one poll
-# suffices and a sequential chain in virtual time costs no extra system calls.
-DEFAULT_NOOP_CYCLES = 1
+# Idle loop iterations (each an I/O poll) beyond the first before the virtual clock
+# jumps to the next timer: looptime polls once when nothing is ready, then ``noop_cycles``
+# more times. Its default, 42, gives threads and I/O time to schedule callbacks before
+# time moves; fake devices schedule everything on the loop itself, where a callback
+# scheduled by a callback is seen by the very next iteration, so the one poll suffices
+# and a sequential chain in virtual time costs one idle iteration per clock jump.
+DEFAULT_NOOP_CYCLES = 0
+
+
+# looptime's record of the loop's executor futures (run_in_executor), which it scans on
+# every loop iteration: a WeakSet, whose iteration enters a guard and a generator even
+# when it is empty, as it is under fake devices. The attribute is name-mangled in
+# looptime's loop class; where it is absent (another looptime), the loop is left as is.
+_SYNC_FUTURES = "_LoopTimeEventLoop__sync_futures"
+
+
+class _ExecutorFutures(weakref.WeakSet["asyncio.Future[Any]"]):
+    """A WeakSet of futures whose iteration costs nothing while it is empty."""
+
+    def __iter__(self) -> Iterator[asyncio.Future[Any]]:
+        if not self.data:  # type: ignore[attr-defined]  # WeakSet keeps its refs there
+            return iter(())
+        return super().__iter__()
 
 
 def new_virtual_loop(
@@ -49,15 +67,27 @@ def new_virtual_loop(
     ``idle_timeout`` (real seconds) turns a loop with nothing scheduled and nothing
     ready, a hang, into ``looptime.IdleTimeoutError`` in every waiting task.
     ``noop_cycles`` is how many idle iterations, each polling I/O without waiting, the
-    loop runs before it moves the clock: raise it (looptime's default is 42) when
-    threads or sockets must get a word in before virtual time jumps.
+    loop runs before it moves the clock beyond the one it always runs (so 0 polls once):
+    raise it (looptime's default is 42) when threads or sockets must get a word in
+    before virtual time jumps.
 
     Raises:
         ValueError: ``noop_cycles`` is negative.
     """
     if isinstance(noop_cycles, bool) or not isinstance(noop_cycles, int) or noop_cycles < 0:
         raise ValueError(f"noop_cycles must be an int >= 0, got {noop_cycles!r}")
-    return looptime.new_event_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
+    loop = looptime.new_event_loop(start=start, idle_timeout=idle_timeout, noop_cycles=noop_cycles)
+    _cheap_executor_scan(loop)
+    return loop
+
+
+def _cheap_executor_scan(loop: asyncio.AbstractEventLoop) -> None:
+    """Make a looptime loop's scan of its executor futures free while there are none."""
+    futures = getattr(loop, _SYNC_FUTURES, None)
+    if type(futures) is weakref.WeakSet:
+        executor_futures = _ExecutorFutures()
+        executor_futures |= futures
+        setattr(loop, _SYNC_FUTURES, executor_futures)
 
 
 def run_virtual(
