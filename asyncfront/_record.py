@@ -4,9 +4,11 @@ This is the part of the trace on the dispatch path (every finished submission is
 here), so it is compiled with the rest of the core; :class:`asyncfront.TraceRecorder`
 adds reading and export on top of it.
 
-A record is :data:`FIELDS` plain values (names, numbers, strings, a frontier's axes and
-epochs) appended to a chunk of a flat list, so recording allocates nothing that outlives
-the call and nothing the garbage collector keeps visiting, and the store never keeps a
+A record is :data:`FIELDS` plain values (names, numbers, strings, the axes and epochs of
+the frontier the work started from) appended to a chunk of a flat list. A wait or signal
+on one semaphore is stored as its name, value and identity side by side, not as a tuple,
+and the frontier as the tuples of the base the queue already holds, so recording keeps
+no new object that the garbage collector has to visit. The store never keeps a
 submission, its queue, its semaphores, its work's arguments or a traceback alive.
 """
 
@@ -19,16 +21,17 @@ if TYPE_CHECKING:
     from ._queue import Submission
     from ._semaphore import TimelineSemaphore
 
-__all__ = ("CHUNK_VALUES", "FIELDS", "Point", "RecordRing", "describe_error", "points")
+__all__ = ("CHUNK_VALUES", "FIELDS", "Point", "RecordRing", "decode_points", "describe_error")
 
 # One sync point in a record: (semaphore name, value, semaphore identity). The identity
 # (``id()`` of the semaphore) only tells apart semaphores that share a name when
 # exports draw dependency arrows; it never refers back to the object.
 Point = tuple[str, int, int]
 
-FIELDS: Final = 12
-"""Values per record: queue facts, name, epoch, three times, the frontier's axes and
-epochs, waits, signals, error, annotations."""
+FIELDS: Final = 16
+"""Values per record: queue facts, name, epoch, three times, the base frontier's axes and
+epochs, three for the waits (names, values, identities), three for the signals, error,
+annotations."""
 
 CHUNK_VALUES: Final = 512 * FIELDS
 """Values per chunk of the flat store (512 records)."""
@@ -36,14 +39,13 @@ CHUNK_VALUES: Final = 512 * FIELDS
 _CLEARED: Final = (None,) * FIELDS
 
 
-def points(pairs: tuple[tuple[TimelineSemaphore, int], ...]) -> tuple[Point, ...]:
-    """A submission's waits or signals as plain values."""
-    if not pairs:
+def decode_points(names: Any, values: Any, ids: Any) -> tuple[Point, ...]:
+    """The points stored flat by :meth:`RecordRing._add`, as ``(name, value, id)`` tuples."""
+    if names is None:
         return ()
-    if len(pairs) == 1:
-        sem, value = pairs[0]
-        return ((sem.name, value, id(sem)),)
-    return tuple([(s.name, v, id(s)) for s, v in pairs])
+    if type(names) is str:
+        return ((names, values, ids),)
+    return tuple(zip(names, values, ids, strict=True))
 
 
 def describe_error(exc: BaseException) -> str:
@@ -77,9 +79,10 @@ class RecordRing:
         waits = sub.waits
         signals = sub.signals
         exc = sub._exception
-        frontier = sub._frontier
-        if frontier is None:
-            frontier = sub._base
+        # The base, not the frontier built from it: the frontier is the base with the
+        # work's own epoch (exports rebuild it exactly so), and keeping the base's tuples,
+        # which the queue holds anyway, keeps no tuple alive that only the record needs.
+        frontier = sub._base
         tail = self._tail
         tail.append(sub.queue._trace_info)
         tail.append(sub.name)
@@ -93,8 +96,8 @@ class RecordRing:
         else:
             tail.append(frontier._axes)
             tail.append(frontier._epochs)
-        tail.append(points(waits) if waits else ())
-        tail.append(points(signals) if signals else ())
+        _append_points(tail, waits)
+        _append_points(tail, signals)
         tail.append(None if exc is None else describe_error(exc))
         tail.append(sub.annotations)
         added = self._added = self._added + 1
@@ -136,11 +139,39 @@ class RecordRing:
         return (values - self._head) // FIELDS
 
     def _raw_records(self) -> list[tuple[Any, ...]]:
-        """The kept records as tuples, oldest first."""
+        """The kept records as 12-tuples, oldest first, each waits and signals as a
+        tuple of ``(name, value, id)`` points."""
         out: list[tuple[Any, ...]] = []
         head = self._head
         for chunk in self._chunks:
             for i in range(head, len(chunk), FIELDS):
-                out.append(tuple(chunk[i : i + FIELDS]))
+                out.append(
+                    (
+                        *chunk[i : i + 8],
+                        decode_points(chunk[i + 8], chunk[i + 9], chunk[i + 10]),
+                        decode_points(chunk[i + 11], chunk[i + 12], chunk[i + 13]),
+                        chunk[i + 14],
+                        chunk[i + 15],
+                    )
+                )
             head = 0
         return out
+
+
+def _append_points(tail: list[Any], pairs: tuple[tuple[TimelineSemaphore, int], ...]) -> None:
+    """Store waits or signals flat: one pair as name, value, identity; several as three
+    tuples of those; none as three Nones."""
+    n = len(pairs)
+    if n == 1:
+        sem, value = pairs[0]
+        tail.append(sem.name)
+        tail.append(value)
+        tail.append(id(sem))
+    elif n == 0:
+        tail.append(None)
+        tail.append(None)
+        tail.append(None)
+    else:
+        tail.append(tuple([s.name for s, _ in pairs]))
+        tail.append(tuple([v for _, v in pairs]))
+        tail.append(tuple([id(s) for s, _ in pairs]))

@@ -23,6 +23,10 @@ class _Payload:
         self.data = bytearray(1 << 20)
 
 
+def _nothing() -> None:
+    """Work that does nothing."""
+
+
 def _rejected(payload: _Payload) -> None:
     raise ValueError(f"request of {len(payload.data)} bytes rejected")
 
@@ -223,6 +227,36 @@ def test_a_runtime_refuses_a_trace_that_is_no_recorder() -> None:
             assert rt.trace is kept
 
     run_virtual(body)
+
+
+def test_records_of_work_with_waits_and_signals_keep_nothing_for_the_collector() -> None:
+    """A record of work that waits and signals keeps no tuple of its own: points lie flat."""
+
+    async def body() -> int:
+        async with af.open_runtime([FakeDevice("a"), FakeDevice("b")]) as rt:
+            qa, qb = rt.queue("a"), rt.queue("b")
+            ab, ba = rt.semaphore(name="ab"), rt.semaphore(name="ba")
+            await qa.submit()
+            await qb.submit()
+            gc.collect()
+            gc.disable()
+            try:
+                before = gc.get_count()[0]
+                for i in range(1, 1501):
+                    qa.submit(waits=((ba, i - 1),), signals=((ab, i),))
+                    await qb.submit(_nothing, waits=((ab, i),), signals=((ba, i),))
+                after = gc.get_count()[0]
+            finally:
+                gc.enable()
+            assert len(rt.trace) == 3002
+            waits = [r.waits for r in rt.trace.records[-2:]]
+            assert waits == [(("ba", 1499),), (("ab", 1500),)]
+            return after - before
+
+    # Each record holds the epochs of the frontier its work started from (the frontier
+    # another queue's work signalled), and nothing else the collector tracks: 3000
+    # records keep about 3000 objects, where tuples for their points kept five times that.
+    assert run_virtual(body) < 3600
 
 
 @pytest.mark.parametrize("capacity", [-1, 2.5, "10"])
