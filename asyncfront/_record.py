@@ -68,7 +68,10 @@ class RecordRing:
         self.capacity = capacity
         self.enabled = enabled
         self._chunks: deque[list[Any]] = deque()
-        self._tail: list[Any] = []  # the chunk being filled, also the last of _chunks
+        # The chunk being filled, also the last of _chunks: allocated whole, so writing a
+        # record stores into slots instead of growing (and copying) a list.
+        self._tail: list[Any] = [None] * CHUNK_VALUES
+        self._fill = 0  # values written into the tail
         self._chunks.append(self._tail)
         self._head = 0  # values of the first chunk already dropped
         self._added = 0  # records appended since the last clear (kept + dropped)
@@ -84,26 +87,30 @@ class RecordRing:
         # which the queue holds anyway, keeps no tuple alive that only the record needs.
         frontier = sub._base
         tail = self._tail
-        tail.append(sub.queue._trace_info)
-        tail.append(sub.name)
-        tail.append(sub.epoch)
-        tail.append(sub.submitted_at)
-        tail.append(sub.started_at)
-        tail.append(sub.finished_at)
-        if frontier is None:
-            tail.append(None)
-            tail.append(None)
-        else:
-            tail.append(frontier._axes)
-            tail.append(frontier._epochs)
-        _append_points(tail, waits)
-        _append_points(tail, signals)
-        tail.append(None if exc is None else describe_error(exc))
-        tail.append(sub.annotations)
-        added = self._added = self._added + 1
-        if len(tail) >= CHUNK_VALUES:
-            self._tail = []
+        i = self._fill
+        tail[i] = sub.queue._trace_info
+        tail[i + 1] = sub.name
+        tail[i + 2] = sub.epoch
+        tail[i + 3] = sub.submitted_at
+        tail[i + 4] = sub.started_at
+        tail[i + 5] = sub.finished_at
+        if frontier is not None:  # else the slots hold None already
+            tail[i + 6] = frontier._axes
+            tail[i + 7] = frontier._epochs
+        if waits:
+            _store_points(tail, i + 8, waits)
+        if signals:
+            _store_points(tail, i + 11, signals)
+        if exc is not None:
+            tail[i + 14] = describe_error(exc)
+        tail[i + 15] = sub.annotations
+        i += FIELDS
+        if i >= CHUNK_VALUES:
+            self._tail = [None] * CHUNK_VALUES
             self._chunks.append(self._tail)
+            i = 0
+        self._fill = i
+        added = self._added = self._added + 1
         if added > self._limit:
             self._drop_oldest()
 
@@ -118,14 +125,14 @@ class RecordRing:
         else:
             first[head : head + FIELDS] = _CLEARED
             self._head = head + FIELDS
-            if first is self._tail and self._head == len(first):  # capacity 0
-                first.clear()
-                self._head = 0
+            if first is self._tail and self._head == self._fill:  # capacity 0: start over
+                self._head = self._fill = 0
 
     def _clear(self) -> None:
         """Forget every record (and the dropped count)."""
         self._chunks.clear()
-        self._tail = []
+        self._tail = [None] * CHUNK_VALUES
+        self._fill = 0
         self._chunks.append(self._tail)
         self._head = 0
         self._added = 0
@@ -133,9 +140,10 @@ class RecordRing:
 
     def _count(self) -> int:
         """How many records are kept."""
-        values = 0
+        values = self._fill
         for chunk in self._chunks:
-            values += len(chunk)
+            if chunk is not self._tail:
+                values += len(chunk)
         return (values - self._head) // FIELDS
 
     def _raw_records(self) -> list[tuple[Any, ...]]:
@@ -144,7 +152,8 @@ class RecordRing:
         out: list[tuple[Any, ...]] = []
         head = self._head
         for chunk in self._chunks:
-            for i in range(head, len(chunk), FIELDS):
+            end = self._fill if chunk is self._tail else len(chunk)
+            for i in range(head, end, FIELDS):
                 out.append(
                     (
                         *chunk[i : i + 8],
@@ -158,20 +167,17 @@ class RecordRing:
         return out
 
 
-def _append_points(tail: list[Any], pairs: tuple[tuple[TimelineSemaphore, int], ...]) -> None:
-    """Store waits or signals flat: one pair as name, value, identity; several as three
-    tuples of those; none as three Nones."""
-    n = len(pairs)
-    if n == 1:
+def _store_points(
+    tail: list[Any], i: int, pairs: tuple[tuple[TimelineSemaphore, int], ...]
+) -> None:
+    """Store waits or signals flat from slot ``i``: one pair as name, value, identity;
+    several as three tuples of those (no pairs leave the three slots None)."""
+    if len(pairs) == 1:
         sem, value = pairs[0]
-        tail.append(sem.name)
-        tail.append(value)
-        tail.append(id(sem))
-    elif n == 0:
-        tail.append(None)
-        tail.append(None)
-        tail.append(None)
+        tail[i] = sem.name
+        tail[i + 1] = value
+        tail[i + 2] = id(sem)
     else:
-        tail.append(tuple([s.name for s, _ in pairs]))
-        tail.append(tuple([v for _, v in pairs]))
-        tail.append(tuple([id(s) for s, _ in pairs]))
+        tail[i] = tuple([s.name for s, _ in pairs])
+        tail[i + 1] = tuple([v for _, v in pairs])
+        tail[i + 2] = tuple([id(s) for s, _ in pairs])
