@@ -24,9 +24,10 @@ DEFAULT_TRACE_CAPACITY = 50_000
 """Default number of records a trace keeps (the oldest are dropped beyond it).
 
 Measured on CPython 3.11 with tracemalloc (the memory a full ring gives back when
-cleared): about 0.7 KB per record for work with one wait and one signal on a few axes,
-about 0.9 KB for a graph stage (its annotations), about 1.1 KB when every frontier holds
-64 axes. The default ring therefore costs about 35 MB, at most about 55 MB.
+cleared): about 0.33 KB per record for work with one wait and one signal on a few axes
+(the points lie flat in the ring; the frontier's tuples are the base's, shared with the
+queue). A graph stage's annotations and 64-axis frontiers cost more, at most about
+1.1 KB a record. The default ring therefore costs about 16 MB, at most about 55 MB.
 """
 
 # Queue facts shared by every record of one queue: (name, axis, device name, priority).
