@@ -563,10 +563,9 @@ class DeviceQueue:
         self._current: Submission | None = None  # taken from the FIFO and not yet finished
         # the head's unmet waits while it waits on them
         self._blocked: list[Waiting] | None = None
-        # semaphore -> the pending submissions with a wait on it that was unmet at
-        # submission, in FIFO order: finds a later signal that an earlier wait needs (the
-        # submission only, not a pair with the value: one object fewer per pending wait)
-        self._unmet: dict[TimelineSemaphore, deque[Submission]] = {}
+        # semaphore -> (value, submission) for the waits of pending submissions that were
+        # unmet at submission, in FIFO order: finds a later signal that an earlier wait needs
+        self._unmet: dict[TimelineSemaphore, deque[tuple[int, Submission]]] = {}
         # semaphore -> the highest value pending submissions here signal it to: a wait
         # that work ahead of it signals is no same-queue deadlock
         self._signalled: dict[TimelineSemaphore, int] = {}
@@ -777,7 +776,7 @@ class DeviceQueue:
                     record = unmet.get(sem)
                     if record is None:
                         record = unmet[sem] = deque()
-                    record.append(sub)
+                    record.append((value, sub))
         if signals_t:
             unmet = self._unmet
             ahead = self._signalled
@@ -1444,7 +1443,7 @@ class DeviceQueue:
         unmet = self._unmet
         for sem, _ in sub.waits:
             record = unmet.get(sem)
-            while record and record[0] is sub:
+            while record and record[0][1] is sub:
                 record.popleft()
             if record is not None and not record:
                 del unmet[sem]
@@ -1453,12 +1452,9 @@ class DeviceQueue:
         """The first pending submission here waiting for ``sem`` at or below ``value``."""
         record = self._unmet.get(sem)
         if record:
-            for sub in record:
-                if sub.state in _DONE:
-                    continue
-                for waited_on, waited in sub.waits:
-                    if waited_on is sem and sem._value < waited <= value:
-                        return waited, sub
+            for waited, sub in record:
+                if sem._value < waited <= value and sub.state not in _DONE:
+                    return waited, sub
         return None
 
     def _fail(self, sub: Submission, exc: BaseException) -> None:

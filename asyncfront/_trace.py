@@ -112,7 +112,7 @@ class TraceRecorder:
         ):
             raise ValueError(f"frontier capacity must be an int >= 1, got {frontier_capacity!r}")
         # The records themselves, in the compiled core: what queues write as work finishes.
-        self._ring = RecordRing(capacity, enabled)
+        self._ring = RecordRing(capacity, bool(enabled))
         self.origin = 0.0
         self.frontier_capacity = frontier_capacity
 
@@ -123,6 +123,8 @@ class TraceRecorder:
 
     @capacity.setter
     def capacity(self, capacity: int) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"trace capacity must be an int >= 0, got {capacity!r}")
         self._ring.capacity = capacity
 
     @property
@@ -132,7 +134,7 @@ class TraceRecorder:
 
     @enabled.setter
     def enabled(self, enabled: bool) -> None:
-        self._ring.enabled = enabled
+        self._ring.enabled = bool(enabled)
 
     @property
     def _raw(self) -> list[_Raw]:

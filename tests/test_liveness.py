@@ -471,6 +471,24 @@ def test_no_same_queue_warning_for_a_pipeline_in_order() -> None:
     assert [e for e in logs if e["event"] == "same_queue_wait"] == []
 
 
+def test_a_wait_that_work_ahead_signals_is_no_same_queue_wait() -> None:
+    """A later signal below a multi-wait's unmet value warns of nothing the queue meets itself."""
+
+    async def main() -> None:
+        async with af.open_runtime([FakeDevice("gpu")]) as rt:
+            q = rt.queue("gpu")
+            s = af.TimelineSemaphore(name="s")
+            q.submit(lambda: None, signals=[(s, 3)], name="A")
+            q.submit(waits=[(s, 3), (s, 10)], name="B")  # A meets 3; only 10 is unmet
+            q.submit(signals=[(s, 5)], name="C")  # 5 cannot meet B's 10: no warning
+            s.signal(10)
+            await q.submit()
+
+    with structlog.testing.capture_logs() as logs:
+        run_virtual(main)
+    assert [e for e in logs if e["event"] == "same_queue_wait"] == []
+
+
 def test_open_stall_report_names_both_sides_of_a_same_queue_deadlock() -> None:
     """While open, the stall report names the stalled head and the later work it needs."""
 

@@ -259,6 +259,30 @@ def test_records_of_work_with_waits_and_signals_keep_nothing_for_the_collector()
     assert run_virtual(body) < 3600
 
 
+def test_truthy_and_falsy_trace_switches_work_on_every_core() -> None:
+    """trace=0 records nothing and enabled=1 records, whichever core runs (not only bools)."""
+
+    async def body() -> tuple[int, int]:
+        async with af.open_runtime([FakeDevice("gpu")], trace=0) as rt:  # type: ignore[arg-type]
+            q = rt.queue("gpu")
+            await q.submit()
+            off = len(rt.trace)
+            rt.trace.enabled = 1  # type: ignore[assignment]
+            await q.submit()
+            return off, len(rt.trace)
+
+    assert run_virtual(body) == (0, 1)
+
+
+@pytest.mark.parametrize("capacity", [-1, 2.5, "10", True])
+def test_a_new_trace_capacity_must_be_a_non_negative_int(capacity: Any) -> None:
+    """Setting a bad capacity is refused with ValueError naming it, and keeps the old one."""
+    trace = af.TraceRecorder(10)
+    with pytest.raises(ValueError, match=rf"trace capacity must be an int >= 0, got {capacity!r}"):
+        trace.capacity = capacity
+    assert trace.capacity == 10
+
+
 @pytest.mark.parametrize("capacity", [-1, 2.5, "10"])
 def test_trace_capacity_must_be_a_non_negative_int(capacity: Any) -> None:
     """A negative or non-int trace capacity is refused with ValueError naming it."""
