@@ -9,6 +9,7 @@ than the code it describes.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -143,3 +144,14 @@ def write_section(name: str, title: str, body: str, path: Path = DOCS) -> None:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text, encoding="utf-8")
     print(f"wrote the '{name}' section of {os.path.relpath(path, ROOT)}")
+
+
+def pure_python_samples(script: str, *args: str) -> dict[str, Figure]:
+    """Run ``script`` with ``args --json`` in a child process on the pure-Python core
+    (``ASYNCFRONT_PURE_PYTHON=1``) and return the samples it prints, case by case."""
+    env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
+    argv = [sys.executable, script, *args, "--json"]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    assert data["core"].startswith("pure Python"), data["core"]
+    return {name: Figure(tuple(values)) for name, values in data["samples"].items()}

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -38,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anyio
-from _report import Figure, interleaved, ratio, table, write_section
+from _report import Figure, interleaved, pure_python_samples, ratio, table, write_section
 
 import asyncfront as af
 
@@ -162,12 +160,7 @@ def measure(n: int, rounds: int) -> dict[str, Figure]:
 
 def measure_pure(n: int, rounds: int) -> dict[str, Figure]:
     """The same cases in a child process on the pure-Python core (ASYNCFRONT_PURE_PYTHON=1)."""
-    env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
-    argv = [sys.executable, __file__, "--n", str(n), "--rounds", str(rounds), "--json"]
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
-    data = json.loads(out)
-    assert data["core"].startswith("pure Python"), data["core"]
-    return {name: Figure(tuple(values)) for name, values in data["samples"].items()}
+    return pure_python_samples(__file__, "--n", str(n), "--rounds", str(rounds))
 
 
 ROWS = [

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import Figure, interleaved, table, write_section
+from _report import Figure, interleaved, pure_python_samples, table, write_section
 from dispatch import (
     anyio_stream_hop,
     asyncfront_hop,
@@ -277,12 +276,7 @@ PURE_ROWS = {
 
 def measure_pure(rounds: int, scale: float) -> dict[str, Figure]:
     """asyncio and asyncfront's cases in a child process on the pure-Python core."""
-    env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
-    argv = [sys.executable, __file__, "--rounds", str(rounds), "--scale", str(scale), "--json"]
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
-    data = json.loads(out)
-    assert data["core"].startswith("pure Python"), data["core"]
-    return {name: Figure(tuple(values)) for name, values in data["samples"].items()}
+    return pure_python_samples(__file__, "--rounds", str(rounds), "--scale", str(scale))
 
 
 def main() -> None:

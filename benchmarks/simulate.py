@@ -41,14 +41,13 @@ import collections
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import Figure, interleaved, table, write_section
+from _report import Figure, interleaved, pure_python_samples, table, write_section
 from dispatch import raw_future_hop
 
 import asyncfront as af
@@ -136,12 +135,7 @@ def measure(n: int, rounds: int) -> dict[str, Figure]:
 
 def measure_pure(n: int, rounds: int) -> dict[str, Figure]:
     """The same cases in a child process on the pure-Python core (ASYNCFRONT_PURE_PYTHON=1)."""
-    env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
-    argv = [sys.executable, __file__, "--per-case", str(n), "--rounds", str(rounds), "--json"]
-    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
-    data = json.loads(out)
-    assert data["core"].startswith("pure Python"), data["core"]
-    return {name: Figure(tuple(values)) for name, values in data["samples"].items()}
+    return pure_python_samples(__file__, "--per-case", str(n), "--rounds", str(rounds))
 
 
 def slope(xs: tuple[int, ...], ys: list[float]) -> float:
