@@ -19,7 +19,7 @@ import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import anyio
 import structlog
@@ -181,6 +181,29 @@ class _QueueSlots:
         return True  # every incarnation of this slot has come and gone
 
 
+# axis -> heap of (epoch, sequence, future) for wait_completed
+_CompletionWaiters = dict[int, list[tuple[int, int, asyncio.Future[None]]]]
+
+
+class _StateField(Generic[T]):
+    """A runtime attribute that reads and writes a field of its :class:`RuntimeState`."""
+
+    def __init__(self, field: str) -> None:
+        self._field = field
+
+    @overload
+    def __get__(self, runtime: None, owner: type[Runtime]) -> _StateField[T]: ...
+    @overload
+    def __get__(self, runtime: Runtime, owner: type[Runtime]) -> T: ...
+    def __get__(self, runtime: Runtime | None, owner: type[Runtime]) -> T | _StateField[T]:
+        if runtime is None:
+            return self
+        return cast(T, getattr(runtime._state, self._field))
+
+    def __set__(self, runtime: Runtime, value: T) -> None:
+        setattr(runtime._state, self._field, value)
+
+
 @dataclass(frozen=True)
 class RuntimeStatistics:
     """A snapshot of a runtime: devices, queues and completed epochs."""
@@ -320,75 +343,17 @@ class Runtime:
         self._trace = recorder
         self._state.trace = recorder._ring
 
-    @property
-    def _open(self) -> bool:
-        return self._state.open
-
-    @_open.setter
-    def _open(self, value: bool) -> None:
-        self._state.open = value
-
-    @property
-    def _draining(self) -> bool:
-        return self._state.draining
-
-    @_draining.setter
-    def _draining(self, value: bool) -> None:
-        self._state.draining = value
-
-    @property
-    def _log_debug(self) -> bool:
-        return self._state.log_debug
-
-    @_log_debug.setter
-    def _log_debug(self, value: bool) -> None:
-        self._state.log_debug = value
-
-    @property
-    def _log_warning(self) -> bool:
-        return self._state.log_warning
-
-    @_log_warning.setter
-    def _log_warning(self, value: bool) -> None:
-        self._state.log_warning = value
-
-    @property
-    def _submit_hook(self) -> Callable[[Submission], None] | None:
-        return self._state.submit_hook
-
-    @_submit_hook.setter
-    def _submit_hook(self, hook: Callable[[Submission], None] | None) -> None:
-        self._state.submit_hook = hook
-
-    @property
-    def _completed_epochs(self) -> dict[int, int]:
-        return self._state.completed_epochs
-
-    @property
-    def _completed_cache(self) -> Frontier | None:
-        return self._state.completed_cache
-
-    @_completed_cache.setter
-    def _completed_cache(self, frontier: Frontier | None) -> None:
-        self._state.completed_cache = frontier
-
-    @property
-    def _completion_waiters(self) -> dict[int, list[tuple[int, int, asyncio.Future[None]]]]:
-        return self._state.completion_waiters
-
-    @_completion_waiters.setter
-    def _completion_waiters(
-        self, waiters: dict[int, list[tuple[int, int, asyncio.Future[None]]]]
-    ) -> None:
-        self._state.completion_waiters = waiters
-
-    @property
-    def _stall_timer(self) -> asyncio.TimerHandle | None:
-        return self._state.stall_timer
-
-    @_stall_timer.setter
-    def _stall_timer(self, timer: asyncio.TimerHandle | None) -> None:
-        self._state.stall_timer = timer
+    _open: _StateField[bool] = _StateField("open")
+    _draining: _StateField[bool] = _StateField("draining")
+    _log_debug: _StateField[bool] = _StateField("log_debug")
+    _log_warning: _StateField[bool] = _StateField("log_warning")
+    _submit_hook: _StateField[Callable[[Submission], None] | None] = _StateField("submit_hook")
+    _completed_epochs: _StateField[dict[int, int]] = _StateField("completed_epochs")
+    _completed_cache: _StateField[Frontier | None] = _StateField("completed_cache")
+    _completion_waiters: _StateField[dict[int, list[tuple[int, int, asyncio.Future[None]]]]] = (
+        _StateField("completion_waiters")
+    )
+    _stall_timer: _StateField[asyncio.TimerHandle | None] = _StateField("stall_timer")
 
     # -- queues and semaphores -----------------------------------------------------
 
