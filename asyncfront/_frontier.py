@@ -149,6 +149,25 @@ class Order(enum.Enum):
     CONCURRENT = "concurrent"
 
 
+# Equal axes tuples made apart can be replaced by the first one made, so that frontiers
+# over one set of axes share one tuple and ``a._axes is b._axes`` answers comparisons
+# without reading the entries. Bounded: cleared when full, which costs only that fast
+# path until tuples are shared again.
+_AXES: dict[tuple[int, ...], tuple[int, ...]] = {}
+_AXES_LIMIT = 1024
+
+
+def _shared_axes(axes: tuple[int, ...]) -> tuple[int, ...]:
+    """The shared tuple equal to ``axes`` (``axes`` itself, the first time it is seen)."""
+    shared = _AXES.get(axes)
+    if shared is not None:
+        return shared
+    if len(_AXES) >= _AXES_LIMIT:
+        _AXES.clear()
+    _AXES[axes] = axes
+    return axes
+
+
 def _union(
     a_axes: tuple[int, ...],
     a_epochs: tuple[int, ...],
@@ -445,18 +464,21 @@ class Frontier:
     def with_epoch(self, axis: int, epoch: int) -> Frontier:
         """A copy where ``axis`` reads at least ``epoch``."""
         axes = self._axes
-        if axis in axes:
-            i = axes.index(axis)
-            epochs = self._epochs
+        epochs = self._epochs
+        i = bisect_left(axes, axis)  # the axes are sorted: its place, present or not
+        if i < len(axes) and axes[i] == axis:
             if epochs[i] >= epoch:
                 return self
-            return Frontier._make(axes, (*epochs[:i], epoch, *epochs[i + 1 :]))
+            raised = list(epochs)
+            raised[i] = epoch
+            return Frontier._make(axes, tuple(raised))
         if epoch <= 0:
             return self
-        i = bisect_left(axes, axis)  # a new axis goes in at its place: no merge scan
-        return Frontier._make(
-            (*axes[:i], axis, *axes[i:]), (*self._epochs[:i], epoch, *self._epochs[i:])
-        )
+        grown_axes = list(axes)
+        grown_axes.insert(i, axis)  # a new axis goes in at its place: no merge scan
+        grown_epochs = list(epochs)
+        grown_epochs.insert(i, epoch)
+        return Frontier._make(tuple(grown_axes), tuple(grown_epochs))
 
     def truncated(self, capacity: int, keep: int | None = None) -> Frontier:
         """A valid lower bound with at most ``capacity`` entries.

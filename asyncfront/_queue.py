@@ -15,6 +15,7 @@ import itertools
 import math
 import time
 import weakref
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, SupportsFloat, SupportsIndex
 
 from mypy_extensions import mypyc_attr
 
-from ._frontier import Frontier, axis_name
+from ._frontier import Frontier, _shared_axes, axis_name
 from ._record import RecordRing
 from ._semaphore import MAX_VALUE, AnyWaiter, SemaphoreFailedError, TimelineSemaphore, Waiter
 from .devices._base import LATER, Device, SlotArbiter, SlotGrant
@@ -629,11 +630,18 @@ class DeviceQueue:
         axes = base._axes
         if axes is self._axis_axes:
             i = self._axis_index
-        elif axis in axes:  # the common case once the queue has run: no truncation needed
-            i = self._axis_index = axes.index(axis)
-            self._axis_axes = axes
         else:
-            i = -1
+            i = bisect_left(axes, axis)  # the axes are sorted
+            if i < len(axes) and axes[i] == axis:  # the common case once the queue has run
+                if axes == self._axis_axes:
+                    # Equal to the last axes but made apart (by another queue): share one
+                    # tuple from now on, so the queues that pass these frontiers on meet
+                    # the identity above instead of comparing.
+                    axes = _shared_axes(axes)
+                self._axis_index = i
+                self._axis_axes = axes
+            else:
+                i = -1
         if i >= 0:
             epochs = base._epochs
             if epochs[i] >= epoch:

@@ -185,3 +185,49 @@ def test_a_queue_signals_a_semaphore_subclass_through_its_own_signal() -> None:
 
     run_virtual(main)
     assert seen == [1, 2, 3]
+
+
+def test_queues_passing_frontiers_round_share_one_axes_tuple() -> None:
+    """Queues that pass equal-axis frontiers on end up sharing one axes tuple.
+
+    A ring of queues, each waiting for the previous one's latest work: once every
+    frontier covers every queue, the frontiers the queues signal share one axes tuple
+    (the fast path of the comparisons), and their entries stay exact.
+    """
+    from asyncfront import _frontier
+
+    async def main() -> None:
+        devices = [FakeDevice(f"d{i}") for i in range(4)]
+        async with af.open_runtime(devices) as rt:
+            queues = [rt.queue(devices[i % 4]) for i in range(8)]
+            sems = [rt.semaphore(name=f"s{i}") for i in range(8)]
+            counts = [0] * 8
+            last = None
+            for n in range(8 * 40):
+                q = n % 8
+                other = (q + 3) % 8
+                waits = [(sems[other], counts[other])] if counts[other] else []
+                counts[q] += 1
+                last = queues[q].submit(waits=waits, signals=[(sems[q], counts[q])], cost=1e-6)
+            assert last is not None
+            await last
+            frontiers = [s.frontier for s in sems]
+            assert all(len(f) == 8 for f in frontiers)
+            assert len({id(f._axes) for f in frontiers}) == 1
+            for q, f in enumerate(frontiers):  # each reads its own queue's last epoch
+                assert f.get(queues[q].axis) == queues[q].completed_epoch
+        assert len(_frontier._AXES) <= _frontier._AXES_LIMIT
+
+    run_virtual(main)
+
+
+def test_the_shared_axes_table_is_bounded() -> None:
+    """Sharing axes tuples keeps at most its limit of them, and returns equal tuples."""
+    from asyncfront import _frontier
+
+    made = [tuple(range(i, i + 3)) for i in range(_frontier._AXES_LIMIT + 10)]
+    for axes in made:
+        assert _frontier._shared_axes(axes) == axes
+        assert len(_frontier._AXES) <= _frontier._AXES_LIMIT
+    again = tuple(range(_frontier._AXES_LIMIT + 9, _frontier._AXES_LIMIT + 12))
+    assert _frontier._shared_axes(again) is made[-1]
