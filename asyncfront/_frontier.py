@@ -12,7 +12,7 @@ import enum
 import operator
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 __all__ = (
     "DEFAULT_FRONTIER_CAPACITY",
@@ -29,10 +29,10 @@ __all__ = (
 DEFAULT_FRONTIER_CAPACITY = 64
 """Default number of entries an operation's frontier may hold before truncation."""
 
-_BYTE = 0xFF
-_ORDINAL_MASK = (1 << 40) - 1
-_U64_MAX = (1 << 64) - 1  # axes and epochs are unsigned 64-bit integers
-_QUEUE_MASK = (1 << 32) - 1
+_BYTE: Final = 0xFF
+_ORDINAL_MASK: Final = (1 << 40) - 1
+_U64_MAX: Final = (1 << 64) - 1  # axes and epochs are unsigned 64-bit integers
+_QUEUE_MASK: Final = (1 << 32) - 1
 
 
 class Domain(enum.IntEnum):
@@ -107,7 +107,7 @@ def axis_fields(value: int) -> AxisFields:
     )
 
 
-_AXIS_NAMES: dict[int, str] = {}
+_AXIS_NAMES: Final[dict[int, str]] = {}
 
 
 def set_axis_name(value: int, name: str) -> None:
@@ -153,8 +153,8 @@ class Order(enum.Enum):
 # over one set of axes share one tuple and ``a._axes is b._axes`` answers comparisons
 # without reading the entries. Bounded: cleared when full, which costs only that fast
 # path until tuples are shared again.
-_AXES: dict[tuple[int, ...], tuple[int, ...]] = {}
-_AXES_LIMIT = 1024
+_AXES: Final[dict[tuple[int, ...], tuple[int, ...]]] = {}
+_AXES_LIMIT: Final = 1024
 
 
 def _shared_axes(axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -541,5 +541,5 @@ class Frontier:
         return f"Frontier({{{body}}})"
 
 
-EMPTY = Frontier()
+EMPTY: Final = Frontier()
 """The empty frontier: no causal knowledge."""

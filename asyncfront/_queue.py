@@ -19,7 +19,7 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, SupportsFloat, SupportsIndex
+from typing import TYPE_CHECKING, Any, ClassVar, Final, SupportsFloat, SupportsIndex
 
 from mypy_extensions import mypyc_attr
 
@@ -72,26 +72,28 @@ class SubmissionState(enum.Enum):
     FAILED = "failed"
 
 
-_COMPLETED = SubmissionState.COMPLETED
-_READY = SubmissionState.READY
-_DONE = (SubmissionState.COMPLETED, SubmissionState.FAILED)
-_NO_KWARGS: dict[str, Any] = {}  # shared and never mutated: saves a live dict per submission
+_COMPLETED: Final = SubmissionState.COMPLETED
+_READY: Final = SubmissionState.READY
+_DONE: Final = (SubmissionState.COMPLETED, SubmissionState.FAILED)
+# the builtin, held here: the compiled core reads it without a lookup in builtins
+_callable: Final = callable
+_NO_KWARGS: Final[dict[str, Any]] = {}  # shared and never mutated: saves a live dict per submission
 
-_tokens = itertools.count(1)
-_PLAIN_SIGNAL = TimelineSemaphore.signal
-_PLAIN_RELEASE = Device.release
+_tokens: Final = itertools.count(1)
+_PLAIN_SIGNAL: Final = TimelineSemaphore.signal
+_PLAIN_RELEASE: Final = Device.release
 
 # Where a queue's head is (DeviceQueue._stage); the first two are re-entered on a wake.
-_FRESH = 0  # taken from the FIFO, waits not looked at
-_BLOCKED = 1  # waits on semaphores (DeviceQueue._blocked)
-_SLOT = 2  # waits for a device slot (DeviceQueue._slot)
-_TIMED = 3  # runs on the runtime's timer wheel (DeviceQueue._timer)
-_TASK = 4  # the queue's task carries it (DeviceQueue._handed)
+_FRESH: Final = 0  # taken from the FIFO, waits not looked at
+_BLOCKED: Final = 1  # waits on semaphores (DeviceQueue._blocked)
+_SLOT: Final = 2  # waits for a device slot (DeviceQueue._slot)
+_TIMED: Final = 3  # runs on the runtime's timer wheel (DeviceQueue._timer)
+_TASK: Final = 4  # the queue's task carries it (DeviceQueue._handed)
 
 # What the queue's task does for a head handed to it.
-_CARRY_ACQUIRE = 0  # reserve working memory, acquire a slot, execute
-_CARRY_EXECUTE = 1  # holding a slot: await device.execute
-_CARRY_AWAIT = 2  # holding a slot: await the awaitable the work returned
+_CARRY_ACQUIRE: Final = 0  # reserve working memory, acquire a slot, execute
+_CARRY_EXECUTE: Final = 1  # holding a slot: await device.execute
+_CARRY_AWAIT: Final = 2  # holding a slot: await the awaitable the work returned
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -705,7 +707,7 @@ class DeviceQueue:
         """
         if self._closed:
             raise RuntimeError(f"queue {self.name!r} is closed")
-        if fn is not None and not callable(fn):
+        if fn is not None and not _callable(fn):
             raise TypeError(
                 f"queue {self.name!r}: work must be callable (or None for a barrier), "
                 f"got {fn!r} ({type(fn).__name__})"
@@ -1510,7 +1512,7 @@ def _merged(
 
 
 # what ends a queue's wait from inside the runtime; anything else came from outside
-_WAIT_ENDINGS = (SemaphoreFailedError, StalledError, asyncio.CancelledError)
+_WAIT_ENDINGS: Final = (SemaphoreFailedError, StalledError, asyncio.CancelledError)
 
 
 def _drop_waiters(blocked: list[Waiting]) -> None:

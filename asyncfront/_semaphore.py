@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future as ConcurrentFuture
 from dataclasses import dataclass
-from typing import Any, SupportsIndex, TypeAlias
+from typing import Any, Final, SupportsIndex, TypeAlias
 
 from mypy_extensions import mypyc_attr
 
@@ -24,10 +24,10 @@ __all__ = (
     "wait_any",
 )
 
-_names = itertools.count()
-MAX_VALUE = (1 << 64) - 1
+_names: Final = itertools.count()
+MAX_VALUE: Final = (1 << 64) - 1
 """The largest value a timeline semaphore holds: its counter is an unsigned 64-bit integer."""
-_condition_lock = threading.Lock()  # creates each semaphore's condition exactly once
+_condition_lock: Final = threading.Lock()  # creates each semaphore's condition exactly once
 
 
 class Waiter:

@@ -7,7 +7,7 @@ import heapq
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 from mypy_extensions import mypyc_attr
 
@@ -32,7 +32,7 @@ class _Later:
         return "LATER"
 
 
-LATER: Any = _Later()
+LATER: Final[Any] = _Later()
 """What :meth:`Device.execute_now` returns when the work must go through ``execute``."""
 
 
@@ -292,7 +292,7 @@ class SlotArbiter:
         return indices[choice]
 
 
-_DEFAULT_POLICY = PriorityPolicy()
+_DEFAULT_POLICY: Final = PriorityPolicy()
 
 
 def _no_clock() -> float:
