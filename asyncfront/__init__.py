@@ -5,12 +5,13 @@ queues are async tasks consuming FIFOs of submissions, and fake devices run it a
 virtual time.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from . import _native as _native  # first: chooses the core's build before it is imported
 from . import cluster as cluster
 from . import devices as devices
 from . import memory as memory
 from . import models as models
-from . import testing as testing
 from ._blocking import RuntimeCrashedError as RuntimeCrashedError
 from ._budget import AdmissionError as AdmissionError
 from ._budget import ContextUsage as ContextUsage
@@ -201,3 +202,17 @@ __all__ = (
     "Topology",
     "choose_victim",
 )
+
+if TYPE_CHECKING:
+    from . import testing as testing
+
+
+def __getattr__(name: str) -> Any:
+    """``asyncfront.testing`` is imported on first use: it brings pytest and looptime,
+    which an application that never runs virtual time should not load (nor have every
+    full garbage collection walk)."""
+    if name == "testing":
+        import importlib
+
+        return importlib.import_module(".testing", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,6 +14,8 @@ from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final, NamedTuple
 
+from mypy_extensions import mypyc_attr
+
 __all__ = (
     "DEFAULT_FRONTIER_CAPACITY",
     "AxisFields",
@@ -272,6 +274,9 @@ def _covers(
     return True
 
 
+# Acyclic: a frontier holds only tuples of ints, so it can be in no reference cycle and
+# the compiled class leaves the garbage collector out (nothing to track or traverse).
+@mypyc_attr(acyclic=True)
 class Frontier:
     """An immutable vector clock: ``(axis, epoch)`` entries sorted by axis.
 

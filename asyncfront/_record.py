@@ -8,16 +8,13 @@ A record is :data:`FIELDS` plain values (names, numbers, strings, the axes and e
 the frontier the work started from) appended to a chunk of a flat list. A wait or signal
 on one semaphore is stored as its name, value and identity side by side, not as a tuple,
 and the frontier as the tuples of the base the queue already holds, so recording keeps
-no new object that the garbage collector has to visit. A chunk once full becomes a
-tuple: holding only plain values, it is untracked by the collector's next pass, so the
-full collections of a long-running process do not walk the whole trace. The store never
-keeps a submission, its queue, its semaphores, its work's arguments or a traceback alive.
+no new object that the garbage collector has to visit. The store never keeps a
+submission, its queue, its semaphores, its work's arguments or a traceback alive.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final, final
 
 if TYPE_CHECKING:
@@ -60,10 +57,8 @@ def describe_error(exc: BaseException) -> str:
 class RecordRing:
     """A ring of at most ``capacity`` flat records; ``enabled=False`` records nothing.
 
-    The records lie in chunks of :data:`CHUNK_VALUES` values: the one being filled is a
-    list, the full ones tuples. Past the capacity the oldest record is dropped: its
-    values are cleared while its chunk is still being filled, and a full chunk goes
-    once all its records have (so at most one chunk's records outlive their drop).
+    The records lie in chunks of :data:`CHUNK_VALUES` values. Past the capacity the
+    oldest record's values are cleared, and a chunk goes once all its records have.
     """
 
     capacity: int
@@ -72,7 +67,7 @@ class RecordRing:
     def __init__(self, capacity: int, enabled: bool) -> None:
         self.capacity = capacity
         self.enabled = enabled
-        self._chunks: deque[Sequence[Any]] = deque()
+        self._chunks: deque[list[Any]] = deque()
         # The chunk being filled, also the last of _chunks: allocated whole, so writing a
         # record stores into slots instead of growing (and copying) a list.
         self._tail: list[Any] = [None] * CHUNK_VALUES
@@ -111,11 +106,8 @@ class RecordRing:
         tail[i + 15] = sub.annotations
         i += FIELDS
         if i >= CHUNK_VALUES:
-            chunks = self._chunks
-            # Full: kept as a tuple, which the collector untracks (it holds plain values).
-            chunks[len(chunks) - 1] = tuple(tail)
             self._tail = [None] * CHUNK_VALUES
-            chunks.append(self._tail)
+            self._chunks.append(self._tail)
             i = 0
         self._fill = i
         added = self._added = self._added + 1
@@ -127,17 +119,13 @@ class RecordRing:
         self._limit += 1
         first = self._chunks[0]
         head = self._head
-        tail = self._tail
-        if first is not tail:  # a full chunk: it goes with its last record
-            if head + FIELDS >= len(first):
-                self._chunks.popleft()
-                self._head = 0
-            else:
-                self._head = head + FIELDS
+        if head + FIELDS >= len(first) and first is not self._tail:
+            self._chunks.popleft()
+            self._head = 0
         else:
-            tail[head : head + FIELDS] = _CLEARED
+            first[head : head + FIELDS] = _CLEARED
             self._head = head + FIELDS
-            if self._head == self._fill:  # capacity 0: start over
+            if first is self._tail and self._head == self._fill:  # capacity 0: start over
                 self._head = self._fill = 0
 
     def _clear(self) -> None:

@@ -50,3 +50,15 @@ def test_import_does_not_load_heavy_dependencies() -> None:
     code = f"import sys, {modules}; print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_import_leaves_the_test_tooling_until_asyncfront_testing_is_used() -> None:
+    """import asyncfront loads no pytest nor looptime; asyncfront.testing loads on first use."""
+    code = (
+        "import sys, asyncfront as af\n"
+        "print(sorted({'pytest', 'looptime'} & set(sys.modules)))\n"
+        "print(af.testing.run_virtual.__module__, 'looptime' in sys.modules)\n"
+        "print(hasattr(af, 'no_such_name'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:3] == ["[]", "asyncfront.testing._virtual True", "False"]

@@ -48,6 +48,20 @@ def test_each_core_module_comes_from_the_build_core_build_names() -> None:
         assert compiled == (build == "compiled"), (name, build)
 
 
+@pytest.mark.skipif(af.core_build() != "compiled", reason="the compiled core is not in use")
+def test_compiled_frontiers_are_left_out_of_the_garbage_collector() -> None:
+    """A compiled Frontier (tuples of ints only: it can be in no cycle) is not GC-tracked."""
+    import gc
+
+    a = af.Frontier({1: 2, 3: 4})
+    merged = a.merge(af.Frontier({1: 5}))
+    assert not gc.is_tracked(a) and not gc.is_tracked(merged)
+    assert merged == af.Frontier({1: 5, 3: 4})
+    del a
+    gc.collect()
+    assert merged.get(3) == 4  # freed by reference counting alone, the rest intact
+
+
 def test_the_environment_variable_selects_the_python_sources() -> None:
     """ASYNCFRONT_PURE_PYTHON=1 runs the Python sources, compiled build or not."""
     lines = _probe({_native.PURE_PYTHON_VARIABLE: "1"})

@@ -259,35 +259,6 @@ def test_records_of_work_with_waits_and_signals_keep_nothing_for_the_collector()
     assert run_virtual(body) < 3600
 
 
-def test_full_chunks_of_the_trace_leave_the_collectors_full_passes() -> None:
-    """Once a chunk of records is full and the collector has passed, it is untracked.
-
-    Records hold only plain values (names, numbers, tuples of them), so a full chunk,
-    kept as a tuple, drops out of the collector's generations: a full collection of a
-    long-running process does not walk the whole trace. The records read back intact.
-    """
-
-    async def body() -> tuple[list[bool], int, list[Any]]:
-        async with af.open_runtime([FakeDevice("a"), FakeDevice("b")]) as rt:
-            qa, qb = rt.queue("a"), rt.queue("b")
-            ab, ba, extra = (rt.semaphore(name=n) for n in ("ab", "ba", "extra"))
-            for i in range(1, 1301):  # 2,600 records: five full chunks and a partial one
-                qa.submit(waits=((ba, i - 1),), signals=((ab, i), (extra, i)))
-                await qb.submit(_nothing, waits=((ab, i), (extra, i)), signals=((ba, i),))
-            # Two passes: the first untracks the tuples inside the newest records, and
-            # a chunk holding a still-tracked tuple waits for the next pass.
-            gc.collect()
-            gc.collect()
-            ring = rt.trace._ring
-            tracked = [gc.is_tracked(chunk) for chunk in ring._chunks]
-            return tracked, len(rt.trace), [r.waits for r in rt.trace.records[-2:]]
-
-    tracked, kept, waits = run_virtual(body)
-    assert kept == 2600
-    assert tracked == [False] * 5 + [True]  # only the chunk being filled (a list)
-    assert waits == [(("ba", 1299),), (("ab", 1300), ("extra", 1300))]
-
-
 def test_truthy_and_falsy_trace_switches_work_on_every_core() -> None:
     """trace=0 records nothing and enabled=1 records, whichever core runs (not only bools)."""
 
