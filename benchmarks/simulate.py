@@ -59,8 +59,6 @@ WINDOW = 4096
 SIZES = (4, 8, 16, 32, 64)  # frontier axes of the per-axis fit (64: the headline)
 HEADLINE = "64 queues, 16 devices"
 TRACE_OFF = "64 queues, 16 devices, trace off"  # what the trace costs, for comparison
-HEADLINE = "64 queues, 16 devices"
-TRACE_OFF = "64 queues, 16 devices, trace off"  # what the trace costs, for comparison
 
 
 def rss_mib() -> float:

@@ -607,7 +607,8 @@ async def test_an_allocation_with_a_timeout_fails_with_the_storage_error_when_it
         ctx = pages[0][0].context
         used = w.rt.usage(ctx)
         with disk_full(), pytest.raises(StorageWriteError, match="EFBIG"):
-            await asyncio.wait_for(w.pager.allocate(ctx, BIG, torch.uint8, timeout=0.2), 30)
+            # 1 s: retries start 10 ms apart and double, so even a loaded machine fits several
+            await asyncio.wait_for(w.pager.allocate(ctx, BIG, torch.uint8, timeout=1.0), 30)
         assert w.pager.statistics().failures >= 2  # retried within the timeout
         assert w.rt.usage(ctx) == used and len(w.pager.lru()) == 3
         assert all(page.tier is Tier.DEVICE for page, _ in pages)
