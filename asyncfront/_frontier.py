@@ -12,7 +12,7 @@ import enum
 import operator
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, SupportsIndex
 
 from mypy_extensions import mypyc_attr
 
@@ -170,6 +170,14 @@ def _shared_axes(axes: tuple[int, ...]) -> tuple[int, ...]:
     return axes
 
 
+def _exact_int(value: SupportsIndex) -> int:
+    """``value`` as an exact ``int``: an int subclass's instance is copied (it could hold
+    attributes that refer back to the frontier; the compiled class is acyclic)."""
+    if type(value) is int:
+        return value
+    return operator.index(value)  # exact int since Python 3.10
+
+
 def _union(
     a_axes: tuple[int, ...],
     a_epochs: tuple[int, ...],
@@ -274,7 +282,8 @@ def _covers(
     return True
 
 
-# Acyclic: a frontier holds only tuples of ints, so it can be in no reference cycle and
+# Acyclic: a frontier holds only tuples of exact ints (its constructors convert int
+# subclasses), so it can be in no reference cycle and
 # the compiled class leaves the garbage collector out (nothing to track or traverse).
 @mypyc_attr(acyclic=True)
 class Frontier:
@@ -327,8 +336,10 @@ class Frontier:
                 raise ValueError(f"axis {axis_name(ax)} appears twice in frontier entries")
             previous = ax
             if epoch:
-                axes.append(ax)
-                epochs.append(epoch)
+                # exact ints: an int subclass could refer back to the frontier (a cycle
+                # the collector would not see, the compiled class being acyclic)
+                axes.append(_exact_int(ax))
+                epochs.append(_exact_int(epoch))
         self._axes = tuple(axes)
         self._epochs = tuple(epochs)
         self._hash = None
@@ -347,7 +358,7 @@ class Frontier:
         """The frontier ``{axis: epoch}``."""
         if epoch <= 0:
             return EMPTY
-        return cls._make((axis,), (epoch,))
+        return cls._make((_exact_int(axis),), (_exact_int(epoch),))  # as in __init__
 
     # -- queries ---------------------------------------------------------------------
 
@@ -468,6 +479,7 @@ class Frontier:
 
     def with_epoch(self, axis: int, epoch: int) -> Frontier:
         """A copy where ``axis`` reads at least ``epoch``."""
+        axis, epoch = _exact_int(axis), _exact_int(epoch)  # as in __init__
         axes = self._axes
         epochs = self._epochs
         i = bisect_left(axes, axis)  # the axes are sorted: its place, present or not
