@@ -146,9 +146,18 @@ def write_section(name: str, title: str, body: str, path: Path = DOCS) -> None:
     print(f"wrote the '{name}' section of {os.path.relpath(path, ROOT)}")
 
 
+def print_samples(figures: dict[str, Figure]) -> None:
+    """Print this process's samples as JSON, as :func:`pure_python_samples` reads them."""
+    import asyncfront
+
+    samples = {name: list(f.samples) for name, f in figures.items()}
+    print(json.dumps({"core": asyncfront.core_build(), "samples": samples}))
+
+
 def pure_python_samples(script: str, *args: str) -> dict[str, Figure]:
     """Run ``script`` with ``args --json`` in a child process on the pure-Python core
-    (``ASYNCFRONT_PURE_PYTHON=1``) and return the samples it prints, case by case."""
+    (``ASYNCFRONT_PURE_PYTHON=1``) and return the samples it prints (:func:`print_samples`),
+    case by case."""
     env = dict(os.environ, ASYNCFRONT_PURE_PYTHON="1")
     argv = [sys.executable, script, *args, "--json"]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -36,7 +35,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import anyio
-from _report import Figure, interleaved, pure_python_samples, ratio, table, write_section
+from _report import (
+    Figure,
+    interleaved,
+    print_samples,
+    pure_python_samples,
+    ratio,
+    table,
+    write_section,
+)
 
 import asyncfront as af
 
@@ -204,9 +211,7 @@ def main() -> None:
         parser.error("--n must be >= 2 and --rounds >= 1")
     n = args.n
     if args.json:
-        figures = measure(n, args.rounds)
-        samples = {name: list(f.samples) for name, f in figures.items()}
-        print(json.dumps({"core": af.core_build(), "samples": samples}))
+        print_samples(measure(n, args.rounds))
         return
     core = af.core_build()
     builds = [("compiled" if core == "compiled" else "pure Python", measure(n, args.rounds))]

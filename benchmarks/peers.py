@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import Figure, interleaved, pure_python_samples, table, write_section
+from _report import Figure, interleaved, print_samples, pure_python_samples, table, write_section
 from dispatch import (
     anyio_stream_hop,
     asyncfront_hop,
@@ -324,8 +323,7 @@ def main() -> None:
         return not args.only or any(w.lower() in peer.lower() for w in args.only)
 
     if args.json:
-        samples = {name: list(f.samples) for name, f in interleaved(cases, args.rounds).items()}
-        print(json.dumps({"core": af.core_build(), "samples": samples}))
+        print_samples(interleaved(cases, args.rounds))
         return
 
     if has("anyio"):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import statistics
 import sys
@@ -47,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import Figure, interleaved, pure_python_samples, table, write_section
+from _report import Figure, interleaved, print_samples, pure_python_samples, table, write_section
 from dispatch import raw_future_hop
 
 import asyncfront as af
@@ -190,9 +189,7 @@ def main() -> None:
         parser.error("--per-case must be >= 1000, --rounds >= 1, --submissions >= 0")
     n = args.per_case
     if args.json:
-        figures = measure(n, args.rounds)
-        samples = {name: list(f.samples) for name, f in figures.items()}
-        print(json.dumps({"core": af.core_build(), "samples": samples}))
+        print_samples(measure(n, args.rounds))
         return
     core = af.core_build()
     load_before = os.getloadavg()[0]
