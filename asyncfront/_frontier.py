@@ -283,8 +283,8 @@ def _covers(
 
 
 # Acyclic: a frontier holds only tuples of exact ints (its constructors convert int
-# subclasses), so it can be in no reference cycle and
-# the compiled class leaves the garbage collector out (nothing to track or traverse).
+# subclasses, see _exact_int), so it can be in no reference cycle and the compiled class
+# leaves the garbage collector out (nothing to track or traverse).
 @mypyc_attr(acyclic=True)
 class Frontier:
     """An immutable vector clock: ``(axis, epoch)`` entries sorted by axis.
@@ -336,8 +336,6 @@ class Frontier:
                 raise ValueError(f"axis {axis_name(ax)} appears twice in frontier entries")
             previous = ax
             if epoch:
-                # exact ints: an int subclass could refer back to the frontier (a cycle
-                # the collector would not see, the compiled class being acyclic)
                 axes.append(_exact_int(ax))
                 epochs.append(_exact_int(epoch))
         self._axes = tuple(axes)
